@@ -1,0 +1,199 @@
+"""The in-sandbox agent: the sandbox's first process, serving exec, files and liveness.
+
+It runs *inside* the sandbox with the interpreter's standard library only (the daemon's
+virtualenv is not visible there), and speaks newline-delimited JSON over a Unix socket:
+
+  {"op": "ping"}                               -> {"ok": true, "pid": 1, "uptime_s": 1.2}
+  {"op": "exec", "argv": [...] | "shell": "...", "env": {}, "cwd": "/workspace", "timeout": 5,
+   "stdin": "<base64>"}                        -> {"event": "started", "pid": N},
+                                                  {"event": "stdout"|"stderr", "data": "<b64>"}*,
+                                                  {"event": "exit", "code": 0, "timed_out": false}
+  {"op": "write", "path": p, "data": "<b64>"}  -> {"ok": true, "size": N}
+  {"op": "read", "path": p}                    -> {"ok": true, "data": "<b64>"}
+Errors: {"ok": false, "error": "..."}. One request per connection.
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import resource
+import signal
+import time
+
+MAX_LINE = 64 * 1024 * 1024
+STARTED = time.monotonic()
+RUNNING: set[int] = set()  # pids of exec'd commands; asyncio's child watcher reaps those
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def _send(writer: asyncio.StreamWriter, message: dict) -> None:
+    writer.write(json.dumps(message).encode() + b"\n")
+    await writer.drain()
+
+
+async def _pump(stream: asyncio.StreamReader, name: str, writer: asyncio.StreamWriter) -> None:
+    while chunk := await stream.read(65536):
+        await _send(writer, {"event": name, "data": _b64(chunk)})
+
+
+async def _exec(request: dict, base_env: dict, writer: asyncio.StreamWriter) -> None:
+    env = {**base_env, **(request.get("env") or {})}
+    cwd = request.get("cwd") or base_env.get("HOME", "/")
+    stdin = base64.b64decode(request["stdin"]) if request.get("stdin") else None
+    if request.get("shell") is not None:
+        argv = ["/bin/sh", "-c", request["shell"]]
+    else:
+        argv = list(request["argv"])
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        await _send(writer, {"ok": False, "error": f"cannot start {argv[0]!r}: {exc.strerror}"})
+        return
+    RUNNING.add(proc.pid)
+    try:
+        await _send(writer, {"event": "started", "pid": proc.pid})
+        await _run(proc, stdin, request.get("timeout"), writer)
+    finally:
+        RUNNING.discard(proc.pid)
+
+
+async def _run(proc, stdin: bytes | None, timeout: float | None, writer) -> None:
+    if stdin is not None:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    timed_out = False
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(
+                _pump(proc.stdout, "stdout", writer), _pump(proc.stderr, "stderr", writer)
+            )
+            code = await proc.wait()
+    except TimeoutError:
+        timed_out = True
+        code = await _kill_group(proc)
+    finally:
+        if proc.returncode is None:  # client went away or we are cancelled
+            await _kill_group(proc)
+    await _send(writer, {"event": "exit", "code": code, "timed_out": timed_out})
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> int:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return await proc.wait()
+
+
+def _write(request: dict) -> dict:
+    data = base64.b64decode(request.get("data") or "")
+    path = request["path"]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    if request.get("mode") is not None:
+        os.chmod(path, int(request["mode"]))
+    return {"ok": True, "size": len(data)}
+
+
+def _read(request: dict) -> dict:
+    with open(request["path"], "rb") as handle:
+        return {"ok": True, "data": _b64(handle.read())}
+
+
+def _handler(base_env: dict):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline())
+            op = request.get("op")
+            if op == "exec":
+                await _exec(request, base_env, writer)
+            elif op == "ping":
+                uptime = round(time.monotonic() - STARTED, 3)
+                await _send(writer, {"ok": True, "pid": os.getpid(), "uptime_s": uptime})
+            elif op in ("write", "read"):
+                await _send(writer, (_write if op == "write" else _read)(request))
+            else:
+                await _send(writer, {"ok": False, "error": f"unknown op {op!r}"})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            with contextlib.suppress(OSError):
+                await _send(writer, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    return handle
+
+
+def _reap_orphans(own: set[int]) -> None:
+    """As PID 1 we inherit orphaned grandchildren; reap the zombies that are not ours."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in own:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and fields[1] == "1":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
+async def _reaper() -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        _reap_orphans(set(RUNNING))
+
+
+def _apply_limits(memory_mb: int | None) -> None:
+    if memory_mb:
+        limit = memory_mb * 1024 * 1024
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+async def serve(socket_path: str, base_env: dict) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = await asyncio.start_unix_server(_handler(base_env), socket_path, limit=MAX_LINE)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server, asyncio.TaskGroup() as group:
+        if os.getpid() == 1:
+            reaper = group.create_task(_reaper())
+        await stop.wait()
+        if os.getpid() == 1:
+            reaper.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="sandboxd in-sandbox agent")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--env-file", required=True, help="JSON object: the sandbox's base env")
+    parser.add_argument("--memory-mb", type=int, default=None)
+    args = parser.parse_args()
+    with open(args.env_file) as handle:
+        base_env = json.load(handle)
+    _apply_limits(args.memory_mb)
+    os.umask(0o022)
+    asyncio.run(serve(args.socket, base_env))
+
+
+if __name__ == "__main__":
+    main()

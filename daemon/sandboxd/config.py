@@ -1,0 +1,140 @@
+"""Daemon configuration: a TOML file overridden by SANDBOXD_* environment variables."""
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/sandboxd/sandboxd.toml")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class LocalTemplate(BaseModel):
+    """A named profile for `local` sandboxes (the local provider's idea of a template)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ro_binds: list[str] = Field(
+        default_factory=list, description="Host directories visible read-only at the same path."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+    setup: str | None = Field(
+        default=None, description="Shell command run once in each new sandbox before it is ready."
+    )
+
+    @field_validator("ro_binds")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} is not an absolute path")
+        return paths
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return env
+
+
+class LocalProviderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workspace_root: Path = Field(
+        default=Path("/var/lib/sandboxd/sandboxes"),
+        description="Where each local sandbox gets its directory (workspace, tmp, agent socket).",
+    )
+    isolation: Literal["auto", "bwrap", "none"] = Field(
+        default="auto", description="auto: bubblewrap when installed, else none (loudly)."
+    )
+    bwrap_path: str = "bwrap"
+    cgroup_parent: Path | None = Field(
+        default=None,
+        description="A delegated, writable cgroup v2 directory with cpu and memory enabled; "
+        "each sandbox gets a child with cpu.max/memory.max. Unset: rlimits only.",
+    )
+    templates: dict[str, LocalTemplate] = Field(default_factory=dict)
+
+    def all_templates(self) -> dict[str, LocalTemplate]:
+        """Configured templates plus the built-in `base` (which a config may override)."""
+        return {"base": LocalTemplate(), **self.templates}
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SANDBOXD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = Field(
+        default=None, description="Overrides any password in redis_url; never logged."
+    )
+    key_prefix: str = Field(default="sandboxd", pattern=r"^[A-Za-z0-9_.-]+$")
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    max_concurrent_creates: int = Field(default=5, ge=1)
+    create_attempts: int = Field(default=3, ge=1, description="Tries per create (tenacity).")
+    create_timeout_s: float = Field(default=60.0, gt=0)
+    event_stream_maxlen: int = Field(default=100_000, ge=100)
+    on_shutdown: Literal["terminate", "keep"] = "terminate"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    local: LocalProviderConfig = Field(default_factory=LocalProviderConfig)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, level: str) -> str:
+        return level.upper() if isinstance(level, str) else level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file; the file (model_config["toml_file"]) beats defaults.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """An explicit path must exist; otherwise the system default is used when present."""
+    if path is not None:
+        explicit = Path(path)
+        if not explicit.is_file():
+            raise FileNotFoundError(f"config file not found: {explicit}")
+        return explicit
+    env_path = os.environ.get("SANDBOXD_CONFIG")
+    if env_path:
+        return resolve_config_path(env_path)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the TOML file (if any), then apply SANDBOXD_* environment overrides."""
+    toml_file = resolve_config_path(path)
+    if toml_file is None:
+        return Config()
+
+    class FileConfig(Config):
+        model_config = SettingsConfigDict(toml_file=toml_file)
+
+    return FileConfig()

@@ -1,0 +1,88 @@
+"""Lifecycle events: their shape, their types, and publishing them to the Redis stream."""
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from sandboxd.keys import Keys
+
+# type -> (what it means, its `data` fields). The README's event table is this dict.
+EVENT_TYPES: dict[str, tuple[str, str]] = {
+    "daemon.started": (
+        "the daemon is up and has done its first reconcile",
+        "instance, pid, host, version, isolation, revision, adopted, dropped",
+    ),
+    "daemon.stopping": (
+        "the daemon is shutting down",
+        "instance, on_shutdown, terminated, kept",
+    ),
+    "spec.applied": (
+        "the daemon put a spec revision in force",
+        "revision, pools, changes",
+    ),
+    "spec.rejected": (
+        "the daemon found an invalid spec in Redis and kept the previous one",
+        "revision (if readable), errors, revision_in_force",
+    ),
+    "sandbox.creating": ("a create started", "template, provider, spec_revision"),
+    "sandbox.ready": ("a sandbox is ready to be claimed", "create_ms, isolation, pid"),
+    "sandbox.create_failed": (
+        "one create attempt failed",
+        "attempt, attempts, error, will_retry",
+    ),
+    "sandbox.terminated": (
+        "a sandbox is gone",
+        "reason (scaled_down, drained, died, timeout, orphan, shutdown, create_failed), state",
+    ),
+    "sandbox.adopted": ("a sandbox found alive at start was taken over", "state, pid"),
+    "pool.scaled": (
+        "the reconciler changed a pool's size",
+        "from_total, to_total, min_ready, max_total, creating, terminating",
+    ),
+}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Event(BaseModel):
+    """One stream entry. `id` is unique per event, for consumers' idempotency."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    type: str
+    time: str = Field(default_factory=now_rfc3339)
+    pool: str = ""
+    sandbox: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, str]:
+        fields = self.model_dump()
+        fields["data"] = json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "Event":
+        return cls.model_validate({**fields, "data": json.loads(fields.get("data") or "{}")})
+
+
+class EventPublisher:
+    """Appends events to `<prefix>:events`, trimmed approximately to `maxlen`."""
+
+    def __init__(self, redis: Redis, keys: Keys, maxlen: int):
+        self._redis = redis
+        self._keys = keys
+        self._maxlen = maxlen
+
+    async def publish(self, type: str, *, pool: str = "", sandbox: str = "", **data: Any) -> Event:
+        if type not in EVENT_TYPES:
+            raise ValueError(f"undocumented event type {type!r}")
+        event = Event(type=type, pool=pool, sandbox=sandbox, data=data)
+        await self._redis.xadd(
+            self._keys.events, event.to_fields(), maxlen=self._maxlen, approximate=True
+        )
+        return event

@@ -1,0 +1,51 @@
+"""What every provider offers the reconciler."""
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sandboxd.spec import PoolSpec
+
+
+class CreateError(RuntimeError):
+    """A create failed. `retryable` tells whether trying again can help."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ProviderSandbox:
+    """A sandbox as the provider sees it, independent of any Redis record."""
+
+    id: str
+    pool: str
+    handle: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    name: str
+
+    @property
+    def isolation(self) -> str:
+        """How strongly sandboxes are isolated (`bwrap`, `none`, `vm`…), shown in status."""
+        ...
+
+    async def create(self, sandbox_id: str, pool: PoolSpec) -> dict[str, Any]:
+        """Start a sandbox and return its handle once it is ready for use.
+
+        Must clean up after itself if it fails or is cancelled.
+        """
+        ...
+
+    async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        """Stop the sandbox and free everything it holds; idempotent."""
+        ...
+
+    async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        """Cheap check that the sandbox still exists (no probe of its health)."""
+        ...
+
+    async def list_sandboxes(self) -> list[ProviderSandbox]:
+        """Every sandbox this provider holds for sandboxd, for adoption and leak checks."""
+        ...

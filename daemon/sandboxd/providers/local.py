@@ -1,0 +1,297 @@
+"""The embedded `local` provider: each sandbox is an isolated process tree on this machine.
+
+With bubblewrap: new pid/ipc/uts/mount(/net) namespaces, read-only system directories, a
+private writable /workspace and /tmp, and the agent as the namespace's PID 1 — killing it
+tears the whole sandbox down. Without bubblewrap: a plain process group with rlimits.
+Sandboxes are not tied to the daemon's life, so a restarted daemon can adopt them.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sandboxd import agent as agent_module
+from sandboxd.agentclient import AgentClient, AgentError
+from sandboxd.config import LocalProviderConfig, LocalTemplate
+from sandboxd.providers.base import CreateError, ProviderSandbox
+from sandboxd.providers.cgroups import CgroupLimiter
+from sandboxd.spec import PoolSpec
+
+log = logging.getLogger(__name__)
+
+AGENT_PATH_INSIDE = "/opt/sandboxd/agent.py"
+RUN_INSIDE = "/run/sandboxd"
+READY_TIMEOUT_S = 15.0
+# /etc entries a sandbox needs to run ordinary programs; never the whole /etc (shadow, keys).
+ETC_ENTRIES = (
+    "passwd", "group", "hosts", "nsswitch.conf", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+    "localtime", "alternatives", "ssl", "ca-certificates", "mime.types", "os-release",
+    "debian_version", "profile", "bash.bashrc", "inputrc", "resolv.conf",
+)
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, config: LocalProviderConfig):
+        self._config = config
+        self._templates = config.all_templates()
+        self._bwrap = _find_bwrap(config)
+        self._cgroups = CgroupLimiter.detect(config.cgroup_parent)
+        self.root = Path(config.workspace_root)
+
+    @property
+    def isolation(self) -> str:
+        return "bwrap" if self._bwrap else "none"
+
+    @property
+    def limits(self) -> str:
+        return "cgroup" if self._cgroups else "rlimit"
+
+    async def create(self, sandbox_id: str, pool: PoolSpec) -> dict[str, Any]:
+        template = self._templates.get(pool.template)
+        if template is None:
+            raise CreateError(f"unknown local template {pool.template!r}", retryable=False)
+        box = self.root / sandbox_id
+        handle: dict[str, Any] = {}
+        try:
+            handle = await self._launch(sandbox_id, pool, template, box)
+            await _wait_for_agent(handle["socket"], handle["pid"])
+            if template.setup:
+                await _run_setup(handle["socket"], template.setup)
+        except BaseException:
+            await asyncio.shield(self.terminate(sandbox_id, handle or {"dir": str(box)}))
+            raise
+        return handle
+
+    async def _launch(
+        self, sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path
+    ) -> dict[str, Any]:
+        for sub in ("workspace", "tmp", "run"):
+            (box / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(box / "tmp", 0o1777)
+        inside = self._bwrap is not None
+        env = _base_env(sandbox_id, pool, template, box, inside)
+        (box / "run" / "env.json").write_text(json.dumps(env))
+        socket_inside = f"{RUN_INSIDE}/agent.sock" if inside else str(box / "run" / "agent.sock")
+        argv = self._argv(sandbox_id, pool, template, box, socket_inside)
+        with open(box / "agent.log", "ab") as logfile:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                start_new_session=True,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                pass_fds=(),
+            )
+        pid = await self._sandbox_pid(proc, box)
+        limits = "rlimit"
+        if self._cgroups and self._cgroups.apply(sandbox_id, pid, pool.cpu, pool.memory_mb):
+            limits = "cgroup"
+        handle = {
+            "pid": pid,
+            "create_time": psutil.Process(pid).create_time(),
+            "launcher_pid": proc.pid,
+            "dir": str(box),
+            "socket": str(box / "run" / "agent.sock"),
+            "isolation": self.isolation,
+            "limits": limits,
+        }
+        (box / "meta.json").write_text(json.dumps({"id": sandbox_id, "pool": pool.name, **handle}))
+        return handle
+
+    def _argv(
+        self, sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path, socket: str
+    ) -> list[str]:
+        python = os.path.realpath(sys.executable)
+        agent = [python, "-I", "-S"]
+        memory = ["--memory-mb", str(pool.memory_mb)]
+        if self._bwrap is None:
+            env_file = str(box / "run" / "env.json")
+            return [*agent, agent_module.__file__, "--socket", socket, "--env-file", env_file, *memory]
+        env_file = f"{RUN_INSIDE}/env.json"
+        return [
+            *_bwrap_args(self._bwrap, sandbox_id, pool, template, box, python),
+            *agent, AGENT_PATH_INSIDE, "--socket", socket, "--env-file", env_file, *memory,
+        ]
+
+    async def _sandbox_pid(self, proc: asyncio.subprocess.Process, box: Path) -> int:
+        """The host pid of the sandbox's first process (the agent)."""
+        if self._bwrap is None:
+            return proc.pid
+        # bwrap forks the namespace's PID 1 as its only child; find it.
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children = psutil.Process(proc.pid).children()
+                if children:
+                    return children[0].pid
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.005)
+        log_tail = (box / "agent.log").read_text(errors="replace")[-500:]
+        raise CreateError(f"bubblewrap did not start the sandbox: {log_tail.strip()}")
+
+    async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        procs = _live_tree(handle)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(psutil.wait_procs, procs, 5.0)
+        if self._cgroups:
+            self._cgroups.remove(sandbox_id)
+        box = Path(handle.get("dir") or self.root / sandbox_id)
+        if box.parent == self.root:
+            await asyncio.to_thread(shutil.rmtree, box, True)
+
+    async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        return _process(handle) is not None
+
+    async def list_sandboxes(self) -> list[ProviderSandbox]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for meta_file in self.root.glob("*/meta.json"):
+            with contextlib.suppress(OSError, ValueError):
+                meta = json.loads(meta_file.read_text())
+                if _process(meta) is not None:
+                    found.append(ProviderSandbox(id=meta["id"], pool=meta["pool"], handle=meta))
+        return found
+
+    async def sweep_dirs(self, keep: set[str]) -> list[str]:
+        """Remove sandbox directories not in `keep` (left by a daemon killed mid-create)."""
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for box in self.root.iterdir():
+            if box.is_dir() and box.name not in keep:
+                meta = _read_meta(box)
+                await self.terminate(box.name, meta or {"dir": str(box)})
+                removed.append(box.name)
+        return removed
+
+
+def _read_meta(box: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((box / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _process(handle: dict[str, Any]) -> psutil.Process | None:
+    """The sandbox's first process, if it is still the same process (pids get reused)."""
+    pid = handle.get("pid")
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - float(handle.get("create_time", 0))) > 0.05:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def _live_tree(handle: dict[str, Any]) -> list[psutil.Process]:
+    root = _process(handle)
+    if root is None:
+        return []
+    with contextlib.suppress(psutil.Error):
+        return [root, *root.children(recursive=True)]
+    return [root]
+
+
+def _find_bwrap(config: LocalProviderConfig) -> str | None:
+    if config.isolation == "none":
+        log.warning("local sandboxes run WITHOUT isolation (isolation = none in the config)",
+                    extra={"isolation": "none"})
+        return None
+    path = shutil.which(config.bwrap_path)
+    if path is None:
+        if config.isolation == "bwrap":
+            raise RuntimeError(f"isolation = bwrap but {config.bwrap_path!r} is not installed")
+        log.warning("bubblewrap not found: local sandboxes run WITHOUT isolation "
+                    "(isolation: none); install the bubblewrap package", extra={"isolation": "none"})
+    return path
+
+
+def _base_env(
+    sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path, inside: bool
+) -> dict[str, str]:
+    pybin = os.path.dirname(os.path.realpath(sys.executable))
+    home = "/workspace" if inside else str(box / "workspace")
+    return {
+        "PATH": f"/usr/local/bin:/usr/bin:/bin:{pybin}",
+        "HOME": home,
+        "TMPDIR": "/tmp" if inside else str(box / "tmp"),
+        "LANG": "C.UTF-8",
+        "SANDBOX_ID": sandbox_id,
+        "SANDBOX_POOL": pool.name,
+        **template.env,
+        **pool.env,
+    }
+
+
+def _bwrap_args(
+    bwrap: str, sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path, python: str
+) -> list[str]:
+    args = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", sandbox_id]
+    if not pool.network:
+        args.append("--unshare-net")
+    args += ["--new-session", "--as-pid-1", "--cap-drop", "ALL"]
+    for path in SYSTEM_DIRS:
+        args += ["--ro-bind-try", path, path]
+    for entry in ETC_ENTRIES:
+        args += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
+    prefix = str(Path(python).parent.parent)
+    if not prefix.startswith("/usr"):
+        args += ["--ro-bind", prefix, prefix]  # an interpreter outside /usr (pyenv, /opt)
+    for path in template.ro_binds:
+        args += ["--ro-bind-try", path, path]
+    args += [
+        "--proc", "/proc", "--dev", "/dev",
+        "--bind", str(box / "workspace"), "/workspace",
+        "--bind", str(box / "tmp"), "/tmp",
+        "--bind", str(box / "run"), RUN_INSIDE,
+        "--ro-bind", agent_module.__file__, AGENT_PATH_INSIDE,
+        "--remount-ro", "/",
+        "--chdir", "/workspace",
+        "--",
+    ]
+    return args
+
+
+async def _wait_for_agent(socket: str, pid: int) -> None:
+    client = AgentClient(socket)
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+    last_error = "no answer"
+    while asyncio.get_running_loop().time() < deadline:
+        if not psutil.pid_exists(pid):
+            raise CreateError("the sandbox's agent exited during start")
+        try:
+            await client.ping(timeout=1.0)
+            return
+        except (AgentError, TimeoutError) as exc:
+            last_error = str(exc)
+        await asyncio.sleep(0.01)
+    raise CreateError(f"agent did not answer within {READY_TIMEOUT_S}s: {last_error}")
+
+
+async def _run_setup(socket: str, command: str) -> None:
+    result = await AgentClient(socket).exec(command, timeout=300)
+    if result.exit_code != 0:
+        detail = (result.stderr or result.stdout).decode(errors="replace")[-300:]
+        raise CreateError(f"template setup exited {result.exit_code}: {detail.strip()}")

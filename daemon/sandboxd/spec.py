@@ -1,0 +1,184 @@
+"""The desired state: pools of sandboxes, as operators write it into Redis."""
+
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sandboxd.config import ENV_NAME, Config
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
+
+
+class PoolSpec(BaseModel):
+    """One warm pool: how many sandboxes of which kind to keep ready."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=DNS_LABEL, description="DNS-label-like, unique in the spec.")
+    provider: Literal["local"] = "local"
+    template: str = Field(default="base", min_length=1, max_length=200)
+    min_ready: int = Field(default=1, ge=0, le=10_000, description="Warm sandboxes kept ready.")
+    max_total: int = Field(default=10, ge=1, le=10_000, description="Hard cap, any state.")
+    cpu: float = Field(default=1.0, gt=0, le=256)
+    memory_mb: int = Field(default=512, gt=0, le=1_048_576)
+    timeout_s: int = Field(default=3600, gt=0, le=30 * 86400, description="Lifetime cap.")
+    network: bool = Field(default=False, description="local: share the host network (else lo).")
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[Annotated[str, Field(pattern=LABEL_KEY)], Annotated[str, Field(max_length=253)]] = (
+        Field(default_factory=dict)
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return env
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "PoolSpec":
+        if self.min_ready > self.max_total:
+            raise ValueError(
+                f"min_ready ({self.min_ready}) must not exceed max_total ({self.max_total})"
+            )
+        return self
+
+
+class Spec(BaseModel):
+    """What an operator applies: a list of pools."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pools: list[PoolSpec] = Field(default_factory=list)
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_names(cls, pools: list[PoolSpec]) -> list[PoolSpec]:
+        seen: set[str] = set()
+        for pool in pools:
+            if pool.name in seen:
+                raise ValueError(f"pool name {pool.name!r} is used more than once")
+            seen.add(pool.name)
+        return pools
+
+    def pool(self, name: str) -> PoolSpec | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+
+class SpecDocument(Spec):
+    """The spec as stored at `<prefix>:spec`: the operator's spec plus its revision."""
+
+    revision: int = Field(ge=1)
+    applied_at: str = ""
+
+
+SpecT = TypeVar("SpecT", bound=Spec)
+
+
+class SpecError(ValueError):
+    """An invalid spec; `problems` lists `field path: reason` lines."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _field_path(loc: tuple[Any, ...], data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if _is_pool_list(node, item) else None
+            parts.append(f"[{item}]" + (f"({name})" if name else ""))
+        else:
+            parts.append(("." if parts else "") + str(item))
+        node = _descend(node, item)
+    return "".join(parts) or "(spec)"
+
+
+def _is_pool_list(node: Any, index: int) -> bool:
+    return isinstance(node, list) and index < len(node) and isinstance(node[index], Mapping)
+
+
+def _descend(node: Any, item: Any) -> Any:
+    try:
+        return node[item]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _problems(error: ValidationError, data: Any) -> list[str]:
+    problems = []
+    for err in error.errors(include_url=False):
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"{_field_path(loc, data)}: {msg}")
+    return problems
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse an operator's YAML or JSON spec file; raise SpecError naming field and reason."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"(file): malformed YAML/JSON{where}: {reason}"]) from None
+    if not isinstance(data, Mapping):
+        raise SpecError(["(spec): must be a mapping with a `pools:` list"])
+    return validate_spec(data, Spec)
+
+
+def validate_spec(data: Any, model: type[SpecT]) -> SpecT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_problems(exc, data)) from None
+
+
+def parse_document(raw: str | bytes) -> SpecDocument:
+    """Parse what is stored in Redis at `<prefix>:spec`."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SpecError([f"(document): not valid JSON: {exc.msg} at position {exc.pos}"]) from None
+    if not isinstance(data, Mapping):
+        raise SpecError(["(document): must be a JSON object"])
+    return validate_spec(data, SpecDocument)
+
+
+def check_against_config(spec: Spec, config: Config) -> None:
+    """What only the daemon's config can tell: does each local template exist?"""
+    templates = config.local.all_templates()
+    problems = [
+        f"pools[{i}]({pool.name}).template: unknown local template {pool.template!r}"
+        f" (configured: {', '.join(sorted(templates))})"
+        for i, pool in enumerate(spec.pools)
+        if pool.provider == "local" and pool.template not in templates
+    ]
+    if problems:
+        raise SpecError(problems)
+
+
+def diff_specs(old: Spec | None, new: Spec) -> list[str]:
+    """Human-readable changes from old to new, one line each."""
+    old_pools = {p.name: p for p in (old.pools if old else [])}
+    new_pools = {p.name: p for p in new.pools}
+    lines = [f"+ pool {name}" for name in new_pools if name not in old_pools]
+    lines += [f"- pool {name} (drained)" for name in old_pools if name not in new_pools]
+    for name in new_pools.keys() & old_pools.keys():
+        before, after = old_pools[name].model_dump(), new_pools[name].model_dump()
+        lines += [
+            f"~ pool {name}: {key} {before[key]!r} -> {after[key]!r}"
+            for key in after
+            if before[key] != after[key]
+        ]
+    return sorted(lines, key=lambda line: line[2:])
