@@ -22,7 +22,7 @@ class Keys:
 
     @property
     def spec_active(self) -> str:
-        """The spec the daemon has in force (it may lag or differ from `spec` if that is invalid)."""
+        """The spec the daemon has in force (differs from `spec` while that is invalid)."""
         return f"{self.prefix}:spec:active"
 
     @property

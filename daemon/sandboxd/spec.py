@@ -28,9 +28,9 @@ class PoolSpec(BaseModel):
     timeout_s: int = Field(default=3600, gt=0, le=30 * 86400, description="Lifetime cap.")
     network: bool = Field(default=False, description="local: share the host network (else lo).")
     env: dict[str, str] = Field(default_factory=dict)
-    labels: dict[Annotated[str, Field(pattern=LABEL_KEY)], Annotated[str, Field(max_length=253)]] = (
-        Field(default_factory=dict)
-    )
+    labels: dict[
+        Annotated[str, Field(pattern=LABEL_KEY)], Annotated[str, Field(max_length=253)]
+    ] = Field(default_factory=dict)
 
     @field_validator("env")
     @classmethod

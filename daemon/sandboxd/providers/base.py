@@ -49,3 +49,7 @@ class Provider(Protocol):
     async def list_sandboxes(self) -> list[ProviderSandbox]:
         """Every sandbox this provider holds for sandboxd, for adoption and leak checks."""
         ...
+
+    async def cleanup_leftovers(self, keep: set[str]) -> list[str]:
+        """Free whatever the provider holds locally for sandboxes not in `keep`."""
+        ...

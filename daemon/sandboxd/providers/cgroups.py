@@ -22,13 +22,19 @@ class CgroupLimiter:
         try:
             controllers = (parent / "cgroup.subtree_control").read_text().split()
         except OSError as exc:
-            log.warning("cgroup limits off: %s is not a usable cgroup v2 directory (%s)",
-                        parent, exc.strerror)
+            log.warning(
+                "cgroup limits off: %s is not a usable cgroup v2 directory (%s)",
+                parent,
+                exc.strerror,
+            )
             return None
         missing = {"cpu", "memory"} - set(controllers)
         if missing:
-            log.warning("cgroup limits off: controllers %s not enabled in %s",
-                        sorted(missing), parent / "cgroup.subtree_control")
+            log.warning(
+                "cgroup limits off: controllers %s not enabled in %s",
+                sorted(missing),
+                parent / "cgroup.subtree_control",
+            )
             return None
         return cls(parent)
 

@@ -33,9 +33,24 @@ RUN_INSIDE = "/run/sandboxd"
 READY_TIMEOUT_S = 15.0
 # /etc entries a sandbox needs to run ordinary programs; never the whole /etc (shadow, keys).
 ETC_ENTRIES = (
-    "passwd", "group", "hosts", "nsswitch.conf", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
-    "localtime", "alternatives", "ssl", "ca-certificates", "mime.types", "os-release",
-    "debian_version", "profile", "bash.bashrc", "inputrc", "resolv.conf",
+    "passwd",
+    "group",
+    "hosts",
+    "nsswitch.conf",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "alternatives",
+    "ssl",
+    "ca-certificates",
+    "mime.types",
+    "os-release",
+    "debian_version",
+    "profile",
+    "bash.bashrc",
+    "inputrc",
+    "resolv.conf",
 )
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 
@@ -85,7 +100,7 @@ class LocalProvider:
         (box / "run" / "env.json").write_text(json.dumps(env))
         socket_inside = f"{RUN_INSIDE}/agent.sock" if inside else str(box / "run" / "agent.sock")
         argv = self._argv(sandbox_id, pool, template, box, socket_inside)
-        with open(box / "agent.log", "ab") as logfile:
+        with open(box / "agent.log", "ab") as logfile:  # noqa: ASYNC230 (local, tiny)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -119,11 +134,25 @@ class LocalProvider:
         memory = ["--memory-mb", str(pool.memory_mb)]
         if self._bwrap is None:
             env_file = str(box / "run" / "env.json")
-            return [*agent, agent_module.__file__, "--socket", socket, "--env-file", env_file, *memory]
+            return [
+                *agent,
+                agent_module.__file__,
+                "--socket",
+                socket,
+                "--env-file",
+                env_file,
+                *memory,
+            ]
         env_file = f"{RUN_INSIDE}/env.json"
         return [
             *_bwrap_args(self._bwrap, sandbox_id, pool, template, box, python),
-            *agent, AGENT_PATH_INSIDE, "--socket", socket, "--env-file", env_file, *memory,
+            *agent,
+            AGENT_PATH_INSIDE,
+            "--socket",
+            socket,
+            "--env-file",
+            env_file,
+            *memory,
         ]
 
     async def _sandbox_pid(self, proc: asyncio.subprocess.Process, box: Path) -> int:
@@ -169,7 +198,7 @@ class LocalProvider:
                     found.append(ProviderSandbox(id=meta["id"], pool=meta["pool"], handle=meta))
         return found
 
-    async def sweep_dirs(self, keep: set[str]) -> list[str]:
+    async def cleanup_leftovers(self, keep: set[str]) -> list[str]:
         """Remove sandbox directories not in `keep` (left by a daemon killed mid-create)."""
         if not self.root.is_dir():
             return []
@@ -216,15 +245,20 @@ def _live_tree(handle: dict[str, Any]) -> list[psutil.Process]:
 
 def _find_bwrap(config: LocalProviderConfig) -> str | None:
     if config.isolation == "none":
-        log.warning("local sandboxes run WITHOUT isolation (isolation = none in the config)",
-                    extra={"isolation": "none"})
+        log.warning(
+            "local sandboxes run WITHOUT isolation (isolation = none in the config)",
+            extra={"isolation": "none"},
+        )
         return None
     path = shutil.which(config.bwrap_path)
     if path is None:
         if config.isolation == "bwrap":
             raise RuntimeError(f"isolation = bwrap but {config.bwrap_path!r} is not installed")
-        log.warning("bubblewrap not found: local sandboxes run WITHOUT isolation "
-                    "(isolation: none); install the bubblewrap package", extra={"isolation": "none"})
+        log.warning(
+            "bubblewrap not found: local sandboxes run WITHOUT isolation "
+            "(isolation: none); install the bubblewrap package",
+            extra={"isolation": "none"},
+        )
     return path
 
 
@@ -262,13 +296,26 @@ def _bwrap_args(
     for path in template.ro_binds:
         args += ["--ro-bind-try", path, path]
     args += [
-        "--proc", "/proc", "--dev", "/dev",
-        "--bind", str(box / "workspace"), "/workspace",
-        "--bind", str(box / "tmp"), "/tmp",
-        "--bind", str(box / "run"), RUN_INSIDE,
-        "--ro-bind", agent_module.__file__, AGENT_PATH_INSIDE,
-        "--remount-ro", "/",
-        "--chdir", "/workspace",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--bind",
+        str(box / "workspace"),
+        "/workspace",
+        "--bind",
+        str(box / "tmp"),
+        "/tmp",
+        "--bind",
+        str(box / "run"),
+        RUN_INSIDE,
+        "--ro-bind",
+        agent_module.__file__,
+        AGENT_PATH_INSIDE,
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/workspace",
         "--",
     ]
     return args

@@ -1,0 +1,90 @@
+"""At start: take over sandboxes that outlived the previous daemon, close what is gone.
+
+Records in Redis are compared with what each provider actually holds:
+- alive and recorded as ready/claimed: adopted as they are;
+- recorded but gone: record closed (`died`);
+- recorded mid-create or mid-terminate: the previous daemon never finished, so stopped;
+- alive but unrecorded: an orphan (e.g. killed between start and record), stopped.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandboxd.events import EventPublisher
+from sandboxd.providers import Provider, ProviderSandbox
+from sandboxd.state import SandboxRecord, SandboxStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdoptionReport:
+    adopted: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+
+
+async def adopt(
+    store: SandboxStore, providers: dict[str, Provider], events: EventPublisher
+) -> AdoptionReport:
+    report = AdoptionReport()
+    live: dict[str, tuple[Provider, ProviderSandbox]] = {}
+    for provider in providers.values():
+        live.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
+    for record in await store.records():
+        provider = providers.get(record.provider)
+        if provider is not None and record.state in ("ready", "claimed") and record.id in live:
+            report.adopted.append(record.id)
+            await events.publish(
+                "sandbox.adopted",
+                pool=record.pool,
+                sandbox=record.id,
+                state=record.state,
+                pid=record.handle.get("pid"),
+            )
+            continue
+        reason = "died" if record.state in ("ready", "claimed") else "interrupted"
+        found = live.pop(record.id, None)
+        handle = found[1].handle if found else record.handle
+        await _close(record, reason, provider, handle, store, events)
+        report.dropped.append(record.id)
+    recorded = set(report.adopted) | set(report.dropped)
+    for provider, sandbox in live.values():
+        if sandbox.id not in recorded:
+            await provider.terminate(sandbox.id, sandbox.handle)
+            await events.publish(
+                "sandbox.terminated",
+                pool=sandbox.pool,
+                sandbox=sandbox.id,
+                reason="orphan",
+                state="unrecorded",
+            )
+            report.orphans.append(sandbox.id)
+    for provider in providers.values():
+        await provider.cleanup_leftovers(keep=set(report.adopted))
+    log.info(
+        "adoption done",
+        extra={
+            "adopted": len(report.adopted),
+            "dropped": len(report.dropped),
+            "orphans": len(report.orphans),
+        },
+    )
+    return report
+
+
+async def _close(
+    record: SandboxRecord,
+    reason: str,
+    provider: Provider | None,
+    handle: dict[str, Any],
+    store: SandboxStore,
+    events: EventPublisher,
+) -> None:
+    if provider is not None:
+        await provider.terminate(record.id, handle)
+    await store.remove(record)
+    await events.publish(
+        "sandbox.terminated", pool=record.pool, sandbox=record.id, reason=reason, state=record.state
+    )

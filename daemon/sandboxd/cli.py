@@ -1,0 +1,224 @@
+"""The `sandboxd` command: the daemon (`run`) and a thin client of Redis for everything else."""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from sandboxd.config import Config, load_config
+from sandboxd.events import Event
+from sandboxd.keys import Keys
+from sandboxd.logs import redact_url, setup_logging
+from sandboxd.redisconn import make_client
+from sandboxd.spec import SpecError, check_against_config, diff_specs, parse_spec
+from sandboxd.specstore import SpecStore
+from sandboxd.tables import render
+from sandboxd.views import StateView
+
+EXIT_INVALID = 2
+POOL_COLUMNS = [
+    ("name", "POOL"),
+    ("provider", "PROVIDER"),
+    ("template", "TEMPLATE"),
+    ("min_ready", "MIN_READY"),
+    ("max_total", "MAX_TOTAL"),
+    ("ready", "READY"),
+    ("creating", "CREATING"),
+    ("claimed", "CLAIMED"),
+    ("total", "TOTAL"),
+]
+SANDBOX_COLUMNS = [
+    ("id", "ID"),
+    ("pool", "POOL"),
+    ("provider", "PROVIDER"),
+    ("state", "STATE"),
+    ("age_s", "AGE_S"),
+    ("pid", "PID"),
+    ("isolation", "ISOLATION"),
+    ("created_at", "CREATED_AT"),
+]
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__)
+    parser.add_argument(
+        "--config", help="daemon config (TOML); default /etc/sandboxd/sandboxd.toml"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon in the foreground")
+    apply = sub.add_parser("apply", help="validate a spec file and make it the desired state")
+    apply.add_argument("-f", "--file", required=True, help="YAML or JSON spec; - for stdin")
+    apply.add_argument("--dry-run", action="store_true", help="validate and diff, write nothing")
+    get = sub.add_parser("get", help="list pools or sandboxes")
+    get.add_argument("what", choices=["pools", "sandboxes"])
+    get.add_argument("--pool", help="only this pool's sandboxes")
+    _output_flag(get)
+    _output_flag(sub.add_parser("status", help="is the daemon alive, what is in force"))
+    events = sub.add_parser("events", help="print lifecycle events from the stream")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
+    _output_flag(events)
+    return parser
+
+
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: bad config: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.command == "run":
+        return _run_daemon(config)
+    try:
+        return asyncio.run(_client_command(args, config))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_daemon(config: Config) -> int:
+    from sandboxd.daemon import Daemon
+
+    setup_logging(config.log_level)
+    return asyncio.run(Daemon(config).run())
+
+
+async def _client_command(args: argparse.Namespace, config: Config) -> int:
+    commands: dict[str, Callable[..., Coroutine[Any, Any, int]]] = {
+        "apply": _apply,
+        "get": _get,
+        "status": _status,
+        "events": _events,
+    }
+    redis = make_client(config)
+    try:
+        return await commands[args.command](args, config, redis)
+    except RedisError as exc:
+        raise CliError(f"cannot reach Redis at {redact_url(config.redis_url)}: {exc}") from None
+    finally:
+        await redis.aclose()
+
+
+async def _apply(args: argparse.Namespace, config: Config, redis) -> int:
+    text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
+    try:
+        spec = parse_spec(text)
+        check_against_config(spec, config)
+    except SpecError as exc:
+        lines = "\n".join(f"  {problem}" for problem in exc.problems)
+        raise CliError(
+            f"invalid spec {args.file}; nothing applied:\n{lines}", EXIT_INVALID
+        ) from None
+    store = SpecStore(redis, Keys(config.key_prefix))
+    if args.dry_run:
+        changes = diff_specs(await store.active(), spec)
+        print("valid; would change:" if changes else "valid; no changes")
+    else:
+        applied = await store.apply(spec)
+        changes = diff_specs(applied.previous, spec)
+        print(
+            f"applied revision {applied.document.revision}" + ("" if changes else " (no changes)")
+        )
+    for line in changes:
+        print(f"  {line}")
+    return 0
+
+
+def _read_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_INVALID) from None
+
+
+async def _get(args: argparse.Namespace, config: Config, redis) -> int:
+    view = StateView(redis, Keys(config.key_prefix))
+    if args.what == "pools":
+        rows, columns = await view.pools(), POOL_COLUMNS
+    else:
+        rows, columns = await view.sandboxes(args.pool), SANDBOX_COLUMNS
+    print(json.dumps(rows, indent=2) if args.output == "json" else render(rows, columns))
+    return 0
+
+
+async def _status(args: argparse.Namespace, config: Config, redis) -> int:
+    status = await StateView(redis, Keys(config.key_prefix)).status()
+    if args.output == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        print(_status_text(status))
+    return 0 if status["daemon"]["alive"] else 3
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    daemon = status["daemon"]
+    if daemon["alive"]:
+        age = time.time() - daemon.get("heartbeat_at", time.time())
+        isolation = ", ".join(f"{k}: {v}" for k, v in daemon.get("isolation", {}).items())
+        head = (
+            f"daemon:    alive (pid {daemon['pid']} on {daemon['host']}, instance "
+            f"{daemon['instance']}, v{daemon['version']}, heartbeat {age:.1f}s ago)\n"
+            f"isolation: {isolation}"
+        )
+        if "none" in isolation:
+            head += "   << WARNING: sandboxes are NOT isolated (install bubblewrap)"
+    else:
+        head = "daemon:    NOT RUNNING (no heartbeat)"
+    revision = status["revision_in_force"]
+    stored = status["revision_stored"]
+    spec_line = f"spec:      revision {revision if revision is not None else '-'} in force"
+    if stored is not None and stored != revision:
+        spec_line += f" (revision {stored} stored: pending or rejected, see `sandboxd events`)"
+    return "\n".join([head, spec_line, "", render(status["pools"], POOL_COLUMNS)])
+
+
+async def _events(args: argparse.Namespace, config: Config, redis) -> int:
+    stream = Keys(config.key_prefix).events
+    entries = await redis.xrevrange(stream, count=args.count) if args.count > 0 else []
+    newest = entries or await redis.xrevrange(stream, count=1)
+    last_id = newest[0][0] if newest else "0-0"  # a concrete id: no gap between reads
+    for stream_id, fields in reversed(entries):
+        _print_event(stream_id, fields, args.output)
+    while args.follow:
+        reply = await redis.xread({stream: last_id}, block=5000, count=100)
+        for _, batch in reply:
+            for stream_id, fields in batch:
+                _print_event(stream_id, fields, args.output)
+                last_id = stream_id
+    return 0
+
+
+def _print_event(stream_id: str, fields: dict[str, str], output: str) -> None:
+    if output == "json":
+        print(
+            json.dumps({"stream_id": stream_id, **Event.from_fields(fields).model_dump()}),
+            flush=True,
+        )
+        return
+    event = Event.from_fields(fields)
+    when = datetime.fromisoformat(event.time).astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+    data = " ".join(f"{k}={json.dumps(v)}" for k, v in event.data.items())
+    print(
+        f"{when}  {event.type:<22} {event.pool or '-':<12} {event.sandbox or '-':<20} {data}",
+        flush=True,
+    )

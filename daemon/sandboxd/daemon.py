@@ -1,0 +1,194 @@
+"""The daemon's lifecycle: connect, adopt, reconcile, serve until told to stop, shut down."""
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from sandboxd import sdnotify
+from sandboxd.adoption import AdoptionReport, adopt
+from sandboxd.config import Config
+from sandboxd.events import EventPublisher
+from sandboxd.heartbeat import Heartbeat
+from sandboxd.keys import Keys
+from sandboxd.logs import redact_url
+from sandboxd.providers import Provider, make_providers
+from sandboxd.reconciler import Reconciler
+from sandboxd.redisconn import make_client, wait_for_redis
+from sandboxd.specsource import SpecSource
+from sandboxd.specstore import SpecStore
+from sandboxd.state import SandboxStore
+
+log = logging.getLogger(__name__)
+CANCEL_GRACE_S = 5.0
+SHUTDOWN_TERMINATE_S = 3.0
+
+
+class RootTaskEnded(RuntimeError):
+    """A root task returned: the daemon cannot go on without it (systemd restarts us)."""
+
+
+async def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> None:
+    await coro
+    raise RootTaskEnded(f"root task {name!r} ended unexpectedly")
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.keys = Keys(config.key_prefix)
+        self.instance = uuid.uuid4().hex[:12]
+        self.stop = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        log.info(
+            "sandboxd starting",
+            extra={
+                "redis_url": redact_url(self.config.redis_url),
+                "key_prefix": self.config.key_prefix,
+                "instance": self.instance,
+            },
+        )
+        sdnotify.status("connecting to Redis")
+        redis = make_client(self.config)
+        try:
+            if not await wait_for_redis(redis, self.config, self.stop):
+                return 0
+            await self._serve(redis, make_providers(self.config))
+        finally:
+            await redis.aclose()
+        return 0
+
+    async def _serve(self, redis: Redis, providers: dict[str, Provider]) -> None:
+        self.events = EventPublisher(redis, self.keys, self.config.event_stream_maxlen)
+        self.store = SandboxStore(redis, self.keys)
+        self.specs = SpecSource(SpecStore(redis, self.keys), self.events, self.config)
+        self.reconciler = Reconciler(
+            config=self.config,
+            store=self.store,
+            specs=self.specs,
+            events=self.events,
+            providers=providers,
+            instance=self.instance,
+        )
+        self.isolation = {name: p.isolation for name, p in providers.items()}
+        self.heartbeat = Heartbeat(
+            redis,
+            self.keys,
+            interval_s=self.config.heartbeat_interval_s,
+            instance=self.instance,
+            facts=self._facts,
+        )
+        sdnotify.status("adopting sandboxes")
+        report = await adopt(self.store, providers, self.events)
+        await self._run_root_tasks(redis, report)
+        await self._shut_down()
+
+    def _facts(self) -> dict[str, Any]:
+        return {
+            "revision": self.specs.revision,
+            "isolation": self.isolation,
+            "last_reconcile_at": self.reconciler.last_pass_at,
+            "on_shutdown": self.config.on_shutdown,
+        }
+
+    async def _run_root_tasks(self, redis: Redis, report: AdoptionReport) -> None:
+        async with asyncio.timeout(None) as deadline:
+            async with asyncio.TaskGroup() as group:
+                roots = {
+                    "reconciler": self.reconciler.run(),
+                    "heartbeat": self.heartbeat.run(),
+                    "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
+                }
+                tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]
+                await _first_of(self.reconciler.first_pass.wait(), self.stop.wait())
+                if not self.stop.is_set():
+                    await self._announce_ready(report)
+                await self.stop.wait()
+                log.info("stop requested: no more reconciling")
+                deadline.reschedule(asyncio.get_running_loop().time() + CANCEL_GRACE_S)
+                for task in tasks:
+                    task.cancel()
+
+    async def _announce_ready(self, report: AdoptionReport) -> None:
+        revision = self.specs.revision
+        await self.events.publish(
+            "daemon.started",
+            **self.heartbeat.identity,
+            isolation=self.isolation,
+            revision=revision,
+            adopted=len(report.adopted),
+            dropped=len(report.dropped) + len(report.orphans),
+        )
+        sdnotify.ready(f"reconciling revision {revision}")
+        log.info(
+            "sandboxd ready",
+            extra={
+                "revision": revision,
+                "isolation": self.isolation,
+                "adopted": len(report.adopted),
+            },
+        )
+
+    async def _shut_down(self) -> None:
+        sdnotify.stopping(f"stopping ({self.config.on_shutdown} sandboxes)")
+        terminated = kept = 0
+        try:
+            records = await self.store.records()
+            if self.config.on_shutdown == "terminate":
+                async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
+                    results = await asyncio.gather(
+                        *(
+                            self.reconciler.terminate(r, "shutdown", "ready", "claimed", "creating")
+                            for r in records
+                        )
+                    )
+                terminated = sum(results)
+            else:
+                kept = len(records)
+            await self.events.publish(
+                "daemon.stopping",
+                instance=self.instance,
+                on_shutdown=self.config.on_shutdown,
+                terminated=terminated,
+                kept=kept,
+            )
+            await self.heartbeat.clear()
+        except (RedisError, TimeoutError) as exc:
+            log.error("shutdown incomplete: %s", exc)
+        log.info("sandboxd stopped", extra={"terminated": terminated, "kept": kept})
+
+
+async def _first_of(*coros: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -> None:
+    """Wake the reconciler on every message on `<prefix>:nudge`; resubscribe after errors."""
+    retrying = AsyncRetrying(
+        wait=wait_exponential_jitter(initial=0.2, max=5),
+        retry=retry_if_exception_type((RedisError, OSError)),
+    )
+    async for attempt in retrying:
+        with attempt:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(keys.nudge)
+                reconciler.nudge()  # whatever was sent while we were not listening
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        reconciler.nudge()

@@ -1,0 +1,59 @@
+"""The daemon's heartbeat key: proof of life for `status` and monitoring, with a TTL."""
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sandboxd import __version__
+from sandboxd.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Refreshes `<prefix>:daemon` (JSON) every interval; it expires after 3 missed beats."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        interval_s: float,
+        instance: str,
+        facts: Callable[[], dict[str, Any]],
+    ):
+        self._redis = redis
+        self._keys = keys
+        self._interval = interval_s
+        self._facts = facts
+        self.identity = {
+            "instance": instance,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "version": __version__,
+            "started_at": time.time(),
+        }
+
+    async def beat(self) -> None:
+        body = {**self.identity, **self._facts(), "heartbeat_at": time.time()}
+        ttl_ms = int(self._interval * 3 * 1000)
+        await self._redis.set(self._keys.daemon, json.dumps(body), px=ttl_ms)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except RedisError as exc:
+                log.warning("heartbeat not written, Redis unavailable: %s", exc)
+            await asyncio.sleep(self._interval)
+
+    async def clear(self) -> None:
+        await self._redis.delete(self._keys.daemon)

@@ -1,0 +1,48 @@
+"""Connecting to Redis: URL forms, password handling, waiting for it to come up."""
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from sandboxd.config import Config
+from sandboxd.logs import redact_url, register_secret
+
+log = logging.getLogger(__name__)
+
+
+def make_client(config: Config) -> Redis:
+    """A client for `redis_url` (redis://, rediss://, unix://); strings decoded as UTF-8."""
+    kwargs = {"decode_responses": True, "health_check_interval": 10, "socket_timeout": 10}
+    if config.redis_password is not None:
+        password = config.redis_password.get_secret_value()
+        register_secret(password)
+        kwargs["password"] = password
+    client = Redis.from_url(config.redis_url, **kwargs)
+    register_secret(client.connection_pool.connection_kwargs.get("password"))
+    return client
+
+
+async def wait_for_redis(client: Redis, config: Config, stop: asyncio.Event) -> bool:
+    """Retry PING with jittered backoff until it answers; False if told to stop first."""
+    where = redact_url(config.redis_url)
+    retrying = AsyncRetrying(
+        wait=wait_exponential_jitter(initial=0.2, max=5),
+        retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError, OSError)),
+        before_sleep=lambda state: log.warning(
+            "waiting for Redis at %s (attempt %d): %s",
+            where,
+            state.attempt_number,
+            state.outcome.exception() if state.outcome else "",
+        ),
+    )
+    async for attempt in retrying:
+        with attempt:
+            if stop.is_set():
+                return False
+            await client.ping()
+    log.info("connected to Redis at %s", where)
+    return True
