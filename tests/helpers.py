@@ -1,0 +1,70 @@
+"""Test helpers: polling with a deadline (never sleeping as synchronisation)."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from sandboxd.events import Event
+from sandboxd.keys import Keys
+from sandboxd.spec import Spec
+from sandboxd.specstore import SpecStore
+
+PREFIX = "sandboxd"
+KEYS = Keys(PREFIX)
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def apply(redis: Redis, pools: list[dict]) -> int:
+    """Apply a spec the way `sandboxd apply` does; returns the revision."""
+    applied = await SpecStore(redis, KEYS).apply(Spec.model_validate({"pools": pools}))
+    return applied.document.revision
+
+
+async def ready_ids(redis: Redis, pool: str) -> list[str]:
+    return await redis.lrange(KEYS.pool_ready(pool), 0, -1)
+
+
+async def wait_ready(redis: Redis, pool: str, count: int, timeout: float = 30.0) -> list[str]:
+    async def probe():
+        ids = await ready_ids(redis, pool)
+        return ids if len(ids) == count else None
+
+    return await eventually(probe, timeout=timeout, what=f"{count} ready in pool {pool}")
+
+
+async def events_of(redis: Redis, *types: str) -> list[dict]:
+    entries = await redis.xrange(KEYS.events)
+    out = [Event.from_fields(fields).model_dump() | {"stream_id": sid} for sid, fields in entries]
+    return [e for e in out if not types or e["type"] in types]
+
+
+async def wait_event(redis: Redis, type_: str, timeout: float = 20.0, **match) -> dict:
+    async def probe():
+        for event in await events_of(redis, type_):
+            if all(event.get(k) == v or event["data"].get(k) == v for k, v in match.items()):
+                return event
+        return None
+
+    return await eventually(probe, timeout=timeout, what=f"event {type_} {match}")

@@ -1,0 +1,60 @@
+import json
+from datetime import datetime
+
+import fakeredis
+import pytest
+
+from sandboxd.events import EVENT_TYPES, Event, EventPublisher
+from sandboxd.keys import Keys
+
+REQUIRED = {
+    "daemon.started",
+    "daemon.stopping",
+    "spec.applied",
+    "spec.rejected",
+    "sandbox.creating",
+    "sandbox.ready",
+    "sandbox.create_failed",
+    "sandbox.terminated",
+    "pool.scaled",
+}
+
+
+async def test_stream_entries_have_the_documented_fields():
+    redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+    publisher = EventPublisher(redis, Keys("t"), maxlen=1000)
+    first = await publisher.publish("sandbox.terminated", pool="p", sandbox="sb-1", reason="died")
+    second = await publisher.publish("daemon.started", instance="i")
+    entries = await redis.xrange("t:events")
+    assert entries[0][1].keys() == {
+        "id",
+        "type",
+        "time",
+        "pool",
+        "sandbox",
+        "data",
+    }
+    fields = entries[0][1]
+    assert json.loads(fields["data"]) == {"reason": "died"}
+    assert datetime.fromisoformat(fields["time"]).utcoffset().total_seconds() == 0
+    assert fields["time"].endswith("Z")
+    assert Event.from_fields(fields) == first
+    assert entries[1][1]["sandbox"] == "" and first.id != second.id
+
+
+async def test_undocumented_types_are_refused():
+    publisher = EventPublisher(fakeredis.FakeAsyncRedis(), Keys("t"), maxlen=1000)
+    with pytest.raises(ValueError, match="undocumented"):
+        await publisher.publish("sandbox.exploded")
+
+
+async def test_stream_is_trimmed():
+    redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+    publisher = EventPublisher(redis, Keys("t"), maxlen=100)
+    for _ in range(1000):
+        await publisher.publish("pool.scaled", pool="p")
+    assert await redis.xlen("t:events") < 1000
+
+
+def test_every_required_type_is_documented():
+    assert REQUIRED <= EVENT_TYPES.keys()
