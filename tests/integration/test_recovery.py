@@ -1,0 +1,77 @@
+"""Killed sandboxes are replaced; a killed daemon's successor adopts the same sandboxes."""
+
+import os
+import signal
+
+from conftest import sandbox_processes
+from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
+
+
+async def record_pids(redis) -> dict[str, int]:
+    ids = await redis.smembers(KEYS.sandboxes)
+    handles = {i: await redis.hget(KEYS.sandbox(i), "handle") for i in ids}
+    import json
+
+    return {i: json.loads(h)["pid"] for i, h in handles.items() if h and h != "{}"}
+
+
+async def test_killed_sandbox_is_replaced_within_a_tick(redis, daemon_factory):
+    daemon_factory(reconcile_interval_s=1.0).start()
+    await apply(redis, [{"name": "default", "min_ready": 2}])
+    victim, survivor = await wait_ready(redis, "default", 2)
+    os.kill((await record_pids(redis))[victim], signal.SIGKILL)
+    died = await wait_event(redis, "sandbox.terminated", sandbox=victim)
+    assert died["data"] == {"reason": "died", "state": "ready"}
+    ids = await eventually(lambda: _ready_without(redis, victim), what="replacement ready")
+    assert survivor in ids and len(ids) == 2
+    replacement = (set(ids) - {survivor}).pop()
+    ready = await wait_event(redis, "sandbox.ready", sandbox=replacement)
+    assert ready["stream_id"] > died["stream_id"]
+
+
+async def _ready_without(redis, gone: str):
+    ids = await redis.lrange(KEYS.pool_ready("default"), 0, -1)
+    return ids if len(ids) == 2 and gone not in ids else None
+
+
+async def test_kill_9_daemon_then_restart_adopts_the_same_sandboxes(redis, daemon_factory):
+    first = daemon_factory().start()
+    await apply(redis, [{"name": "default", "min_ready": 3}, {"name": "b", "min_ready": 1}])
+    before = sorted(await wait_ready(redis, "default", 3) + await wait_ready(redis, "b", 1))
+    first.signal(signal.SIGKILL)
+    first.wait()
+    second = daemon_factory().start()
+    await wait_event(redis, "daemon.started", adopted=4)
+    adopted = sorted(e["sandbox"] for e in await events_of(redis, "sandbox.adopted"))
+    assert adopted == before
+    assert sorted(await redis.smembers(KEYS.sandboxes)) == before
+    live = sandbox_processes(first.workspace)
+    assert sorted(p.pid for p in live) == sorted((await record_pids(redis)).values())
+    started = (await events_of(redis, "daemon.started"))[-1]["stream_id"]
+    later = [
+        e
+        for e in await events_of(redis, "sandbox.creating", "sandbox.terminated")
+        if e["stream_id"] > started
+    ]
+    assert later == []  # nothing recreated, nothing lost
+    assert second.proc.poll() is None
+
+
+async def test_orphans_and_dead_records_are_cleaned_at_start(redis, daemon_factory):
+    first = daemon_factory(on_shutdown="keep").start()
+    await apply(redis, [{"name": "default", "min_ready": 3}])
+    a, b, c = await wait_ready(redis, "default", 3)
+    first.stop()
+    pids = await record_pids(redis)
+    os.kill(pids[a], signal.SIGKILL)  # record left, process gone
+    await redis.delete(KEYS.sandbox(b))  # process left, record gone
+    await redis.srem(KEYS.sandboxes, b)
+    await redis.lrem(KEYS.pool_ready("default"), 0, b)
+    daemon_factory().start()
+    await wait_event(redis, "daemon.started")
+    assert (await wait_event(redis, "sandbox.terminated", sandbox=a))["data"]["reason"] == "died"
+    assert (await wait_event(redis, "sandbox.terminated", sandbox=b))["data"]["reason"] == "orphan"
+    ids = await wait_ready(redis, "default", 3)
+    assert c in ids and a not in ids and b not in ids
+    live = sandbox_processes(first.workspace)
+    assert sorted(p.pid for p in live) == sorted((await record_pids(redis)).values())

@@ -1,0 +1,68 @@
+"""Apply raises and lowers pools; a sampler checks max_total is never exceeded."""
+
+import asyncio
+
+from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
+
+
+async def sample_totals(redis, pool: str, seen: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        records = [
+            await redis.hget(KEYS.sandbox(i), "pool") for i in await redis.smembers(KEYS.sandboxes)
+        ]
+        seen.append(sum(1 for p in records if p == pool))
+        await asyncio.sleep(0.005)
+
+
+async def test_scale_up_and_down_never_exceeds_max_total(redis, daemon_factory):
+    daemon = daemon_factory(max_concurrent_creates=3).start()
+    await apply(redis, [{"name": "default", "min_ready": 2, "max_total": 8}])
+    await wait_ready(redis, "default", 2)
+    seen: list[int] = []
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(sample_totals(redis, "default", seen, stop))
+        await apply(redis, [{"name": "default", "min_ready": 8, "max_total": 8}])
+        await wait_ready(redis, "default", 8)
+        await apply(redis, [{"name": "default", "min_ready": 1, "max_total": 8}])
+        await wait_ready(redis, "default", 1)
+        stop.set()
+    assert max(seen) == 8 and len(seen) > 10
+    scaled = await events_of(redis, "pool.scaled")
+    assert any(e["data"]["terminating"] == 7 for e in scaled)
+    terminated = await events_of(redis, "sandbox.terminated")
+    assert [e["data"]["reason"] for e in terminated] == ["scaled_down"] * 7
+    assert daemon.proc.poll() is None
+
+
+async def test_removing_a_pool_drains_it(redis, daemon_factory):
+    daemon_factory().start()
+    await apply(redis, [{"name": "keep", "min_ready": 1}, {"name": "gone", "min_ready": 2}])
+    await wait_ready(redis, "gone", 2)
+    await apply(redis, [{"name": "keep", "min_ready": 1}])
+
+    async def gone_is_empty():
+        records = [
+            await redis.hget(KEYS.sandbox(i), "pool") for i in await redis.smembers(KEYS.sandboxes)
+        ]
+        return "gone" not in records and "keep" in records
+
+    await eventually(gone_is_empty, what="pool `gone` drained")
+    reasons = {e["data"]["reason"] for e in await events_of(redis, "sandbox.terminated")}
+    assert reasons == {"drained"}
+
+
+async def test_failing_create_is_retried_and_reported(redis, daemon_factory):
+    daemon_factory(
+        create_attempts=2, local={"templates": {"broken": {"setup": "echo nope >&2; exit 4"}}}
+    ).start()
+    await apply(redis, [{"name": "bad", "template": "broken", "min_ready": 1}])
+    failed = await eventually(
+        lambda: events_of(redis, "sandbox.create_failed"), what="create_failed"
+    )
+    first = failed[0]["data"]
+    assert first["attempt"] == 1 and first["will_retry"] is True
+    assert "template setup exited 4" in first["error"] and "nope" in first["error"]
+    closed = await wait_event(redis, "sandbox.terminated", reason="create_failed")
+    assert closed["sandbox"] == failed[0]["sandbox"]
+    assert await redis.scard(KEYS.sandboxes) <= 1
