@@ -1,6 +1,8 @@
 """Test helpers: polling with a deadline (never sleeping as synchronisation)."""
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -68,3 +70,15 @@ async def wait_event(redis: Redis, type_: str, timeout: float = 20.0, **match) -
         return None
 
     return await eventually(probe, timeout=timeout, what=f"event {type_} {match}")
+
+
+def cli(redis_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {"SANDBOXD_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "sandboxd", *args],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )

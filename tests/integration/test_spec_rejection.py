@@ -1,23 +1,8 @@
 """Invalid specs: the CLI refuses them and writes nothing; the daemon rejects direct writes."""
 
 import json
-import subprocess
-import sys
 
-from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
-
-
-def cli(redis_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {"SANDBOXD_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"}
-    return subprocess.run(
-        [sys.executable, "-m", "sandboxd", *args],
-        input=stdin,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
+from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
 
 INVALID = {
     "pools:\n  - name: default\n    min_ready: -1\n": "pools[0](default).min_ready",
