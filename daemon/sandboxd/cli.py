@@ -53,21 +53,29 @@ class CliError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__)
-    parser.add_argument(
-        "--config", help="daemon config (TOML); default /etc/sandboxd/sandboxd.toml"
+    # --config is accepted before or after the subcommand (`sandboxd run --config ...`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="daemon config (TOML); default /etc/sandboxd/sandboxd.toml",
     )
+    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon in the foreground")
-    apply = sub.add_parser("apply", help="validate a spec file and make it the desired state")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    command("run", "run the daemon in the foreground")
+    apply = command("apply", "validate a spec file and make it the desired state")
     apply.add_argument("-f", "--file", required=True, help="YAML or JSON spec; - for stdin")
     apply.add_argument("--dry-run", action="store_true", help="validate and diff, write nothing")
-    get = sub.add_parser("get", help="list pools or sandboxes")
+    get = command("get", "list pools or sandboxes")
     get.add_argument("what", choices=["pools", "sandboxes"])
     get.add_argument("--pool", help="only this pool's sandboxes")
     _output_flag(get)
-    _output_flag(sub.add_parser("status", help="is the daemon alive, what is in force"))
-    events = sub.add_parser("events", help="print lifecycle events from the stream")
+    _output_flag(command("status", "is the daemon alive, what is in force"))
+    events = command("events", "print lifecycle events from the stream")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
     _output_flag(events)
@@ -81,7 +89,7 @@ def _output_flag(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(getattr(args, "config", None))
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: bad config: {exc}", file=sys.stderr)
         return EXIT_INVALID

@@ -41,9 +41,21 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
 def start(binary: str, port: int, directory: Path, *, daemonize: bool) -> subprocess.Popen | None:
     directory.mkdir(parents=True, exist_ok=True)
     argv = [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(directory), "--logfile", str(directory / "redis.log"),
-        "--daemonize", "yes" if daemonize else "no",
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+        "--logfile",
+        str(directory / "redis.log"),
+        "--daemonize",
+        "yes" if daemonize else "no",
     ]
     if daemonize:
         subprocess.run(argv, check=True)
@@ -77,8 +89,9 @@ def ensure(url: str, directory: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=["ensure"])
-    parser.add_argument("--url", default=os.environ.get("SANDBOXD_REDIS_URL",
-                                                        "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--url", default=os.environ.get("SANDBOXD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument("--dir", default=".run/redis", type=Path)
     args = parser.parse_args()
     print(ensure(args.url, args.dir), file=sys.stderr)

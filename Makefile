@@ -1,0 +1,54 @@
+# sandboxd — the two commands: `make run` (daemon with embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    := .run
+REDIS_URL ?= redis://127.0.0.1:6379/0
+PREFIX_DIR ?= /opt/sandboxd
+
+export SANDBOXD_REDIS_URL ?= $(REDIS_URL)
+
+.PHONY: run test lint format bench install-service clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,local-redis]'
+	touch $(STAMP)
+
+## run: venv, a local Redis if none answers, the example spec, the daemon in the foreground
+run: $(STAMP)
+	$(BIN)/python -m sandboxd.localredis ensure --url $(SANDBOXD_REDIS_URL) --dir $(RUN)/redis
+	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes $(BIN)/sandboxd --config config/sandboxd.toml apply -f config/spec.example.yaml
+	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes exec $(BIN)/sandboxd --config config/sandboxd.toml run
+
+## test: the whole suite (unit, integration with real redis-server and sandboxes, systemd)
+test: $(STAMP)
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/pytest -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format daemon tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/create.py
+
+## install-service: package into $(PREFIX_DIR), config into /etc/sandboxd, the unit into systemd
+install-service:
+	$(PYTHON) -m venv $(PREFIX_DIR)
+	$(PREFIX_DIR)/bin/pip install --quiet .
+	install -d -m 0755 /etc/sandboxd /var/lib/sandboxd
+	test -f /etc/sandboxd/sandboxd.toml || install -m 0644 config/sandboxd.toml /etc/sandboxd/sandboxd.toml
+	install -m 0644 config/spec.example.yaml /etc/sandboxd/spec.example.yaml
+	install -m 0644 systemd/sandboxd.service /etc/systemd/system/sandboxd.service
+	ln -sf $(PREFIX_DIR)/bin/sandboxd /usr/local/bin/sandboxd
+	systemctl daemon-reload
+	@echo "installed; start with: systemctl enable --now sandboxd"
+
+clean:
+	rm -rf $(VENV) $(RUN) build *.egg-info

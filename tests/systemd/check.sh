@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs INSIDE ../shared/tools/systemd-lab: installs the real unit, starts, inspects, stops it.
+# Prints `RESULT <json>` lines that tests/systemd/test_unit.py reads. Args: CHECKOUT REDIS_URL
+set -uo pipefail
+CHECKOUT=$1 REDIS_URL=$2
+result() { printf 'RESULT {"%s": %s}\n' "$1" "$2"; }
+
+ln -sf "$CHECKOUT/.venv/bin/sandboxd" /usr/local/bin/sandboxd
+install -D -m 0644 "$CHECKOUT/systemd/sandboxd.service" /etc/systemd/system/sandboxd.service
+mkdir -p /etc/sandboxd
+cat > /etc/sandboxd/sandboxd.toml <<TOML
+redis_url = "$REDIS_URL"
+reconcile_interval_s = 1
+heartbeat_interval_s = 0.5
+on_shutdown = "terminate"
+[local]
+workspace_root = "/var/lib/sandboxd/sandboxes"
+TOML
+verify=$(systemd-analyze verify /etc/systemd/system/sandboxd.service 2>&1); rc=$?
+result verify_rc "$rc"
+result verify_output "$(printf '%s' "$verify" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')"
+systemctl daemon-reload
+
+systemctl start sandboxd; result start_rc $?
+result state_after_start "\"$(systemctl show -P ActiveState sandboxd)\""
+result substate_after_start "\"$(systemctl show -P SubState sandboxd)\""
+result pools_after_start "$(sandboxd --config /etc/sandboxd/sandboxd.toml get pools -o json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))')"
+deadline=$((SECONDS + 30))
+while (( SECONDS < deadline )); do   # poll with a deadline until the pool is full
+  ready=$(sandboxd --config /etc/sandboxd/sandboxd.toml get pools -o json |
+          python3 -c 'import json,sys; print(sum(p["ready"] for p in json.load(sys.stdin)))')
+  [[ $ready -ge 2 ]] && break; sleep 0.1
+done
+result ready_before_stop "$ready"
+result agents_before_stop "$(pgrep -fc 'agent.py --socket' || true)"
+
+start=$(date +%s.%N)
+systemctl stop sandboxd; result stop_rc $?
+result stop_seconds "$(printf "%.3f" "$(echo "$(date +%s.%N) - $start" | bc)")"
+result state_after_stop "\"$(systemctl show -P ActiveState sandboxd)\""
+result result_after_stop "\"$(systemctl show -P Result sandboxd)\""
+result agents_after_stop "$(pgrep -fc 'agent.py --socket' || true)"
+journalctl -u sandboxd -o cat --no-pager > /var/lib/journal-copy.txt
+result journal "$(python3 -c 'import json; print(json.dumps(open("/var/lib/journal-copy.txt").read()))')"
