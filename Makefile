@@ -7,8 +7,6 @@ RUN    := .run
 REDIS_URL ?= redis://127.0.0.1:6379/0
 PREFIX_DIR ?= /opt/sandboxd
 
-export SANDBOXD_REDIS_URL ?= $(REDIS_URL)
-
 .PHONY: run test lint format bench install-service clean
 
 $(STAMP): pyproject.toml
@@ -18,6 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## run: venv, a local Redis if none answers, the example spec, the daemon in the foreground
+run: export SANDBOXD_REDIS_URL ?= $(REDIS_URL)
 run: $(STAMP)
 	$(BIN)/python -m sandboxd.localredis ensure --url $(SANDBOXD_REDIS_URL) --dir $(RUN)/redis
 	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes $(BIN)/sandboxd --config config/sandboxd.toml apply -f config/spec.example.yaml

@@ -21,6 +21,13 @@ from sandboxd.localredis import find_redis_server, start, wait_until_answering
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def _no_sandboxd_environment(monkeypatch) -> None:
+    """The caller's SANDBOXD_* settings must not leak into what a test configures."""
+    for name in [n for n in os.environ if n.startswith("SANDBOXD_")]:
+        monkeypatch.delenv(name)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
