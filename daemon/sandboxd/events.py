@@ -14,7 +14,7 @@ from sandboxd.keys import Keys
 EVENT_TYPES: dict[str, tuple[str, str]] = {
     "daemon.started": (
         "the daemon is up and has done its first reconcile",
-        "instance, pid, host, version, isolation, revision, adopted, dropped",
+        "instance, pid, host, version, started_at, isolation, revision, adopted, dropped",
     ),
     "daemon.stopping": (
         "the daemon is shutting down",
@@ -36,7 +36,8 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     ),
     "sandbox.terminated": (
         "a sandbox is gone",
-        "reason (scaled_down, drained, died, timeout, orphan, shutdown, create_failed), state",
+        "reason (scaled_down, drained, died, timeout, orphan, interrupted, shutdown, "
+        "create_failed), state",
     ),
     "sandbox.adopted": ("a sandbox found alive at start was taken over", "state, pid"),
     "pool.scaled": (
