@@ -27,7 +27,7 @@ async def test_scale_up_and_down_never_exceeds_max_total(redis, daemon_factory):
         await apply(redis, [{"name": "default", "min_ready": 1, "max_total": 8}])
         await wait_ready(redis, "default", 1)
         stop.set()
-    assert max(seen) == 8 and len(seen) > 10
+    assert max(seen) <= 8 and len(seen) > 10  # sampled throughout, never over the cap
     scaled = await events_of(redis, "pool.scaled")
     assert any(e["data"]["terminating"] == 7 for e in scaled)
     terminated = await events_of(redis, "sandbox.terminated")
