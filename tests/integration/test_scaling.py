@@ -30,7 +30,12 @@ async def test_scale_up_and_down_never_exceeds_max_total(redis, daemon_factory):
     assert max(seen) <= 8 and len(seen) > 10  # sampled throughout, never over the cap
     scaled = await events_of(redis, "pool.scaled")
     assert any(e["data"]["terminating"] == 7 for e in scaled)
-    terminated = await events_of(redis, "sandbox.terminated")
+
+    async def seven_terminated():
+        terminated = await events_of(redis, "sandbox.terminated")
+        return terminated if len(terminated) >= 7 else None
+
+    terminated = await eventually(seven_terminated, what="7 sandbox.terminated events")
     assert [e["data"]["reason"] for e in terminated] == ["scaled_down"] * 7
     assert daemon.proc.poll() is None
 
@@ -48,8 +53,13 @@ async def test_removing_a_pool_drains_it(redis, daemon_factory):
         return "gone" not in records and "keep" in records
 
     await eventually(gone_is_empty, what="pool `gone` drained")
-    reasons = {e["data"]["reason"] for e in await events_of(redis, "sandbox.terminated")}
-    assert reasons == {"drained"}
+
+    async def both_reported():
+        terminated = await events_of(redis, "sandbox.terminated")
+        return terminated if len(terminated) == 2 else None
+
+    terminated = await eventually(both_reported, what="2 sandbox.terminated events")
+    assert {e["data"]["reason"] for e in terminated} == {"drained"}
 
 
 async def test_failing_create_is_retried_and_reported(redis, daemon_factory):
