@@ -38,7 +38,9 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def start(binary: str, port: int, directory: Path, *, daemonize: bool) -> subprocess.Popen | None:
+def start(
+    binary: str, port: int, directory: Path, *, daemonize: bool, extra_args: tuple[str, ...] = ()
+) -> subprocess.Popen | None:
     directory = directory.resolve()  # redis-server chdirs into --dir before opening the log
     directory.mkdir(parents=True, exist_ok=True)
     argv = [

@@ -3,16 +3,15 @@
 import os
 import signal
 
+from sandboxd.state import SandboxStore
+
 from conftest import sandbox_processes
 from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
 
 
 async def record_pids(redis) -> dict[str, int]:
-    ids = await redis.smembers(KEYS.sandboxes)
-    handles = {i: await redis.hget(KEYS.sandbox(i), "handle") for i in ids}
-    import json
-
-    return {i: json.loads(h)["pid"] for i, h in handles.items() if h and h != "{}"}
+    records = await SandboxStore(redis, KEYS).records()
+    return {r.id: r.handle["pid"] for r in records if "pid" in r.handle}
 
 
 async def test_killed_sandbox_is_replaced_within_a_tick(redis, daemon_factory):

@@ -15,18 +15,11 @@ async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory
     url = f"redis://:s3cretpass@127.0.0.1:{port}/0"
     daemon = daemon_factory(redis_url=url).start()
 
-    def waiting_logged():
+    async def waiting_logged():
         return [e for e in daemon.logs() if e["message"].startswith("waiting for Redis")]
 
-    async def logged():
-        return waiting_logged()
-
-    await eventually(logged, what="`waiting for Redis` in the log")
-    server = start(find_redis_server(), port, tmp_path / "r", daemonize=False)
-    server_args = server.args
-    server.terminate()
-    server.wait(10)
-    server = _start_with_password(server_args, "s3cretpass")
+    await eventually(waiting_logged, what="`waiting for Redis` in the log")
+    server = _start_with_password(port, tmp_path)
     redis = Redis.from_url(url, decode_responses=True)
     try:
         wait_until_answering("127.0.0.1", port)
@@ -36,7 +29,7 @@ async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory
         # the leak janitor's job (issue 4), here we check that the daemon keeps serving.
         server.terminate()
         server.wait(10)
-        server = _start_with_password(server_args, "s3cretpass")
+        server = _start_with_password(port, tmp_path)
         wait_until_answering("127.0.0.1", port)
         await redis.aclose()
         redis = Redis.from_url(url, decode_responses=True)
@@ -54,9 +47,11 @@ async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory
         server.wait(10)
 
 
-def _start_with_password(args: list[str], password: str):
-    import subprocess
-
-    return subprocess.Popen(
-        [*args, "--requirepass", password], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+def _start_with_password(port: int, tmp_path):
+    return start(
+        find_redis_server(),
+        port,
+        tmp_path / "r",
+        daemonize=False,
+        extra_args=("--requirepass", "s3cretpass"),
     )
