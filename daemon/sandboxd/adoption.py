@@ -1,7 +1,8 @@
 """At start: take over sandboxes that outlived the previous daemon, close what is gone.
 
 Records in Redis are compared with what each provider actually holds:
-- alive and recorded as ready/claimed: adopted as they are;
+- alive and recorded as ready/claimed/released: adopted as they are (claims keep their
+  leases; released ones are recycled by the next reconcile pass);
 - recorded but gone: record closed (`died`);
 - recorded mid-create or mid-terminate: the previous daemon never finished, so stopped;
 - alive but unrecorded: an orphan (e.g. killed between start and record), stopped.
@@ -16,6 +17,7 @@ from sandboxd.providers import Provider, ProviderSandbox
 from sandboxd.state import SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
+ADOPTABLE = ("ready", "claimed", "released")
 
 
 @dataclass
@@ -34,7 +36,7 @@ async def adopt(
         live.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
     for record in await store.records():
         provider = providers.get(record.provider)
-        if provider is not None and record.state in ("ready", "claimed") and record.id in live:
+        if provider is not None and record.state in ADOPTABLE and record.id in live:
             report.adopted.append(record.id)
             await events.publish(
                 "sandbox.adopted",
@@ -44,7 +46,7 @@ async def adopt(
                 pid=record.handle.get("pid"),
             )
             continue
-        reason = "died" if record.state in ("ready", "claimed") else "interrupted"
+        reason = "died" if record.state in ADOPTABLE else "interrupted"
         found = live.pop(record.id, None)
         handle = found[1].handle if found else record.handle
         await _close(record, reason, provider, handle, store, events)

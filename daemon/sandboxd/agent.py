@@ -10,6 +10,7 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
                                                   {"event": "exit", "code": 0, "timed_out": false}
   {"op": "write", "path": p, "data": "<b64>"}  -> {"ok": true, "size": N}
   {"op": "read", "path": p}                    -> {"ok": true, "data": "<b64>"}
+  {"op": "reset"}                              -> {"ok": true, "killed": N}  (all but the agent)
 Errors: {"ok": false, "error": "..."}. One request per connection.
 """
 
@@ -97,9 +98,14 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> int:
     return await proc.wait()
 
 
-def _write(request: dict) -> dict:
+def _path(request: dict, base_env: dict) -> str:
+    """Relative paths are in the sandbox's home, which is /workspace under bubblewrap."""
+    return os.path.join(base_env.get("HOME", "/"), request["path"])
+
+
+def _write(request: dict, base_env: dict) -> dict:
     data = base64.b64decode(request.get("data") or "")
-    path = request["path"]
+    path = _path(request, base_env)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "wb") as handle:
         handle.write(data)
@@ -108,9 +114,46 @@ def _write(request: dict) -> dict:
     return {"ok": True, "size": len(data)}
 
 
-def _read(request: dict) -> dict:
-    with open(request["path"], "rb") as handle:
+def _read(request: dict, base_env: dict) -> dict:
+    with open(_path(request, base_env), "rb") as handle:
         return {"ok": True, "data": _b64(handle.read())}
+
+
+async def _reset() -> dict:
+    """Kill every process the last holder left behind.
+
+    As the namespace's PID 1, kill(-1) reaches exactly the sandbox's other processes, even
+    daemonized ones. Without a PID namespace only the exec'd commands' sessions are ours.
+    """
+    if os.getpid() == 1:
+        others = _other_pids()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while _other_pids(zombies=False) and time.monotonic() < deadline:
+            _reap_orphans(set(RUNNING))
+            await asyncio.sleep(0.005)
+        return {"ok": True, "killed": len(others)}
+    groups = set(RUNNING)
+    for pid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    return {"ok": True, "killed": len(groups)}
+
+
+def _other_pids(zombies: bool = True) -> list[int]:
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    if zombies:
+        return pids
+    return [p for p in pids if _proc_stat(p) not in (None, "Z")]
+
+
+def _proc_stat(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 def _handler(base_env: dict):
@@ -123,8 +166,10 @@ def _handler(base_env: dict):
             elif op == "ping":
                 uptime = round(time.monotonic() - STARTED, 3)
                 await _send(writer, {"ok": True, "pid": os.getpid(), "uptime_s": uptime})
+            elif op == "reset":
+                await _send(writer, await _reset())
             elif op in ("write", "read"):
-                await _send(writer, (_write if op == "write" else _read)(request))
+                await _send(writer, (_write if op == "write" else _read)(request, base_env))
             else:
                 await _send(writer, {"ok": False, "error": f"unknown op {op!r}"})
         except (OSError, ValueError, KeyError, TypeError) as exc:

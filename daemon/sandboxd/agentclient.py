@@ -50,6 +50,10 @@ class AgentClient:
         async with asyncio.timeout(timeout):
             return await self._call({"op": "ping"})
 
+    async def reset(self) -> int:
+        """Kill every process in the sandbox but the agent; returns how many were killed."""
+        return int((await self._call({"op": "reset"}))["killed"])
+
     async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
         await self._call({"op": "write", "path": path, "data": _b64(data), "mode": mode})
 

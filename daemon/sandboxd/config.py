@@ -85,6 +85,10 @@ class Config(BaseSettings):
     max_concurrent_creates: int = Field(default=5, ge=1)
     create_attempts: int = Field(default=3, ge=1, description="Tries per create (tenacity).")
     create_timeout_s: float = Field(default=60.0, gt=0)
+    reset_timeout_s: float = Field(default=30.0, gt=0, description="reuse: reset, per sandbox.")
+    lease_check_interval_s: float = Field(
+        default=1.0, gt=0, description="How often expired leases are looked for."
+    )
     event_stream_maxlen: int = Field(default=100_000, ge=100)
     on_shutdown: Literal["terminate", "keep"] = "terminate"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -13,17 +13,20 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from sandboxd import sdnotify
 from sandboxd.adoption import AdoptionReport, adopt
+from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
 from sandboxd.events import EventPublisher
 from sandboxd.heartbeat import Heartbeat
 from sandboxd.keys import Keys
+from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
 from sandboxd.providers import Provider, make_providers
 from sandboxd.reconciler import Reconciler
 from sandboxd.redisconn import make_client, wait_for_redis
 from sandboxd.specsource import SpecSource
 from sandboxd.specstore import SpecStore
-from sandboxd.state import SandboxStore
+from sandboxd.state import STATES, SandboxStore
+from sandboxd.terminator import Terminator
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 5.0
@@ -71,14 +74,25 @@ class Daemon:
     async def _serve(self, redis: Redis, providers: dict[str, Provider]) -> None:
         self.events = EventPublisher(redis, self.keys, self.config.event_stream_maxlen)
         self.store = SandboxStore(redis, self.keys)
+        claims = ClaimStore(redis, self.keys, maxlen=self.config.event_stream_maxlen)
         self.specs = SpecSource(SpecStore(redis, self.keys), self.events, self.config)
+        self.terminator = Terminator(self.store, providers, self.events)
         self.reconciler = Reconciler(
             config=self.config,
             store=self.store,
+            claims=claims,
             specs=self.specs,
             events=self.events,
             providers=providers,
+            terminator=self.terminator,
             instance=self.instance,
+        )
+        self.leases = LeaseKeeper(
+            claims=claims,
+            store=self.store,
+            events=self.events,
+            terminator=self.terminator,
+            interval_s=self.config.lease_check_interval_s,
         )
         self.isolation = {name: p.isolation for name, p in providers.items()}
         self.heartbeat = Heartbeat(
@@ -107,6 +121,7 @@ class Daemon:
                 roots = {
                     "reconciler": self.reconciler.run(),
                     "heartbeat": self.heartbeat.run(),
+                    "leases": self.leases.run(),
                     "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
                 }
                 tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]
@@ -147,10 +162,7 @@ class Daemon:
             if self.config.on_shutdown == "terminate":
                 async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
                     results = await asyncio.gather(
-                        *(
-                            self.reconciler.terminate(r, "shutdown", "ready", "claimed", "creating")
-                            for r in records
-                        )
+                        *(self.terminator.terminate(r, "shutdown", *STATES) for r in records)
                     )
                 terminated = sum(results)
             else:

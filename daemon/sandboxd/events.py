@@ -34,10 +34,30 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "one create attempt failed",
         "attempt, attempts, error, will_retry",
     ),
+    "sandbox.claimed": (
+        "a client claimed a ready sandbox (appended by the claim script itself)",
+        "claimant, claim_id, lease_s, lease_expires_ms",
+    ),
+    "sandbox.lease_renewed": (
+        "the holder extended its lease",
+        "claim_id, lease_s, lease_expires_ms",
+    ),
+    "sandbox.released": (
+        "the holder gave the sandbox back",
+        "claimant, claim_id, held_ms",
+    ),
+    "sandbox.lease_expired": (
+        "a claim's lease ran out; the sandbox is terminated next",
+        "claimant, claim_id, lease_expires_ms",
+    ),
+    "sandbox.reset": (
+        "a released sandbox of a `reuse: reset` pool was wiped and is ready again",
+        "reset_ms, uses",
+    ),
     "sandbox.terminated": (
         "a sandbox is gone",
         "reason (scaled_down, drained, died, timeout, orphan, interrupted, shutdown, "
-        "create_failed), state",
+        "create_failed, released, lease_expired, reset_failed), state, error (reset_failed)",
     ),
     "sandbox.adopted": ("a sandbox found alive at start was taken over", "state, pid"),
     "pool.scaled": (
@@ -77,13 +97,17 @@ class EventPublisher:
     def __init__(self, redis: Redis, keys: Keys, maxlen: int):
         self._redis = redis
         self._keys = keys
-        self._maxlen = maxlen
+        self.maxlen = maxlen
 
-    async def publish(self, type: str, *, pool: str = "", sandbox: str = "", **data: Any) -> Event:
+    def build(self, type: str, *, pool: str = "", sandbox: str = "", **data: Any) -> Event:
+        """An event to append later, e.g. inside a Lua script together with a state change."""
         if type not in EVENT_TYPES:
             raise ValueError(f"undocumented event type {type!r}")
-        event = Event(type=type, pool=pool, sandbox=sandbox, data=data)
+        return Event(type=type, pool=pool, sandbox=sandbox, data=data)
+
+    async def publish(self, type: str, *, pool: str = "", sandbox: str = "", **data: Any) -> Event:
+        event = self.build(type, pool=pool, sandbox=sandbox, **data)
         await self._redis.xadd(
-            self._keys.events, event.to_fields(), maxlen=self._maxlen, approximate=True
+            self._keys.events, event.to_fields(), maxlen=self.maxlen, approximate=True
         )
         return event

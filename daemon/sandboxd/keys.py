@@ -47,9 +47,28 @@ class Keys:
     def sandbox(self, sandbox_id: str) -> str:
         return f"{self.prefix}:sandbox:{sandbox_id}"
 
+    @property
+    def pools(self) -> str:
+        """Hash: pool name -> JSON claim settings of the spec in force (the daemon writes it)."""
+        return f"{self.prefix}:pools"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: claimed sandbox id -> lease deadline (unix ms, Redis server clock)."""
+        return f"{self.prefix}:leases"
+
     def pool_ready(self, pool: str) -> str:
         """List of ready sandbox ids, oldest at the head (LPOP takes the oldest)."""
         return f"{self.prefix}:pool:{pool}:ready"
+
+    def pool_available(self, pool: str) -> str:
+        """Pub/sub channel: a sandbox was pushed onto the pool's ready list (wakes waiters)."""
+        return f"{self.prefix}:pool:{pool}:available"
+
+    def pool_waiters(self, pool: str) -> str:
+        """Sorted set: claim id -> wait deadline (unix ms) of clients waiting on an empty
+        `on_empty: create` pool; each one asks the daemon for one more sandbox."""
+        return f"{self.prefix}:pool:{pool}:waiters"
 
 
 SPEC_HISTORY_LEN = 20

@@ -3,7 +3,7 @@
 No I/O here, so every rule is tested directly (tests/unit/test_plan.py).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sandboxd.spec import PoolSpec
@@ -39,23 +39,31 @@ def plan(
     *,
     create_slots: int,
     now: float,
+    waiting: Mapping[str, int] | None = None,
 ) -> list[PoolPlan]:
     """Stop surplus first (oldest ready first), then create what is missing.
 
-    A pool never goes over `max_total`, counting every state (creates in flight too), and no
-    more than `create_slots` creates are started across all pools.
+    A pool never goes over `max_total`, counting every state (creates in flight and claimed
+    sandboxes too), and no more than `create_slots` creates are started across all pools.
+    `waiting`: clients blocked on an empty `on_empty: create` pool; each wants one more.
     """
+    waiting = waiting or {}
     by_pool: dict[str, list[Observed]] = {}
     for sandbox in sandboxes:
         by_pool.setdefault(sandbox.pool, []).append(sandbox)
     specs = {p.name: p for p in pools}
     names = [p.name for p in pools] + sorted(by_pool.keys() - specs.keys())
-    plans = [_pool_plan(specs.get(name), name, by_pool.get(name, []), now) for name in names]
+    plans = [
+        _pool_plan(specs.get(name), name, by_pool.get(name, []), now, waiting.get(name, 0))
+        for name in names
+    ]
     _share_create_slots(plans, create_slots)
     return plans
 
 
-def _pool_plan(spec: PoolSpec | None, name: str, members: list[Observed], now: float) -> PoolPlan:
+def _pool_plan(
+    spec: PoolSpec | None, name: str, members: list[Observed], now: float, waiting: int
+) -> PoolPlan:
     ready = sorted((s for s in members if s.state == "ready"), key=lambda s: s.created_ts)
     result = PoolPlan(pool=name, total=len(members))
     if spec is None:
@@ -63,12 +71,15 @@ def _pool_plan(spec: PoolSpec | None, name: str, members: list[Observed], now: f
         return result
     expired = [s for s in ready if now - s.created_ts > spec.timeout_s]
     fresh = [s for s in ready if now - s.created_ts <= spec.timeout_s]
+    target = min(spec.min_ready + waiting, spec.max_total)
     over_cap = len(members) - len(expired) - spec.max_total
-    surplus = min(len(fresh), max(len(fresh) - spec.min_ready, over_cap, 0))
+    surplus = min(len(fresh), max(len(fresh) - target, over_cap, 0))
     result.terminate = [(s.id, "timeout") for s in expired]
     result.terminate += [(s.id, "scaled_down") for s in fresh[:surplus]]
-    creating = sum(1 for s in members if s.state == "creating")
-    missing = spec.min_ready - (len(fresh) - surplus) - creating
+    # Sandboxes on their way to ready: new ones, and released ones that will be reset.
+    coming = {"creating", "released", "resetting"} if spec.reuse == "reset" else {"creating"}
+    pending = sum(1 for s in members if s.state in coming)
+    missing = target - (len(fresh) - surplus) - pending
     room = spec.max_total - (len(members) - len(result.terminate))
     result.create = max(0, min(missing, room))
     return result

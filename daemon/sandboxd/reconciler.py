@@ -13,13 +13,16 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
 from sandboxd.events import EventPublisher
 from sandboxd.plan import Observed, PoolPlan, plan
 from sandboxd.providers import Provider
+from sandboxd.recycler import Recycler
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
-from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
+from sandboxd.terminator import Terminator
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +37,33 @@ class Reconciler:
         *,
         config: Config,
         store: SandboxStore,
+        claims: ClaimStore,
         specs: SpecSource,
         events: EventPublisher,
         providers: dict[str, Provider],
+        terminator: Terminator,
         instance: str,
     ):
         self._config = config
         self._store = store
+        self._claims = claims
         self._specs = specs
         self._events = events
         self._providers = providers
+        self._terminator = terminator
+        self._recycler = Recycler(
+            store=store,
+            providers=providers,
+            events=events,
+            terminator=terminator,
+            reset_timeout_s=config.reset_timeout_s,
+        )
         self._instance = instance
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()  # ids of creates running in this process
+        self._stuck_terminating: set[str] = set()  # seen terminating, unowned, last pass
         self.first_pass = asyncio.Event()
-        self._creates: asyncio.TaskGroup | None = None
+        self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
 
     def nudge(self) -> None:
@@ -56,16 +71,17 @@ class Reconciler:
         self._wake.set()
 
     async def run(self) -> None:
-        """Reconcile on every nudge and tick until cancelled; creates live in this scope."""
-        async with asyncio.TaskGroup() as creates:
-            self._creates = creates
+        """Reconcile on every nudge and tick until cancelled; creates and recycling of
+        released sandboxes run as tasks in this scope."""
+        async with asyncio.TaskGroup() as work:
+            self._work = work
             try:
                 while True:
                     await self._pass_surviving_redis_errors()
                     self.first_pass.set()
                     await self._sleep_until_nudged()
             finally:
-                self._creates = None
+                self._work = None
 
     async def _sleep_until_nudged(self) -> None:
         try:
@@ -83,14 +99,18 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         self._wake.clear()
         spec = await self._specs.refresh()
-        records = await self._store.records()
-        records = await self._reap_dead(records)
         pools = list(spec.pools) if spec else []
+        await self._claims.publish_pool_settings(pools)
+        specs = {p.name: p for p in pools}
+        records = await self._reap_dead(await self._store.records())
+        self._recycle_released(records, specs)
+        waiting = await self._claims.count_waiters(
+            [p.name for p in pools if p.on_empty == "create"]
+        )
         slots = self._config.max_concurrent_creates - len(self._inflight)
         observed = [Observed(r.id, r.pool, r.state, r.created_ts) for r in records]
-        plans = plan(pools, observed, create_slots=slots, now=time.time())
+        plans = plan(pools, observed, create_slots=slots, now=time.time(), waiting=waiting)
         by_id = {r.id: r for r in records}
-        specs = {p.name: p for p in pools}
         for pool_plan in plans:
             if pool_plan.changes:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
@@ -100,20 +120,38 @@ class Reconciler:
         """Sandboxes whose process is gone: close the record (reason `died`), drop from view.
 
         A `creating` record with no create running here was abandoned (Redis went away
-        mid-create): close it too, or it would count against the pool forever.
+        mid-create): close it too, or it would count against the pool forever. So is a
+        `terminating` one that nobody here has been stopping for two passes.
         """
         alive = []
+        stuck = set()
         for record in records:
             if record.state == "creating" and record.id not in self._inflight:
                 await self.terminate(record, "interrupted", "creating")
                 continue
+            if record.state == "terminating" and record.id not in self._terminator.running:
+                if record.id in self._stuck_terminating:
+                    await self._terminator.finish(record, "interrupted", "terminating")
+                    continue
+                stuck.add(record.id)
             provider = self._providers.get(record.provider)
-            if record.state in ("ready", "claimed") and provider is not None:
+            if record.state in ("ready", "claimed", "released") and provider is not None:
                 if not await provider.is_alive(record.id, record.handle):
-                    await self.terminate(record, "died", "ready", "claimed")
+                    await self.terminate(record, "died", "ready", "claimed", "released")
                     continue
             alive.append(record)
+        self._stuck_terminating = stuck
         return alive
+
+    def _recycle_released(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
+        assert self._work is not None, "recycling only starts inside run()"
+        for record in records:
+            if record.state == "released" and record.id not in self._recycler.running:
+                self._recycler.running.add(record.id)  # before the task runs: one per id
+                self._work.create_task(
+                    self._recycler.recycle(record, specs.get(record.pool)),
+                    name=f"recycle {record.id}",
+                )
 
     async def _act(
         self, pool_plan: PoolPlan, spec: PoolSpec | None, by_id: dict[str, SandboxRecord]
@@ -135,23 +173,9 @@ class Reconciler:
             for _ in range(pool_plan.create):
                 await self._start_create(spec)
 
-    async def terminate(self, record: SandboxRecord, reason: str, *states: str) -> bool:
+    async def terminate(self, record: SandboxRecord, reason: str, *states: SandboxState) -> bool:
         """Take the sandbox out of circulation (if still in `states`), stop it, close it."""
-        previous = await self._store.begin_terminate(record, *states)  # type: ignore[arg-type]
-        if previous is None:
-            return False  # claimed or removed meanwhile: not ours to stop now
-        provider = self._providers.get(record.provider)
-        if provider is not None:
-            await provider.terminate(record.id, record.handle)
-        await self._store.remove(record)
-        await self._events.publish(
-            "sandbox.terminated", pool=record.pool, sandbox=record.id, reason=reason, state=previous
-        )
-        log.info(
-            "sandbox terminated",
-            extra={"sandbox": record.id, "pool": record.pool, "reason": reason},
-        )
-        return True
+        return await self._terminator.terminate(record, reason, *states)
 
     async def _start_create(self, spec: PoolSpec) -> None:
         record = SandboxRecord(
@@ -177,8 +201,8 @@ class Reconciler:
             provider=spec.provider,
             spec_revision=record.spec_revision,
         )
-        assert self._creates is not None, "creates only start inside run()"
-        self._creates.create_task(self._create(record, spec), name=f"create {record.id}")
+        assert self._work is not None, "creates only start inside run()"
+        self._work.create_task(self._create(record, spec), name=f"create {record.id}")
 
     async def _create(self, record: SandboxRecord, spec: PoolSpec) -> None:
         try:
@@ -202,21 +226,8 @@ class Reconciler:
         except Exception:
             await self._give_up(record)
             return  # no nudge: the next tick tries again, so a failing provider is not hammered
-        try:
-            ready = await self._store.mark_ready(record, handle)
-        except BaseException:
-            await asyncio.shield(self._providers[spec.provider].terminate(record.id, handle))
-            raise
-        if not ready:
-            # The record went away while we created (pool drained, daemon stopping).
-            await self._providers[spec.provider].terminate(record.id, handle)
-            return
-        await self._publish_ready(record, handle, started)
-        self.nudge()
-
-    async def _publish_ready(self, record: SandboxRecord, handle: dict, started: float) -> None:
         create_ms = round((time.perf_counter() - started) * 1000, 1)
-        await self._events.publish(
+        event = self._events.build(
             "sandbox.ready",
             pool=record.pool,
             sandbox=record.id,
@@ -224,10 +235,20 @@ class Reconciler:
             isolation=handle.get("isolation", ""),
             pid=handle.get("pid"),
         )
+        try:
+            ready = await self._store.mark_ready(record, handle, event, maxlen=self._events.maxlen)
+        except BaseException:
+            await asyncio.shield(self._providers[spec.provider].terminate(record.id, handle))
+            raise
+        if not ready:
+            # The record went away while we created (pool drained, daemon stopping).
+            await self._providers[spec.provider].terminate(record.id, handle)
+            return
         log.info(
             "sandbox ready",
             extra={"sandbox": record.id, "pool": record.pool, "create_ms": create_ms},
         )
+        self.nudge()
 
     async def _create_with_retries(self, record: SandboxRecord, spec: PoolSpec) -> dict:
         provider = self._providers[spec.provider]

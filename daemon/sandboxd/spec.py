@@ -11,6 +11,8 @@ from sandboxd.config import ENV_NAME, Config
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
+# $HOME and $TMPDIR, not /workspace and /tmp: without bubblewrap those are the host's own.
+DEFAULT_RESET = 'find "$HOME" "$TMPDIR" -mindepth 1 -delete'
 
 
 class PoolSpec(BaseModel):
@@ -31,6 +33,21 @@ class PoolSpec(BaseModel):
     labels: dict[
         Annotated[str, Field(pattern=LABEL_KEY)], Annotated[str, Field(max_length=253)]
     ] = Field(default_factory=dict)
+    lease_s: int = Field(default=300, ge=1, le=30 * 86400, description="Default claim lease.")
+    max_lease_s: int = Field(
+        default=3600, ge=1, le=30 * 86400, description="Longest lease a claim or renew may ask."
+    )
+    on_empty: Literal["wait", "create"] = Field(
+        default="wait",
+        description="Empty pool: claimers wait for replenishment, or each waiting claimer "
+        "also asks for one more sandbox (up to max_total).",
+    )
+    reuse: Literal["never", "reset"] = Field(
+        default="never",
+        description="never: a released sandbox is terminated. reset: its processes are killed, "
+        "reset_command runs, and it goes back to ready (terminated if that fails).",
+    )
+    reset_command: str = Field(default=DEFAULT_RESET, min_length=1, max_length=4096)
 
     @field_validator("env")
     @classmethod
@@ -45,6 +62,10 @@ class PoolSpec(BaseModel):
         if self.min_ready > self.max_total:
             raise ValueError(
                 f"min_ready ({self.min_ready}) must not exceed max_total ({self.max_total})"
+            )
+        if self.lease_s > self.max_lease_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must not exceed max_lease_s ({self.max_lease_s})"
             )
         return self
 

@@ -6,31 +6,40 @@ from a ready list and the daemon that terminates never see half a change.
 
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from sandboxd.events import now_rfc3339
+from sandboxd.events import Event, now_rfc3339
 from sandboxd.keys import Keys
 
-SandboxState = Literal["creating", "ready", "claimed", "terminating"]
+SandboxState = Literal["creating", "ready", "claimed", "released", "resetting", "terminating"]
+STATES: tuple[SandboxState, ...] = get_args(SandboxState)
 
+# KEYS: sandbox hash, ready list, events. ARGV: id, from state, ready_at, handle,
+# available channel, stream maxlen, event fields... The event is appended in the same step,
+# so no consumer ever sees a claim of a sandbox before the event that made it ready.
 _MARK_READY = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'creating' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'ready', 'ready_at', ARGV[2], 'handle', ARGV[3])
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ready', 'ready_at', ARGV[3], 'handle', ARGV[4],
+  'claimant', '', 'claim_id', '', 'lease_expires_ms', 0)
 redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+redis.call('PUBLISH', ARGV[5], ARGV[1])
 return 1
 """
 
-# Returns the state the sandbox was in if it was one of ARGV[2..], else false.
-_BEGIN_TERMINATE = """
+# KEYS: sandbox hash, ready list, leases. ARGV: id, new state, allowed states...
+# Returns the state the sandbox was in if it was one of the allowed ones, else false.
+_TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return false end
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if state == ARGV[i] then
     redis.call('LREM', KEYS[2], 0, ARGV[1])
-    redis.call('HSET', KEYS[1], 'state', 'terminating')
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HSET', KEYS[1], 'state', ARGV[2])
     return state
   end
 end
@@ -51,6 +60,13 @@ class SandboxRecord(BaseModel):
     spec_revision: int
     instance: str = Field(description="The daemon instance that created it.")
     handle: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
+    claimant: str = Field(default="", description="Who holds the claim (client-chosen name).")
+    claim_id: str = Field(default="", description="Unique per claim; guards renew/release.")
+    claimed_at_ms: int = Field(default=0, description="Unix ms, Redis clock.")
+    lease_s: int = Field(default=0, description="The claim's lease; renew extends by this.")
+    max_lease_s: int = 0
+    lease_expires_ms: int = Field(default=0, description="Unix ms, Redis clock.")
+    uses: int = Field(default=0, description="Claims so far (above 1 only with reuse: reset).")
 
     def to_hash(self) -> dict[str, str]:
         fields = self.model_dump()
@@ -72,7 +88,7 @@ class SandboxStore:
         self._redis = redis
         self._keys = keys
         self._mark_ready = redis.register_script(_MARK_READY)
-        self._begin_terminate = redis.register_script(_BEGIN_TERMINATE)
+        self._transition = redis.register_script(_TRANSITION)
 
     async def records(self) -> list[SandboxRecord]:
         ids = sorted(await self._redis.smembers(self._keys.sandboxes))
@@ -92,21 +108,51 @@ class SandboxStore:
             pipe.sadd(self._keys.sandboxes, record.id)
             await pipe.execute()
 
-    async def mark_ready(self, record: SandboxRecord, handle: dict[str, Any]) -> bool:
-        """creating -> ready and onto the pool's ready list; False if the record went away."""
-        keys = [self._keys.sandbox(record.id), self._keys.pool_ready(record.pool)]
-        args = [record.id, now_rfc3339(), json.dumps(handle, separators=(",", ":"))]
+    async def mark_ready(
+        self,
+        record: SandboxRecord,
+        handle: dict[str, Any],
+        event: Event,
+        *,
+        from_state: SandboxState = "creating",
+        maxlen: int = 100_000,
+    ) -> bool:
+        """`from_state` -> ready, onto the pool's ready list, `event` appended, waiters woken.
+
+        False if the sandbox is no longer in `from_state` (pool drained, daemon stopping).
+        """
+        keys = [
+            self._keys.sandbox(record.id),
+            self._keys.pool_ready(record.pool),
+            self._keys.events,
+        ]
+        handle_json = json.dumps(handle, separators=(",", ":"))
+        channel = self._keys.pool_available(record.pool)
+        args = [record.id, from_state, now_rfc3339(), handle_json, channel, maxlen]
+        args += [x for pair in event.to_fields().items() for x in pair]
         return bool(await self._mark_ready(keys=keys, args=args))
+
+    async def transition(
+        self, record: SandboxRecord, to: SandboxState, *allowed: SandboxState
+    ) -> str | None:
+        """Move the sandbox to `to` (off the ready list, lease dropped) if it is in one of
+        `allowed`; returns the state it was in, None if it was not."""
+        keys = [
+            self._keys.sandbox(record.id),
+            self._keys.pool_ready(record.pool),
+            self._keys.leases,
+        ]
+        previous = await self._transition(keys=keys, args=[record.id, to, *allowed])
+        return previous or None
 
     async def begin_terminate(self, record: SandboxRecord, *states: SandboxState) -> str | None:
         """Take the sandbox out of circulation if it is in one of `states`; its old state."""
-        keys = [self._keys.sandbox(record.id), self._keys.pool_ready(record.pool)]
-        previous = await self._begin_terminate(keys=keys, args=[record.id, *states])
-        return previous or None
+        return await self.transition(record, "terminating", *states)
 
     async def remove(self, record: SandboxRecord) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._keys.sandbox(record.id))
             pipe.srem(self._keys.sandboxes, record.id)
             pipe.lrem(self._keys.pool_ready(record.pool), 0, record.id)
+            pipe.zrem(self._keys.leases, record.id)
             await pipe.execute()

@@ -9,9 +9,7 @@ from redis.asyncio import Redis
 from sandboxd.keys import Keys
 from sandboxd.spec import SpecDocument
 from sandboxd.specstore import SpecStore, stored_revision
-from sandboxd.state import SandboxRecord, SandboxStore
-
-STATES = ("creating", "ready", "claimed", "terminating")
+from sandboxd.state import STATES, SandboxRecord, SandboxStore
 
 
 def pool_rows(spec: SpecDocument | None, records: list[SandboxRecord]) -> list[dict[str, Any]]:

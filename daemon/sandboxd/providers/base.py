@@ -14,6 +14,10 @@ class CreateError(RuntimeError):
         self.retryable = retryable
 
 
+class ResetError(RuntimeError):
+    """A released sandbox could not be made clean again; it is terminated instead."""
+
+
 @dataclass(frozen=True)
 class ProviderSandbox:
     """A sandbox as the provider sees it, independent of any Redis record."""
@@ -40,6 +44,11 @@ class Provider(Protocol):
 
     async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
         """Stop the sandbox and free everything it holds; idempotent."""
+        ...
+
+    async def reset(self, sandbox_id: str, handle: dict[str, Any], command: str) -> None:
+        """Make a released sandbox fit for the next claimant: stop every process its last
+        holder left, then run the pool's reset command. Raise if that fails."""
         ...
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:

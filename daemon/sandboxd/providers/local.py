@@ -22,7 +22,7 @@ import psutil
 from sandboxd import agent as agent_module
 from sandboxd.agentclient import AgentClient, AgentError
 from sandboxd.config import LocalProviderConfig, LocalTemplate
-from sandboxd.providers.base import CreateError, ProviderSandbox
+from sandboxd.providers.base import CreateError, ProviderSandbox, ResetError
 from sandboxd.providers.cgroups import CgroupLimiter
 from sandboxd.spec import PoolSpec
 
@@ -183,6 +183,17 @@ class LocalProvider:
         box = Path(handle.get("dir") or self.root / sandbox_id)
         if box.parent == self.root:
             await asyncio.to_thread(shutil.rmtree, box, True)
+
+    async def reset(self, sandbox_id: str, handle: dict[str, Any], command: str) -> None:
+        agent = AgentClient(handle["socket"])
+        try:
+            await agent.reset()
+            result = await agent.exec(command)
+        except AgentError as exc:
+            raise ResetError(str(exc)) from exc
+        if result.exit_code != 0:
+            detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
+            raise ResetError(f"reset command exited {result.exit_code}: {detail}")
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return _process(handle) is not None

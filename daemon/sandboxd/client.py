@@ -1,0 +1,269 @@
+"""The client library: claim a warm sandbox, use it, give it back.
+
+    async with Client.from_url("redis://127.0.0.1:6379/0") as client:
+        async with client.claim("default", lease_s=60) as sandbox:
+            result = await sandbox.exec(["python3", "-c", "print(6*7)"])
+
+Everything goes through Redis (claims.py) and, for exec and files, straight to the
+sandbox (connections.py); the daemon is never asked. `syncclient.SyncClient` wraps this.
+"""
+
+import asyncio
+import contextlib
+import getpass
+import os
+import socket
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sandboxd.agentclient import ExecResult, OutputCallback
+from sandboxd.claims import ClaimError, ClaimStore
+from sandboxd.connections import Connection, connect
+from sandboxd.keys import Keys
+from sandboxd.state import SandboxRecord
+
+DEFAULT_WAIT_S = 30.0
+# Pub/sub messages can be lost (reconnects), so a waiter also retries at this interval.
+RECHECK_S = 1.0
+
+__all__ = ["ClaimError", "ClaimTimeout", "Client", "ExecResult", "Sandbox"]
+
+
+class ClaimTimeout(ClaimError):
+    """No ready sandbox came within the wait."""
+
+
+def default_owner() -> str:
+    with contextlib.suppress(Exception):
+        return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+    return f"pid-{os.getpid()}"
+
+
+@dataclass
+class Sandbox:
+    """A claimed sandbox. Use it as an async context manager to release it on exit."""
+
+    id: str
+    pool: str
+    provider: str
+    claim_id: str
+    claimant: str
+    lease_s: int
+    lease_expires_ms: int
+    connection_info: dict[str, Any]
+    _client: "Client" = field(repr=False)
+    _connection: Connection | None = field(default=None, repr=False)
+
+    @property
+    def lease_expires(self) -> datetime:
+        return datetime.fromtimestamp(self.lease_expires_ms / 1000, UTC)
+
+    def _conn(self) -> Connection:
+        if self._connection is None:
+            self._connection = connect(self.provider, self.connection_info)
+        return self._connection
+
+    async def exec(
+        self,
+        command: list[str] | str,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run argv (a list) or a shell string; output also streams to the callbacks."""
+        return await self._conn().exec(
+            command,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    async def write(self, path: str, data: bytes | str, mode: int | None = None) -> None:
+        """Relative paths are inside the sandbox's home (/workspace)."""
+        await self._conn().write(path, data.encode() if isinstance(data, str) else data, mode)
+
+    async def read(self, path: str) -> bytes:
+        return await self._conn().read(path)
+
+    async def renew(self, lease_s: int | None = None) -> datetime:
+        """Extend the lease from now (by `lease_s`, default the claim's lease)."""
+        self.lease_expires_ms = await self._client.renew(self.id, self.claim_id, lease_s)
+        return self.lease_expires
+
+    async def release(self) -> None:
+        await self._client.release(self.id, self.claim_id)
+
+    async def __aenter__(self) -> "Sandbox":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await _release_quietly(self)
+
+
+async def _release_quietly(sandbox: Sandbox) -> None:
+    """Release even while being cancelled (Ctrl-C); a lost lease is nothing to release."""
+    with contextlib.suppress(ClaimError):
+        await asyncio.shield(sandbox.release())
+
+
+class ClaimRequest:
+    """`await client.claim(...)` gives a Sandbox; `async with client.claim(...)` also
+    releases it at the end of the block."""
+
+    def __init__(self, client: "Client", **kwargs: Any):
+        self._client = client
+        self._kwargs = kwargs
+        self._sandbox: Sandbox | None = None
+
+    def __await__(self) -> Generator[Any, None, Sandbox]:
+        return self._client._claim(**self._kwargs).__await__()
+
+    async def __aenter__(self) -> Sandbox:
+        self._sandbox = await self._client._claim(**self._kwargs)
+        return self._sandbox
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._sandbox is not None:
+            await _release_quietly(self._sandbox)
+
+
+class Client:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "sandboxd",
+        owner: str | None = None,
+        default_wait_s: float = DEFAULT_WAIT_S,
+        event_stream_maxlen: int = 100_000,
+        owns_redis: bool = False,
+    ):
+        self._redis = redis
+        self._keys = Keys(prefix)
+        self._claims = ClaimStore(redis, self._keys, maxlen=event_stream_maxlen)
+        self.owner = owner or default_owner()
+        self.default_wait_s = default_wait_s
+        self._owns_redis = owns_redis
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "Client":
+        """A client with its own Redis connection pool (closed by `aclose`)."""
+        redis = Redis.from_url(url, decode_responses=True)
+        return cls(redis, owns_redis=True, **kwargs)
+
+    async def aclose(self) -> None:
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def claim(
+        self,
+        pool: str,
+        lease_s: int | None = None,
+        timeout_s: float | None = None,
+        owner: str | None = None,
+    ) -> ClaimRequest:
+        """Take the oldest ready sandbox of `pool`, waiting up to `timeout_s` (default
+        `default_wait_s`; 0 = do not wait) for one. Raises ClaimTimeout, or ClaimError
+        for an unknown pool or a lease over the pool's `max_lease_s`."""
+        return ClaimRequest(self, pool=pool, lease_s=lease_s, timeout_s=timeout_s, owner=owner)
+
+    async def renew(self, sandbox_id: str, claim_id: str = "", lease_s: int | None = None) -> int:
+        return await self._claims.renew(sandbox_id, claim_id, lease_s)
+
+    async def release(self, sandbox_id: str, claim_id: str = "") -> None:
+        await self._claims.release(sandbox_id, claim_id)
+
+    async def attach(self, sandbox_id: str) -> Sandbox:
+        """A handle to a sandbox that is already claimed (e.g. by `sandboxd claim`)."""
+        fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
+        record = SandboxRecord.from_hash(fields) if fields else None
+        if record is None or record.state != "claimed":
+            state = record.state if record else "gone"
+            raise ClaimError("not_claimed", f"sandbox {sandbox_id} is not claimed ({state})")
+        return self._handle(record)
+
+    async def _claim(
+        self, pool: str, lease_s: int | None, timeout_s: float | None, owner: str | None
+    ) -> Sandbox:
+        wait_s = self.default_wait_s if timeout_s is None else max(0.0, timeout_s)
+        attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s)
+        record = await attempt.once()
+        if record is None and wait_s > 0:
+            record = await self._wait(attempt)
+        if record is None:
+            raise ClaimTimeout("timeout", f"no ready sandbox in pool {pool!r} within {wait_s:g}s")
+        return self._handle(record)
+
+    async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
+        """Try again each time the pool announces a ready sandbox, until the deadline."""
+        try:
+            async with asyncio.timeout_at(attempt.deadline), self._redis.pubsub() as pubsub:
+                await pubsub.subscribe(self._keys.pool_available(attempt.pool))
+                while (record := await attempt.once()) is None:
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_S)
+                return record
+        except TimeoutError:
+            return None
+        finally:
+            if attempt.registered_wait:
+                await asyncio.shield(self._claims.cancel_wait(attempt.pool, attempt.claim_id))
+
+    def _handle(self, record: SandboxRecord) -> Sandbox:
+        return Sandbox(
+            id=record.id,
+            pool=record.pool,
+            provider=record.provider,
+            claim_id=record.claim_id,
+            claimant=record.claimant,
+            lease_s=record.lease_s,
+            lease_expires_ms=record.lease_expires_ms,
+            connection_info=record.handle,
+            _client=self,
+        )
+
+
+class _Attempt:
+    """One claim's tries: same claim id throughout, the wait deadline counting down."""
+
+    def __init__(
+        self, claims: ClaimStore, pool: str, owner: str, lease_s: int | None, wait_s: float
+    ):
+        self._claims = claims
+        self.pool = pool
+        self.owner = owner
+        self.lease_s = lease_s
+        self.wait_s = wait_s
+        self.claim_id = uuid.uuid4().hex
+        self.registered_wait = False
+        self.deadline = asyncio.get_running_loop().time() + wait_s
+
+    async def once(self) -> SandboxRecord | None:
+        left_ms = int((self.deadline - asyncio.get_running_loop().time()) * 1000)
+        outcome = await self._claims.try_claim(
+            self.pool,
+            claimant=self.owner,
+            claim_id=self.claim_id,
+            lease_s=self.lease_s,
+            wait_ms=max(0, left_ms),
+        )
+        if outcome.on_empty == "create" and left_ms > 0:
+            self.registered_wait = True
+        return outcome.record

@@ -1,0 +1,65 @@
+"""Released sandboxes: terminated, or with `reuse: reset` wiped and made ready again."""
+
+import asyncio
+import logging
+import time
+
+from sandboxd.events import EventPublisher
+from sandboxd.providers import Provider
+from sandboxd.spec import PoolSpec
+from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.terminator import Terminator
+
+log = logging.getLogger(__name__)
+
+
+class Recycler:
+    def __init__(
+        self,
+        *,
+        store: SandboxStore,
+        providers: dict[str, Provider],
+        events: EventPublisher,
+        terminator: Terminator,
+        reset_timeout_s: float,
+    ):
+        self._store = store
+        self._providers = providers
+        self._events = events
+        self._terminator = terminator
+        self._reset_timeout_s = reset_timeout_s
+        self.running: set[str] = set()  # ids being recycled by this process right now
+
+    async def recycle(self, record: SandboxRecord, spec: PoolSpec | None) -> None:
+        """Called once per released sandbox; safe against a concurrent terminate."""
+        self.running.add(record.id)
+        try:
+            if spec is None or spec.reuse == "never":
+                await self._terminator.terminate(record, "released", "released")
+            elif await self._store.transition(record, "resetting", "released"):
+                await self._reset(record, spec)
+        finally:
+            self.running.discard(record.id)
+
+    async def _reset(self, record: SandboxRecord, spec: PoolSpec) -> None:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._reset_timeout_s):
+                await self._providers[record.provider].reset(
+                    record.id, record.handle, spec.reset_command
+                )
+        except Exception as exc:  # any failure means the sandbox cannot be trusted again
+            error = str(exc) or type(exc).__name__
+            log.warning("reset failed", extra={"sandbox": record.id, "error": error})
+            await self._terminator.terminate(record, "reset_failed", "resetting", error=error)
+            return
+        ready = self._events.build(
+            "sandbox.reset",
+            pool=record.pool,
+            sandbox=record.id,
+            reset_ms=round((time.perf_counter() - started) * 1000, 1),
+            uses=record.uses,
+        )
+        await self._store.mark_ready(
+            record, record.handle, ready, from_state="resetting", maxlen=self._events.maxlen
+        )

@@ -1,0 +1,48 @@
+"""Stopping a sandbox: take it out of circulation in Redis, stop it, close its record."""
+
+import logging
+
+from sandboxd.events import EventPublisher
+from sandboxd.providers import Provider
+from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
+
+log = logging.getLogger(__name__)
+
+
+class Terminator:
+    def __init__(self, store: SandboxStore, providers: dict[str, Provider], events: EventPublisher):
+        self._store = store
+        self._providers = providers
+        self._events = events
+        self.running: set[str] = set()  # ids being stopped by this process right now
+
+    async def terminate(self, record: SandboxRecord, reason: str, *states: SandboxState) -> bool:
+        """Stop the sandbox if it is still in one of `states` (else someone else has it)."""
+        previous = await self._store.begin_terminate(record, *states)
+        if previous is None:
+            return False
+        await self.finish(record, reason, previous)
+        return True
+
+    async def finish(self, record: SandboxRecord, reason: str, previous: str, **data) -> None:
+        """Stop a sandbox already marked `terminating` and close its record."""
+        self.running.add(record.id)
+        try:
+            provider = self._providers.get(record.provider)
+            if provider is not None:
+                await provider.terminate(record.id, record.handle)
+            await self._store.remove(record)
+        finally:
+            self.running.discard(record.id)
+        await self._events.publish(
+            "sandbox.terminated",
+            pool=record.pool,
+            sandbox=record.id,
+            reason=reason,
+            state=previous,
+            **data,
+        )
+        log.info(
+            "sandbox terminated",
+            extra={"sandbox": record.id, "pool": record.pool, "reason": reason},
+        )
