@@ -93,6 +93,8 @@ class DaemonProcess:
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
+            if self.proc is not None:
+                self.log.close()
             return self.proc.returncode if self.proc else None
         self.signal(signal.SIGTERM)
         return self.wait()

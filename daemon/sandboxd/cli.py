@@ -12,6 +12,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from sandboxd import claim_commands
+from sandboxd.clierror import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
 from sandboxd.config import Config, load_config
 from sandboxd.events import Event
 from sandboxd.keys import Keys
@@ -22,7 +24,6 @@ from sandboxd.specstore import SpecStore
 from sandboxd.tables import render
 from sandboxd.views import StateView
 
-EXIT_INVALID = 2
 POOL_COLUMNS = [
     ("name", "POOL"),
     ("provider", "PROVIDER"),
@@ -44,12 +45,6 @@ SANDBOX_COLUMNS = [
     ("isolation", "ISOLATION"),
     ("created_at", "CREATED_AT"),
 ]
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +74,42 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
     _output_flag(events)
+    _claim_commands(command)
     return parser
+
+
+def _claim_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    claim = command("claim", "claim a ready sandbox (prints its id and claim id)")
+    claim.add_argument("pool")
+    _claim_flags(claim)
+    _output_flag(claim)
+    release = command("release", "give a claimed sandbox back")
+    release.add_argument("id")
+    release.add_argument("--claim-id", default="", help="only if this claim still holds it")
+    renew = command("renew", "extend a claimed sandbox's lease from now")
+    renew.add_argument("id")
+    renew.add_argument("--lease", type=int, help="seconds (default: the claim's lease)")
+    renew.add_argument("--claim-id", default="", help="only if this claim still holds it")
+    run = command(
+        "exec",
+        "claim, run a command, stream its output, release; exits with the command's code. "
+        "Usage: sandboxd exec POOL [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument("pool", nargs="?", help="pool to claim from (not with --sandbox)")
+    run.add_argument("--sandbox", help="run in this already claimed sandbox; no claim/release")
+    _claim_flags(run)
+    run.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    run.add_argument("--cwd", help="working directory inside the sandbox")
+    run.add_argument("-i", "--stdin", action="store_true", help="send this stdin to the command")
+
+
+def _claim_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lease", type=int, help="lease in seconds (default: the pool's)")
+    parser.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for a ready sandbox (0: none)"
+    )
+    parser.add_argument("--owner", help="claimant name (default user@host:pid)")
 
 
 def _output_flag(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +117,11 @@ def _output_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after `--` is the command for `exec`, never options of ours.
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:split])
+    args.argv = argv[split + 1 :]
     try:
         config = load_config(getattr(args, "config", None))
     except (FileNotFoundError, ValueError) as exc:
@@ -101,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run_daemon(config: Config) -> int:
@@ -117,6 +151,10 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
         "get": _get,
         "status": _status,
         "events": _events,
+        "claim": claim_commands.claim,
+        "release": claim_commands.release,
+        "renew": claim_commands.renew,
+        "exec": claim_commands.exec_command,
     }
     redis = make_client(config)
     try:
@@ -175,7 +213,7 @@ async def _status(args: argparse.Namespace, config: Config, redis) -> int:
         print(json.dumps(status, indent=2))
     else:
         print(_status_text(status))
-    return 0 if status["daemon"]["alive"] else 3
+    return 0 if status["daemon"]["alive"] else EXIT_NO_DAEMON
 
 
 def _status_text(status: dict[str, Any]) -> str:

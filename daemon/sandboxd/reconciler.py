@@ -61,7 +61,7 @@ class Reconciler:
         self._instance = instance
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()  # ids of creates running in this process
-        self._stuck_terminating: set[str] = set()  # seen terminating, unowned, last pass
+        self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
         self.first_pass = asyncio.Event()
         self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
@@ -121,7 +121,7 @@ class Reconciler:
 
         A `creating` record with no create running here was abandoned (Redis went away
         mid-create): close it too, or it would count against the pool forever. So is a
-        `terminating` one that nobody here has been stopping for two passes.
+        `terminating` or `resetting` one that nobody here has been handling for two passes.
         """
         alive = []
         stuck = set()
@@ -129,9 +129,9 @@ class Reconciler:
             if record.state == "creating" and record.id not in self._inflight:
                 await self.terminate(record, "interrupted", "creating")
                 continue
-            if record.state == "terminating" and record.id not in self._terminator.running:
-                if record.id in self._stuck_terminating:
-                    await self._terminator.finish(record, "interrupted", "terminating")
+            if record.state in ("terminating", "resetting") and not self._handling(record.id):
+                if record.id in self._stuck:
+                    await self.terminate(record, "interrupted", "terminating", "resetting")
                     continue
                 stuck.add(record.id)
             provider = self._providers.get(record.provider)
@@ -140,8 +140,11 @@ class Reconciler:
                     await self.terminate(record, "died", "ready", "claimed", "released")
                     continue
             alive.append(record)
-        self._stuck_terminating = stuck
+        self._stuck = stuck
         return alive
+
+    def _handling(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._terminator.running or sandbox_id in self._recycler.running
 
     def _recycle_released(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
         assert self._work is not None, "recycling only starts inside run()"

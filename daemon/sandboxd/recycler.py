@@ -31,13 +31,16 @@ class Recycler:
         self.running: set[str] = set()  # ids being recycled by this process right now
 
     async def recycle(self, record: SandboxRecord, spec: PoolSpec | None) -> None:
-        """Called once per released sandbox; safe against a concurrent terminate."""
+        """Called once per released sandbox; safe against a concurrent terminate. Errors are
+        logged, not raised: what is left half-done is closed by a later reconcile pass."""
         self.running.add(record.id)
         try:
             if spec is None or spec.reuse == "never":
                 await self._terminator.terminate(record, "released", "released")
             elif await self._store.transition(record, "resetting", "released"):
                 await self._reset(record, spec)
+        except Exception:
+            log.exception("recycling failed", extra={"sandbox": record.id})
         finally:
             self.running.discard(record.id)
 

@@ -1,6 +1,7 @@
 """Stopping a sandbox: take it out of circulation in Redis, stop it, close its record."""
 
 import logging
+from typing import Any
 
 from sandboxd.events import EventPublisher
 from sandboxd.providers import Provider
@@ -16,15 +17,20 @@ class Terminator:
         self._events = events
         self.running: set[str] = set()  # ids being stopped by this process right now
 
-    async def terminate(self, record: SandboxRecord, reason: str, *states: SandboxState) -> bool:
-        """Stop the sandbox if it is still in one of `states` (else someone else has it)."""
+    async def terminate(
+        self, record: SandboxRecord, reason: str, *states: SandboxState, **data: Any
+    ) -> bool:
+        """Stop the sandbox if it is still in one of `states` (else someone else has it);
+        `data` goes into the `sandbox.terminated` event."""
         previous = await self._store.begin_terminate(record, *states)
         if previous is None:
             return False
-        await self.finish(record, reason, previous)
+        await self.finish(record, reason, previous, **data)
         return True
 
-    async def finish(self, record: SandboxRecord, reason: str, previous: str, **data) -> None:
+    async def finish(
+        self, record: SandboxRecord, reason: str, previous: str, **data: Any
+    ) -> None:
         """Stop a sandbox already marked `terminating` and close its record."""
         self.running.add(record.id)
         try:
