@@ -213,15 +213,23 @@ class Client:
         return self._handle(record)
 
     async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
-        """Try again each time the pool announces a ready sandbox, until the deadline."""
+        """Try again each time the pool announces a ready sandbox, until the deadline.
+
+        The deadline only bounds the waiting, never a claim in flight: a claim cut off
+        after Redis ran it would hold a sandbox nobody knows about until its lease ends.
+        """
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(attempt.deadline), self._redis.pubsub() as pubsub:
+            async with self._redis.pubsub() as pubsub:
                 await pubsub.subscribe(self._keys.pool_available(attempt.pool))
                 while (record := await attempt.once()) is None:
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_S)
+                    left = attempt.deadline - loop.time()
+                    if left <= 0:
+                        return None
+                    await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=min(left, RECHECK_S)
+                    )
                 return record
-        except TimeoutError:
-            return None
         finally:
             if attempt.registered_wait:
                 await asyncio.shield(self._claims.cancel_wait(attempt.pool, attempt.claim_id))
@@ -256,14 +264,25 @@ class _Attempt:
         self.deadline = asyncio.get_running_loop().time() + wait_s
 
     async def once(self) -> SandboxRecord | None:
+        """One claim script run. If we are cancelled meanwhile (Ctrl-C), the run is still
+        awaited, and whatever it claimed is released before the cancellation goes on."""
         left_ms = int((self.deadline - asyncio.get_running_loop().time()) * 1000)
-        outcome = await self._claims.try_claim(
-            self.pool,
-            claimant=self.owner,
-            claim_id=self.claim_id,
-            lease_s=self.lease_s,
-            wait_ms=max(0, left_ms),
+        call = asyncio.ensure_future(
+            self._claims.try_claim(
+                self.pool,
+                claimant=self.owner,
+                claim_id=self.claim_id,
+                lease_s=self.lease_s,
+                wait_ms=max(0, left_ms),
+            )
         )
+        try:
+            outcome = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            outcome = await call
+            if outcome.record is not None:
+                await self._claims.release(outcome.record.id, self.claim_id)
+            raise
         if outcome.on_empty == "create" and left_ms > 0:
             self.registered_wait = True
         return outcome.record

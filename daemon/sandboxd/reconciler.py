@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 
 from redis.exceptions import RedisError
 from tenacity import (
@@ -122,26 +123,30 @@ class Reconciler:
         A `creating` record with no create running here was abandoned (Redis went away
         mid-create): close it too, or it would count against the pool forever. So is a
         `terminating` or `resetting` one that nobody here has been handling for two passes.
+        A record whose state moved on since the snapshot is not stopped, and still counts.
         """
         alive = []
-        stuck = set()
+        stuck: set[str] = set()
         for record in records:
-            if record.state == "creating" and record.id not in self._inflight:
-                await self.terminate(record, "interrupted", "creating")
-                continue
-            if record.state in ("terminating", "resetting") and not self._handling(record.id):
-                if record.id in self._stuck:
-                    await self.terminate(record, "interrupted", "terminating", "resetting")
-                    continue
-                stuck.add(record.id)
-            provider = self._providers.get(record.provider)
-            if record.state in ("ready", "claimed", "released") and provider is not None:
-                if not await provider.is_alive(record.id, record.handle):
-                    await self.terminate(record, "died", "ready", "claimed", "released")
-                    continue
-            alive.append(record)
+            verdict = await self._verdict(record, stuck)
+            if verdict is None or not await self.terminate(record, *verdict):
+                alive.append(record)
         self._stuck = stuck
         return alive
+
+    async def _verdict(self, record: SandboxRecord, stuck: set[str]) -> tuple[Any, ...] | None:
+        """(reason, *states it may be stopped from) if the record should be closed."""
+        if record.state == "creating" and record.id not in self._inflight:
+            return ("interrupted", "creating")
+        if record.state in ("terminating", "resetting") and not self._handling(record.id):
+            if record.id in self._stuck:
+                return ("interrupted", "terminating", "resetting")
+            stuck.add(record.id)
+        provider = self._providers.get(record.provider)
+        if record.state in ("ready", "claimed", "released") and provider is not None:
+            if not await provider.is_alive(record.id, record.handle):
+                return ("died", "ready", "claimed", "released")
+        return None
 
     def _handling(self, sandbox_id: str) -> bool:
         return sandbox_id in self._terminator.running or sandbox_id in self._recycler.running
