@@ -129,10 +129,11 @@ async def _reset() -> dict:
         others = _other_pids()
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
+        # Wait until they are gone, zombies reaped too (`ps` would still list those).
         deadline = time.monotonic() + 5.0
-        while _other_pids(zombies=False) and time.monotonic() < deadline:
+        while set(_other_pids()) - RUNNING and time.monotonic() < deadline:
             _reap_orphans(set(RUNNING))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
         return {"ok": True, "killed": len(others)}
     groups = set(RUNNING)
     for pid in groups:
@@ -141,19 +142,8 @@ async def _reset() -> dict:
     return {"ok": True, "killed": len(groups)}
 
 
-def _other_pids(zombies: bool = True) -> list[int]:
-    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
-    if zombies:
-        return pids
-    return [p for p in pids if _proc_stat(p) not in (None, "Z")]
-
-
-def _proc_stat(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
+def _other_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
 
 
 def _handler(base_env: dict):
