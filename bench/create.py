@@ -10,9 +10,7 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,24 +18,10 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from sandboxd.config import LocalProviderConfig
+from common import cold_creates, line, running_daemon, wait_ready
 from sandboxd.keys import Keys
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
-from sandboxd.providers.local import LocalProvider
 from sandboxd.spec import PoolSpec, Spec
 from sandboxd.specstore import SpecStore
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def line(name: str, samples: list[float]) -> str:
-    return (
-        f"{name:<32} median {statistics.median(samples):8.2f} ms   "
-        f"p99 {pct(samples, 0.99):8.2f} ms   (n={len(samples)})"
-    )
 
 
 async def bare_spawn(n: int) -> list[float]:
@@ -50,52 +34,18 @@ async def bare_spawn(n: int) -> list[float]:
     return out
 
 
-async def cold_creates(n: int, root: Path) -> tuple[list[float], str]:
-    provider = LocalProvider(LocalProviderConfig(workspace_root=root))
-    pool = PoolSpec(name="bench")
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        handle = await provider.create(f"sb-bench-{i}", pool)
-        out.append((time.perf_counter() - t0) * 1000)
-        await provider.terminate(f"sb-bench-{i}", handle)
-    return out, provider.isolation
-
-
 async def apply_to_ready(count: int, root: Path) -> float:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    redis_proc = start(find_redis_server(), port, root / "redis", daemonize=False)
-    wait_until_answering("127.0.0.1", port)
-    url = f"redis://127.0.0.1:{port}/0"
-    env = {
-        **os.environ,
-        "SANDBOXD_REDIS_URL": url,
-        "SANDBOXD_LOCAL__WORKSPACE_ROOT": str(root / "boxes"),
-        "SANDBOXD_MAX_CONCURRENT_CREATES": "10",
-        "SANDBOXD_LOG_LEVEL": "WARNING",
-    }
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "run"], env=env, stdout=subprocess.DEVNULL
-    )
-    redis = Redis.from_url(url, decode_responses=True)
-    try:
-        while not await redis.exists(Keys().daemon):
-            await asyncio.sleep(0.01)
-        t0 = time.perf_counter()
-        await SpecStore(redis, Keys()).apply(
-            Spec(pools=[PoolSpec(name="bench", min_ready=count, max_total=count)])
-        )
-        while await redis.llen(Keys().pool_ready("bench")) < count:
-            await asyncio.sleep(0.002)
-        return (time.perf_counter() - t0) * 1000
-    finally:
-        await redis.aclose()
-        daemon.terminate()
-        daemon.wait(15)
-        redis_proc.terminate()
-        redis_proc.wait(10)
+    async with running_daemon(root, max_concurrent_creates="10") as url:
+        redis = Redis.from_url(url, decode_responses=True)
+        try:
+            t0 = time.perf_counter()
+            await SpecStore(redis, Keys()).apply(
+                Spec(pools=[PoolSpec(name="bench", min_ready=count, max_total=count)])
+            )
+            await wait_ready(redis, "bench", count)
+            return (time.perf_counter() - t0) * 1000
+        finally:
+            await redis.aclose()
 
 
 async def main() -> None:

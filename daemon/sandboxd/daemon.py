@@ -9,7 +9,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from sandboxd import sdnotify
 from sandboxd.adoption import AdoptionReport, adopt
@@ -22,7 +22,7 @@ from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
 from sandboxd.providers import Provider, make_providers
 from sandboxd.reconciler import Reconciler
-from sandboxd.redisconn import make_client, wait_for_redis
+from sandboxd.redisconn import make_client, survive, wait_for_redis
 from sandboxd.specsource import SpecSource
 from sandboxd.specstore import SpecStore
 from sandboxd.state import STATES, SandboxStore
@@ -194,7 +194,7 @@ async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -
     """Wake the reconciler on every message on `<prefix>:nudge`; resubscribe after errors."""
     retrying = AsyncRetrying(
         wait=wait_exponential_jitter(initial=0.2, max=5),
-        retry=retry_if_exception_type((RedisError, OSError)),
+        retry=retry_if_exception(survive),
     )
     async for attempt in retrying:
         with attempt:

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from sandboxd import __version__
 from sandboxd.keys import Keys
+from sandboxd.redisconn import survive
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class Heartbeat:
             try:
                 await self.beat()
             except RedisError as exc:
+                if not survive(exc):
+                    raise
                 log.warning("heartbeat not written, Redis unavailable: %s", exc)
             await asyncio.sleep(self._interval)
 

@@ -7,6 +7,7 @@ from redis.exceptions import RedisError
 
 from sandboxd.claims import ClaimStore
 from sandboxd.events import EventPublisher
+from sandboxd.redisconn import survive
 from sandboxd.state import SandboxStore
 from sandboxd.terminator import Terminator
 
@@ -36,6 +37,8 @@ class LeaseKeeper:
                 try:
                     expired = await self._claims.expire_due()
                 except RedisError as exc:
+                    if not survive(exc):
+                        raise
                     log.warning("lease check failed, Redis unavailable: %s", exc)
                     expired = []
                 self._terminator.running.update(expired)  # before any other task looks

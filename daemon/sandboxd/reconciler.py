@@ -20,6 +20,7 @@ from sandboxd.events import EventPublisher
 from sandboxd.plan import Observed, PoolPlan, plan
 from sandboxd.providers import Provider
 from sandboxd.recycler import Recycler
+from sandboxd.redisconn import survive
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 
 def new_sandbox_id() -> str:
     return f"sb-{uuid.uuid4().hex[:16]}"
+
+
+def _stop_if_cancelled() -> None:
+    """A cancel request can get lost under a storm of nudges (seen on 3.11 with thousands of
+    passes a second); the daemon's stop must not depend on every await delivering it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Reconciler:
@@ -63,6 +72,9 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()  # ids of creates running in this process
         self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
+        # Liveness costs a /proc lookup per sandbox: once per tick, not on every nudged pass
+        # (under claim load the daemon is nudged thousands of times a second).
+        self._liveness_due = 0.0
         self.first_pass = asyncio.Event()
         self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
@@ -81,6 +93,7 @@ class Reconciler:
                     await self._pass_surviving_redis_errors()
                     self.first_pass.set()
                     await self._sleep_until_nudged()
+                    _stop_if_cancelled()
             finally:
                 self._work = None
 
@@ -95,6 +108,8 @@ class Reconciler:
         try:
             await self.reconcile_once()
         except RedisError as exc:
+            if not survive(exc):
+                raise
             log.warning("reconcile pass failed, Redis unavailable: %s", exc)
 
     async def reconcile_once(self) -> None:
@@ -127,14 +142,19 @@ class Reconciler:
         """
         alive = []
         stuck: set[str] = set()
+        check_liveness = time.monotonic() >= self._liveness_due
+        if check_liveness:
+            self._liveness_due = time.monotonic() + self._config.reconcile_interval_s
         for record in records:
-            verdict = await self._verdict(record, stuck)
+            verdict = await self._verdict(record, stuck, check_liveness)
             if verdict is None or not await self.terminate(record, *verdict):
                 alive.append(record)
         self._stuck = stuck
         return alive
 
-    async def _verdict(self, record: SandboxRecord, stuck: set[str]) -> tuple[Any, ...] | None:
+    async def _verdict(
+        self, record: SandboxRecord, stuck: set[str], check_liveness: bool
+    ) -> tuple[Any, ...] | None:
         """(reason, *states it may be stopped from) if the record should be closed."""
         if record.state == "creating" and record.id not in self._inflight:
             return ("interrupted", "creating")
@@ -143,7 +163,7 @@ class Reconciler:
                 return ("interrupted", "terminating", "resetting")
             stuck.add(record.id)
         provider = self._providers.get(record.provider)
-        if record.state in ("ready", "claimed", "released") and provider is not None:
+        if check_liveness and provider and record.state in ("ready", "claimed", "released"):
             if not await provider.is_alive(record.id, record.handle):
                 return ("died", "ready", "claimed", "released")
         return None
@@ -216,6 +236,8 @@ class Reconciler:
         try:
             await self._create_and_publish(record, spec)
         except RedisError as exc:
+            if not survive(exc):
+                raise
             log.warning(
                 "create abandoned, Redis unavailable: %s",
                 exc,

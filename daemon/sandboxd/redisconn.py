@@ -5,6 +5,7 @@ import logging
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
@@ -46,3 +47,11 @@ async def wait_for_redis(client: Redis, config: Config, stop: asyncio.Event) -> 
             await client.ping()
     log.info("connected to Redis at %s", where)
     return True
+
+
+def survive(exc: BaseException) -> bool:
+    """May a loop that outlives Redis errors go on after `exc`? Not if its task is being
+    cancelled: redis-py can surface a cancellation mid-command as a RedisError, and a loop
+    that swallowed it would never stop."""
+    task = asyncio.current_task()
+    return isinstance(exc, RedisError | OSError) and not (task and task.cancelling())

@@ -1,0 +1,168 @@
+"""Warm-claim latency and throughput against the real daemon, with their baselines.
+
+    .venv/bin/python bench/claim.py [--pool 64] [--rounds 10] [--clients 16]
+
+In one run, against one private redis-server and the real daemon with a `reuse: reset`
+pool of real local sandboxes (so rounds can repeat without cold creates):
+- PING round trip: the physical floor of anything done over Redis;
+- warm claim, one client, sandboxes claimed one after the other;
+- warm claim with 16 concurrent clients (own connections) draining the pool, and the
+  throughput that gives;
+- time from a claim to the daemon starting the replacement create (`reuse: never` pool);
+- cold create of the same provider, one at a time.
+"""
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from common import cold_creates, line, running_daemon, wait_ready
+from sandboxd.client import ClaimTimeout, Client, Sandbox
+from sandboxd.events import Event
+from sandboxd.keys import Keys
+from sandboxd.spec import PoolSpec, Spec
+from sandboxd.specstore import SpecStore
+
+KEYS = Keys()
+
+
+async def pings(redis: Redis, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await redis.ping()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+async def timed_claim(client: Client, pool: str, samples: list[float]) -> Sandbox | None:
+    t0 = time.perf_counter()
+    try:
+        sandbox = await client.claim(pool, timeout_s=0)
+    except ClaimTimeout:
+        return None
+    samples.append((time.perf_counter() - t0) * 1000)
+    return sandbox
+
+
+async def release_all(sandboxes: list[Sandbox], redis: Redis, pool: str, size: int) -> None:
+    await asyncio.gather(*(s.release() for s in sandboxes))
+    await wait_ready(redis, pool, size)  # reset by the daemon, ready again
+
+
+async def single_client(url: str, redis: Redis, size: int, rounds: int) -> list[float]:
+    samples: list[float] = []
+    async with Client.from_url(url) as client:
+        for _ in range(rounds):
+            held = [await timed_claim(client, "warm", samples) for _ in range(size)]
+            await release_all([s for s in held if s], redis, "warm", size)
+    return samples
+
+
+async def drain(client: Client, samples: list[float], held: list[Sandbox]) -> float:
+    """Claim until the pool is empty; returns when the last claim succeeded."""
+    last = time.perf_counter()
+    while (sandbox := await timed_claim(client, "warm", samples)) is not None:
+        held.append(sandbox)
+        last = time.perf_counter()
+    return last
+
+
+async def concurrent_clients(
+    url: str, redis: Redis, size: int, rounds: int, clients: int
+) -> tuple[list[float], list[float]]:
+    samples: list[float] = []
+    rates: list[float] = []
+    pool = [Client.from_url(url) for _ in range(clients)]
+    try:
+        for c in pool:
+            await c._redis.ping()  # connections open before the clock starts
+        for _ in range(rounds):
+            held: list[Sandbox] = []
+            t0 = time.perf_counter()
+            ends = await asyncio.gather(*(drain(c, samples, held) for c in pool))
+            rates.append(len(held) / (max(ends) - t0))
+            await release_all(held, redis, "warm", size)
+    finally:
+        for c in pool:
+            await c.aclose()
+    return samples, rates
+
+
+async def replenish_delays(url: str, redis: Redis, n: int) -> list[float]:
+    """Claim from a `reuse: never` pool; time until its replacement's `sandbox.creating`."""
+    out = []
+    async with Client.from_url(url) as client:
+        for _ in range(n):
+            await wait_ready(redis, "fresh", 2)
+            last_id = (await redis.xrevrange(KEYS.events, count=1))[0][0]
+            t0 = time.perf_counter()
+            sandbox = await client.claim("fresh", timeout_s=0)
+            while True:
+                reply = await redis.xread({KEYS.events: last_id}, block=5000)
+                entries = reply[0][1] if reply else []
+                types = [Event.from_fields(f).type for _, f in entries]
+                if entries:
+                    last_id = entries[-1][0]
+                if "sandbox.creating" in types:
+                    out.append((time.perf_counter() - t0) * 1000)
+                    break
+            await sandbox.release()
+    return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pool", type=int, default=64, help="warm sandboxes")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--creates", type=int, default=30)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
+    try:
+        async with running_daemon(root, max_concurrent_creates="10") as url:
+            redis = Redis.from_url(url, decode_responses=True)
+            spec = Spec(
+                pools=[
+                    PoolSpec(name="warm", min_ready=args.pool, max_total=args.pool, reuse="reset"),
+                    PoolSpec(name="fresh", min_ready=2, max_total=4),
+                ]
+            )
+            await SpecStore(redis, KEYS).apply(spec)
+            await wait_ready(redis, "warm", args.pool)
+            ping = await pings(redis, 2000)
+            single = await single_client(url, redis, args.pool, args.rounds)
+            many, rates = await concurrent_clients(url, redis, args.pool, args.rounds, args.clients)
+            replenish = await replenish_delays(url, redis, 20)
+            await redis.aclose()
+        cold, isolation = await cold_creates(args.creates, root / "cold")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(args, isolation, ping, single, many, rates, replenish, cold)
+
+
+def report(args, isolation, ping, single, many, rates, replenish, cold) -> None:
+    print(f"local provider, isolation: {isolation}; {os.cpu_count()} CPUs; pool {args.pool}")
+    print(line("baseline: Redis PING round trip", ping))
+    print(line("warm claim, 1 client", single))
+    print(line(f"warm claim, {args.clients} concurrent clients", many))
+    print(
+        f"{'claim throughput, ' + str(args.clients) + ' clients':<40} median "
+        f"{statistics.median(rates):8.0f} claims/s   min {min(rates):8.0f} claims/s"
+    )
+    print(line("claim -> replacement create started", replenish))
+    print(line("cold create (same provider)", cold))
+    claim = statistics.median(single)
+    print(f"ratio warm claim / PING                  median {claim / statistics.median(ping):.1f}x")
+    print(f"ratio cold create / warm claim           median {statistics.median(cold) / claim:.0f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
