@@ -1,0 +1,128 @@
+"""The claim scripts against a real redis-server, driven by random operation sequences.
+
+A plain-Python model says what each operation must do; after every step Redis must agree:
+FIFO claims of ready sandboxes only, one holder per sandbox, release/renew only by the
+holder, the ready list and the lease index exactly matching the records.
+"""
+
+import asyncio
+import itertools
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from sandboxd.claims import ClaimError, ClaimStore
+from sandboxd.events import EventPublisher
+from sandboxd.spec import PoolSpec
+from sandboxd.state import SandboxRecord, SandboxStore
+
+from helpers import KEYS
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ready"), st.integers(0, 0)),
+        st.tuples(st.just("claim"), st.integers(0, 3)),
+        st.tuples(st.just("release"), st.integers(0, 3)),
+        st.tuples(st.just("release_foreign"), st.integers(0, 3)),
+        st.tuples(st.just("renew"), st.integers(0, 3)),
+        st.tuples(st.just("scale_down"), st.integers(0, 0)),
+        st.tuples(st.just("reset"), st.integers(0, 0)),
+    ),
+    max_size=40,
+)
+
+
+class Model:
+    def __init__(self) -> None:
+        self.ready: list[str] = []  # FIFO
+        self.held: dict[int, tuple[str, str]] = {}  # client -> (sandbox, claim id)
+        self.released: list[str] = []
+
+
+async def run(url: str, ops: list[tuple[str, int]]) -> None:
+    redis = Redis.from_url(url, decode_responses=True)
+    try:
+        await redis.flushall()
+        store = SandboxStore(redis, KEYS)
+        claims = ClaimStore(redis, KEYS)
+        events = EventPublisher(redis, KEYS, 1000)
+        await claims.publish_pool_settings([PoolSpec(name="p", max_lease_s=3600)])
+        model, ids = Model(), itertools.count()
+        for op, client in ops:
+            await step(op, client, model, store, claims, events, ids)
+            await check(redis, model)
+    finally:
+        await redis.aclose()
+
+
+async def step(op, client, model, store, claims, events, ids) -> None:
+    if op == "ready":
+        record = SandboxRecord(
+            id=f"sb-{next(ids)}", pool="p", provider="local", state="creating",
+            template="base", spec_revision=1, instance="t",
+        )  # fmt: skip
+        await store.add(record)
+        assert await store.mark_ready(record, {}, events.build("sandbox.ready", pool="p"))
+        model.ready.append(record.id)
+    elif op == "claim" and client not in model.held:
+        outcome = await claims.try_claim("p", claimant=f"c{client}", claim_id=f"k{next(ids)}")
+        if model.ready:
+            assert outcome.record is not None and outcome.record.id == model.ready.pop(0)
+            assert outcome.record.state == "claimed"
+            model.held[client] = (outcome.record.id, outcome.record.claim_id)
+        else:
+            assert outcome.record is None and outcome.on_empty == "wait"
+    elif op in ("release", "renew", "release_foreign") and client in model.held:
+        sandbox, claim_id = model.held[client]
+        if op == "release_foreign":
+            try:
+                await claims.release(sandbox, claim_id="not-the-holder")
+                raise AssertionError("a foreign claim id released a sandbox")
+            except ClaimError as exc:
+                assert exc.reason == "not_yours"
+        elif op == "renew":
+            assert await claims.renew(sandbox, claim_id, lease_s=60) > 0
+        else:
+            await claims.release(sandbox, claim_id)
+            del model.held[client]
+            model.released.append(sandbox)
+    elif op == "scale_down" and model.ready:
+        oldest = await store.get(model.ready[0])
+        assert await store.begin_terminate(oldest, "ready") == "ready"
+        await store.remove(oldest)
+        model.ready.pop(0)
+    elif op == "reset" and model.released:
+        record = await store.get(model.released.pop(0))
+        assert await store.transition(record, "resetting", "released") == "released"
+        event = events.build("sandbox.reset", pool="p", sandbox=record.id)
+        assert await store.mark_ready(record, {}, event, from_state="resetting")
+        model.ready.append(record.id)
+
+
+async def check(redis: Redis, model: Model) -> None:
+    assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == model.ready
+    held = {sandbox for sandbox, _ in model.held.values()}
+    assert set(await redis.zrange(KEYS.leases, 0, -1)) == held
+    for sandbox, claim_id in model.held.values():
+        fields = await redis.hmget(KEYS.sandbox(sandbox), "state", "claim_id")
+        assert fields == ["claimed", claim_id]
+    for sandbox in model.ready:
+        assert await redis.hget(KEYS.sandbox(sandbox), "state") == "ready"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS)
+def test_claim_scripts_agree_with_the_model(redis_server, ops):
+    asyncio.run(run(redis_server, ops))
+
+
+async def test_claim_of_an_unknown_pool_and_too_long_lease_are_refused(redis):
+    claims = ClaimStore(redis, KEYS)
+    await claims.publish_pool_settings([PoolSpec(name="p", lease_s=10, max_lease_s=20)])
+    for pool, lease, reason in (("nope", None, "unknown_pool"), ("p", 21, "lease_too_long")):
+        try:
+            await claims.try_claim(pool, claimant="c", claim_id="k", lease_s=lease)
+            raise AssertionError("refusal expected")
+        except ClaimError as exc:
+            assert exc.reason == reason
