@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/ruff format daemon tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/create.py
+	$(BIN)/python bench/create.py && $(BIN)/python bench/claim.py
 
 ## install-service: package into $(PREFIX_DIR), config into /etc/sandboxd, the unit into systemd
 install-service:
