@@ -6,7 +6,6 @@ language can implement a claim by loading the same script text (see the README);
 Times are the Redis server's clock (`TIME`), so client clocks never matter for leases.
 """
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -288,11 +287,3 @@ def _refusal(status: str, reply: list[Any], what: str) -> ClaimError:
     }
     return ClaimError(status, messages.get(status, f"{what}: {status}"))
 
-
-def lease_payload(record: SandboxRecord) -> dict[str, Any]:
-    """The claim fields of a record, as the client and CLI show them."""
-    return json.loads(
-        record.model_dump_json(
-            include={"claimant", "claim_id", "claimed_at_ms", "lease_s", "lease_expires_ms"}
-        )
-    )
