@@ -20,7 +20,7 @@ from sandboxd.events import EventPublisher
 from sandboxd.plan import Observed, PoolPlan, plan
 from sandboxd.providers import Provider
 from sandboxd.recycler import Recycler
-from sandboxd.redisconn import survive
+from sandboxd.redisconn import cancelling, survive
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
@@ -31,14 +31,6 @@ log = logging.getLogger(__name__)
 
 def new_sandbox_id() -> str:
     return f"sb-{uuid.uuid4().hex[:16]}"
-
-
-def _stop_if_cancelled() -> None:
-    """A cancel request can get lost under a storm of nudges (seen on 3.11 with thousands of
-    passes a second); the daemon's stop must not depend on every await delivering it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class Reconciler:
@@ -72,9 +64,10 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()  # ids of creates running in this process
         self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
-        # Liveness costs a /proc lookup per sandbox: once per tick, not on every nudged pass
-        # (under claim load the daemon is nudged thousands of times a second).
-        self._liveness_due = 0.0
+        # Liveness (a /proc lookup per sandbox) and republishing pool settings run once per
+        # tick, not on every nudged pass: under claim load that is thousands a second.
+        self._tick_due = 0.0
+        self._published_revision = -1
         self.first_pass = asyncio.Event()
         self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
@@ -93,7 +86,8 @@ class Reconciler:
                     await self._pass_surviving_redis_errors()
                     self.first_pass.set()
                     await self._sleep_until_nudged()
-                    _stop_if_cancelled()
+                    if cancelling():
+                        raise asyncio.CancelledError
             finally:
                 self._work = None
 
@@ -116,9 +110,14 @@ class Reconciler:
         self._wake.clear()
         spec = await self._specs.refresh()
         pools = list(spec.pools) if spec else []
-        await self._claims.publish_pool_settings(pools)
+        tick = time.monotonic() >= self._tick_due
+        if tick:
+            self._tick_due = time.monotonic() + self._config.reconcile_interval_s
+        if tick or self._specs.revision != self._published_revision:
+            await self._claims.publish_pool_settings(pools)
+            self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
-        records = await self._reap_dead(await self._store.records())
+        records = await self._reap_dead(await self._store.records(), check_liveness=tick)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
             [p.name for p in pools if p.on_empty == "create"]
@@ -132,7 +131,9 @@ class Reconciler:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
         self.last_pass_at = time.time()
 
-    async def _reap_dead(self, records: list[SandboxRecord]) -> list[SandboxRecord]:
+    async def _reap_dead(
+        self, records: list[SandboxRecord], *, check_liveness: bool
+    ) -> list[SandboxRecord]:
         """Sandboxes whose process is gone: close the record (reason `died`), drop from view.
 
         A `creating` record with no create running here was abandoned (Redis went away
@@ -142,9 +143,6 @@ class Reconciler:
         """
         alive = []
         stuck: set[str] = set()
-        check_liveness = time.monotonic() >= self._liveness_due
-        if check_liveness:
-            self._liveness_due = time.monotonic() + self._config.reconcile_interval_s
         for record in records:
             verdict = await self._verdict(record, stuck, check_liveness)
             if verdict is None or not await self.terminate(record, *verdict):

@@ -31,9 +31,9 @@ class Recycler:
         self.running: set[str] = set()  # ids being recycled by this process right now
 
     async def recycle(self, record: SandboxRecord, spec: PoolSpec | None) -> None:
-        """Called once per released sandbox; safe against a concurrent terminate. Errors are
-        logged, not raised: what is left half-done is closed by a later reconcile pass."""
-        self.running.add(record.id)
+        """Called once per released sandbox, which the caller has put in `running` before
+        starting this task; safe against a concurrent terminate. Errors are logged, not
+        raised: what is left half-done is closed by a later reconcile pass."""
         try:
             if spec is None or spec.reuse == "never":
                 await self._terminator.terminate(record, "released", "released")

@@ -49,9 +49,13 @@ async def wait_for_redis(client: Redis, config: Config, stop: asyncio.Event) -> 
     return True
 
 
-def survive(exc: BaseException) -> bool:
-    """May a loop that outlives Redis errors go on after `exc`? Not if its task is being
-    cancelled: redis-py can surface a cancellation mid-command as a RedisError, and a loop
-    that swallowed it would never stop."""
+def cancelling() -> bool:
+    """Is the current task being cancelled? A loop that survives errors checks this, so a
+    cancel request that got lost on the way (seen under storms of nudges) still stops it."""
     task = asyncio.current_task()
-    return isinstance(exc, RedisError | OSError) and not (task and task.cancelling())
+    return bool(task and task.cancelling())
+
+
+def survive(exc: BaseException) -> bool:
+    """May a loop that outlives Redis errors go on after `exc`? Not while being cancelled."""
+    return isinstance(exc, RedisError | OSError) and not cancelling()
