@@ -286,4 +286,3 @@ def _refusal(status: str, reply: list[Any], what: str) -> ClaimError:
         "expired": f"{what}: the lease has already expired",
     }
     return ClaimError(status, messages.get(status, f"{what}: {status}"))
-

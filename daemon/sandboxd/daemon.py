@@ -104,8 +104,14 @@ class Daemon:
         )
         sdnotify.status("adopting sandboxes")
         report = await adopt(self.store, providers, self.events)
-        await self._run_root_tasks(redis, report)
-        await self._shut_down()
+        try:
+            await self._run_root_tasks(redis, report)
+        except TimeoutError:
+            # Cancelled work overran the grace (an overloaded machine): it has stopped
+            # now all the same, and the sandboxes must still be dealt with below.
+            log.error("work did not stop within %ss of the stop request", CANCEL_GRACE_S)
+        finally:
+            await self._shut_down()
 
     def _facts(self) -> dict[str, Any]:
         return {

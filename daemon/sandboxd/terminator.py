@@ -28,9 +28,7 @@ class Terminator:
         await self.finish(record, reason, previous, **data)
         return True
 
-    async def finish(
-        self, record: SandboxRecord, reason: str, previous: str, **data: Any
-    ) -> None:
+    async def finish(self, record: SandboxRecord, reason: str, previous: str, **data: Any) -> None:
         """Stop a sandbox already marked `terminating` and close its record."""
         self.running.add(record.id)
         try:

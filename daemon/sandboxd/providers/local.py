@@ -162,10 +162,9 @@ class LocalProvider:
         # bwrap forks the namespace's PID 1 as its only child; find it.
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                children = psutil.Process(proc.pid).children()
-                if children:
-                    return children[0].pid
+            children = _children(proc.pid)
+            if children:
+                return children[0]
             if proc.returncode is not None:
                 break
             await asyncio.sleep(0.005)
@@ -249,9 +248,38 @@ def _live_tree(handle: dict[str, Any]) -> list[psutil.Process]:
     root = _process(handle)
     if root is None:
         return []
-    with contextlib.suppress(psutil.Error):
-        return [root, *root.children(recursive=True)]
-    return [root]
+    tree = [root]
+    for pid in _descendants(root.pid):
+        with contextlib.suppress(psutil.Error):
+            tree.append(psutil.Process(pid))
+    return tree
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children, from /proc/PID/task/*/children: reading the whole process table
+    (psutil's children()) per sandbox would make stopping N sandboxes cost N²."""
+    found: list[int] = []
+    try:
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with open(f"{task.path}/children") as f:
+                found += [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            return []
+        with contextlib.suppress(psutil.Error):  # a kernel without CONFIG_PROC_CHILDREN
+            return [c.pid for c in psutil.Process(pid).children()]
+    except (OSError, ValueError):
+        return []
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
 
 
 def _find_bwrap(config: LocalProviderConfig) -> str | None:
