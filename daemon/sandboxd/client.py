@@ -25,6 +25,7 @@ from sandboxd.agentclient import ExecResult, OutputCallback
 from sandboxd.claims import ClaimError, ClaimStore
 from sandboxd.connections import Connection, connect
 from sandboxd.keys import Keys
+from sandboxd.redisconn import open_redis
 from sandboxd.state import SandboxRecord
 
 DEFAULT_WAIT_S = 30.0
@@ -160,8 +161,7 @@ class Client:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "Client":
         """A client with its own Redis connection pool (closed by `aclose`)."""
-        redis = Redis.from_url(url, decode_responses=True)
-        return cls(redis, owns_redis=True, **kwargs)
+        return cls(open_redis(url), owns_redis=True, **kwargs)
 
     async def aclose(self) -> None:
         if self._owns_redis:

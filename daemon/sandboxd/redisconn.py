@@ -2,8 +2,9 @@
 
 import asyncio
 import logging
+from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -14,15 +15,32 @@ from sandboxd.logs import redact_url, register_secret
 
 log = logging.getLogger(__name__)
 
+# Past this many commands in flight at once, callers queue for a connection instead of
+# failing ("Too many connections"): stopping 500 sandboxes at once must not lose any.
+MAX_CONNECTIONS = 64
+CONNECTION_WAIT_S = 60.0
+
+
+def open_redis(url: str, **kwargs: Any) -> Redis:
+    """A client owning a bounded, queueing connection pool; strings decoded as UTF-8."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=CONNECTION_WAIT_S,
+        decode_responses=True,
+        **kwargs,
+    )
+    return Redis.from_pool(pool)
+
 
 def make_client(config: Config) -> Redis:
     """A client for `redis_url` (redis://, rediss://, unix://); strings decoded as UTF-8."""
-    kwargs = {"decode_responses": True, "health_check_interval": 10, "socket_timeout": 10}
+    kwargs: dict[str, Any] = {"health_check_interval": 10, "socket_timeout": 10}
     if config.redis_password is not None:
         password = config.redis_password.get_secret_value()
         register_secret(password)
         kwargs["password"] = password
-    client = Redis.from_url(config.redis_url, **kwargs)
+    client = open_redis(config.redis_url, **kwargs)
     register_secret(client.connection_pool.connection_kwargs.get("password"))
     return client
 

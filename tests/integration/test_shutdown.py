@@ -32,3 +32,15 @@ async def test_keep_leaves_sandboxes_for_the_next_daemon(redis, daemon_factory):
     daemon_factory().start()
     await wait_event(redis, "daemon.started", adopted=2)
     assert sorted(await redis.lrange(KEYS.pool_ready("default"), 0, -1)) == ids
+
+
+async def test_sigterm_with_more_sandboxes_than_redis_connections_leaks_none(redis, daemon_factory):
+    # Stopping them all at once once failed with "Too many connections" and left them all.
+    daemon = daemon_factory(max_concurrent_creates=16).start()
+    await apply(redis, [{"name": "default", "min_ready": 110, "max_total": 110}])
+    await wait_ready(redis, "default", 110, timeout=120)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    stopping = (await events_of(redis, "daemon.stopping"))[-1]
+    assert stopping["data"]["terminated"] == 110
+    assert sandbox_processes(daemon.workspace) == []
