@@ -46,6 +46,18 @@ end
 return false
 """
 
+# ARGV: key prefix, ids... Returns each sandbox's HGETALL (empty if gone). One script per
+# chunk of ids instead of one command each: a reconcile pass reads every record, and
+# per-command client overhead made that the daemon's main cost under claim load.
+_READ = """
+local out = {}
+for i = 2, #ARGV do
+  out[i - 1] = redis.call('HGETALL', ARGV[1] .. ':sandbox:' .. ARGV[i])
+end
+return out
+"""
+READ_CHUNK = 256  # ids per script run: bounds how long one run holds Redis
+
 
 class SandboxRecord(BaseModel):
     """`<prefix>:sandbox:<id>` — what sandboxd knows about one sandbox."""
@@ -89,14 +101,17 @@ class SandboxStore:
         self._keys = keys
         self._mark_ready = redis.register_script(_MARK_READY)
         self._transition = redis.register_script(_TRANSITION)
+        self._read = redis.register_script(_READ)
 
     async def records(self) -> list[SandboxRecord]:
         ids = sorted(await self._redis.smembers(self._keys.sandboxes))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for sandbox_id in ids:
-                pipe.hgetall(self._keys.sandbox(sandbox_id))
-            hashes = await pipe.execute()
-        return [SandboxRecord.from_hash(h) for h in hashes if h]
+        out = []
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            for flat in await self._read(args=[self._keys.prefix, *chunk]):
+                if flat:
+                    out.append(SandboxRecord.from_hash(dict(zip(flat[::2], flat[1::2]))))
+        return out
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None:
         fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
