@@ -30,9 +30,12 @@ local function event(stream, maxlen, id, type, time, pool, sandbox, data)
 end
 """
 
-# KEYS: 1 ready list, 2 leases, 3 events, 4 pools hash, 5 waiters.
+# KEYS: 1 ready list, 2 leases, 3 events, 4 pools hash, 5 waiters, 6 pool members.
 # ARGV: 1 key prefix, 2 pool, 3 claimant, 4 claim id, 5 lease_s ('' = pool default),
 #       6 event id, 7 event time, 8 stream maxlen, 9 wait_ms (0 = not waiting), 10 nudge channel.
+# The daemon is nudged only when it has something to do: a replacement is due (ready below
+# min_ready) and allowed (members below max_total), or the pool is empty. Waking it for
+# every claim of a full pool cost more CPU than the claims themselves.
 # Returns {'ok', HGETALL of the record} | {'empty', on_empty} | {'unknown_pool'}
 #       | {'lease_too_long', max_lease_s}.
 CLAIM = (
@@ -65,7 +68,10 @@ while true do
     redis.call('ZREM', KEYS[5], ARGV[4])
     event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
       {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires})
-    redis.call('PUBLISH', ARGV[10], ARGV[2])
+    if redis.call('LLEN', KEYS[1]) < pool.min_ready
+        and redis.call('SCARD', KEYS[6]) < pool.max_total then
+      redis.call('PUBLISH', ARGV[10], ARGV[2])
+    end
     return {'ok', redis.call('HGETALL', key)}
   end
 end
@@ -154,6 +160,8 @@ class PoolSettings(BaseModel):
     """What a claim needs to know of a pool; `<prefix>:pools` holds one per pool in force."""
 
     provider: str
+    min_ready: int
+    max_total: int
     lease_s: int
     max_lease_s: int
     on_empty: Literal["wait", "create"]
@@ -207,6 +215,7 @@ class ClaimStore:
             self._keys.events,
             self._keys.pools,
             self._keys.pool_waiters(pool),
+            self._keys.pool_members(pool),
         ]
         args = [self._keys.prefix, pool, claimant, claim_id, _opt(lease_s)]
         args += [*self._event_args(), wait_ms, self._keys.nudge]

@@ -65,6 +65,10 @@ class Keys:
         """Pub/sub channel: a sandbox was pushed onto the pool's ready list (wakes waiters)."""
         return f"{self.prefix}:pool:{pool}:available"
 
+    def pool_members(self, pool: str) -> str:
+        """Set: ids of every sandbox of the pool, in any state (a claim reads its size)."""
+        return f"{self.prefix}:pool:{pool}:members"
+
     def pool_waiters(self, pool: str) -> str:
         """Sorted set: claim id -> wait deadline (unix ms) of clients waiting on an empty
         `on_empty: create` pool; each one asks the daemon for one more sandbox."""

@@ -130,6 +130,8 @@ class Reconciler:
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
         records = await self._reap_dead(await self._store.records(), check_liveness=tick)
+        if tick:
+            await self._store.sync_members(records)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
             [p.name for p in pools if p.on_empty == "create"]

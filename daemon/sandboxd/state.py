@@ -110,8 +110,23 @@ class SandboxStore:
             chunk = ids[start : start + READ_CHUNK]
             for flat in await self._read(args=[self._keys.prefix, *chunk]):
                 if flat:
-                    out.append(SandboxRecord.from_hash(dict(zip(flat[::2], flat[1::2]))))
+                    out.append(
+                        SandboxRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+                    )
         return out
+
+    async def sync_members(self, records: list[SandboxRecord]) -> None:
+        """Heal the per-pool member sets from a snapshot: add what it holds, then drop ids
+        that are no longer sandboxes at all (sets written before an upgrade, a lost write)."""
+        pools: dict[str, list[str]] = {}
+        for record in records:
+            pools.setdefault(record.pool, []).append(record.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for pool, ids in pools.items():
+                members = self._keys.pool_members(pool)
+                pipe.sadd(members, *ids)
+                pipe.sinterstore(members, [members, self._keys.sandboxes])
+            await pipe.execute()
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None:
         fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
@@ -121,6 +136,7 @@ class SandboxStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._keys.sandbox(record.id), mapping=record.to_hash())
             pipe.sadd(self._keys.sandboxes, record.id)
+            pipe.sadd(self._keys.pool_members(record.pool), record.id)
             await pipe.execute()
 
     async def mark_ready(
@@ -168,6 +184,7 @@ class SandboxStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._keys.sandbox(record.id))
             pipe.srem(self._keys.sandboxes, record.id)
+            pipe.srem(self._keys.pool_members(record.pool), record.id)
             pipe.lrem(self._keys.pool_ready(record.pool), 0, record.id)
             pipe.zrem(self._keys.leases, record.id)
             await pipe.execute()

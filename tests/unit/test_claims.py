@@ -2,13 +2,14 @@
 
 A plain-Python model says what each operation must do; after every step Redis must agree:
 FIFO claims of ready sandboxes only, one holder per sandbox, release/renew only by the
-holder, the ready list and the lease index exactly matching the records.
+holder, the ready list and the lease index exactly matching the records, and the daemon
+nudged exactly when a claim leaves it something to do.
 """
 
 import asyncio
 import itertools
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
@@ -38,6 +39,11 @@ class Model:
         self.ready: list[str] = []  # FIFO
         self.held: dict[int, tuple[str, str]] = {}  # client -> (sandbox, claim id)
         self.released: list[str] = []
+        self.members: set[str] = set()  # every sandbox of the pool, any state
+        self.last_claim: bool | None = None  # whether the last claim had to nudge
+
+
+MIN_READY, MAX_TOTAL = 2, 4
 
 
 async def run(url: str, ops: list[tuple[str, int]]) -> None:
@@ -47,13 +53,34 @@ async def run(url: str, ops: list[tuple[str, int]]) -> None:
         store = SandboxStore(redis, KEYS)
         claims = ClaimStore(redis, KEYS)
         events = EventPublisher(redis, KEYS, 1000)
-        await claims.publish_pool_settings([PoolSpec(name="p", max_lease_s=3600)])
+        pool = PoolSpec(name="p", min_ready=MIN_READY, max_total=MAX_TOTAL, max_lease_s=3600)
+        await claims.publish_pool_settings([pool])
         model, ids = Model(), itertools.count()
-        for op, client in ops:
-            await step(op, client, model, store, claims, events, ids)
-            await check(redis, model)
+        async with redis.pubsub() as nudges:
+            await nudges.subscribe(KEYS.nudge)
+            await nudges.get_message(timeout=5)  # the subscribe confirmation
+            for op, client in ops:
+                await step(op, client, model, store, claims, events, ids)
+                await check(redis, model)
+                await check_nudges(redis, nudges, model, op)
     finally:
         await redis.aclose()
+
+
+async def check_nudges(redis: Redis, nudges, model: Model, op: str) -> None:
+    """What the step published on the nudge channel: everything before our own marker."""
+    await redis.publish(KEYS.nudge, "marker")
+    seen = []
+    while (message := await nudges.get_message(timeout=5)) and message["data"] != "marker":
+        seen.append(message["data"])
+    if op == "claim" and model.last_claim is not None:
+        assert seen == (["p"] if model.last_claim else [])
+        model.last_claim = None
+
+
+def nudge_due(model: Model) -> bool:
+    """After a claim that got a sandbox: a replacement is due and allowed."""
+    return len(model.ready) < MIN_READY and len(model.members) < MAX_TOTAL
 
 
 async def step(op, client, model, store, claims, events, ids) -> None:
@@ -65,14 +92,17 @@ async def step(op, client, model, store, claims, events, ids) -> None:
         await store.add(record)
         assert await store.mark_ready(record, {}, events.build("sandbox.ready", pool="p"))
         model.ready.append(record.id)
+        model.members.add(record.id)
     elif op == "claim" and client not in model.held:
         outcome = await claims.try_claim("p", claimant=f"c{client}", claim_id=f"k{next(ids)}")
+        was_empty = not model.ready
         if model.ready:
             assert outcome.record is not None and outcome.record.id == model.ready.pop(0)
             assert outcome.record.state == "claimed"
             model.held[client] = (outcome.record.id, outcome.record.claim_id)
         else:
             assert outcome.record is None and outcome.on_empty == "wait"
+        model.last_claim = was_empty or nudge_due(model)
     elif op in ("release", "renew", "release_foreign") and client in model.held:
         sandbox, claim_id = model.held[client]
         if op == "release_foreign":
@@ -91,7 +121,7 @@ async def step(op, client, model, store, claims, events, ids) -> None:
         oldest = await store.get(model.ready[0])
         assert await store.begin_terminate(oldest, "ready") == "ready"
         await store.remove(oldest)
-        model.ready.pop(0)
+        model.members.discard(model.ready.pop(0))
     elif op == "reset" and model.released:
         record = await store.get(model.released.pop(0))
         assert await store.transition(record, "resetting", "released") == "released"
@@ -113,6 +143,8 @@ async def check(redis: Redis, model: Model) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
+@example(ops=[("ready", 0)] * 3 + [("claim", 0)])  # ready back at min_ready: no nudge
+@example(ops=[("ready", 0)] * 4 + [("claim", 0), ("claim", 1), ("claim", 2)])  # at max_total
 def test_claim_scripts_agree_with_the_model(redis_server, ops):
     asyncio.run(run(redis_server, ops))
 
