@@ -35,8 +35,9 @@ def new_sandbox_id() -> str:
 
 async def _idle_at_least(busy_s: float, *, since: float) -> None:
     """Under a storm of nudges (thousands of claims a second) back-to-back passes would
-    take a core from the clients and Redis: idle at least as long as the last pass took,
-    so passes use at most half a core; the next pass still sees every change since."""
+    take a core from the clients and Redis: idle at least as long as the last pass kept
+    the CPU busy (time spent waiting on Redis or a provider does not count), so passes use
+    at most about half a core; the next pass still sees every change since."""
     left = busy_s - (time.monotonic() - since)
     if left > 0:
         await asyncio.sleep(left)
@@ -92,12 +93,12 @@ class Reconciler:
             self._work = work
             try:
                 while True:
-                    started = time.monotonic()
+                    cpu_before = time.thread_time()
                     await self._pass_surviving_redis_errors()
                     self.first_pass.set()
-                    ended = time.monotonic()
+                    busy_s, ended = time.thread_time() - cpu_before, time.monotonic()
                     await self._sleep_until_nudged()
-                    await _idle_at_least(ended - started, since=ended)
+                    await _idle_at_least(busy_s, since=ended)
                     if cancelling():
                         raise asyncio.CancelledError
             finally:
