@@ -1,13 +1,14 @@
 """Warm-claim latency and throughput against the real daemon, with their baselines.
 
-    .venv/bin/python bench/claim.py [--pool 64] [--rounds 10] [--clients 16]
+    .venv/bin/python bench/claim.py [--pool 200] [--rounds 10] [--clients 16] [--procs CPUs]
 
 In one run, against one private redis-server and the real daemon with a `reuse: reset`
 pool of real local sandboxes (so rounds can repeat without cold creates):
 - PING round trip: the physical floor of anything done over Redis;
 - warm claim, one client, sandboxes claimed one after the other;
 - warm claim with 16 concurrent clients (own connections) draining the pool, and the
-  throughput that gives;
+  throughput that gives, with the clients in this process and then spread over one client
+  process per CPU (as agents on a host are separate programs);
 - time from a claim to the daemon starting the replacement create (`reuse: never` pool);
 - cold create of the same provider, one at a time.
 """
