@@ -22,7 +22,7 @@ from conftest import sandbox_processes
 from helpers import KEYS, apply, events_of, eventually, wait_ready
 
 CLIENTS = 16
-CLAIMS_PER_CLIENT = 100
+CLAIMS_PER_CLIENT = 160  # 2,560 claims in all
 POOLS = {
     "reused": {"name": "reused", "min_ready": 6, "max_total": 10, "reuse": "reset"},
     "fresh": {"name": "fresh", "min_ready": 4, "max_total": 8},
