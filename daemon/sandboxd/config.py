@@ -70,6 +70,16 @@ class LocalProviderConfig(BaseModel):
         return {"base": LocalTemplate(), **self.templates}
 
 
+class Faults(BaseModel):
+    """Faults injected into one provider (`providers/faults.py`), for chaos tests only."""
+
+    create_failure_rate: float = Field(default=0.0, ge=0, le=1, description="Creates that fail.")
+    create_failure_retryable: bool = Field(default=True, description="May they be retried.")
+    create_hang_rate: float = Field(default=0.0, ge=0, le=1, description="Creates that hang.")
+    create_latency_s: float = Field(default=0.0, ge=0, description="Added before every create.")
+    seed: int | None = Field(default=None, description="Makes the injected sequence repeatable.")
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SANDBOXD_", env_nested_delimiter="__", extra="forbid"
@@ -93,6 +103,17 @@ class Config(BaseSettings):
     on_shutdown: Literal["terminate", "keep"] = "terminate"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     local: LocalProviderConfig = Field(default_factory=LocalProviderConfig)
+    faults: dict[str, Faults] = Field(
+        default_factory=dict, description="Fault injection per provider name (chaos tests)."
+    )
+
+    @field_validator("faults")
+    @classmethod
+    def _known_providers(cls, value: dict[str, Faults]) -> dict[str, Faults]:
+        unknown = set(value) - {"local", "e2b"}
+        if unknown:
+            raise ValueError(f"faults for unknown providers: {', '.join(sorted(unknown))}")
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -171,12 +171,17 @@ class LocalProvider:
         log_tail = (box / "agent.log").read_text(errors="replace")[-500:]
         raise CreateError(f"bubblewrap did not start the sandbox: {log_tail.strip()}")
 
-    async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+    async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        """SIGKILL every process of the sandbox and wait until they are gone; the sandbox's
+        files stay (terminate frees those). A sudden death, as a crash would be."""
         procs = _live_tree(handle)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(psutil.wait_procs, procs, 5.0)
+
+    async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        await self.kill(sandbox_id, handle)
         if self._cgroups:
             self._cgroups.remove(sandbox_id)
         box = Path(handle.get("dir") or self.root / sandbox_id)

@@ -1,0 +1,71 @@
+"""The fault-injection wrapper over the real local provider (real processes)."""
+
+import asyncio
+
+import pytest
+
+from sandboxd.config import Config, Faults, LocalProviderConfig
+from sandboxd.providers import CreateError, make_providers
+from sandboxd.providers.faults import FaultyProvider
+from sandboxd.providers.local import LocalProvider
+from sandboxd.spec import PoolSpec
+
+POOL = PoolSpec(name="p")
+
+
+def faulty(tmp_path, **faults) -> FaultyProvider:
+    local = LocalProvider(LocalProviderConfig(workspace_root=tmp_path / "boxes"))
+    return FaultyProvider(local, Faults(**faults))
+
+
+async def test_every_create_fails_when_the_rate_is_one(tmp_path):
+    provider = faulty(tmp_path, create_failure_rate=1.0, create_failure_retryable=False)
+    with pytest.raises(CreateError) as failure:
+        await provider.create("sb-1", POOL)
+    assert not failure.value.retryable and "injected" in str(failure.value)
+    assert provider.injected["create_failure"] == 1
+    assert await provider.list_sandboxes() == []
+
+
+async def test_a_seeded_rate_fails_that_share_of_creates_repeatably(tmp_path):
+    outcomes = []
+    for run in range(2):
+        provider = faulty(tmp_path / str(run), create_failure_rate=0.3, seed=7)
+        failed = 0
+        for i in range(10):
+            try:
+                handle = await provider.create(f"sb-{run}-{i}", POOL)
+                await provider.terminate(f"sb-{run}-{i}", handle)
+            except CreateError:
+                failed += 1
+        outcomes.append(failed)
+    assert outcomes[0] == outcomes[1] and 0 < outcomes[0] < 10
+
+
+async def test_a_hung_create_waits_until_cancelled(tmp_path):
+    provider = faulty(tmp_path, create_hang_rate=1.0)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await provider.create("sb-1", POOL)
+    assert provider.injected["create_hang"] == 1
+
+
+async def test_a_sudden_death_kills_the_processes_and_leaves_the_files(tmp_path):
+    provider = faulty(tmp_path)
+    handle = await provider.create("sb-1", POOL)
+    assert await provider.kill_random() == "sb-1"
+    assert not await provider.is_alive("sb-1", handle)
+    assert await provider.list_sandboxes() == []  # only live sandboxes are listed
+    assert (tmp_path / "boxes" / "sb-1" / "meta.json").is_file()
+    assert await provider.kill_random() is None  # nothing left alive
+    await provider.terminate("sb-1", handle)
+    assert not (tmp_path / "boxes" / "sb-1").exists()
+
+
+def test_config_wraps_only_the_named_provider_and_rejects_unknown_names(tmp_path):
+    local = {"workspace_root": str(tmp_path)}
+    providers = make_providers(Config(local=local, faults={"local": {"create_failure_rate": 1}}))
+    assert isinstance(providers["local"], FaultyProvider)
+    assert not isinstance(make_providers(Config(local=local))["local"], FaultyProvider)
+    with pytest.raises(ValueError, match="unknown providers: locl"):
+        Config(local=local, faults={"locl": {}})
