@@ -46,6 +46,11 @@ class Provider(Protocol):
         """Stop the sandbox and free everything it holds; idempotent."""
         ...
 
+    async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        """Stop the sandbox's processes abruptly, keeping what terminate would free (a crash,
+        for fault injection)."""
+        ...
+
     async def reset(self, sandbox_id: str, handle: dict[str, Any], command: str) -> None:
         """Make a released sandbox fit for the next claimant: stop every process its last
         holder left, then run the pool's reset command. Raise if that fails."""

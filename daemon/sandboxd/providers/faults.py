@@ -49,9 +49,12 @@ class FaultyProvider:
         if not alive:
             return None
         victim = self._random.choice(sorted(alive))
-        await self.inner.kill(victim, self._live[victim])  # type: ignore[attr-defined]
+        await self.kill(victim, self._live[victim])
         self.injected["death"] += 1
         return victim
+
+    async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        await self.inner.kill(sandbox_id, handle)
 
     async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
         self._live.pop(sandbox_id, None)
