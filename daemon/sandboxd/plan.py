@@ -8,6 +8,15 @@ from dataclasses import dataclass, field
 
 from sandboxd.spec import PoolSpec
 
+# A sandbox is only stopped from these states for each reason: claimed sandboxes are
+# never scaled away under their holder, only ended by their lifetime cap or, with
+# `replace_claimed`, when unhealthy.
+FROM_STATES: dict[str, tuple[str, ...]] = {
+    "timeout": ("ready", "claimed", "released"),
+    "unhealthy": ("ready", "claimed"),
+}
+DEFAULT_FROM = ("ready",)
+
 
 @dataclass(frozen=True)
 class Observed:
@@ -15,6 +24,7 @@ class Observed:
     pool: str
     state: str
     created_ts: float
+    health: str = "healthy"
 
 
 @dataclass
@@ -22,6 +32,7 @@ class PoolPlan:
     pool: str
     total: int
     create: int = 0
+    wanted: int = 0  # creates the pool needs, before the breaker, surge and global limits
     terminate: list[tuple[str, str]] = field(default_factory=list)  # (sandbox id, reason)
 
     @property
@@ -40,14 +51,17 @@ def plan(
     create_slots: int,
     now: float,
     waiting: Mapping[str, int] | None = None,
+    limits: Mapping[str, int | None] | None = None,
 ) -> list[PoolPlan]:
-    """Stop surplus first (oldest ready first), then create what is missing.
+    """Stop what must go (lifetime, health, surplus), then create what is missing.
 
     A pool never goes over `max_total`, counting every state (creates in flight and claimed
     sandboxes too), and no more than `create_slots` creates are started across all pools.
     `waiting`: clients blocked on an empty `on_empty: create` pool; each wants one more.
+    `limits`: creates a pool may start now (its breaker and slow start); absent means any.
     """
     waiting = waiting or {}
+    limits = limits or {}
     by_pool: dict[str, list[Observed]] = {}
     for sandbox in sandboxes:
         by_pool.setdefault(sandbox.pool, []).append(sandbox)
@@ -57,6 +71,9 @@ def plan(
         _pool_plan(specs.get(name), name, by_pool.get(name, []), now, waiting.get(name, 0))
         for name in names
     ]
+    for p in plans:
+        limit = limits.get(p.pool)
+        p.create = p.wanted if limit is None else min(p.wanted, limit)
     _share_create_slots(plans, create_slots)
     return plans
 
@@ -69,20 +86,54 @@ def _pool_plan(
     if spec is None:
         result.terminate = [(s.id, "drained") for s in ready]
         return result
-    expired = [s for s in ready if now - s.created_ts > spec.timeout_s]
-    fresh = [s for s in ready if now - s.created_ts <= spec.timeout_s]
+    result.terminate = _doomed(spec, members, now)
+    gone = {sandbox_id for sandbox_id, _ in result.terminate}
+    stale, fresh = _by_idle_age(spec, [s for s in ready if s.id not in gone], now)
     target = min(spec.min_ready + waiting, spec.max_total)
-    over_cap = len(members) - len(expired) - spec.max_total
-    surplus = min(len(fresh), max(len(fresh) - target, over_cap, 0))
-    result.terminate = [(s.id, "timeout") for s in expired]
-    result.terminate += [(s.id, "scaled_down") for s in fresh[:surplus]]
+    over_cap = len(members) - len(gone) - spec.max_total
+    usable = stale + fresh  # stale first: they are the first to go
+    surplus = min(len(usable), max(len(usable) - target, over_cap, 0))
+    stale_ids = {s.id for s in stale}
+    result.terminate += [
+        (s.id, "idle_ttl" if s.id in stale_ids else "scaled_down") for s in usable[:surplus]
+    ]
+    stale = stale[surplus:] if surplus < len(stale) else []
     # Sandboxes on their way to ready: new ones, and released ones that will be reset.
     coming = {"creating", "released", "resetting"} if spec.reuse == "reset" else {"creating"}
     pending = sum(1 for s in members if s.state in coming)
-    missing = target - (len(fresh) - surplus) - pending
+    # Stale ready sandboxes are replaced a batch at a time, make-before-break: their
+    # replacements are created first, and once ready the stale ones are the surplus.
+    batch = stale[: spec.max_surge] if pending == 0 else []
+    missing = target - (len(usable) - surplus - len(batch)) - pending
     room = spec.max_total - (len(members) - len(result.terminate))
-    result.create = max(0, min(missing, room))
+    if batch and room <= 0:  # at the cap: no room to make first, so break first
+        result.terminate += [(s.id, "idle_ttl") for s in batch]
+        room += len(batch)
+    result.wanted = max(0, min(missing, room))
     return result
+
+
+def _doomed(spec: PoolSpec, members: list[Observed], now: float) -> list[tuple[str, str]]:
+    """Sandboxes past the pool's lifetime cap, and unhealthy ones that are to be replaced."""
+    out = []
+    for s in members:
+        if s.state in FROM_STATES["timeout"] and now - s.created_ts > spec.timeout_s:
+            out.append((s.id, "timeout"))
+        elif s.health == "unhealthy" and (
+            s.state == "ready" or (s.state == "claimed" and spec.replace_claimed)
+        ):
+            out.append((s.id, "unhealthy"))
+    return out
+
+
+def _by_idle_age(
+    spec: PoolSpec, ready: list[Observed], now: float
+) -> tuple[list[Observed], list[Observed]]:
+    """(past idle_ttl_s, the rest), each oldest first."""
+    if spec.idle_ttl_s is None:
+        return [], ready
+    stale = [s for s in ready if now - s.created_ts > spec.idle_ttl_s]
+    return stale, [s for s in ready if now - s.created_ts <= spec.idle_ttl_s]
 
 
 def _share_create_slots(plans: list[PoolPlan], slots: int) -> None:

@@ -15,6 +15,60 @@ LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
 DEFAULT_RESET = 'find "$HOME" "$TMPDIR" -mindepth 1 -delete'
 
 
+class HealthSpec(BaseModel):
+    """How each sandbox of a pool is probed (besides its agent's own liveness)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Shell command run in the sandbox; exit 0 is healthy. None: liveness only.",
+    )
+    interval_s: float = Field(default=30.0, ge=0.1, le=86400, description="Between probes.")
+    timeout_s: float = Field(default=5.0, gt=0, le=3600, description="A slower probe fails.")
+    failure_threshold: int = Field(
+        default=3, ge=1, le=100, description="Consecutive failures that make it unhealthy."
+    )
+    degraded_latency_ms: float = Field(
+        default=2000.0, gt=0, description="A passing probe slower than this is `degraded`."
+    )
+
+
+class RunSpec(BaseModel):
+    """A long-running program kept running in every sandbox of the pool (an agent)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: str = Field(min_length=1, max_length=4096, description="Shell command.")
+    restart: Literal["on-failure", "always", "never"] = "on-failure"
+    backoff_s: float = Field(default=1.0, gt=0, le=3600, description="First restart delay.")
+    max_backoff_s: float = Field(default=60.0, gt=0, le=86400, description="Delay cap.")
+    stable_s: float = Field(
+        default=10.0, gt=0, le=86400, description="A run this long resets the backoff."
+    )
+    max_restarts: int = Field(
+        default=5, ge=0, le=10_000, description="Restarts allowed within window_s."
+    )
+    window_s: float = Field(default=60.0, gt=0, le=86400)
+
+
+class BreakerSpec(BaseModel):
+    """The pool's circuit breaker on creates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failures: int = Field(
+        default=5, ge=1, le=1000, description="Consecutive failed creates that open it."
+    )
+    cooldown_s: float = Field(
+        default=30.0, gt=0, le=86400, description="Open this long before one trial create."
+    )
+    max_cooldown_s: float = Field(
+        default=600.0, gt=0, le=86400, description="Cooldown doubles per failed trial, to this."
+    )
+
+
 class PoolSpec(BaseModel):
     """One warm pool: how many sandboxes of which kind to keep ready."""
 
@@ -48,6 +102,20 @@ class PoolSpec(BaseModel):
         "reset_command runs, and it goes back to ready (terminated if that fails).",
     )
     reset_command: str = Field(default=DEFAULT_RESET, min_length=1, max_length=4096)
+    health: HealthSpec = Field(default_factory=HealthSpec)
+    run: RunSpec | None = Field(default=None, description="A supervised program (an agent).")
+    replace_claimed: bool = Field(
+        default=False,
+        description="Terminate and replace an unhealthy claimed sandbox (default: only "
+        "report it, naming the claim, and leave it to its holder).",
+    )
+    idle_ttl_s: int | None = Field(
+        default=None, gt=0, le=30 * 86400, description="Recycle ready sandboxes older than this."
+    )
+    max_surge: int = Field(
+        default=10, ge=1, le=1000, description="Most creates started for the pool per tick."
+    )
+    breaker: BreakerSpec = Field(default_factory=BreakerSpec)
 
     @field_validator("env")
     @classmethod

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.plan import Observed, plan
+from sandboxd.plan import DEFAULT_FROM, FROM_STATES, Observed, plan
 from sandboxd.spec import PoolSpec
 
 NOW = 10_000.0
@@ -65,18 +65,27 @@ def test_create_slots_are_shared_round_robin():
 
 
 pool_specs = st.builds(
-    lambda name, lo, extra: PoolSpec(name=name, min_ready=lo, max_total=max(1, lo + extra)),
+    lambda name, lo, extra, ttl, replace: PoolSpec(
+        name=name,
+        min_ready=lo,
+        max_total=max(1, lo + extra),
+        idle_ttl_s=ttl,
+        replace_claimed=replace,
+    ),
     st.sampled_from(["a", "b", "c"]),
     st.integers(0, 12),
     st.integers(0, 6),
+    st.none() | st.integers(1, 5000),
+    st.booleans(),
 )
 observed = st.lists(
     st.builds(
-        lambda i, pool, state, age: Observed(f"s{i}", pool, state, NOW - age),
+        lambda i, pool, state, age, health: Observed(f"s{i}", pool, state, NOW - age, health),
         st.integers(0, 10_000),
         st.sampled_from(["a", "b", "c", "d"]),
         st.sampled_from(["creating", "ready", "claimed", "terminating"]),
         st.floats(0, 8000),
+        st.sampled_from(["healthy", "degraded", "unhealthy"]),
     ),
     max_size=40,
     unique_by=lambda o: o.id,
@@ -91,8 +100,11 @@ def test_plan_invariants(pools, obs, slots):
     assert sum(p.create for p in plans) <= slots
     for p in plans:
         members = [o for o in obs if o.pool == p.pool]
-        for sandbox_id, _ in p.terminate:
-            assert by_id[sandbox_id].state == "ready" and by_id[sandbox_id].pool == p.pool
+        for sandbox_id, reason in p.terminate:
+            assert by_id[sandbox_id].state in FROM_STATES.get(reason, DEFAULT_FROM)
+            assert by_id[sandbox_id].pool == p.pool
+        assert len({sandbox_id for sandbox_id, _ in p.terminate}) == len(p.terminate)
+        ready_gone = sum(1 for i, _ in p.terminate if by_id[i].state == "ready")
         spec = specs.get(p.pool)
         if spec is None:
             assert p.create == 0
@@ -100,7 +112,7 @@ def test_plan_invariants(pools, obs, slots):
         # Never over the cap because of us: creates only fit below max_total.
         if p.create:
             assert len(members) - len(p.terminate) + p.create <= spec.max_total
-        ready_after = sum(1 for o in members if o.state == "ready") - len(p.terminate)
+        ready_after = sum(1 for o in members if o.state == "ready") - ready_gone
         assert 0 <= ready_after <= spec.min_ready  # surplus always goes
 
 
@@ -111,7 +123,68 @@ def test_plan_converges_when_creates_are_unlimited(pools, obs):
         if spec is None:
             continue
         members = [o for o in obs if o.pool == p.pool]
-        ready_after = sum(1 for o in members if o.state == "ready") - len(p.terminate)
+        gone = {i for i, _ in p.terminate}
+        ready_after = sum(1 for o in members if o.state == "ready" and o.id not in gone)
         creating = sum(1 for o in members if o.state == "creating")
         total_after = len(members) - len(p.terminate) + p.create
         assert ready_after + creating + p.create >= spec.min_ready or total_after >= spec.max_total
+
+
+def test_lifetime_cap_ends_claimed_sandboxes_too():
+    old = [Observed("held", "a", "claimed", NOW - 4000), Observed("new", "a", "claimed", NOW)]
+    (p,) = plan([PoolSpec(name="a", min_ready=0, timeout_s=3600)], old, create_slots=5, now=NOW)
+    assert p.terminate == [("held", "timeout")]
+
+
+def test_unhealthy_ready_is_replaced_claimed_only_when_asked():
+    obs = [
+        Observed("sick-ready", "a", "ready", NOW - 10, "unhealthy"),
+        Observed("sick-held", "a", "claimed", NOW - 10, "unhealthy"),
+        Observed("ok", "a", "ready", NOW - 5),
+    ]
+    (p,) = plan([PoolSpec(name="a", min_ready=2)], obs, create_slots=5, now=NOW)
+    assert (p.terminate, p.create) == ([("sick-ready", "unhealthy")], 1)
+    spec = PoolSpec(name="a", min_ready=2, replace_claimed=True)
+    (p,) = plan([spec], obs, create_slots=5, now=NOW)
+    assert sorted(p.terminate) == [("sick-held", "unhealthy"), ("sick-ready", "unhealthy")]
+    assert p.create == 1  # the claimed one was not counted as ready
+
+
+def test_degraded_sandboxes_stay():
+    obs = [Observed("slow", "a", "ready", NOW - 10, "degraded")]
+    (p,) = plan([PoolSpec(name="a", min_ready=1)], obs, create_slots=5, now=NOW)
+    assert not p.changes
+
+
+def test_idle_ttl_replaces_a_batch_make_before_break():
+    spec = PoolSpec(name="a", min_ready=4, max_total=10, idle_ttl_s=60, max_surge=2)
+    stale = [Observed(f"old{i}", "a", "ready", NOW - 100 + i) for i in range(3)]
+    young = [Observed("young", "a", "ready", NOW - 10)]
+    (p,) = plan([spec], stale + young, create_slots=5, now=NOW)
+    assert (p.terminate, p.create) == ([], 2)  # replacements first, oldest two
+    replacements = [Observed(f"new{i}", "a", "ready", NOW) for i in range(2)]
+    (p,) = plan([spec], stale + young + replacements, create_slots=5, now=NOW)
+    assert p.terminate == [("old0", "idle_ttl"), ("old1", "idle_ttl")]
+    assert p.create == 1  # and the next batch: old2's replacement
+
+
+def test_idle_ttl_waits_for_a_batch_in_flight():
+    spec = PoolSpec(name="a", min_ready=2, max_total=10, idle_ttl_s=60)
+    obs = [Observed(f"old{i}", "a", "ready", NOW - 100) for i in range(2)]
+    obs.append(Observed("c", "a", "creating", NOW))
+    (p,) = plan([spec], obs, create_slots=5, now=NOW)
+    assert not p.changes  # the creating one may be a replacement: wait for it
+
+
+def test_idle_ttl_at_the_cap_breaks_before_making():
+    spec = PoolSpec(name="a", min_ready=2, max_total=2, idle_ttl_s=60, max_surge=1)
+    obs = [Observed("old", "a", "ready", NOW - 100), Observed("young", "a", "ready", NOW)]
+    (p,) = plan([spec], obs, create_slots=5, now=NOW)
+    assert (p.terminate, p.create) == ([("old", "idle_ttl")], 1)
+
+
+def test_limits_cap_creates_but_wanted_tells_the_need():
+    (p,) = plan([PoolSpec(name="a", min_ready=5)], [], create_slots=9, now=NOW, limits={"a": 0})
+    assert (p.create, p.wanted) == (0, 5)
+    (p,) = plan([PoolSpec(name="a", min_ready=5)], [], create_slots=9, now=NOW, limits={"a": 2})
+    assert (p.create, p.wanted) == (2, 5)
