@@ -95,6 +95,12 @@ class Config(BaseSettings):
     max_concurrent_creates: int = Field(default=5, ge=1)
     create_attempts: int = Field(default=3, ge=1, description="Tries per create (tenacity).")
     create_timeout_s: float = Field(default=60.0, gt=0)
+    create_grace_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A create still running after this is cancelled and recreated "
+        "(a provider that ignores the create timeout).",
+    )
     reset_timeout_s: float = Field(default=30.0, gt=0, description="reuse: reset, per sandbox.")
     lease_check_interval_s: float = Field(
         default=1.0, gt=0, description="How often expired leases are looked for."

@@ -28,11 +28,14 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "the daemon found an invalid spec in Redis and kept the previous one",
         "revision (if readable), errors, revision_in_force",
     ),
-    "sandbox.creating": ("a create started", "template, provider, spec_revision"),
+    "sandbox.creating": (
+        "a create started",
+        "template, provider, spec_revision, replaces (the lost sandbox it replaces, or empty)",
+    ),
     "sandbox.ready": ("a sandbox is ready to be claimed", "create_ms, isolation, pid"),
     "sandbox.create_failed": (
         "one create attempt failed",
-        "attempt, attempts, error, will_retry",
+        "attempt, attempts, error, retryable (false: permanent, e.g. a bad template), will_retry",
     ),
     "sandbox.claimed": (
         "a client claimed a ready sandbox (appended by the claim script itself)",
@@ -57,7 +60,47 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "sandbox.terminated": (
         "a sandbox is gone",
         "reason (scaled_down, drained, died, timeout, orphan, interrupted, shutdown, "
-        "create_failed, released, lease_expired, reset_failed), state, error (reset_failed)",
+        "create_failed, released, lease_expired, reset_failed, unhealthy, idle_ttl, "
+        "stuck_creating, lost), state, error (reset_failed), detail (died, unhealthy), "
+        "claimant and claim_id (a claimed sandbox ended by timeout or health)",
+    ),
+    "sandbox.leaked": (
+        "the janitor found a sandbox of ours that Redis has no record of, and terminated it",
+        "provider, verified_gone",
+    ),
+    "sandbox.health_changed": (
+        "a sandbox's health moved between healthy, degraded and unhealthy",
+        "from, to, reason, state, consecutive_failures, latency_ms, claimant and claim_id "
+        "(if claimed: the holder decides, unless the pool has replace_claimed)",
+    ),
+    "recovery.started": (
+        "a lost ready sandbox (died, unhealthy) is being replaced",
+        "reason, detail, state",
+    ),
+    "recovery.succeeded": (
+        "the replacement of a lost sandbox is ready",
+        "old, new, reason, recovery_ms",
+    ),
+    "recovery.failed": (
+        "the replacement's create failed (the pool keeps trying on later ticks)",
+        "old, attempted, reason, error",
+    ),
+    "agent.started": ("the pool's `run:` program started in a sandbox", "pid, restarts"),
+    "agent.exited": ("the program exited", "exit_code, signal, ran_s"),
+    "agent.restarting": ("the program will be restarted", "delay_s, restarts, exit_code"),
+    "agent.failed": (
+        "the program gave up (max_restarts within window_s); the sandbox is replaced",
+        "reason, restarts",
+    ),
+    "pool.breaker_opened": (
+        "creates of the pool keep failing: they stop until a trial after the cooldown",
+        "failures, error, retry_in_s",
+    ),
+    "pool.breaker_closed": ("a trial create succeeded: the pool creates normally again", ""),
+    "health.report": (
+        "periodic per-pool health summary (also in `sandboxd status`)",
+        "pools: {name: {healthy, degraded, unhealthy, unknown, score, state, "
+        "error_rate, probe_p50_ms, probe_p95_ms, breaker}}",
     ),
     "sandbox.adopted": ("a sandbox found alive at start was taken over", "state, pid"),
     "pool.scaled": (

@@ -3,22 +3,17 @@
 import asyncio
 import logging
 import time
-import uuid
 from typing import Any
 
 from redis.exceptions import RedisError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
+from sandboxd.creator import Creator
 from sandboxd.events import EventPublisher
-from sandboxd.plan import Observed, PoolPlan, plan
+from sandboxd.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan
 from sandboxd.providers import Provider
+from sandboxd.recovery import Recoveries
 from sandboxd.recycler import Recycler
 from sandboxd.redisconn import cancelling, survive
 from sandboxd.spec import PoolSpec
@@ -27,10 +22,6 @@ from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
 from sandboxd.terminator import Terminator
 
 log = logging.getLogger(__name__)
-
-
-def new_sandbox_id() -> str:
-    return f"sb-{uuid.uuid4().hex[:16]}"
 
 
 async def _idle_at_least(busy_s: float, *, since: float) -> None:
@@ -70,9 +61,17 @@ class Reconciler:
             terminator=terminator,
             reset_timeout_s=config.reset_timeout_s,
         )
-        self._instance = instance
+        self.recoveries = Recoveries(events)
+        self.creator = Creator(
+            config=config,
+            store=store,
+            events=events,
+            providers=providers,
+            recoveries=self.recoveries,
+            instance=instance,
+            nudge=self.nudge,
+        )
         self._wake = asyncio.Event()
-        self._inflight: set[str] = set()  # ids of creates running in this process
         self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
         # Liveness (a /proc lookup per sandbox) and republishing pool settings run once per
         # tick, not on every nudged pass: under claim load that is thousands a second.
@@ -133,15 +132,27 @@ class Reconciler:
         records = await self._reap_dead(await self._store.records(), check_liveness=tick)
         if tick:
             await self._store.sync_members(records)
+            await self.creator.cancel_stuck(self._config.create_grace_s)
+        self.records = records
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
             [p.name for p in pools if p.on_empty == "create"]
         )
-        slots = self._config.max_concurrent_creates - len(self._inflight)
-        observed = [Observed(r.id, r.pool, r.state, r.created_ts) for r in records]
-        plans = plan(pools, observed, create_slots=slots, now=time.time(), waiting=waiting)
+        now = time.monotonic()
+        pacing = self.creator.pace(pools)
+        self.recoveries.forget(set(specs))
+        limits = {name: pace.limit(now) for name, pace in pacing.items()}
+        slots = self._config.max_concurrent_creates - len(self.creator.inflight)
+        observed = [Observed(r.id, r.pool, r.state, r.created_ts, r.health) for r in records]
+        plans = plan(
+            pools, observed, create_slots=slots, now=time.time(), waiting=waiting, limits=limits
+        )
         by_id = {r.id: r for r in records}
         for pool_plan in plans:
+            if pool_plan.pool in pacing:
+                pacing[pool_plan.pool].explain_shortfall(
+                    pool_plan.wanted, pool_plan.create, limits[pool_plan.pool], now
+                )
             if pool_plan.changes:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
         self.last_pass_at = time.time()
@@ -160,7 +171,12 @@ class Reconciler:
         stuck: set[str] = set()
         for record in records:
             verdict = await self._verdict(record, stuck, check_liveness)
-            if verdict is None or not await self.terminate(record, *verdict):
+            if verdict is None:
+                alive.append(record)
+            elif verdict[0] == "died" and record.state == "ready":
+                if not await self.replace(record, "died", "the sandbox's processes are gone"):
+                    alive.append(record)
+            elif not await self.terminate(record, *verdict):
                 alive.append(record)
         self._stuck = stuck
         return alive
@@ -169,7 +185,7 @@ class Reconciler:
         self, record: SandboxRecord, stuck: set[str], check_liveness: bool
     ) -> tuple[Any, ...] | None:
         """(reason, *states it may be stopped from) if the record should be closed."""
-        if record.state == "creating" and record.id not in self._inflight:
+        if record.state == "creating" and record.id not in self.creator.inflight:
             return ("interrupted", "creating")
         if record.state in ("terminating", "resetting") and not self._handling(record.id):
             if record.id in self._stuck:
@@ -209,135 +225,31 @@ class Reconciler:
         )
         async with asyncio.TaskGroup() as group:
             for sandbox_id, reason in pool_plan.terminate:
-                group.create_task(self.terminate(by_id[sandbox_id], reason, "ready"))
+                group.create_task(self._stop(by_id[sandbox_id], reason))
         if spec is not None:
+            assert self._work is not None, "creates only start inside run()"
             for _ in range(pool_plan.create):
-                await self._start_create(spec)
+                await self.creator.start(spec, self._specs.revision, self._work)
 
-    async def terminate(self, record: SandboxRecord, reason: str, *states: SandboxState) -> bool:
-        """Take the sandbox out of circulation (if still in `states`), stop it, close it."""
-        return await self._terminator.terminate(record, reason, *states)
-
-    async def _start_create(self, spec: PoolSpec) -> None:
-        record = SandboxRecord(
-            id=new_sandbox_id(),
-            pool=spec.name,
-            provider=spec.provider,
-            state="creating",
-            template=spec.template,
-            spec_revision=self._specs.revision,
-            instance=self._instance,
-        )
-        self._inflight.add(record.id)
-        try:
-            await self._store.add(record)  # counted in the pool's total from now on
-        except BaseException:
-            self._inflight.discard(record.id)
-            raise
-        await self._events.publish(
-            "sandbox.creating",
-            pool=spec.name,
-            sandbox=record.id,
-            template=spec.template,
-            provider=spec.provider,
-            spec_revision=record.spec_revision,
-        )
-        assert self._work is not None, "creates only start inside run()"
-        self._work.create_task(self._create(record, spec), name=f"create {record.id}")
-
-    async def _create(self, record: SandboxRecord, spec: PoolSpec) -> None:
-        try:
-            await self._create_and_publish(record, spec)
-        except RedisError as exc:
-            if not survive(exc):
-                raise
-            log.warning(
-                "create abandoned, Redis unavailable: %s",
-                exc,
-                extra={"sandbox": record.id, "pool": record.pool},
-            )
-        finally:
-            self._inflight.discard(record.id)
-
-    async def _create_and_publish(self, record: SandboxRecord, spec: PoolSpec) -> None:
-        started = time.perf_counter()
-        try:
-            handle = await self._create_with_retries(record, spec)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._store.remove(record))
-            raise
-        except Exception:
-            await self._give_up(record)
-            return  # no nudge: the next tick tries again, so a failing provider is not hammered
-        create_ms = round((time.perf_counter() - started) * 1000, 1)
-        event = self._events.build(
-            "sandbox.ready",
-            pool=record.pool,
-            sandbox=record.id,
-            create_ms=create_ms,
-            isolation=handle.get("isolation", ""),
-            pid=handle.get("pid"),
-        )
-        try:
-            ready = await self._store.mark_ready(record, handle, event, maxlen=self._events.maxlen)
-        except BaseException:
-            await asyncio.shield(self._providers[spec.provider].terminate(record.id, handle))
-            raise
-        if not ready:
-            # The record went away while we created (pool drained, daemon stopping).
-            await self._providers[spec.provider].terminate(record.id, handle)
+    async def _stop(self, record: SandboxRecord, reason: str) -> None:
+        if reason == "unhealthy" and record.state == "ready":
+            await self.replace(record, reason, record.health_reason)
             return
-        log.info(
-            "sandbox ready",
-            extra={"sandbox": record.id, "pool": record.pool, "create_ms": create_ms},
-        )
-        self.nudge()
+        claim = {"claimant": record.claimant, "claim_id": record.claim_id}
+        extra = claim if record.state == "claimed" else {}
+        await self.terminate(record, reason, *FROM_STATES.get(reason, DEFAULT_FROM), **extra)
 
-    async def _create_with_retries(self, record: SandboxRecord, spec: PoolSpec) -> dict:
-        provider = self._providers[spec.provider]
-        attempts = self._config.create_attempts
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
-            retry=retry_if_exception(lambda exc: getattr(exc, "retryable", True)),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                number = attempt.retry_state.attempt_number
-                try:
-                    async with asyncio.timeout(self._config.create_timeout_s):
-                        return await provider.create(record.id, spec)
-                except Exception as exc:
-                    will_retry = getattr(exc, "retryable", True) and number < attempts
-                    await self._report_failure(record, exc, number, attempts, will_retry)
-                    raise
-        raise AssertionError("unreachable: tenacity reraises the last error")
+    async def replace(self, record: SandboxRecord, reason: str, detail: str) -> bool:
+        """A ready sandbox lost (dead, unhealthy): stop it, and let the pool's next create
+        be its replacement. False if it was claimed meanwhile (its holder has it now)."""
+        if await self._store.begin_terminate(record, "ready") is None:
+            return False
+        await self.recoveries.begin(record, reason, detail)
+        await self._terminator.finish(record, reason, "ready", detail=detail)
+        return True
 
-    async def _report_failure(
-        self, record: SandboxRecord, exc: Exception, number: int, attempts: int, will_retry: bool
-    ) -> None:
-        error = str(exc) or type(exc).__name__
-        log.warning(
-            "create failed",
-            extra={"sandbox": record.id, "pool": record.pool, "attempt": number, "error": error},
-        )
-        await self._events.publish(
-            "sandbox.create_failed",
-            pool=record.pool,
-            sandbox=record.id,
-            attempt=number,
-            attempts=attempts,
-            error=error,
-            will_retry=will_retry,
-        )
-
-    async def _give_up(self, record: SandboxRecord) -> None:
-        await self._store.remove(record)
-        await self._events.publish(
-            "sandbox.terminated",
-            pool=record.pool,
-            sandbox=record.id,
-            reason="create_failed",
-            state="creating",
-        )
+    async def terminate(
+        self, record: SandboxRecord, reason: str, *states: SandboxState, **data: Any
+    ) -> bool:
+        """Take the sandbox out of circulation (if still in `states`), stop it, close it."""
+        return await self._terminator.terminate(record, reason, *states, **data)

@@ -16,6 +16,7 @@ from sandboxd.keys import Keys
 
 SandboxState = Literal["creating", "ready", "claimed", "released", "resetting", "terminating"]
 STATES: tuple[SandboxState, ...] = get_args(SandboxState)
+HealthState = Literal["unknown", "healthy", "degraded", "unhealthy"]
 
 # KEYS: sandbox hash, ready list, events. ARGV: id, from state, ready_at, handle,
 # available channel, stream maxlen, event fields... The event is appended in the same step,
@@ -79,16 +80,30 @@ class SandboxRecord(BaseModel):
     max_lease_s: int = 0
     lease_expires_ms: int = Field(default=0, description="Unix ms, Redis clock.")
     uses: int = Field(default=0, description="Claims so far (above 1 only with reuse: reset).")
+    replaces: str = Field(default="", description="The lost sandbox this one replaces.")
+    health: HealthState = Field(default="unknown", description="Set by the health monitor.")
+    health_reason: str = ""
+    health_changed_at: str = ""
+    health_checks: list[dict[str, Any]] = Field(
+        default_factory=list, description="The last probe results, newest last."
+    )
 
     def to_hash(self) -> dict[str, str]:
         fields = self.model_dump()
         fields["handle"] = json.dumps(self.handle, separators=(",", ":"))
+        fields["health_checks"] = json.dumps(self.health_checks, separators=(",", ":"))
         fields["spec_revision"] = str(self.spec_revision)
         return fields
 
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> "SandboxRecord":
-        return cls.model_validate({**fields, "handle": json.loads(fields.get("handle") or "{}")})
+        return cls.model_validate(
+            {
+                **fields,
+                "handle": json.loads(fields.get("handle") or "{}"),
+                "health_checks": json.loads(fields.get("health_checks") or "[]"),
+            }
+        )
 
     @property
     def created_ts(self) -> float:

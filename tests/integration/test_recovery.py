@@ -20,12 +20,16 @@ async def test_killed_sandbox_is_replaced_within_a_tick(redis, daemon_factory):
     victim, survivor = await wait_ready(redis, "default", 2)
     os.kill((await record_pids(redis))[victim], signal.SIGKILL)
     died = await wait_event(redis, "sandbox.terminated", sandbox=victim)
-    assert died["data"] == {"reason": "died", "state": "ready"}
+    assert died["data"]["reason"] == "died" and died["data"]["state"] == "ready"
     ids = await eventually(lambda: _ready_without(redis, victim), what="replacement ready")
     assert survivor in ids and len(ids) == 2
     replacement = (set(ids) - {survivor}).pop()
     ready = await wait_event(redis, "sandbox.ready", sandbox=replacement)
     assert ready["stream_id"] > died["stream_id"]
+    started = await wait_event(redis, "recovery.started", sandbox=victim)
+    done = await wait_event(redis, "recovery.succeeded", old=victim)
+    assert started["data"]["reason"] == "died" and done["data"]["new"] == replacement
+    assert started["stream_id"] < died["stream_id"] < ready["stream_id"] < done["stream_id"]
 
 
 async def _ready_without(redis, gone: str):

@@ -1,0 +1,92 @@
+"""Per pool: may a create start now? Its circuit breaker and slow start together, and what
+its creates did lately — the numbers `status` and `health.report` show."""
+
+from collections import deque
+from typing import Any
+
+from sandboxd.breaker import CircuitBreaker, Transition
+from sandboxd.spec import PoolSpec
+from sandboxd.surge import SlowStart
+
+RECENT = 50  # create attempts the error rate is computed over
+
+
+class PoolPacing:
+    def __init__(self, spec: PoolSpec):
+        self.breaker = CircuitBreaker(spec.breaker)
+        self.surge = SlowStart(spec.max_surge)
+        self.inflight = 0
+        self.created = 0
+        self.failed_attempts = 0
+        self.last_error = ""
+        self.recent: deque[bool] = deque(maxlen=RECENT)  # attempt outcomes, True = ok
+        self.below_target = ""  # why the pool is short, when it is
+
+    def reconfigure(self, spec: PoolSpec) -> None:
+        self.breaker.reconfigure(spec.breaker)
+        self.surge.reconfigure(spec.max_surge)
+
+    def limit(self, now: float) -> int:
+        """Creates the pool may start now."""
+        allowed = self.surge.allowed(self.inflight)
+        trial = self.breaker.allowed(now)
+        return allowed if trial is None else min(allowed, trial)
+
+    def may_retry(self) -> bool:
+        """Retries within one create only while the breaker is closed: once it opens, a
+        trial create at a time is all the provider gets."""
+        return self.breaker.state == "closed"
+
+    def started(self) -> None:
+        self.inflight += 1
+        self.breaker.started()
+
+    def attempt_failed(self, error: str, now: float, *, permanent: bool) -> Transition | None:
+        self.failed_attempts += 1
+        self.last_error = error
+        self.recent.append(False)
+        self.surge.failed()
+        return self.breaker.failed(error, now, permanent=permanent)
+
+    def finished(self, ok: bool) -> Transition | None:
+        self.inflight -= 1
+        if not ok:
+            return None
+        self.created += 1
+        self.recent.append(True)
+        self.surge.succeeded()
+        return self.breaker.succeeded()
+
+    def error_rate(self) -> float:
+        return round(self.recent.count(False) / len(self.recent), 3) if self.recent else 0.0
+
+    def explain_shortfall(self, wanted: int, started: int, limit: int, now: float) -> None:
+        """Remember why fewer creates started than the pool needs (shown by `status`)."""
+        if wanted <= started:
+            self.below_target = ""
+        elif self.breaker.state == "open":
+            retry = self.breaker.retry_in(now)
+            self.below_target = (
+                f"breaker open after {self.breaker.failures} failed creates, trial in "
+                f"{retry:.0f}s; last error: {self.breaker.last_error}"
+            )
+        elif self.breaker.state == "half_open":
+            self.below_target = "breaker half-open: one trial create at a time"
+        elif started >= limit:
+            self.below_target = f"slow start: {self.surge.window} creates at a time"
+        else:
+            self.below_target = "global limit max_concurrent_creates reached"
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "breaker": self.breaker.state,
+            "breaker_retry_in_s": round(self.breaker.retry_in(now), 1),
+            "consecutive_failures": self.breaker.failures,
+            "creating": self.inflight,
+            "surge_window": self.surge.window,
+            "created": self.created,
+            "failed_attempts": self.failed_attempts,
+            "error_rate": self.error_rate(),
+            "last_error": self.last_error,
+            "below_target": self.below_target,
+        }
