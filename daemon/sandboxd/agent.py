@@ -10,7 +10,14 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
                                                   {"event": "exit", "code": 0, "timed_out": false}
   {"op": "write", "path": p, "data": "<b64>"}  -> {"ok": true, "size": N}
   {"op": "read", "path": p}                    -> {"ok": true, "data": "<b64>"}
-  {"op": "reset"}                              -> {"ok": true, "killed": N}  (all but the agent)
+  {"op": "reset"}                              -> {"ok": true, "killed": N}  (all but the agent;
+                                                  the supervised program is stopped first)
+  {"op": "supervise", "run": {...RunSpec}}     -> {"ok": true}  (replaces any program running)
+  {"op": "health", "shell": cmd|null, "timeout": s, "since": seq}
+                                               -> {"ok": true, "uptime_s": s,
+                                                   "check": {"exit_code", "output", "timed_out"}
+                                                            | null,
+                                                   "program": Supervisor.status(since) | null}
 Errors: {"ok": false, "error": "..."}. One request per connection.
 """
 
@@ -18,15 +25,48 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import resource
 import signal
 import time
 
+
+def _load_supervisor():
+    """supervisor.py sits next to this file (bind-mounted beside it inside the sandbox); the
+    agent runs isolated (-I), so it is loaded by path, not from sys.path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
+    spec = importlib.util.spec_from_file_location("sandbox_supervisor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+supervisor = _load_supervisor()
+
 MAX_LINE = 64 * 1024 * 1024
 STARTED = time.monotonic()
 RUNNING: set[int] = set()  # pids of exec'd commands; asyncio's child watcher reaps those
+CHECK_OUTPUT_CHARS = 500
+
+
+class Program:
+    """The one supervised program of this sandbox, if its pool has `run:`."""
+
+    current = None  # supervisor.Supervisor
+    task = None  # its asyncio.Task
+
+    @classmethod
+    async def replace(cls, run: dict | None, base_env: dict) -> None:
+        if cls.current is not None:
+            await cls.current.stop(cls.task)
+        cls.current = cls.task = None
+        if run:
+            cls.current = supervisor.Supervisor(
+                run, base_env, base_env.get("HOME", "/"), owned=RUNNING
+            )
+            cls.task = asyncio.get_running_loop().create_task(cls.current.loop())
 
 
 def _b64(data: bytes) -> str:
@@ -142,6 +182,43 @@ async def _reset() -> dict:
     return {"ok": True, "killed": len(groups)}
 
 
+async def _health(request: dict, base_env: dict) -> dict:
+    check = None
+    if request.get("shell"):
+        result = await _capture(request["shell"], base_env, request.get("timeout") or 5)
+        check = result
+    program = Program.current.status(int(request.get("since") or 0)) if Program.current else None
+    uptime = round(time.monotonic() - STARTED, 3)
+    return {"ok": True, "uptime_s": uptime, "check": check, "program": program}
+
+
+async def _capture(shell: str, base_env: dict, timeout: float) -> dict:
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        shell,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=base_env,
+        cwd=base_env.get("HOME", "/"),
+        start_new_session=True,
+    )
+    RUNNING.add(proc.pid)
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await proc.communicate()
+        text = output.decode(errors="replace")[-CHECK_OUTPUT_CHARS:]
+        return {"exit_code": proc.returncode, "output": text, "timed_out": False}
+    except TimeoutError:
+        await _kill_group(proc)
+        return {"exit_code": None, "output": "", "timed_out": True}
+    finally:
+        if proc.returncode is None:
+            await _kill_group(proc)
+        RUNNING.discard(proc.pid)
+
+
 def _other_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
 
@@ -157,7 +234,13 @@ def _handler(base_env: dict):
                 uptime = round(time.monotonic() - STARTED, 3)
                 await _send(writer, {"ok": True, "pid": os.getpid(), "uptime_s": uptime})
             elif op == "reset":
+                await Program.replace(None, base_env)
                 await _send(writer, await _reset())
+            elif op == "supervise":
+                await Program.replace(request.get("run"), base_env)
+                await _send(writer, {"ok": True})
+            elif op == "health":
+                await _send(writer, await _health(request, base_env))
             elif op in ("write", "read"):
                 await _send(writer, (_write if op == "write" else _read)(request, base_env))
             else:

@@ -54,6 +54,16 @@ class AgentClient:
         """Kill every process in the sandbox but the agent; returns how many were killed."""
         return int((await self._call({"op": "reset"}))["killed"])
 
+    async def supervise(self, run: dict[str, Any] | None) -> None:
+        """Keep `run` (a RunSpec as a dict) running in the sandbox; None stops it."""
+        await self._call({"op": "supervise", "run": run})
+
+    async def health(self, command: str | None, timeout: float, since: int) -> dict[str, Any]:
+        """Liveness, the probe command's result, and the program's news after `since`."""
+        return await self._call(
+            {"op": "health", "shell": command, "timeout": timeout, "since": since}
+        )
+
     async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
         await self._call({"op": "write", "path": path, "data": _b64(data), "mode": mode})
 

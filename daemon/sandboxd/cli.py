@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
     _output_flag(events)
+    logs = command("logs", "print the output of a sandbox's `run:` program")
+    logs.add_argument("sandbox")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    logs.add_argument("--count", "-n", type=int, default=100, help="how many past lines")
     _claim_commands(command)
     return parser
 
@@ -151,6 +155,7 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
         "get": _get,
         "status": _status,
         "events": _events,
+        "logs": _logs,
         "claim": claim_commands.claim,
         "release": claim_commands.release,
         "renew": claim_commands.renew,
@@ -250,6 +255,25 @@ async def _events(args: argparse.Namespace, config: Config, redis) -> int:
         for _, batch in reply:
             for stream_id, fields in batch:
                 _print_event(stream_id, fields, args.output)
+                last_id = stream_id
+    return 0
+
+
+async def _logs(args: argparse.Namespace, config: Config, redis) -> int:
+    keys = Keys(config.key_prefix)
+    stream = keys.sandbox_logs(args.sandbox)
+    exists = await redis.exists(keys.sandbox(args.sandbox))
+    entries = await redis.xrevrange(stream, count=args.count) if args.count > 0 else []
+    if not exists and not entries:
+        raise CliError(f"no sandbox {args.sandbox!r} and no logs of it (kept 1 h after it ends)")
+    last_id = entries[0][0] if entries else "0-0"
+    for _, fields in reversed(entries):
+        print(fields["line"], flush=True)
+    # --follow ends with the sandbox: its logs can only grow while it has a record.
+    while args.follow and await redis.exists(keys.sandbox(args.sandbox)):
+        for _, batch in await redis.xread({stream: last_id}, block=1000, count=500):
+            for stream_id, fields in batch:
+                print(fields["line"], flush=True)
                 last_id = stream_id
     return 0
 

@@ -77,6 +77,7 @@ class Faults(BaseModel):
     create_failure_retryable: bool = Field(default=True, description="May they be retried.")
     create_hang_rate: float = Field(default=0.0, ge=0, le=1, description="Creates that hang.")
     create_latency_s: float = Field(default=0.0, ge=0, description="Added before every create.")
+    probe_latency_s: float = Field(default=0.0, ge=0, description="Added before every probe.")
     seed: int | None = Field(default=None, description="Makes the injected sequence repeatable.")
 
 
@@ -104,6 +105,24 @@ class Config(BaseSettings):
     reset_timeout_s: float = Field(default=30.0, gt=0, description="reuse: reset, per sandbox.")
     lease_check_interval_s: float = Field(
         default=1.0, gt=0, description="How often expired leases are looked for."
+    )
+    health_concurrency: int = Field(
+        default=32, ge=1, description="Health probes running at once, across all pools."
+    )
+    health_report_interval_s: float = Field(
+        default=60.0, gt=0, description="How often `health.report` is published."
+    )
+    agent_poll_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often sandboxes with a `run:` program are asked for its news "
+        "(events, output lines), when their health interval is longer.",
+    )
+    agent_log_lines: int = Field(
+        default=1000, ge=10, description="Output lines kept per sandbox (`sandboxd logs`)."
+    )
+    janitor_interval_s: float = Field(
+        default=60.0, gt=0, description="How often the leak janitor compares provider and Redis."
     )
     event_stream_maxlen: int = Field(default=100_000, ge=100)
     on_shutdown: Literal["terminate", "keep"] = "terminate"

@@ -20,6 +20,7 @@ from sandboxd.heartbeat import Heartbeat
 from sandboxd.keys import Keys
 from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
+from sandboxd.monitor import HealthMonitor
 from sandboxd.providers import Provider, make_providers
 from sandboxd.reconciler import Reconciler
 from sandboxd.redisconn import make_client, survive, wait_for_redis
@@ -86,6 +87,15 @@ class Daemon:
             providers=providers,
             terminator=self.terminator,
             instance=self.instance,
+            on_pass=lambda records, specs: self.monitor.observe(records, specs),
+        )
+        self.monitor = HealthMonitor(
+            config=self.config,
+            store=self.store,
+            events=self.events,
+            providers=providers,
+            nudge=self.reconciler.nudge,
+            pool_extras=self.reconciler.pool_status,
         )
         self.leases = LeaseKeeper(
             claims=claims,
@@ -119,6 +129,14 @@ class Daemon:
             "isolation": self.isolation,
             "last_reconcile_at": self.reconciler.last_pass_at,
             "on_shutdown": self.config.on_shutdown,
+            "pools": self._pool_facts(),
+        }
+
+    def _pool_facts(self) -> dict[str, dict[str, Any]]:
+        health = self.monitor.summary()
+        return {
+            name: {**status, "health": health.get(name, {})}
+            for name, status in self.reconciler.pool_status().items()
         }
 
     async def _run_root_tasks(self, redis: Redis, report: AdoptionReport) -> None:
@@ -128,6 +146,7 @@ class Daemon:
                     "reconciler": self.reconciler.run(),
                     "heartbeat": self.heartbeat.run(),
                     "leases": self.leases.run(),
+                    "health": self.monitor.run(),
                     "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
                 }
                 tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]

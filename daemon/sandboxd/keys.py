@@ -47,6 +47,11 @@ class Keys:
     def sandbox(self, sandbox_id: str) -> str:
         return f"{self.prefix}:sandbox:{sandbox_id}"
 
+    def sandbox_logs(self, sandbox_id: str) -> str:
+        """Stream of the `run:` program's output lines (fields seq, time, line), trimmed to
+        `agent_log_lines`; kept LOGS_KEPT_S after the sandbox ends, for post-mortems."""
+        return f"{self.prefix}:sandbox:{sandbox_id}:logs"
+
     @property
     def pools(self) -> str:
         """Hash: pool name -> JSON claim settings of the spec in force (the daemon writes it)."""
@@ -76,3 +81,4 @@ class Keys:
 
 
 SPEC_HISTORY_LEN = 20
+LOGS_KEPT_S = 3600

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -46,6 +47,7 @@ class Reconciler:
         providers: dict[str, Provider],
         terminator: Terminator,
         instance: str,
+        on_pass: Callable[[list[SandboxRecord], dict[str, PoolSpec]], None] | None = None,
     ):
         self._config = config
         self._store = store
@@ -72,6 +74,7 @@ class Reconciler:
             nudge=self.nudge,
         )
         self._wake = asyncio.Event()
+        self._on_pass = on_pass
         self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
         # Liveness (a /proc lookup per sandbox) and republishing pool settings run once per
         # tick, not on every nudged pass: under claim load that is thousands a second.
@@ -133,7 +136,6 @@ class Reconciler:
         if tick:
             await self._store.sync_members(records)
             await self.creator.cancel_stuck(self._config.create_grace_s)
-        self.records = records
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
             [p.name for p in pools if p.on_empty == "create"]
@@ -155,7 +157,14 @@ class Reconciler:
                 )
             if pool_plan.changes:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
+        if self._on_pass is not None:
+            self._on_pass(records, specs)
         self.last_pass_at = time.time()
+
+    def pool_status(self) -> dict[str, dict[str, Any]]:
+        """Per pool: breaker, creates in flight, create outcomes, why it is short."""
+        now = time.monotonic()
+        return {name: pacing.status(now) for name, pacing in self.creator.pacing.items()}
 
     async def _reap_dead(
         self, records: list[SandboxRecord], *, check_liveness: bool

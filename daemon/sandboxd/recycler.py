@@ -48,9 +48,7 @@ class Recycler:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._reset_timeout_s):
-                await self._providers[record.provider].reset(
-                    record.id, record.handle, spec.reset_command
-                )
+                await self._providers[record.provider].reset(record.id, record.handle, spec)
         except Exception as exc:  # any failure means the sandbox cannot be trusted again
             error = str(exc) or type(exc).__name__
             log.warning("reset failed", extra={"sandbox": record.id, "error": error})

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from sandboxd.events import Event, now_rfc3339
-from sandboxd.keys import Keys
+from sandboxd.keys import LOGS_KEPT_S, Keys
 
 SandboxState = Literal["creating", "ready", "claimed", "released", "resetting", "terminating"]
 STATES: tuple[SandboxState, ...] = get_args(SandboxState)
@@ -59,6 +59,31 @@ return out
 """
 READ_CHUNK = 256  # ids per script run: bounds how long one run holds Redis
 
+# KEYS: sandbox hash. ARGV: field, value... Only while the record exists and is live (a
+# late probe must not resurrect a closed record). Returns state, claimant, claim_id.
+_SET_HEALTH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'terminating' then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return redis.call('HMGET', KEYS[1], 'state', 'claimant', 'claim_id')
+"""
+
+# KEYS: sandbox hash, events stream, logs stream. ARGV: seq, events maxlen, logs maxlen,
+# JSON list of events (flat field/value lists), JSON list of [seq, time, line]. All or
+# nothing, with the cursor: a restarted daemon neither repeats nor skips program news.
+_AGENT_NEWS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for _, fields in ipairs(cjson.decode(ARGV[4])) do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+end
+for _, line in ipairs(cjson.decode(ARGV[5])) do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+    'seq', line[1], 'time', line[2], 'line', line[3])
+end
+redis.call('HSET', KEYS[1], 'agent_seq', ARGV[1])
+return 1
+"""
+
 
 class SandboxRecord(BaseModel):
     """`<prefix>:sandbox:<id>` — what sandboxd knows about one sandbox."""
@@ -87,6 +112,7 @@ class SandboxRecord(BaseModel):
     health_checks: list[dict[str, Any]] = Field(
         default_factory=list, description="The last probe results, newest last."
     )
+    agent_seq: int = Field(default=0, description="`run:` program news copied up to here.")
 
     def to_hash(self) -> dict[str, str]:
         fields = self.model_dump()
@@ -117,6 +143,8 @@ class SandboxStore:
         self._mark_ready = redis.register_script(_MARK_READY)
         self._transition = redis.register_script(_TRANSITION)
         self._read = redis.register_script(_READ)
+        self._set_health = redis.register_script(_SET_HEALTH)
+        self._agent_news = redis.register_script(_AGENT_NEWS)
 
     async def records(self) -> list[SandboxRecord]:
         ids = sorted(await self._redis.smembers(self._keys.sandboxes))
@@ -202,4 +230,36 @@ class SandboxStore:
             pipe.srem(self._keys.pool_members(record.pool), record.id)
             pipe.lrem(self._keys.pool_ready(record.pool), 0, record.id)
             pipe.zrem(self._keys.leases, record.id)
+            pipe.expire(self._keys.sandbox_logs(record.id), LOGS_KEPT_S)
             await pipe.execute()
+
+    async def set_health(self, sandbox_id: str, **fields: Any) -> list[str] | None:
+        """Write health fields into a live record: [state, claimant, claim_id], or None if
+        the record is gone or being terminated."""
+        args = [
+            x
+            for key, value in fields.items()
+            for x in (key, value if isinstance(value, str) else json.dumps(value))
+        ]
+        reply = await self._set_health(keys=[self._keys.sandbox(sandbox_id)], args=args)
+        return reply or None
+
+    async def agent_news(
+        self,
+        sandbox_id: str,
+        seq: int,
+        events: list[Event],
+        lines: list[list[Any]],
+        *,
+        events_maxlen: int,
+        logs_maxlen: int,
+    ) -> bool:
+        """Append the program's events and output lines and move the record's cursor."""
+        flat = [[x for pair in e.to_fields().items() for x in pair] for e in events]
+        keys = [
+            self._keys.sandbox(sandbox_id),
+            self._keys.events,
+            self._keys.sandbox_logs(sandbox_id),
+        ]
+        args = [seq, events_maxlen, logs_maxlen, json.dumps(flat), json.dumps(lines)]
+        return bool(await self._agent_news(keys=keys, args=args))

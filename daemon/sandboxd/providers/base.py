@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sandboxd.spec import PoolSpec
+from sandboxd.spec import HealthSpec, PoolSpec
 
 
 class CreateError(RuntimeError):
@@ -25,6 +25,17 @@ class ProviderSandbox:
     id: str
     pool: str
     handle: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One health probe of a sandbox."""
+
+    ok: bool
+    alive: bool  # False: the sandbox (its agent) is gone
+    latency_ms: float = 0.0
+    detail: str = ""  # why it failed
+    program: dict[str, Any] | None = None  # the `run:` program's status and news (supervisor)
 
 
 class Provider(Protocol):
@@ -51,9 +62,17 @@ class Provider(Protocol):
         for fault injection)."""
         ...
 
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], command: str) -> None:
+    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
         """Make a released sandbox fit for the next claimant: stop every process its last
-        holder left, then run the pool's reset command. Raise if that fails."""
+        holder left, run the pool's reset command, restart its `run:` program. Raise if that
+        fails."""
+        ...
+
+    async def probe(
+        self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
+    ) -> Probe:
+        """Liveness, plus `health.command` if given (None: liveness and program news only),
+        plus the `run:` program's events and output lines numbered after `since`."""
         ...
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:

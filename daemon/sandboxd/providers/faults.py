@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 from sandboxd.config import Faults
-from sandboxd.providers.base import CreateError, Provider, ProviderSandbox
-from sandboxd.spec import PoolSpec
+from sandboxd.providers.base import CreateError, Probe, Provider, ProviderSandbox
+from sandboxd.spec import HealthSpec, PoolSpec
 
 
 class FaultyProvider:
@@ -60,8 +60,15 @@ class FaultyProvider:
         self._live.pop(sandbox_id, None)
         await self.inner.terminate(sandbox_id, handle)
 
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], command: str) -> None:
-        await self.inner.reset(sandbox_id, handle, command)
+    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
+        await self.inner.reset(sandbox_id, handle, pool)
+
+    async def probe(
+        self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
+    ) -> Probe:
+        if self.faults.probe_latency_s:
+            await asyncio.sleep(self.faults.probe_latency_s)
+        return await self.inner.probe(sandbox_id, handle, health, since)
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return await self.inner.is_alive(sandbox_id, handle)

@@ -14,17 +14,19 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from sandboxd import agent as agent_module
+from sandboxd import supervisor as supervisor_module
 from sandboxd.agentclient import AgentClient, AgentError
 from sandboxd.config import LocalProviderConfig, LocalTemplate
-from sandboxd.providers.base import CreateError, ProviderSandbox, ResetError
+from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.cgroups import CgroupLimiter
-from sandboxd.spec import PoolSpec
+from sandboxd.spec import HealthSpec, PoolSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class LocalProvider:
             await _wait_for_agent(handle["socket"], handle["pid"])
             if template.setup:
                 await _run_setup(handle["socket"], template.setup)
+            if pool.run is not None:
+                await AgentClient(handle["socket"]).supervise(pool.run.model_dump())
         except BaseException:
             await asyncio.shield(self.terminate(sandbox_id, handle or {"dir": str(box)}))
             raise
@@ -188,16 +192,39 @@ class LocalProvider:
         if box.parent == self.root:
             await asyncio.to_thread(shutil.rmtree, box, True)
 
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], command: str) -> None:
+    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
         agent = AgentClient(handle["socket"])
         try:
             await agent.reset()
-            result = await agent.exec(command)
+            result = await agent.exec(pool.reset_command)
+            if result.exit_code == 0 and pool.run is not None:
+                await agent.supervise(pool.run.model_dump())
         except AgentError as exc:
             raise ResetError(str(exc)) from exc
         if result.exit_code != 0:
             detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
             raise ResetError(f"reset command exited {result.exit_code}: {detail}")
+
+    async def probe(
+        self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
+    ) -> Probe:
+        if _process(handle) is None:
+            return Probe(ok=False, alive=False, detail="agent gone: the sandbox's first process")
+        agent = AgentClient(handle["socket"])
+        command, timeout = (health.command, health.timeout_s) if health else (None, 5.0)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout + 1.0):
+                reply = await agent.health(command, timeout, since)
+        except (AgentError, TimeoutError, OSError) as exc:
+            return Probe(ok=False, alive=True, latency_ms=_ms(started), detail=_unreachable(exc))
+        return Probe(
+            ok=_check_passed(reply.get("check")),
+            alive=True,
+            latency_ms=_ms(started),
+            detail=_check_detail(reply.get("check"), timeout),
+            program=reply.get("program"),
+        )
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return _process(handle) is not None
@@ -224,6 +251,27 @@ class LocalProvider:
                 await self.terminate(box.name, meta or {"dir": str(box)})
                 removed.append(box.name)
         return removed
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _unreachable(exc: BaseException) -> str:
+    return f"agent unreachable: {exc or type(exc).__name__}"
+
+
+def _check_passed(check: dict[str, Any] | None) -> bool:
+    return check is None or (not check["timed_out"] and check["exit_code"] == 0)
+
+
+def _check_detail(check: dict[str, Any] | None, timeout: float) -> str:
+    if check is None or _check_passed(check):
+        return ""
+    if check["timed_out"]:
+        return f"probe timed out after {timeout}s"
+    output = check["output"].strip().splitlines()
+    return f"probe exited {check['exit_code']}" + (f": {output[-1][:200]}" if output else "")
 
 
 def _read_meta(box: Path) -> dict[str, Any] | None:
@@ -356,6 +404,9 @@ def _bwrap_args(
         "--ro-bind",
         agent_module.__file__,
         AGENT_PATH_INSIDE,
+        "--ro-bind",
+        supervisor_module.__file__,
+        str(Path(AGENT_PATH_INSIDE).parent / "supervisor.py"),
         "--remount-ro",
         "/",
         "--chdir",
