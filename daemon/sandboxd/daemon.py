@@ -17,6 +17,7 @@ from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
 from sandboxd.events import EventPublisher
 from sandboxd.heartbeat import Heartbeat
+from sandboxd.janitor import Janitor
 from sandboxd.keys import Keys
 from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
@@ -104,6 +105,14 @@ class Daemon:
             terminator=self.terminator,
             interval_s=self.config.lease_check_interval_s,
         )
+        self.janitor = Janitor(
+            store=self.store,
+            providers=providers,
+            events=self.events,
+            terminator=self.terminator,
+            replace=self.reconciler.replace,
+            interval_s=self.config.janitor_interval_s,
+        )
         self.isolation = {name: p.isolation for name, p in providers.items()}
         self.heartbeat = Heartbeat(
             redis,
@@ -147,6 +156,7 @@ class Daemon:
                     "heartbeat": self.heartbeat.run(),
                     "leases": self.leases.run(),
                     "health": self.monitor.run(),
+                    "janitor": self.janitor.run(),
                     "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
                 }
                 tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]

@@ -255,6 +255,7 @@ class Reconciler:
             return False
         await self.recoveries.begin(record, reason, detail)
         await self._terminator.finish(record, reason, "ready", detail=detail)
+        self.nudge()  # the replacement is due now, whoever noticed the loss
         return True
 
     async def terminate(

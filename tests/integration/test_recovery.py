@@ -78,3 +78,17 @@ async def test_orphans_and_dead_records_are_cleaned_at_start(redis, daemon_facto
     assert c in ids and a not in ids and b not in ids
     live = sandbox_processes(first.workspace)
     assert sorted(p.pid for p in live) == sorted((await record_pids(redis)).values())
+
+
+async def test_the_janitor_closes_a_lost_record_and_replaces_the_sandbox(redis, daemon_factory):
+    # Liveness ticks and probes far apart: only the janitor can notice in time.
+    daemon_factory(reconcile_interval_s=60, janitor_interval_s=0.2).start()
+    slow = {"interval_s": 86400}
+    await apply(redis, [{"name": "default", "min_ready": 2, "health": slow}])
+    victim, _ = await wait_ready(redis, "default", 2)
+    os.kill((await record_pids(redis))[victim], signal.SIGKILL)
+    lost = await wait_event(redis, "sandbox.terminated", sandbox=victim)
+    assert lost["data"]["reason"] == "lost"
+    done = await wait_event(redis, "recovery.succeeded", old=victim)
+    assert victim not in await wait_ready(redis, "default", 2)
+    assert done["data"]["reason"] == "lost"

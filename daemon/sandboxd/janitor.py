@@ -1,0 +1,105 @@
+"""The leak janitor: what the providers hold vs what Redis records, on its own interval.
+
+- A sandbox a provider holds for sandboxd that no record names (its record was lost with a
+  Redis that forgot everything, or a crash in between) is terminated, checked gone, and
+  reported (`sandbox.leaked`).
+- A record whose sandbox the provider no longer has is closed (`lost`); a ready one is
+  replaced like a dead one.
+
+Records are written before a provider creates and removed after it terminates, so reading
+the provider first and Redis second never mistakes a sandbox being created for a leak.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from sandboxd.events import EventPublisher
+from sandboxd.providers import Provider, ProviderSandbox
+from sandboxd.redisconn import survive
+from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.terminator import Terminator
+
+log = logging.getLogger(__name__)
+CHECKED = ("ready", "claimed", "released")
+
+
+@dataclass
+class Sweep:
+    leaked: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+
+class Janitor:
+    def __init__(
+        self,
+        *,
+        store: SandboxStore,
+        providers: dict[str, Provider],
+        events: EventPublisher,
+        terminator: Terminator,
+        replace: Callable[[SandboxRecord, str, str], Awaitable[bool]],
+        interval_s: float,
+    ):
+        self._store = store
+        self._providers = providers
+        self._events = events
+        self._terminator = terminator
+        self._replace = replace
+        self._interval_s = interval_s
+        self.sweeps = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except RedisError as exc:
+                if not survive(exc):
+                    raise
+                log.warning("janitor sweep skipped, Redis unavailable: %s", exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def sweep(self) -> Sweep:
+        listed: dict[str, tuple[Provider, ProviderSandbox]] = {}
+        for provider in self._providers.values():
+            listed.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
+        records = {r.id: r for r in await self._store.records()}
+        result = Sweep()
+        for sandbox_id, (provider, sandbox) in listed.items():
+            if sandbox_id not in records and await self._leaked(provider, sandbox):
+                result.leaked.append(sandbox_id)
+        for record in records.values():
+            if record.state in CHECKED and record.id not in listed and await self._lost(record):
+                result.lost.append(record.id)
+        self.sweeps += 1
+        if result.leaked or result.lost:
+            log.warning("janitor", extra={"leaked": result.leaked, "lost": result.lost})
+        return result
+
+    async def _leaked(self, provider: Provider, sandbox: ProviderSandbox) -> bool:
+        if sandbox.id in self._terminator.running:
+            return False  # being terminated: its record goes once it is gone
+        if not await provider.is_alive(sandbox.id, sandbox.handle):
+            return False  # gone since the listing (terminated meanwhile)
+        await provider.terminate(sandbox.id, sandbox.handle)
+        gone = not await provider.is_alive(sandbox.id, sandbox.handle)
+        await self._events.publish(
+            "sandbox.leaked",
+            pool=sandbox.pool,
+            sandbox=sandbox.id,
+            provider=provider.name,
+            verified_gone=gone,
+        )
+        return True
+
+    async def _lost(self, record: SandboxRecord) -> bool:
+        provider = self._providers.get(record.provider)
+        if provider is None or await provider.is_alive(record.id, record.handle):
+            return False  # a listing that lagged behind a create
+        detail = "the provider no longer has it"
+        if record.state == "ready":
+            return await self._replace(record, "lost", detail)
+        return await self._terminator.terminate(record, "lost", record.state, detail=detail)
