@@ -1,5 +1,6 @@
 """Shared fixtures: a real redis-server on a free port, and the real daemon as a process."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -163,3 +164,45 @@ def _toml(config: dict, local: dict) -> str:
         lines.append(f"[local.templates.{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in template.items()]
     return "\n".join(lines) + "\n"
+
+
+@pytest_asyncio.fixture
+async def embedded_daemon(redis_server: str, tmp_path: Path):
+    """Starts the daemon inside the test's event loop, so a test can reach its providers
+    (e.g. change injected faults while it runs); stops it and its sandboxes at the end."""
+    from sandboxd.config import Config
+    from sandboxd.daemon import Daemon
+
+    running: list[tuple[Daemon, asyncio.Task]] = []
+    workspace = tmp_path / "sandboxes"
+
+    async def start(**settings) -> Daemon:
+        config = Config(
+            redis_url=redis_server,
+            reconcile_interval_s=0.5,
+            heartbeat_interval_s=0.5,
+            local={"workspace_root": str(workspace)},
+            **settings,
+        )
+        daemon = Daemon(config)
+        daemon.workspace = workspace
+        task = asyncio.create_task(daemon.run(handle_signals=False))
+        running.append((daemon, task))
+        await _until_serving(daemon, task)
+        return daemon
+
+    yield start
+    for daemon, task in running:
+        daemon.stop.set()
+        await asyncio.wait_for(task, 60)
+    for proc in sandbox_processes(workspace):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+async def _until_serving(daemon, task: asyncio.Task) -> None:
+    async with asyncio.timeout(30):
+        while not hasattr(daemon, "reconciler") or not daemon.reconciler.first_pass.is_set():
+            if task.done():
+                task.result()  # raises what made the daemon fail to start
+            await asyncio.sleep(0.01)

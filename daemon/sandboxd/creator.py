@@ -197,7 +197,7 @@ class Creator:
         attempts = self._config.create_attempts
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10),
             retry=retry_if_exception(lambda exc: _retryable(exc) and pacing.may_retry()),
             reraise=True,
         )

@@ -51,10 +51,12 @@ class Daemon:
         self.instance = uuid.uuid4().hex[:12]
         self.stop = asyncio.Event()
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test)."""
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
         log.info(
             "sandboxd starting",
             extra={
@@ -68,7 +70,8 @@ class Daemon:
         try:
             if not await wait_for_redis(redis, self.config, self.stop):
                 return 0
-            await self._serve(redis, make_providers(self.config))
+            self.providers = make_providers(self.config)
+            await self._serve(redis, self.providers)
         finally:
             await redis.aclose()
         return 0
@@ -228,7 +231,7 @@ async def _first_of(*coros: Coroutine[Any, Any, Any]) -> None:
 async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -> None:
     """Wake the reconciler on every message on `<prefix>:nudge`; resubscribe after errors."""
     retrying = AsyncRetrying(
-        wait=wait_exponential_jitter(initial=0.2, max=5),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5),
         retry=retry_if_exception(survive),
     )
     async for attempt in retrying:

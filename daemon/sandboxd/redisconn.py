@@ -49,7 +49,7 @@ async def wait_for_redis(client: Redis, config: Config, stop: asyncio.Event) -> 
     """Retry PING with jittered backoff until it answers; False if told to stop first."""
     where = redact_url(config.redis_url)
     retrying = AsyncRetrying(
-        wait=wait_exponential_jitter(initial=0.2, max=5),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5),
         retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError, OSError)),
         before_sleep=lambda state: log.warning(
             "waiting for Redis at %s (attempt %d): %s",
