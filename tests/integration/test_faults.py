@@ -10,6 +10,8 @@ from sandboxd.providers.faults import FaultyProvider
 from sandboxd.providers.local import LocalProvider
 from sandboxd.spec import PoolSpec
 
+from conftest import sandbox_processes
+
 POOL = PoolSpec(name="p")
 
 
@@ -69,3 +71,18 @@ def test_config_wraps_only_the_named_provider_and_rejects_unknown_names(tmp_path
     assert not isinstance(make_providers(Config(local=local))["local"], FaultyProvider)
     with pytest.raises(ValueError, match="unknown providers: locl"):
         Config(local=local, faults={"locl": {}})
+
+
+async def test_a_sandbox_known_only_by_its_directory_is_still_stopped(tmp_path):
+    """A daemon killed between starting a sandbox and writing its meta.json left only the
+    directory: the next daemon's cleanup must find the processes all the same."""
+    provider = LocalProvider(LocalProviderConfig(workspace_root=tmp_path / "boxes"))
+    for name in ("sb-1", "sb-2"):
+        handle = await provider.create(name, POOL)
+        (tmp_path / "boxes" / name / "meta.json").unlink()
+    assert await provider.list_sandboxes() == []
+    await provider.terminate("sb-1", {})  # a `creating` record: no handle yet
+    assert await provider.cleanup_leftovers(keep=set()) == ["sb-2"]
+    assert not any((tmp_path / "boxes").iterdir())
+    assert not await provider.is_alive("sb-2", handle)
+    assert not sandbox_processes(tmp_path / "boxes")

@@ -178,7 +178,10 @@ class LocalProvider:
     async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:
         """SIGKILL every process of the sandbox and wait until they are gone; the sandbox's
         files stay (terminate frees those). A sudden death, as a crash would be."""
-        procs = _live_tree(handle)
+        if handle.get("pid"):
+            procs = _live_tree(handle)
+        else:
+            procs = _launched_in(handle.get("dir") or str(self.root / sandbox_id))
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
@@ -306,6 +309,23 @@ def _live_tree(handle: dict[str, Any]) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
             tree.append(psutil.Process(pid))
     return tree
+
+
+def _launched_in(box: str) -> list[psutil.Process]:
+    """Without a handle (a daemon killed between starting a sandbox and writing its
+    meta.json): the processes whose command line names the sandbox's directory — bwrap's
+    launcher, or the agent itself — and everything under them. Scans the process table, so
+    only for such leftovers."""
+    roots = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any(box in part for part in p.info["cmdline"] or ())
+    ]
+    found = []
+    for pid in roots + [d for root in roots for d in _descendants(root)]:
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
+    return found
 
 
 def _children(pid: int) -> list[int]:
