@@ -45,8 +45,9 @@ async def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, providers: dict[str, Provider] | None = None):
         self.config = config
+        self.providers = providers  # None: made from the config at start
         self.keys = Keys(config.key_prefix)
         self.instance = uuid.uuid4().hex[:12]
         self.stop = asyncio.Event()
@@ -70,7 +71,7 @@ class Daemon:
         try:
             if not await wait_for_redis(redis, self.config, self.stop):
                 return 0
-            self.providers = make_providers(self.config)
+            self.providers = self.providers or make_providers(self.config)
             await self._serve(redis, self.providers)
         finally:
             await redis.aclose()

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,7 @@ class Reconciler:
         )
         self._wake = asyncio.Event()
         self._on_pass = on_pass
+        self.pass_seconds: deque[float] = deque(maxlen=1000)  # recent pass durations
         self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
         # Liveness (a /proc lookup per sandbox) and republishing pool settings run once per
         # tick, not on every nudged pass: under claim load that is thousands a second.
@@ -95,8 +97,9 @@ class Reconciler:
             self._work = work
             try:
                 while True:
-                    cpu_before = time.thread_time()
+                    cpu_before, began = time.thread_time(), time.perf_counter()
                     await self._pass_surviving_redis_errors()
+                    self.pass_seconds.append(time.perf_counter() - began)
                     self.first_pass.set()
                     busy_s, ended = time.thread_time() - cpu_before, time.monotonic()
                     await self._sleep_until_nudged()

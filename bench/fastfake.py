@@ -1,0 +1,43 @@
+"""A provider whose sandboxes are entries in a dict: creates and probes cost nothing, so
+the daemon's own overhead (the reconcile loop, the health monitor) is what gets measured.
+Wrapped in FaultyProvider to add probe latency. For benchmarks only."""
+
+from typing import Any
+
+from sandboxd.providers.base import Probe, ProviderSandbox
+from sandboxd.spec import HealthSpec, PoolSpec
+
+
+class FastFakeProvider:
+    name = "local"  # stands in for the local provider in a spec
+    isolation = "none"
+
+    def __init__(self) -> None:
+        self.sandboxes: dict[str, str] = {}  # id -> pool
+
+    async def create(self, sandbox_id: str, pool: PoolSpec) -> dict[str, Any]:
+        self.sandboxes[sandbox_id] = pool.name
+        return {"fake": True}
+
+    async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        self.sandboxes.pop(sandbox_id, None)
+
+    kill = terminate
+
+    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
+        pass
+
+    async def probe(
+        self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
+    ) -> Probe:
+        alive = sandbox_id in self.sandboxes
+        return Probe(ok=alive, alive=alive, latency_ms=0.0)
+
+    async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        return sandbox_id in self.sandboxes
+
+    async def list_sandboxes(self) -> list[ProviderSandbox]:
+        return [ProviderSandbox(i, pool, {"fake": True}) for i, pool in self.sandboxes.items()]
+
+    async def cleanup_leftovers(self, keep: set[str]) -> list[str]:
+        return []
