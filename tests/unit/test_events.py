@@ -58,3 +58,13 @@ async def test_stream_is_trimmed():
 
 def test_every_required_type_is_documented():
     assert REQUIRED <= EVENT_TYPES.keys()
+
+
+def test_the_readme_event_table_lists_every_type():
+    from pathlib import Path
+
+    from sandboxd.events import EVENT_TYPES
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for type_, (meaning, fields) in EVENT_TYPES.items():
+        assert f"| `{type_}` | {meaning} | {fields} |" in readme
