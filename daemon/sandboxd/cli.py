@@ -35,12 +35,19 @@ POOL_COLUMNS = [
     ("claimed", "CLAIMED"),
     ("total", "TOTAL"),
 ]
+RUNTIME_COLUMNS = [
+    ("health", "HEALTH"),
+    ("breaker", "BREAKER"),
+    ("failed", "FAILED"),
+    ("note", "NOTE"),
+]
 SANDBOX_COLUMNS = [
     ("id", "ID"),
     ("pool", "POOL"),
     ("provider", "PROVIDER"),
     ("state", "STATE"),
     ("age_s", "AGE_S"),
+    ("health", "HEALTH"),
     ("pid", "PID"),
     ("isolation", "ISOLATION"),
     ("created_at", "CREATED_AT"),
@@ -240,7 +247,23 @@ def _status_text(status: dict[str, Any]) -> str:
     spec_line = f"spec:      revision {revision if revision is not None else '-'} in force"
     if stored is not None and stored != revision:
         spec_line += f" (revision {stored} stored: pending or rejected, see `sandboxd events`)"
-    return "\n".join([head, spec_line, "", render(status["pools"], POOL_COLUMNS)])
+    rows = [
+        _with_runtime(row, daemon.get("pools", {}).get(row["name"], {})) for row in status["pools"]
+    ]
+    return "\n".join([head, spec_line, "", render(rows, POOL_COLUMNS + RUNTIME_COLUMNS)])
+
+
+def _with_runtime(row: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
+    """A pool row plus what only the daemon knows: health, breaker, why it is short."""
+    health = runtime.get("health", {})
+    score = health.get("score")
+    return {
+        **row,
+        "health": f"{health.get('state', '-')}" + (f" {score:.0%}" if score is not None else ""),
+        "breaker": runtime.get("breaker", "-"),
+        "failed": runtime.get("failed_attempts", 0),
+        "note": runtime.get("below_target", ""),
+    }
 
 
 async def _events(args: argparse.Namespace, config: Config, redis) -> int:

@@ -51,6 +51,9 @@ def sandbox_row(record: SandboxRecord, now: float | None = None) -> dict[str, An
         "spec_revision": record.spec_revision,
         "pid": record.handle.get("pid"),
         "isolation": record.handle.get("isolation", ""),
+        "health": record.health,
+        "health_reason": record.health_reason,
+        "replaces": record.replaces,
     }
 
 

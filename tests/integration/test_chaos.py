@@ -9,7 +9,7 @@ import signal
 from sandboxd.state import SandboxStore
 
 from conftest import sandbox_processes
-from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
+from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
 
 FAST_BREAKER = {"failures": 3, "cooldown_s": 0.5, "max_cooldown_s": 1.0}
 
@@ -55,7 +55,7 @@ async def test_a_30_percent_create_failures_every_pool_still_reaches_target(redi
 
 
 async def test_b_a_failing_provider_opens_the_breaker_and_the_pool_heals_after(
-    redis, embedded_daemon
+    redis, embedded_daemon, redis_server
 ):
     daemon = await embedded_daemon(faults={"local": {"create_failure_rate": 1.0}})
     await apply(redis, [{"name": "p", "min_ready": 4, "breaker": FAST_BREAKER}])
@@ -70,6 +70,8 @@ async def test_b_a_failing_provider_opens_the_breaker_and_the_pool_heals_after(
     facts = await pool_facts(redis, "p")
     assert facts["breaker"] in ("open", "half_open")
     assert facts["below_target"].startswith(("breaker open", "breaker half-open"))
+    table = (await asyncio.to_thread(cli, redis_server, "status")).stdout
+    assert "BREAKER" in table and ("injected create failure" in table or "half-open" in table)
     daemon.providers["local"].faults.create_failure_rate = 0.0  # the provider recovers
     await wait_event(redis, "pool.breaker_closed", pool="p")
     await wait_ready(redis, "p", 4)
