@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxd.events import EventPublisher
-from sandboxd.providers import Provider, ProviderSandbox
+from sandboxd.providers import Provider, list_all
 from sandboxd.state import SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,7 @@ async def adopt(
     store: SandboxStore, providers: dict[str, Provider], events: EventPublisher
 ) -> AdoptionReport:
     report = AdoptionReport()
-    live: dict[str, tuple[Provider, ProviderSandbox]] = {}
-    for provider in providers.values():
-        live.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
+    live = await list_all(providers)
     for record in await store.records():
         provider = providers.get(record.provider)
         if provider is not None and record.state in ADOPTABLE and record.id in live:

@@ -1,8 +1,6 @@
 """The daemon's heartbeat key: proof of life for `status` and monitoring, with a TTL."""
 
-import asyncio
 import json
-import logging
 import os
 import socket
 import time
@@ -10,13 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from sandboxd import __version__
 from sandboxd.keys import Keys
-from sandboxd.redisconn import survive
-
-log = logging.getLogger(__name__)
+from sandboxd.redisconn import every
 
 
 class Heartbeat:
@@ -49,14 +44,7 @@ class Heartbeat:
         await self._redis.set(self._keys.daemon, json.dumps(body), px=ttl_ms)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.beat()
-            except RedisError as exc:
-                if not survive(exc):
-                    raise
-                log.warning("heartbeat not written, Redis unavailable: %s", exc)
-            await asyncio.sleep(self._interval)
+        await every(self._interval, self.beat, "heartbeat not written")
 
     async def clear(self) -> None:
         await self._redis.delete(self._keys.daemon)

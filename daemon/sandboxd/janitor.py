@@ -10,16 +10,13 @@ Records are written before a provider creates and removed after it terminates, s
 the provider first and Redis second never mistakes a sandbox being created for a leak.
 """
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
-
 from sandboxd.events import EventPublisher
-from sandboxd.providers import Provider, ProviderSandbox
-from sandboxd.redisconn import survive
+from sandboxd.providers import Provider, ProviderSandbox, list_all
+from sandboxd.redisconn import every
 from sandboxd.state import SandboxRecord, SandboxStore
 from sandboxd.terminator import Terminator
 
@@ -53,19 +50,10 @@ class Janitor:
         self.sweeps = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except RedisError as exc:
-                if not survive(exc):
-                    raise
-                log.warning("janitor sweep skipped, Redis unavailable: %s", exc)
-            await asyncio.sleep(self._interval_s)
+        await every(self._interval_s, self.sweep, "janitor sweep skipped")
 
     async def sweep(self) -> Sweep:
-        listed: dict[str, tuple[Provider, ProviderSandbox]] = {}
-        for provider in self._providers.values():
-            listed.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
+        listed = await list_all(self._providers)
         records = {r.id: r for r in await self._store.records()}
         result = Sweep()
         for sandbox_id, (provider, sandbox) in listed.items():

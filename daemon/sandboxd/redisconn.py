@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -77,3 +78,16 @@ def cancelling() -> bool:
 def survive(exc: BaseException) -> bool:
     """May a loop that outlives Redis errors go on after `exc`? Not while being cancelled."""
     return isinstance(exc, RedisError | OSError) and not cancelling()
+
+
+async def every(interval_s: float, step: Callable[[], Awaitable[Any]], failed: str) -> None:
+    """Run `step` every `interval_s` forever; a Redis outage skips a round (logged as
+    `failed`) instead of ending the loop."""
+    while True:
+        try:
+            await step()
+        except RedisError as exc:
+            if not survive(exc):
+                raise
+            log.warning("%s, Redis unavailable: %s", failed, exc)
+        await asyncio.sleep(interval_s)

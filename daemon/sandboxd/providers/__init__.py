@@ -15,4 +15,12 @@ def make_providers(config: Config) -> dict[str, Provider]:
     return providers
 
 
-__all__ = ["CreateError", "Provider", "ProviderSandbox", "make_providers"]
+async def list_all(providers: dict[str, Provider]) -> dict[str, tuple[Provider, ProviderSandbox]]:
+    """Every sandbox the providers hold for sandboxd, by id, with the provider holding it."""
+    found: dict[str, tuple[Provider, ProviderSandbox]] = {}
+    for provider in providers.values():
+        found.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
+    return found
+
+
+__all__ = ["CreateError", "Provider", "ProviderSandbox", "list_all", "make_providers"]
