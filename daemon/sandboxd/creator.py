@@ -108,13 +108,7 @@ class Creator:
         if stuck:
             await asyncio.wait([task for task, _ in stuck], timeout=30)
         for _, record in stuck:
-            await self._events.publish(
-                "sandbox.terminated",
-                pool=record.pool,
-                sandbox=record.id,
-                reason="stuck_creating",
-                state="creating",
-            )
+            await self._closed(record, "stuck_creating")
 
     async def _run(
         self, record: SandboxRecord, spec: PoolSpec, pacing: PoolPacing, recovery: Pending | None
@@ -254,11 +248,15 @@ class Creator:
 
     async def _give_up(self, record: SandboxRecord) -> None:
         await self._store.remove(record)
+        await self._closed(record, "create_failed")
+
+    async def _closed(self, record: SandboxRecord, reason: str) -> None:
+        """A sandbox that never got past `creating` is gone."""
         await self._events.publish(
             "sandbox.terminated",
             pool=record.pool,
             sandbox=record.id,
-            reason="create_failed",
+            reason=reason,
             state="creating",
         )
 

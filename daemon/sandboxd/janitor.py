@@ -47,7 +47,6 @@ class Janitor:
         self._terminator = terminator
         self._replace = replace
         self._interval_s = interval_s
-        self.sweeps = 0
 
     async def run(self) -> None:
         await every(self._interval_s, self.sweep, "janitor sweep skipped")
@@ -62,7 +61,6 @@ class Janitor:
         for record in records.values():
             if record.state in CHECKED and record.id not in listed and await self._lost(record):
                 result.lost.append(record.id)
-        self.sweeps += 1
         if result.leaked or result.lost:
             log.warning("janitor", extra={"leaked": result.leaked, "lost": result.lost})
         return result
