@@ -36,6 +36,7 @@ POOL_COLUMNS = [
     ("total", "TOTAL"),
 ]
 RUNTIME_COLUMNS = [
+    ("state", "STATE"),
     ("health", "HEALTH"),
     ("breaker", "BREAKER"),
     ("failed", "FAILED"),
@@ -259,6 +260,7 @@ def _with_runtime(row: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any
     score = health.get("score")
     return {
         **row,
+        "state": runtime.get("state", "-"),
         "health": f"{health.get('state', '-')}" + (f" {score:.0%}" if score is not None else ""),
         "breaker": runtime.get("breaker", "-"),
         "failed": runtime.get("failed_attempts", 0),

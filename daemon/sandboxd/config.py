@@ -70,6 +70,57 @@ class LocalProviderConfig(BaseModel):
         return {"base": LocalTemplate(), **self.templates}
 
 
+class E2BProviderConfig(BaseModel):
+    """The `e2b` provider: credentials, endpoints and the limits of the E2B plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: SecretStr | None = Field(
+        default=None, description="Prefer E2B_API_KEY or api_key_file; never logged."
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the API key. A relative path is looked up in "
+        "$CREDENTIALS_DIRECTORY (systemd LoadCredential=).",
+    )
+    api_url: str | None = Field(default=None, description="Default https://api.<domain>.")
+    sandbox_url: str | None = Field(
+        default=None, description="Default: each sandbox's own envd host."
+    )
+    domain: str | None = Field(default=None, description="Default e2b.app (E2B_DOMAIN).")
+    max_concurrent: int = Field(
+        default=20, ge=1, description="Sandboxes alive at once (Hobby 20, Pro 100)."
+    )
+    creates_per_s: float = Field(
+        default=1.0, gt=0, le=1000, description="Sandbox creates per second (token bucket)."
+    )
+    creates_burst: int = Field(default=2, ge=1, le=1000, description="Bucket size.")
+    max_timeout_s: int = Field(
+        default=3600, ge=60, description="The plan's longest sandbox timeout (Hobby 1 h, Pro 24 h)."
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Per API request.")
+    sdk_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Retries of 429/502/503/504 inside the SDK, which honours Retry-After.",
+    )
+    list_interval_s: float = Field(
+        default=5.0, gt=0, description="Listing age that liveness checks may rely on."
+    )
+
+    def resolve_api_key(self) -> str | None:
+        """api_key_file, else api_key, else E2B_API_KEY."""
+        if self.api_key_file is not None:
+            path = self.api_key_file
+            if not path.is_absolute():
+                path = Path(os.environ.get("CREDENTIALS_DIRECTORY", ".")) / path
+            return path.read_text().strip() or None
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get("E2B_API_KEY") or None
+
+
 class Faults(BaseModel):
     """Faults injected into one provider (`providers/faults.py`), for chaos tests only."""
 
@@ -128,6 +179,7 @@ class Config(BaseSettings):
     on_shutdown: Literal["terminate", "keep"] = "terminate"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     local: LocalProviderConfig = Field(default_factory=LocalProviderConfig)
+    e2b: E2BProviderConfig = Field(default_factory=E2BProviderConfig)
     faults: dict[str, Faults] = Field(
         default_factory=dict, description="Fault injection per provider name (chaos tests)."
     )

@@ -8,7 +8,13 @@ import uuid
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from sandboxd.breaker import Transition
 from sandboxd.config import Config
@@ -21,6 +27,13 @@ from sandboxd.spec import PoolSpec
 from sandboxd.state import SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
+_backoff = wait_exponential_jitter(multiplier=0.2, max=10)
+
+
+def _wait(state: RetryCallState) -> float:
+    """Our own backoff, or longer when the provider asked for a pause (a 429)."""
+    error = state.outcome.exception() if state.outcome else None
+    return max(_backoff(state), getattr(error, "retry_after_s", None) or 0.0)
 
 
 def new_sandbox_id() -> str:
@@ -191,7 +204,7 @@ class Creator:
         attempts = self._config.create_attempts
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(multiplier=0.2, max=10),
+            wait=_wait,
             retry=retry_if_exception(lambda exc: _retryable(exc) and pacing.may_retry()),
             reraise=True,
         )
@@ -211,6 +224,7 @@ class Creator:
     ) -> None:
         error = str(exc) or type(exc).__name__
         retryable = _retryable(exc)
+        already_failed = pacing.failed
         opened = pacing.attempt_failed(error, time.monotonic(), permanent=not retryable)
         log.warning(
             "create failed",
@@ -225,8 +239,14 @@ class Creator:
             error=error,
             retryable=retryable,
             will_retry=retryable and pacing.may_retry() and number < attempts,
+            retry_after_s=getattr(exc, "retry_after_s", None),
         )
         await self._breaker_event(record.pool, pacing, opened)
+        if pacing.failed and not already_failed:
+            await self._events.publish(
+                "pool.failed", pool=record.pool, reason=error, attempts=pacing.permanent_failures
+            )
+            log.error("pool failed", extra={"pool": record.pool, "error": error})
 
     async def _breaker_event(
         self, pool: str, pacing: PoolPacing, transition: Transition | None

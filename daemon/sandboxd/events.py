@@ -35,7 +35,8 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "sandbox.ready": ("a sandbox is ready to be claimed", "create_ms, isolation, pid"),
     "sandbox.create_failed": (
         "one create attempt failed",
-        "attempt, attempts, error, retryable (false: permanent, e.g. a bad template), will_retry",
+        "attempt, attempts, error, retryable (false: permanent, e.g. a bad template), "
+        "will_retry, retry_after_s (the provider's backoff, e.g. after a 429)",
     ),
     "sandbox.claimed": (
         "a client claimed a ready sandbox (appended by the claim script itself)",
@@ -97,6 +98,15 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "failures, error, retry_in_s",
     ),
     "pool.breaker_closed": ("a trial create succeeded: the pool creates normally again", ""),
+    "pool.failed": (
+        "creates of the pool failed permanently (bad API key, unknown template…): it makes "
+        "no more until its spec changes or the daemon restarts",
+        "reason, attempts",
+    ),
+    "sandbox.keepalive_failed": (
+        "extending a cloud sandbox's timeout failed (it is retried; a gone sandbox is lost)",
+        "error, state",
+    ),
     "health.report": (
         "periodic per-pool health summary (also in `sandboxd status`)",
         "pools: {name: {healthy, degraded, unhealthy, unknown, score, state, "

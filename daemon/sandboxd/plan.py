@@ -52,6 +52,7 @@ def plan(
     now: float,
     waiting: Mapping[str, int] | None = None,
     limits: Mapping[str, int | None] | None = None,
+    provider_slots: Mapping[str, int] | None = None,
 ) -> list[PoolPlan]:
     """Stop what must go (lifetime, health, surplus), then create what is missing.
 
@@ -59,6 +60,8 @@ def plan(
     sandboxes too), and no more than `create_slots` creates are started across all pools.
     `waiting`: clients blocked on an empty `on_empty: create` pool; each wants one more.
     `limits`: creates a pool may start now (its breaker and slow start); absent means any.
+    `provider_slots`: sandboxes a provider may still add (a cloud plan's concurrency cap),
+    shared by its pools; absent means no cap.
     """
     waiting = waiting or {}
     limits = limits or {}
@@ -74,6 +77,8 @@ def plan(
     for p in plans:
         limit = limits.get(p.pool)
         p.create = p.wanted if limit is None else min(p.wanted, limit)
+    for provider, slots in (provider_slots or {}).items():
+        _share_create_slots([p for p in plans if _provider(specs, p.pool) == provider], slots)
     _share_create_slots(plans, create_slots)
     return plans
 
@@ -129,11 +134,17 @@ def _doomed(spec: PoolSpec, members: list[Observed], now: float) -> list[tuple[s
 def _by_idle_age(
     spec: PoolSpec, ready: list[Observed], now: float
 ) -> tuple[list[Observed], list[Observed]]:
-    """(past idle_ttl_s, the rest), each oldest first."""
-    if spec.idle_ttl_s is None:
+    """(past the pool's recycle age, the rest), each oldest first."""
+    ttl = spec.recycle_after_s()
+    if ttl is None:
         return [], ready
-    stale = [s for s in ready if now - s.created_ts > spec.idle_ttl_s]
-    return stale, [s for s in ready if now - s.created_ts <= spec.idle_ttl_s]
+    stale = [s for s in ready if now - s.created_ts > ttl]
+    return stale, [s for s in ready if now - s.created_ts <= ttl]
+
+
+def _provider(specs: Mapping[str, PoolSpec], pool: str) -> str | None:
+    spec = specs.get(pool)
+    return spec.provider if spec else None
 
 
 def _share_create_slots(plans: list[PoolPlan], slots: int) -> None:

@@ -69,13 +69,37 @@ class BreakerSpec(BaseModel):
     )
 
 
+class E2BPoolSpec(BaseModel):
+    """How a pool's E2B sandboxes are created and kept warm (`provider: e2b` only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: int = Field(
+        default=300,
+        ge=1,
+        le=86400,
+        description="E2B's own timeout per sandbox; it is killed unless kept alive.",
+    )
+    keepalive: Literal["extend", "recycle"] = Field(
+        default="extend",
+        description="extend: set_timeout again when half the timeout is left. recycle: "
+        "replace ready sandboxes at half their timeout (make-before-break).",
+    )
+    idle: Literal["run", "pause"] = Field(
+        default="run",
+        description="pause: ready sandboxes are paused (no billing) and resumed by the "
+        "client's connect on claim.",
+    )
+    allow_internet_access: bool = True
+
+
 class PoolSpec(BaseModel):
     """One warm pool: how many sandboxes of which kind to keep ready."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=DNS_LABEL, description="DNS-label-like, unique in the spec.")
-    provider: Literal["local"] = "local"
+    provider: Literal["local", "e2b"] = "local"
     template: str = Field(default="base", min_length=1, max_length=200)
     min_ready: int = Field(default=1, ge=0, le=10_000, description="Warm sandboxes kept ready.")
     max_total: int = Field(default=10, ge=1, le=10_000, description="Hard cap, any state.")
@@ -116,6 +140,21 @@ class PoolSpec(BaseModel):
         default=10, ge=1, le=1000, description="Most creates started for the pool per tick."
     )
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
+    e2b: E2BPoolSpec | None = Field(default=None, description="provider e2b: its settings.")
+
+    @property
+    def e2b_settings(self) -> E2BPoolSpec:
+        return self.e2b or E2BPoolSpec()
+
+    def recycle_after_s(self) -> float | None:
+        """Ready sandboxes older than this are replaced: idle_ttl_s, and for E2B pools
+        that recycle instead of extending, half of E2B's timeout."""
+        ttl = self.idle_ttl_s
+        settings = self.e2b_settings
+        if self.provider == "e2b" and settings.keepalive == "recycle" and settings.idle == "run":
+            half = settings.timeout_s / 2
+            ttl = half if ttl is None else min(ttl, half)
+        return ttl
 
     @field_validator("env")
     @classmethod
@@ -135,6 +174,10 @@ class PoolSpec(BaseModel):
             raise ValueError(
                 f"lease_s ({self.lease_s}) must not exceed max_lease_s ({self.max_lease_s})"
             )
+        if self.e2b is not None and self.provider != "e2b":
+            raise ValueError("e2b: settings only apply to pools with provider e2b")
+        if self.provider == "e2b" and self.run is not None:
+            raise ValueError("run: not supported for provider e2b (the supervisor is local-only)")
         return self
 
 

@@ -7,11 +7,13 @@ from sandboxd.spec import HealthSpec, PoolSpec
 
 
 class CreateError(RuntimeError):
-    """A create failed. `retryable` tells whether trying again can help."""
+    """A create failed. `retryable` tells whether trying again can help; `retry_after_s`,
+    how long the provider asks to be left alone first."""
 
-    def __init__(self, message: str, *, retryable: bool = True):
+    def __init__(self, message: str, *, retryable: bool = True, retry_after_s: float | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class ResetError(RuntimeError):
