@@ -33,7 +33,17 @@ def _client(config: Config, redis: Redis, owner: str | None = None) -> Client:
         prefix=config.key_prefix,
         owner=owner,
         event_stream_maxlen=config.event_stream_maxlen,
+        credentials=_credentials(config),
     )
+
+
+def _credentials(config: Config) -> dict[str, str]:
+    """The CLI reaches E2B sandboxes with the key the config names, like the daemon."""
+    try:
+        key = config.e2b.resolve_api_key()
+    except OSError:
+        key = None  # e.g. the daemon's credential file, unreadable to this user
+    return {"e2b": key} if key else {}
 
 
 def _cli_error(exc: ClaimError) -> CliError:

@@ -66,7 +66,12 @@ class Sandbox:
 
     def _conn(self) -> Connection:
         if self._connection is None:
-            self._connection = connect(self.provider, self.connection_info)
+            self._connection = connect(
+                self.provider,
+                self.connection_info,
+                credentials=self._client.credentials,
+                lease_expires_ms=self.lease_expires_ms,
+            )
         return self._connection
 
     async def exec(
@@ -150,13 +155,17 @@ class Client:
         default_wait_s: float = DEFAULT_WAIT_S,
         event_stream_maxlen: int = 100_000,
         owns_redis: bool = False,
+        credentials: dict[str, str] | None = None,
     ):
+        """`credentials`: provider name -> API key for reaching its sandboxes (e2b: else
+        E2B_API_KEY)."""
         self._redis = redis
         self._keys = Keys(prefix)
         self._claims = ClaimStore(redis, self._keys, maxlen=event_stream_maxlen)
         self.owner = owner or default_owner()
         self.default_wait_s = default_wait_s
         self._owns_redis = owns_redis
+        self.credentials = credentials or {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "Client":

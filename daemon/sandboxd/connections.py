@@ -1,8 +1,9 @@
 """How a client reaches a claimed sandbox, per provider.
 
 A provider's record `handle` carries what is needed; `connect` turns it into an object with
-`exec`, `write` and `read` (the AgentClient's interface). A provider that runs elsewhere
-(e2b) adds its own connection here.
+`exec`, `write` and `read` (the AgentClient's interface). Credentials are the client's own
+(`credentials[provider]`, else the provider's usual environment variable): a handle in
+Redis never holds one.
 """
 
 from collections.abc import Callable
@@ -33,16 +34,35 @@ class UnreachableSandbox(RuntimeError):
     """The sandbox's provider offers no way for this client to reach it."""
 
 
-def _local(handle: dict[str, Any]) -> Connection:
+def _local(handle: dict[str, Any], credential: str | None, lease_expires_ms: int) -> Connection:
     # The agent's Unix socket: reachable on the daemon's host by its user (or root).
     return AgentClient(handle["socket"])
 
 
-CONNECTORS: dict[str, Callable[[dict[str, Any]], Connection]] = {"local": _local}
+def _e2b(handle: dict[str, Any], credential: str | None, lease_expires_ms: int) -> Connection:
+    try:
+        from sandboxd.e2bconnection import E2BConnection
+    except ImportError as exc:
+        raise UnreachableSandbox(
+            f"an e2b sandbox needs the e2b SDK ({exc}): pip install 'sandboxd[e2b]'"
+        ) from None
+    return E2BConnection(handle, api_key=credential, lease_expires_ms=lease_expires_ms)
 
 
-def connect(provider: str, handle: dict[str, Any]) -> Connection:
+CONNECTORS: dict[str, Callable[[dict[str, Any], str | None, int], Connection]] = {
+    "local": _local,
+    "e2b": _e2b,
+}
+
+
+def connect(
+    provider: str,
+    handle: dict[str, Any],
+    *,
+    credentials: dict[str, str] | None = None,
+    lease_expires_ms: int = 0,
+) -> Connection:
     factory = CONNECTORS.get(provider)
     if factory is None:
         raise UnreachableSandbox(f"no client connection for provider {provider!r}")
-    return factory(handle)
+    return factory(handle, (credentials or {}).get(provider), lease_expires_ms)

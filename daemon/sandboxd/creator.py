@@ -213,7 +213,7 @@ class Creator:
                 number = attempt.retry_state.attempt_number
                 try:
                     async with asyncio.timeout(self._config.create_timeout_s):
-                        return await provider.create(record.id, spec)
+                        return await provider.create(record.id, spec, revision=record.spec_revision)
                 except Exception as exc:
                     await self._attempt_failed(record, pacing, exc, number, attempts)
                     raise

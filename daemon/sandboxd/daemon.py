@@ -18,6 +18,7 @@ from sandboxd.config import Config
 from sandboxd.events import EventPublisher
 from sandboxd.heartbeat import Heartbeat
 from sandboxd.janitor import Janitor
+from sandboxd.keepalive import Keepalive
 from sandboxd.keys import Keys
 from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
@@ -71,7 +72,7 @@ class Daemon:
         try:
             if not await wait_for_redis(redis, self.config, self.stop):
                 return 0
-            self.providers = self.providers or make_providers(self.config)
+            self.providers = self.providers or make_providers(self.config, self.instance)
             await self._serve(redis, self.providers)
         finally:
             await redis.aclose()
@@ -117,6 +118,9 @@ class Daemon:
             replace=self.reconciler.replace,
             interval_s=self.config.janitor_interval_s,
         )
+        self.keepalive = Keepalive(
+            store=self.store, specs=self.specs, providers=providers, events=self.events
+        )
         self.isolation = {name: p.isolation for name, p in providers.items()}
         self.heartbeat = Heartbeat(
             redis,
@@ -161,6 +165,7 @@ class Daemon:
                     "leases": self.leases.run(),
                     "health": self.monitor.run(),
                     "janitor": self.janitor.run(),
+                    "keepalive": self.keepalive.run(),
                     "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
                 }
                 tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]

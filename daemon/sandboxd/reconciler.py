@@ -14,7 +14,7 @@ from sandboxd.config import Config
 from sandboxd.creator import Creator
 from sandboxd.events import EventPublisher
 from sandboxd.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan
-from sandboxd.providers import Provider
+from sandboxd.providers import Provider, gone_reason
 from sandboxd.recovery import Recoveries
 from sandboxd.recycler import Recycler
 from sandboxd.redisconn import cancelling, survive
@@ -24,6 +24,10 @@ from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
 from sandboxd.terminator import Terminator
 
 log = logging.getLogger(__name__)
+GONE_DETAIL = {
+    "died": "the sandbox's processes are gone",
+    "lost": "the provider no longer has the sandbox",
+}
 
 
 async def _idle_at_least(busy_s: float, *, since: float) -> None:
@@ -149,20 +153,43 @@ class Reconciler:
         limits = {name: pace.limit(now) for name, pace in pacing.items()}
         slots = self._config.max_concurrent_creates - len(self.creator.inflight)
         observed = [Observed(r.id, r.pool, r.state, r.created_ts, r.health) for r in records]
+        provider_slots = self._provider_slots(records)
         plans = plan(
-            pools, observed, create_slots=slots, now=time.time(), waiting=waiting, limits=limits
+            pools,
+            observed,
+            create_slots=slots,
+            now=time.time(),
+            waiting=waiting,
+            limits=limits,
+            provider_slots=provider_slots,
         )
         by_id = {r.id: r for r in records}
         for pool_plan in plans:
             if pool_plan.pool in pacing:
+                provider = specs[pool_plan.pool].provider
+                full = provider_slots.get(provider) == 0
                 pacing[pool_plan.pool].explain_shortfall(
-                    pool_plan.wanted, pool_plan.create, limits[pool_plan.pool], now
+                    pool_plan.wanted,
+                    pool_plan.create,
+                    limits[pool_plan.pool],
+                    now,
+                    provider_full=f"{provider}.max_concurrent reached" if full else "",
                 )
             if pool_plan.changes:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
         if self._on_pass is not None:
             self._on_pass(records, specs)
         self.last_pass_at = time.time()
+
+    def _provider_slots(self, records: list[SandboxRecord]) -> dict[str, int]:
+        """Sandboxes each capped provider (a cloud plan's concurrency) may still add."""
+        slots = {}
+        for name, provider in self._providers.items():
+            headroom = getattr(provider, "headroom", None)
+            if headroom is not None:
+                creating = sum(1 for r in records if r.provider == name and r.state == "creating")
+                slots[name] = max(0, headroom() - creating)
+        return slots
 
     def pool_status(self) -> dict[str, dict[str, Any]]:
         """Per pool: breaker, creates in flight, create outcomes, why it is short."""
@@ -185,8 +212,8 @@ class Reconciler:
             verdict = await self._verdict(record, stuck, check_liveness)
             if verdict is None:
                 alive.append(record)
-            elif verdict[0] == "died" and record.state == "ready":
-                if not await self.replace(record, "died", "the sandbox's processes are gone"):
+            elif verdict[0] in GONE_DETAIL and record.state == "ready":
+                if not await self.replace(record, verdict[0], GONE_DETAIL[verdict[0]]):
                     alive.append(record)
             elif not await self.terminate(record, *verdict):
                 alive.append(record)
@@ -206,7 +233,7 @@ class Reconciler:
         provider = self._providers.get(record.provider)
         if check_liveness and provider and record.state in ("ready", "claimed", "released"):
             if not await provider.is_alive(record.id, record.handle):
-                return ("died", "ready", "claimed", "released")
+                return (gone_reason(provider), "ready", "claimed", "released")
         return None
 
     def _handling(self, sandbox_id: str) -> bool:

@@ -48,8 +48,9 @@ class Provider(Protocol):
         """How strongly sandboxes are isolated (`bwrap`, `none`, `vm`…), shown in status."""
         ...
 
-    async def create(self, sandbox_id: str, pool: PoolSpec) -> dict[str, Any]:
-        """Start a sandbox and return its handle once it is ready for use.
+    async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
+        """Start a sandbox and return its handle once it is ready for use. `revision`: the
+        spec revision it is made for (a label, where the provider keeps labels).
 
         Must clean up after itself if it fails or is cancelled.
         """

@@ -157,7 +157,12 @@ class E2BProvider:
     async def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> int:
         """Set E2B's timeout to `seconds` from now (capped by the plan); returns it."""
         timeout = self._timeout(seconds)
-        await AsyncSandbox.set_timeout(handle["e2b_id"], timeout, **self._opts())
+        try:
+            await AsyncSandbox.set_timeout(handle["e2b_id"], timeout, **self._opts())
+        except Exception as exc:
+            if is_gone(exc):
+                self._forget(sandbox_id)
+            raise RuntimeError(self._describe(exc)) from None
         return timeout
 
     async def _connected(self, sandbox_id: str, handle: dict[str, Any]) -> AsyncSandbox:

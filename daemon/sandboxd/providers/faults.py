@@ -26,7 +26,7 @@ class FaultyProvider:
     def isolation(self) -> str:
         return self.inner.isolation
 
-    async def create(self, sandbox_id: str, pool: PoolSpec) -> dict[str, Any]:
+    async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
         if self.faults.create_latency_s:
             await asyncio.sleep(self.faults.create_latency_s)
         roll = self._random.random()
@@ -38,7 +38,7 @@ class FaultyProvider:
             raise CreateError(
                 "injected create failure", retryable=self.faults.create_failure_retryable
             )
-        handle = await self.inner.create(sandbox_id, pool)
+        handle = await self.inner.create(sandbox_id, pool, revision=revision)
         self._live[sandbox_id] = handle
         return handle
 

@@ -75,7 +75,7 @@ class LocalProvider:
     def limits(self) -> str:
         return "cgroup" if self._cgroups else "rlimit"
 
-    async def create(self, sandbox_id: str, pool: PoolSpec) -> dict[str, Any]:
+    async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
         template = self._templates.get(pool.template)
         if template is None:
             raise CreateError(f"unknown local template {pool.template!r}", retryable=False)
