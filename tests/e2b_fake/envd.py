@@ -1,0 +1,196 @@
+"""envd, the agent inside every E2B sandbox, as the SDK reaches it through E2B's proxy (one
+URL for all sandboxes, routed by the `E2b-Sandbox-Id` header): GET /health, GET/POST
+/files, and the Connect-RPC `process.Process` service (the same generated service the SDK's
+client is built from, so its Connect-JSON framing is the real one). Commands run as real
+processes on this host, with the sandbox's directory as their home.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from e2b.envd.process import process_pb
+from e2b.envd.process.process_connect import ProcessASGIApplication
+from protobuf import Oneof
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from e2b_fake.state import FakeSandbox, World
+
+PE = process_pb.ProcessEvent
+
+
+def not_found(sandbox_id: str) -> JSONResponse:
+    # What E2B's proxy answers for a sandbox that is gone (or paused).
+    return JSONResponse(
+        {"code": 502, "message": f"The sandbox {sandbox_id} was not found", "sandboxId": sandbox_id},
+        502,
+    )
+
+
+def sandbox_for(world: World, headers) -> FakeSandbox | JSONResponse:
+    sandbox_id = headers.get("e2b-sandbox-id", "")
+    sandbox = world.sandboxes.get(sandbox_id)
+    if sandbox is None or sandbox.state != "running":
+        return not_found(sandbox_id)
+    if headers.get("x-access-token") != sandbox.token:
+        return JSONResponse({"code": 401, "message": "invalid access token"}, 401)
+    return sandbox
+
+
+def resolve(sandbox: FakeSandbox, path: str) -> Path:
+    return Path(path) if path.startswith("/") else sandbox.workdir / path
+
+
+def routes(world: World) -> list[Route]:
+    async def health(request: Request) -> Response:
+        found = sandbox_for(world, request.headers)
+        return found if isinstance(found, Response) else Response(status_code=204)
+
+    async def read_file(request: Request) -> Response:
+        found = sandbox_for(world, request.headers)
+        if isinstance(found, Response):
+            return found
+        path = resolve(found, request.query_params["path"])
+        if not path.is_file():
+            return JSONResponse({"code": 404, "message": f"path '{path}' does not exist"}, 404)
+        return Response(path.read_bytes(), media_type="application/octet-stream")
+
+    async def write_file(request: Request) -> Response:
+        found = sandbox_for(world, request.headers)
+        if isinstance(found, Response):
+            return found
+        written = []
+        async with request.form() as form:
+            for upload in form.getlist("file"):
+                target = request.query_params.get("path") or upload.filename
+                path = resolve(found, target)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(await upload.read())
+                written.append({"name": path.name, "type": "file", "path": str(path)})
+        return JSONResponse(written)
+
+    return [
+        Route("/health", health, methods=["GET"]),
+        Route("/files", read_file, methods=["GET"]),
+        Route("/files", write_file, methods=["POST"]),
+    ]
+
+
+class ProcessService:
+    """process.Process: Start (a server stream of start, data…, end), List, SendSignal."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def _sandbox(self, ctx) -> FakeSandbox:
+        found = sandbox_for(self.world, ctx.request_headers)
+        if isinstance(found, Response):
+            raise ConnectError(Code.UNAVAILABLE, found.body.decode())
+        return found
+
+    async def start(self, request, ctx) -> AsyncIterator[process_pb.StartResponse]:
+        sandbox = self._sandbox(ctx)
+        config = request.process
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **sandbox.envs, **config.envs}
+        env["HOME"] = str(sandbox.workdir)
+        process = await asyncio.create_subprocess_exec(
+            config.cmd,
+            *config.args,
+            cwd=config.cwd or sandbox.workdir,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        sandbox.processes[process.pid] = process
+        sandbox.commands[process.pid] = (config.cmd, list(config.args))
+        try:
+            yield _event(Oneof("start", PE.StartEvent(pid=process.pid)))
+            async for name, chunk in _output(process):
+                yield _event(Oneof("data", PE.DataEvent(output=Oneof(name, chunk))))
+            code = await process.wait()
+            yield _event(Oneof("end", PE.EndEvent(exit_code=code, exited=True, status=f"exit status {code}")))
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            sandbox.processes.pop(process.pid, None)
+            sandbox.commands.pop(process.pid, None)
+
+    async def list(self, request, ctx) -> process_pb.ListResponse:
+        sandbox = self._sandbox(ctx)
+        return process_pb.ListResponse(
+            processes=[
+                process_pb.ProcessInfo(config=process_pb.ProcessConfig(cmd=cmd, args=args), pid=pid)
+                for pid, (cmd, args) in sandbox.commands.items()
+            ]
+        )
+
+    async def send_signal(self, request, ctx) -> process_pb.SendSignalResponse:
+        sandbox = self._sandbox(ctx)
+        pid = request.process.selector.value
+        if pid not in sandbox.processes:
+            raise ConnectError(Code.NOT_FOUND, f"process {pid} not found")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        return process_pb.SendSignalResponse()
+
+    async def connect(self, request, ctx):
+        raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
+        yield  # pragma: no cover - makes this a server stream
+
+    async def update(self, request, ctx):
+        raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
+
+    async def stream_input(self, request, ctx):
+        raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
+
+    async def send_input(self, request, ctx):
+        raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
+
+    async def close_stdin(self, request, ctx):
+        raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
+
+
+def _event(event: Oneof) -> process_pb.StartResponse:
+    return process_pb.StartResponse(event=PE(event=event))
+
+
+async def _output(process: asyncio.subprocess.Process) -> AsyncIterator[tuple[str, bytes]]:
+    """stdout and stderr chunks as they come, until both are closed."""
+    queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+
+    async def pump(name: str, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            await queue.put((name, chunk))
+        await queue.put((name, None))
+
+    assert process.stdout is not None and process.stderr is not None
+    pumps = [
+        asyncio.create_task(pump("stdout", process.stdout)),
+        asyncio.create_task(pump("stderr", process.stderr)),
+    ]
+    try:
+        open_streams = 2
+        while open_streams:
+            name, chunk = await queue.get()
+            if chunk is None:
+                open_streams -= 1
+            else:
+                yield name, chunk
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def process_app(world: World) -> ProcessASGIApplication:
+    return ProcessASGIApplication(ProcessService(world))
