@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from sandboxd.localredis import find_redis_server, start, wait_until_answering
 
 sys.path.insert(0, str(Path(__file__).parent))
+E2B_TEST_KEY = "e2b_0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(autouse=True)
@@ -156,14 +157,26 @@ def daemon_factory(redis_server: str, tmp_path: Path) -> Iterator:
 
 
 def _toml(config: dict, local: dict) -> str:
-    lines = [f"{k} = {json.dumps(v)}" for k, v in config.items()]
-    lines.append("[local]")
-    templates = local.pop("templates", {})
-    lines += [f"{k} = {json.dumps(v)}" for k, v in local.items()]
-    for name, template in templates.items():
-        lines.append(f"[local.templates.{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in template.items()]
-    return "\n".join(lines) + "\n"
+    return _toml_table({**config, "local": local}, "")
+
+
+def _toml_table(table: dict, name: str) -> str:
+    """Scalars first, then each nested table as its own [section]."""
+    scalars = [f"{k} = {json.dumps(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    text = (f"[{name}]\n" if name else "") + "".join(line + "\n" for line in scalars)
+    for key, value in table.items():
+        if isinstance(value, dict):
+            text += _toml_table(value, f"{name}.{key}" if name else key)
+    return text
+
+
+@pytest.fixture
+def fake_e2b() -> Iterator:
+    """The fake E2B (tests/e2b_fake) on a free loopback port, with the test API key."""
+    from e2b_fake import FakeE2B
+
+    with FakeE2B(api_key=E2B_TEST_KEY) as fake:
+        yield fake
 
 
 @pytest_asyncio.fixture

@@ -72,8 +72,10 @@ async def wait_event(redis: Redis, type_: str, timeout: float = 20.0, **match) -
     return await eventually(probe, timeout=timeout, what=f"event {type_} {match}")
 
 
-def cli(redis_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {"SANDBOXD_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"}
+def cli(
+    redis_url: str, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {"SANDBOXD_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "sandboxd", *args],
         input=stdin,

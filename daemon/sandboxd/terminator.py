@@ -36,6 +36,14 @@ class Terminator:
             if provider is not None:
                 await provider.terminate(record.id, record.handle)
             await self._store.remove(record)
+        except Exception as exc:
+            # A cloud API can fail: the record stays `terminating`, so the reconciler tries
+            # again (and the janitor kills the sandbox should the record be lost).
+            log.warning(
+                "terminate failed, will retry",
+                extra={"sandbox": record.id, "pool": record.pool, "error": str(exc)},
+            )
+            return
         finally:
             self.running.discard(record.id)
         await self._events.publish(

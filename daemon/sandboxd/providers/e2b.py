@@ -148,7 +148,10 @@ class E2BProvider:
         self._born.pop(sandbox_id, None)
 
     async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
-        await AsyncSandbox.kill(handle["e2b_id"], **self._opts())  # False if already gone
+        try:
+            await AsyncSandbox.kill(handle["e2b_id"], **self._opts())  # False if already gone
+        except Exception as exc:
+            raise RuntimeError(self._describe(exc)) from None
         self._forget(sandbox_id)
 
     async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:

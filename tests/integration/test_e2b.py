@@ -1,0 +1,126 @@
+"""The e2b provider, end to end through the real e2b SDK, against the fake E2B on loopback."""
+
+import time
+
+from sandboxd.client import Client
+from sandboxd.state import SandboxStore
+
+from conftest import E2B_TEST_KEY
+from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+
+
+def e2b_pool(name: str = "cloud", **extra) -> dict:
+    return {
+        "name": name,
+        "provider": "e2b",
+        "min_ready": 2,
+        "max_total": 4,
+        "health": {"command": "test -d /", "interval_s": 0.5},
+        **extra,
+    }
+
+
+def e2b_settings(fake, **extra) -> dict:
+    return {"api_url": fake.url, "sandbox_url": fake.url, "list_interval_s": 0.5, **extra}
+
+
+async def records(redis, pool: str) -> list:
+    return [r for r in await SandboxStore(redis, KEYS).records() if r.pool == pool]
+
+
+async def test_an_e2b_pool_fills_and_sandboxd_exec_runs_a_command_through_the_sdk(
+    redis, redis_server, daemon_factory, fake_e2b
+):
+    daemon = daemon_factory(e2b=e2b_settings(fake_e2b))
+    daemon.env["E2B_API_KEY"] = E2B_TEST_KEY
+    daemon.start()
+    await apply(redis, [e2b_pool(labels={"team": "research"})])
+    ids = await wait_ready(redis, "cloud", 2)
+
+    ours = {s.metadata["sandboxd-id"]: s for s in fake_e2b.ours()}
+    assert set(ours) == set(ids)
+    meta = ours[ids[0]].metadata
+    assert meta["sandboxd-pool"] == "cloud" and meta["team"] == "research"
+    assert meta["sandboxd-rev"] == "1" and meta["sandboxd-instance"]
+
+    done = cli(
+        redis_server,
+        "exec",
+        "cloud",
+        "--",
+        "sh",
+        "-c",
+        "echo hello from $(basename $HOME); exit 3",
+        env={"E2B_API_KEY": E2B_TEST_KEY},
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("hello from i")  # the fake's sandbox ids start with "i"
+
+
+async def test_claims_of_an_e2b_pool_work_as_for_local_pools(fake_e2b, redis, embedded_daemon):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    await apply(redis, [e2b_pool(lease_s=120)])
+    await wait_ready(redis, "cloud", 2)
+
+    async with (
+        Client(redis, credentials={"e2b": E2B_TEST_KEY}) as client,
+        client.claim("cloud", lease_s=90) as sandbox,
+    ):
+        result = await sandbox.exec(["python3", "-c", "import sys; print(6*7, file=sys.stderr)"])
+        assert (result.exit_code, result.stderr) == (0, b"42\n")
+        await sandbox.write("notes.txt", "kept")
+        assert await sandbox.read("notes.txt") == b"kept"
+        piped = await sandbox.exec("tr a-z A-Z", stdin=b"shout")
+        assert piped.stdout == b"SHOUT"
+        e2b_id = sandbox.connection_info["e2b_id"]
+        # The claim's lease is the sandbox's timeout on E2B's side too.
+        left = await eventually(
+            lambda: _seconds_left(fake_e2b, e2b_id), what="E2B timeout set to the lease"
+        )
+        assert 60 < left <= 91
+    await wait_event(redis, "sandbox.terminated", sandbox=sandbox.id, reason="released")
+    await eventually(lambda: _gone(fake_e2b, e2b_id), what="released sandbox killed on E2B")
+    await wait_ready(redis, "cloud", 2)
+
+
+async def _seconds_left(fake, e2b_id: str) -> float | None:
+    sandbox = fake.world.sandboxes.get(e2b_id)
+    left = sandbox.end_at - time.time() if sandbox else None
+    return left if left and left > 60 else None
+
+
+async def _gone(fake, e2b_id: str) -> bool:
+    return e2b_id not in fake.world.sandboxes
+
+
+async def test_ready_sandboxes_outlive_many_e2b_timeouts(fake_e2b, redis, embedded_daemon):
+    daemon = await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    await apply(redis, [e2b_pool(e2b={"timeout_s": 2})])
+    first = set(await wait_ready(redis, "cloud", 2))
+    extended = lambda: len(fake_e2b.ledger.set_timeouts)  # noqa: E731
+
+    async def four_timeouts_later():
+        return daemon.keepalive.extended >= 8 and extended() >= 8
+
+    await eventually(four_timeouts_later, timeout=30, what="timeouts extended for 8 s")
+    assert set(await wait_ready(redis, "cloud", 2)) == first
+    assert fake_e2b.ledger.expired == []
+    assert not await events_of(redis, "sandbox.terminated")
+
+
+async def test_recycle_replaces_ready_sandboxes_before_they_expire(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    await apply(redis, [e2b_pool(e2b={"timeout_s": 3, "keepalive": "recycle"})])
+    first = set(await wait_ready(redis, "cloud", 2))
+
+    async def all_replaced():
+        ready = set(await wait_ready(redis, "cloud", 2))
+        return ready if not ready & first else None
+
+    await eventually(all_replaced, timeout=30, what="the first sandboxes recycled")
+    assert fake_e2b.ledger.expired == []
+    assert fake_e2b.ledger.set_timeouts == []
+    recycled = await events_of(redis, "sandbox.terminated")
+    assert {e["data"]["reason"] for e in recycled} == {"idle_ttl"}
