@@ -21,6 +21,7 @@ from sandboxd.state import SandboxRecord, SandboxStore
 log = logging.getLogger(__name__)
 
 MAX_INTERVAL_S = 5.0
+IDLE_TICK_S = 0.5
 
 
 class Expiring(Protocol):
@@ -49,9 +50,10 @@ class Keepalive:
         return {p.name: p for p in doc.pools} if doc else {}
 
     def interval_s(self) -> float:
-        """A quarter of the shortest timeout, so there are two tries before half is gone."""
+        """A quarter of the shortest timeout, so there are two tries before half is gone;
+        without such pools, soon enough to notice a new one before its first half is up."""
         timeouts = [p.e2b_settings.timeout_s for p in self._pools().values() if p.provider == "e2b"]
-        return min([MAX_INTERVAL_S] + [t / 4 for t in timeouts])
+        return min([MAX_INTERVAL_S] + [t / 4 for t in timeouts]) if timeouts else IDLE_TICK_S
 
     async def run(self) -> None:
         while True:
@@ -64,9 +66,9 @@ class Keepalive:
             await asyncio.sleep(self.interval_s())
 
     async def once(self) -> None:
-        if not self._providers:
-            return
         pools = self._pools()
+        if not self._providers or not any(p.provider in self._providers for p in pools.values()):
+            return
         records = [r for r in await self._store.records() if r.provider in self._providers]
         for record in records:
             spec = pools.get(record.pool)

@@ -272,7 +272,12 @@ class Reconciler:
 
     async def _stop(self, record: SandboxRecord, reason: str) -> None:
         if reason == "unhealthy" and record.state == "ready":
-            await self.replace(record, reason, record.health_reason)
+            provider = self._providers.get(record.provider)
+            if provider and not await provider.is_alive(record.id, record.handle):
+                reason = gone_reason(provider)  # not sick: gone (a cloud sandbox vanished)
+                await self.replace(record, reason, GONE_DETAIL[reason])
+            else:
+                await self.replace(record, reason, record.health_reason)
             return
         claim = {"claimant": record.claimant, "claim_id": record.claim_id}
         extra = claim if record.state == "claimed" else {}

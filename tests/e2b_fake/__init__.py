@@ -137,5 +137,7 @@ class FakeE2B:
 
     def ours(self, prefix: str = "sandboxd") -> list[FakeSandbox]:
         return self.call(
-            lambda world: [s for s in world.sandboxes.values() if s.metadata.get("sandboxd") == prefix]
+            lambda world: [
+                s for s in world.sandboxes.values() if s.metadata.get("sandboxd") == prefix
+            ]
         )

@@ -29,7 +29,11 @@ PE = process_pb.ProcessEvent
 def not_found(sandbox_id: str) -> JSONResponse:
     # What E2B's proxy answers for a sandbox that is gone (or paused).
     return JSONResponse(
-        {"code": 502, "message": f"The sandbox {sandbox_id} was not found", "sandboxId": sandbox_id},
+        {
+            "code": 502,
+            "message": f"The sandbox {sandbox_id} was not found",
+            "sandboxId": sandbox_id,
+        },
         502,
     )
 
@@ -117,7 +121,9 @@ class ProcessService:
             async for name, chunk in _output(process):
                 yield _event(Oneof("data", PE.DataEvent(output=Oneof(name, chunk))))
             code = await process.wait()
-            yield _event(Oneof("end", PE.EndEvent(exit_code=code, exited=True, status=f"exit status {code}")))
+            yield _event(
+                Oneof("end", PE.EndEvent(exit_code=code, exited=True, status=f"exit status {code}"))
+            )
         finally:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

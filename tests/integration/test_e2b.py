@@ -124,3 +124,75 @@ async def test_recycle_replaces_ready_sandboxes_before_they_expire(
     assert fake_e2b.ledger.set_timeouts == []
     recycled = await events_of(redis, "sandbox.terminated")
     assert {e["data"]["reason"] for e in recycled} == {"idle_ttl"}
+
+
+async def test_a_restarted_daemon_adopts_e2b_sandboxes_found_by_their_metadata(
+    fake_e2b, redis, daemon_factory
+):
+    settings = {"e2b": e2b_settings(fake_e2b), "on_shutdown": "keep"}
+    first = daemon_factory(**settings)
+    first.env["E2B_API_KEY"] = E2B_TEST_KEY
+    first.start()
+    await apply(redis, [e2b_pool()])
+    ids = set(await wait_ready(redis, "cloud", 2))
+    first.signal(9)  # no goodbye: the sandboxes stay on E2B, their records in Redis
+    first.wait()
+
+    second = daemon_factory(**settings)
+    second.env["E2B_API_KEY"] = E2B_TEST_KEY
+    second.start()
+    started = await wait_event(redis, "daemon.started", adopted=2)
+    assert started["data"]["adopted"] == 2
+    assert set(await wait_ready(redis, "cloud", 2)) == ids
+    assert len(fake_e2b.ours()) == 2
+    assert not await events_of(redis, "sandbox.creating", "sandbox.leaked") or all(
+        e["sandbox"] in ids for e in await events_of(redis, "sandbox.creating")
+    )
+
+
+async def test_the_janitor_kills_labelled_strays_and_vanished_sandboxes_are_replaced(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY), janitor_interval_s=0.5)
+    await apply(redis, [e2b_pool()])
+    ids = await wait_ready(redis, "cloud", 2)
+
+    # A sandbox with our labels that Redis has never heard of (a create whose record was
+    # lost): the janitor finds it through the metadata listing and kills it.
+    stray = fake_e2b.call(
+        lambda world: (
+            world.new_sandbox(
+                "base",
+                300,
+                {"sandboxd": "sandboxd", "sandboxd-id": "sb-stray", "sandboxd-pool": "cloud"},
+                {},
+            ).id
+        )
+    )
+    leaked = await wait_event(redis, "sandbox.leaked", sandbox="sb-stray")
+    assert leaked["data"]["provider"] == "e2b"
+    assert stray in fake_e2b.ledger.killed
+
+    # Someone else's sandbox on the same account (no `sandboxd` label) is left alone.
+    foreign = fake_e2b.call(lambda world: world.new_sandbox("base", 300, {"owner": "bob"}, {}).id)
+
+    # A ready sandbox that vanishes on E2B's side is recorded as lost and replaced.
+    victim = await SandboxStore(redis, KEYS).get(ids[0])
+    fake_e2b.vanish(victim.handle["e2b_id"])
+    lost = await wait_event(redis, "sandbox.terminated", sandbox=victim.id)
+    assert lost["data"]["reason"] == "lost"
+    await wait_event(redis, "recovery.succeeded", old=victim.id)
+    await wait_ready(redis, "cloud", 2)
+    assert foreign in fake_e2b.world.sandboxes
+
+
+async def test_a_lost_create_response_is_retried_without_a_duplicate(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    fake_e2b.faults.lose_create_responses = 1
+    await apply(redis, [e2b_pool(min_ready=1)])
+    await wait_ready(redis, "cloud", 1)
+    failed = await events_of(redis, "sandbox.create_failed")
+    assert len(failed) == 1 and failed[0]["data"]["will_retry"]
+    assert len(fake_e2b.ours()) == 1  # the retry got the same sandbox back
