@@ -31,10 +31,12 @@ async def adopt(
     store: SandboxStore, providers: dict[str, Provider], events: EventPublisher
 ) -> AdoptionReport:
     report = AdoptionReport()
-    live = await list_all(providers)
+    listing = await list_all(providers)
+    live = listing.sandboxes
     for record in await store.records():
         provider = providers.get(record.provider)
-        if provider is not None and record.state in ADOPTABLE and record.id in live:
+        unknown = record.provider in listing.failed  # kept as they are until it answers
+        if provider is not None and record.state in ADOPTABLE and (record.id in live or unknown):
             report.adopted.append(record.id)
             await events.publish(
                 "sandbox.adopted",
@@ -52,7 +54,7 @@ async def adopt(
     recorded = set(report.adopted) | set(report.dropped)
     for provider, sandbox in live.values():
         if sandbox.id not in recorded:
-            await provider.terminate(sandbox.id, sandbox.handle)
+            await _terminate(provider, sandbox.id, sandbox.handle)
             await events.publish(
                 "sandbox.terminated",
                 pool=sandbox.pool,
@@ -83,8 +85,18 @@ async def _close(
     events: EventPublisher,
 ) -> None:
     if provider is not None:
-        await provider.terminate(record.id, handle)
+        await _terminate(provider, record.id, handle)
     await store.remove(record)
     await events.publish(
         "sandbox.terminated", pool=record.pool, sandbox=record.id, reason=reason, state=record.state
     )
+
+
+async def _terminate(provider: Provider, sandbox_id: str, handle: dict[str, Any]) -> None:
+    """Best effort at start: what a failing provider keeps, the janitor finds later."""
+    try:
+        await provider.terminate(sandbox_id, handle)
+    except Exception as exc:
+        log.warning(
+            "terminate at adoption failed", extra={"sandbox": sandbox_id, "error": str(exc)}
+        )

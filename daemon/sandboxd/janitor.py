@@ -14,6 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from sandboxd.events import EventPublisher
 from sandboxd.providers import Provider, ProviderSandbox, list_all
 from sandboxd.redisconn import every
@@ -52,14 +54,20 @@ class Janitor:
         await every(self._interval_s, self.sweep, "janitor sweep skipped")
 
     async def sweep(self) -> Sweep:
-        listed = await list_all(self._providers)
+        listing = await list_all(self._providers)
+        listed = listing.sandboxes
         records = {r.id: r for r in await self._store.records()}
         result = Sweep()
         for sandbox_id, (provider, sandbox) in listed.items():
-            if sandbox_id not in records and await self._leaked(provider, sandbox):
+            if sandbox_id not in records and await _tried(self._leaked(provider, sandbox)):
                 result.leaked.append(sandbox_id)
         for record in records.values():
-            if record.state in CHECKED and record.id not in listed and await self._lost(record):
+            if (
+                record.state in CHECKED
+                and record.id not in listed
+                and record.provider not in listing.failed
+                and await _tried(self._lost(record))
+            ):
                 result.lost.append(record.id)
         if result.leaked or result.lost:
             log.warning("janitor", extra={"leaked": result.leaked, "lost": result.lost})
@@ -89,3 +97,14 @@ class Janitor:
         if record.state == "ready":
             return await self._replace(record, "lost", detail)
         return await self._terminator.terminate(record, "lost", record.state, detail=detail)
+
+
+async def _tried(step: Awaitable[bool]) -> bool:
+    """One sandbox's check; a provider error skips it until the next sweep."""
+    try:
+        return await step
+    except RedisError:
+        raise
+    except Exception as exc:
+        log.warning("janitor check failed: %s", exc)
+        return False

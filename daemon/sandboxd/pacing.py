@@ -84,10 +84,7 @@ class PoolPacing:
         if wanted <= started:
             self.below_target = ""
         elif self.failed:
-            self.below_target = (
-                f"failed: {self.failed} (no more creates until the pool's spec changes "
-                "or the daemon restarts)"
-            )
+            self.below_target = self.failed_note()
         elif self.breaker.state == "open":
             retry = self.breaker.retry_in(now)
             self.below_target = (
@@ -103,6 +100,12 @@ class PoolPacing:
         else:
             self.below_target = "global limit max_concurrent_creates reached"
 
+    def failed_note(self) -> str:
+        return (
+            f"failed: {self.failed} (no more creates until the pool's spec changes "
+            "or the daemon restarts)"
+        )
+
     def status(self, now: float) -> dict[str, Any]:
         return {
             "state": "failed" if self.failed else "ok",
@@ -116,5 +119,5 @@ class PoolPacing:
             "failed_attempts": self.failed_attempts,
             "error_rate": self.error_rate(),
             "last_error": self.last_error,
-            "below_target": self.below_target,
+            "below_target": self.failed_note() if self.failed else self.below_target,
         }

@@ -1,5 +1,6 @@
 """The e2b provider, end to end through the real e2b SDK, against the fake E2B on loopback."""
 
+import itertools
 import time
 
 from sandboxd.client import Client
@@ -196,3 +197,131 @@ async def test_a_lost_create_response_is_retried_without_a_duplicate(
     failed = await events_of(redis, "sandbox.create_failed")
     assert len(failed) == 1 and failed[0]["data"]["will_retry"]
     assert len(fake_e2b.ours()) == 1  # the retry got the same sandbox back
+
+
+def _max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max((sum(1 for u in times if t <= u < t + window) for t in times), default=0)
+
+
+async def test_429_storms_and_503s_converge_at_the_configured_rate(redis, embedded_daemon):
+    from e2b_fake import FakeE2B
+
+    # The account allows 4 creates/s; the daemon is configured for 2/s, burst 2.
+    with FakeE2B(api_key=E2B_TEST_KEY, creates_per_s=4, burst=4) as fake:
+        fake.faults.create_errors = [(429, "storm", {"Retry-After": "1"})]
+        fake.faults.errors_left = 6
+        settings = e2b_settings(fake, api_key=E2B_TEST_KEY, creates_per_s=2, creates_burst=2)
+        daemon = await embedded_daemon(e2b=settings, create_attempts=5)
+        await apply(redis, [e2b_pool(min_ready=6, max_total=8, max_surge=8)])
+        await wait_ready(redis, "cloud", 6, timeout=60)
+
+        # The storm was honoured: after each injected 429 the next create came no
+        # sooner than its Retry-After, and events show the pause the daemon took.
+        creates = fake.ledger.creates()
+        for (t429, status), (t_next, _) in itertools.pairwise(creates):
+            if status == 429:
+                assert t_next - t429 >= 0.95
+        failed = await events_of(redis, "sandbox.create_failed")
+        assert failed and all(e["data"]["retryable"] for e in failed)
+        assert any((e["data"]["retry_after_s"] or 0) >= 1 for e in failed)
+        # The daemon itself never set off the account's rate limit.
+        assert fake.ledger.rate_limited == 0
+        ok_times = [t for t, status in creates if status == 201]
+        assert _max_in_window(ok_times, 1.0) <= 3  # 2/s plus the bucket's burst edge
+
+        # 503s (no capacity) are retried the same way.
+        fake.faults.create_errors = [(503, "no capacity", {})]
+        fake.faults.errors_left = 3
+        await apply(redis, [e2b_pool(min_ready=8, max_total=8, max_surge=8)])
+        await wait_ready(redis, "cloud", 8, timeout=60)
+        assert daemon.providers["e2b"].limiter.throttles >= 2
+        await redis.delete(KEYS.spec)
+        await apply(redis, [])  # drain while the fake still answers
+
+
+async def test_a_bad_api_key_fails_the_pool_after_a_bounded_number_of_attempts(
+    fake_e2b, redis, redis_server, embedded_daemon
+):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key="e2b_wrong"))
+    await apply(redis, [e2b_pool(breaker={"cooldown_s": 0.3})])
+    failed = await wait_event(redis, "pool.failed", pool="cloud")
+    assert "401" in failed["data"]["reason"]
+
+    # No retry storm: two attempts (the first opens the breaker, the trial confirms it).
+    posts = fake_e2b.ledger.creates()
+    assert len(posts) == 2 and {s for _, s in posts} == {401}
+
+    async def failed_in_status():
+        pool = _pool_status(cli(redis_server, "status", "-o", "json").stdout, "cloud")
+        return pool if pool.get("state") == "failed" else None
+
+    pool = await eventually(failed_in_status, what="status shows the pool failed")
+    assert "401" in pool["failed_reason"]
+    table = cli(redis_server, "status").stdout
+    assert "failed" in table and "401" in table
+
+
+async def test_an_unknown_template_fails_the_pool_and_a_fixed_spec_recovers_it(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    await apply(redis, [e2b_pool(template="no-such", breaker={"cooldown_s": 0.3})])
+    failed = await wait_event(redis, "pool.failed", pool="cloud")
+    assert "template 'no-such' not found" in failed["data"]["reason"]
+    assert len(fake_e2b.ledger.creates()) == 2
+
+    await apply(redis, [e2b_pool(template="base", breaker={"cooldown_s": 0.3})])
+    await wait_ready(redis, "cloud", 2)
+
+
+def _pool_status(text: str, name: str) -> dict:
+    import json
+
+    status = json.loads(text)
+    return (status.get("daemon") or {}).get("pools", {}).get(name, {})
+
+
+async def test_the_api_key_appears_in_no_log_event_status_or_redis_key(
+    fake_e2b, redis, redis_server, daemon_factory, tmp_path
+):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "e2b_api_key").write_text(E2B_TEST_KEY + "\n")
+    # As under systemd's LoadCredential=: a relative file name in $CREDENTIALS_DIRECTORY.
+    daemon = daemon_factory(
+        e2b=e2b_settings(fake_e2b, api_key_file="e2b_api_key"), log_level="DEBUG"
+    )
+    daemon.env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    daemon.start()
+    await apply(
+        redis,
+        [e2b_pool(), e2b_pool("broken", template="nope", min_ready=1, breaker={"cooldown_s": 0.3})],
+    )
+    await wait_ready(redis, "cloud", 2)
+    await wait_event(redis, "pool.failed", pool="broken")
+    done = cli(redis_server, "exec", "cloud", "--", "true", env={"E2B_API_KEY": E2B_TEST_KEY})
+    assert done.returncode == 0, done.stderr
+
+    texts = [
+        daemon.log_path.read_text(),
+        cli(redis_server, "status").stdout,
+        cli(redis_server, "status", "-o", "json").stdout,
+        cli(redis_server, "events", "-n", "1000", "-o", "json").stdout,
+        cli(redis_server, "get", "sandboxes", "-o", "json").stdout,
+        done.stdout + done.stderr,
+    ]
+    for key in await redis.keys("*"):
+        kind = await redis.type(key)
+        if kind == "string":
+            texts.append(await redis.get(key))
+        elif kind == "hash":
+            texts.append(str(await redis.hgetall(key)))
+        elif kind == "stream":
+            texts.append(str(await redis.xrange(key)))
+        elif kind == "list":
+            texts.append(str(await redis.lrange(key, 0, -1)))
+    assert len(texts) > 8 and "pool.failed" in texts[3]
+    for text in texts:
+        assert E2B_TEST_KEY not in text
+        assert E2B_TEST_KEY[4:20] not in text  # nor a recognisable part of it

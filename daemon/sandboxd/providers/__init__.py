@@ -1,7 +1,12 @@
 """Sandbox providers, chosen by the pool spec's `provider` name."""
 
+import logging
+from dataclasses import dataclass, field
+
 from sandboxd.config import Config
 from sandboxd.providers.base import CreateError, Provider, ProviderSandbox
+
+log = logging.getLogger(__name__)
 
 
 def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
@@ -35,16 +40,31 @@ def gone_reason(provider: Provider) -> str:
     return getattr(provider, "gone_reason", "died")
 
 
-async def list_all(providers: dict[str, Provider]) -> dict[str, tuple[Provider, ProviderSandbox]]:
-    """Every sandbox the providers hold for sandboxd, by id, with the provider holding it."""
-    found: dict[str, tuple[Provider, ProviderSandbox]] = {}
-    for provider in providers.values():
-        found.update({sb.id: (provider, sb) for sb in await provider.list_sandboxes()})
-    return found
+@dataclass
+class Listing:
+    """Every sandbox the providers hold for sandboxd, by id, with the provider holding it;
+    `failed`: providers that could not be listed (their records cannot be judged now)."""
+
+    sandboxes: dict[str, tuple[Provider, ProviderSandbox]] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+
+
+async def list_all(providers: dict[str, Provider]) -> Listing:
+    listing = Listing()
+    for name, provider in providers.items():
+        try:
+            found = await provider.list_sandboxes()
+        except Exception as exc:  # a cloud API outage or a bad key must not stop the daemon
+            log.warning("cannot list sandboxes", extra={"provider": name, "error": str(exc)})
+            listing.failed.add(name)
+            continue
+        listing.sandboxes.update({sb.id: (provider, sb) for sb in found})
+    return listing
 
 
 __all__ = [
     "CreateError",
+    "Listing",
     "Provider",
     "ProviderSandbox",
     "gone_reason",
