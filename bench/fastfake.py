@@ -15,9 +15,7 @@ class FastFakeProvider:
     def __init__(self) -> None:
         self.sandboxes: dict[str, str] = {}  # id -> pool
 
-    async def create(
-        self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0
-    ) -> dict[str, Any]:
+    async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
         self.sandboxes[sandbox_id] = pool.name
         return {"fake": True}
 

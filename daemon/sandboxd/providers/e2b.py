@@ -241,7 +241,16 @@ class E2BProvider:
         born = self._born.get(sandbox_id)
         return sandbox_id in self._live or (born is not None and born > self._listed_at)
 
+    def configured(self) -> bool:
+        """A key is set (not necessarily valid); without one nothing can be ours."""
+        try:
+            return bool(self._key or self._config.resolve_api_key())
+        except OSError:
+            return True  # a key file is named: listing will report why it cannot be read
+
     async def list_sandboxes(self) -> list[ProviderSandbox]:
+        if not self.configured():
+            return []
         if self._listing is None:
             self._listing = asyncio.Lock()
         async with self._listing:
