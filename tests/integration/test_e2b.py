@@ -95,17 +95,20 @@ async def _gone(fake, e2b_id: str) -> bool:
 
 
 async def test_ready_sandboxes_outlive_many_e2b_timeouts(fake_e2b, redis, embedded_daemon):
-    daemon = await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
     await apply(redis, [e2b_pool(e2b={"timeout_s": 2})])
     first = set(await wait_ready(redis, "cloud", 2))
-    extended = lambda: len(fake_e2b.ledger.set_timeouts)  # noqa: E731
+    created = {s.id: s.started_at for s in fake_e2b.ours()}
 
     async def four_timeouts_later():
-        return daemon.keepalive.extended >= 8 and extended() >= 8
+        return time.time() - min(created.values()) > 4 * 2
 
-    await eventually(four_timeouts_later, timeout=30, what="timeouts extended for 8 s")
+    await eventually(four_timeouts_later, timeout=30, what="four E2B timeouts to pass")
     assert set(await wait_ready(redis, "cloud", 2)) == first
+    assert {s.id for s in fake_e2b.ours()} == set(created)  # the same sandboxes on E2B
     assert fake_e2b.ledger.expired == []
+    extended = {sandbox_id for sandbox_id, _ in fake_e2b.ledger.set_timeouts}
+    assert extended == set(created) and len(fake_e2b.ledger.set_timeouts) >= 2 * 6
     assert not await events_of(redis, "sandbox.terminated")
 
 
