@@ -328,3 +328,31 @@ async def test_the_api_key_appears_in_no_log_event_status_or_redis_key(
     for text in texts:
         assert E2B_TEST_KEY not in text
         assert E2B_TEST_KEY[4:20] not in text  # nor a recognisable part of it
+
+
+async def test_idle_pause_keeps_ready_sandboxes_paused_until_a_claim_resumes_one(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    pool = e2b_pool(e2b={"idle": "pause"}, health={"command": "true", "interval_s": 0.2})
+    await apply(redis, [pool])
+    ids = set(await wait_ready(redis, "cloud", 2))
+    assert {s.state for s in fake_e2b.ours()} == {"paused"}
+
+    async def probed_a_few_times():
+        checks = [r.health_checks for r in await records(redis, "cloud")]
+        return all(len(c) >= 3 for c in checks) and len(checks) == 2
+
+    await eventually(probed_a_few_times, what="paused sandboxes probed")
+    assert {s.state for s in fake_e2b.ours()} == {"paused"}  # probes never woke them
+    assert set(await wait_ready(redis, "cloud", 2)) == ids
+
+    async with (
+        Client(redis, credentials={"e2b": E2B_TEST_KEY}) as client,
+        client.claim("cloud", lease_s=90) as sandbox,
+    ):
+        assert (await sandbox.exec("echo awake")).stdout == b"awake\n"
+        e2b_id = sandbox.connection_info["e2b_id"]
+        assert fake_e2b.world.sandboxes[e2b_id].state == "running"
+        left = fake_e2b.world.sandboxes[e2b_id].end_at - time.time()
+        assert 60 < left <= 91  # resumed with the lease as its timeout

@@ -105,7 +105,7 @@ class E2BProvider:
         self._track(sandbox_id, sandbox)
         try:
             if settings.idle == "pause":
-                await sandbox.pause()
+                await self._pause(sandbox_id, sandbox)
         except BaseException:
             await asyncio.shield(self.terminate(sandbox_id, {"e2b_id": sandbox.sandbox_id}))
             raise
@@ -180,6 +180,10 @@ class E2BProvider:
             self._open[sandbox_id] = sandbox
         return sandbox
 
+    async def _pause(self, sandbox_id: str, sandbox: AsyncSandbox) -> None:
+        await sandbox.pause()
+        self._open.pop(sandbox_id, None)  # asleep: only its state is asked about from now
+
     async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
         try:
             self._open.pop(sandbox_id, None)  # a paused one must be resumed: connect anew
@@ -188,7 +192,7 @@ class E2BProvider:
                 await sandbox.commands.kill(process.pid)
             await sandbox.commands.run(pool.reset_command, timeout=60)
             if pool.e2b_settings.idle == "pause":
-                await sandbox.pause()
+                await self._pause(sandbox_id, sandbox)
         except Exception as exc:
             raise ResetError(self._describe(exc)) from None
 
@@ -212,11 +216,12 @@ class E2BProvider:
     async def _check(
         self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None
     ) -> str:
-        """'' when healthy, else why not. Paused sandboxes are only asked about, never woken."""
+        """'' when healthy, else why not. Sandboxes of `idle: pause` pools are only asked
+        about, never woken or connected to: once a claimant has resumed one, connecting here
+        would reset the timeout its lease set."""
         if handle.get("paused") and sandbox_id not in self._open:
-            info = await AsyncSandbox.get_info(handle["e2b_id"], **self._opts())
-            if info.state == SandboxState.PAUSED:
-                return ""
+            await AsyncSandbox.get_info(handle["e2b_id"], **self._opts())  # raises if gone
+            return ""
         sandbox = await self._connected(sandbox_id, handle)
         timeout = health.timeout_s if health else 10.0
         if not await sandbox.is_running(request_timeout=timeout):
