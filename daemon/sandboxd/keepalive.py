@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from sandboxd.events import EventPublisher
-from sandboxd.redisconn import survive
+from sandboxd.redisconn import cancelling, survive
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.state import SandboxRecord, SandboxStore
@@ -63,6 +63,8 @@ class Keepalive:
                 if not survive(exc):
                     raise
                 log.warning("keepalive round skipped, Redis unavailable: %s", exc)
+            if cancelling():  # a cancel swallowed mid-call still stops the loop
+                raise asyncio.CancelledError
             await asyncio.sleep(self.interval_s())
 
     async def once(self) -> None:

@@ -90,4 +90,6 @@ async def every(interval_s: float, step: Callable[[], Awaitable[Any]], failed: s
             if not survive(exc):
                 raise
             log.warning("%s, Redis unavailable: %s", failed, exc)
+        if cancelling():  # a cancel the Redis client swallowed mid-command
+            raise asyncio.CancelledError
         await asyncio.sleep(interval_s)

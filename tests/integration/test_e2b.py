@@ -239,8 +239,13 @@ async def test_429_storms_and_503s_converge_at_the_configured_rate(redis, embedd
         await apply(redis, [e2b_pool(min_ready=8, max_total=8, max_surge=8)])
         await wait_ready(redis, "cloud", 8, timeout=60)
         assert daemon.providers["e2b"].limiter.throttles >= 2
-        await redis.delete(KEYS.spec)
-        await apply(redis, [])  # drain while the fake still answers
+        daemon.stop.set()  # stop while this fake still answers its terminates
+        await eventually(lambda: _stopped(redis), what="the daemon stopped")
+        assert not fake.ours()
+
+
+async def _stopped(redis) -> bool:
+    return not await redis.exists(KEYS.daemon)
 
 
 async def test_a_bad_api_key_fails_the_pool_after_a_bounded_number_of_attempts(
