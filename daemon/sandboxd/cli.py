@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from sandboxd import claim_commands
+from sandboxd import claim_commands, spec_commands
 from sandboxd.clierror import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
 from sandboxd.config import Config, load_config
 from sandboxd.events import Event
@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--pool", help="only this pool's sandboxes")
     _output_flag(get)
     _output_flag(command("status", "is the daemon alive, what is in force"))
+    check = command("check-health", "exit 0 if the daemon's heartbeat is fresh (for monitoring)")
+    check.add_argument(
+        "--max-age", type=float, default=None, help="seconds (default: the heartbeat's TTL)"
+    )
+    spec_commands.add_parsers(command("spec", "the spec's revision history"), common)
     events = command("events", "print lifecycle events from the stream")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
@@ -162,6 +167,8 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
         "apply": _apply,
         "get": _get,
         "status": _status,
+        "check-health": _check_health,
+        "spec": spec_commands.spec_command,
         "events": _events,
         "logs": _logs,
         "claim": claim_commands.claim,
@@ -227,6 +234,18 @@ async def _status(args: argparse.Namespace, config: Config, redis) -> int:
     else:
         print(_status_text(status))
     return 0 if status["daemon"]["alive"] else EXIT_NO_DAEMON
+
+
+async def _check_health(args: argparse.Namespace, config: Config, redis) -> int:
+    """The heartbeat key expires after three missed beats, so its presence means alive."""
+    daemon = (await StateView(redis, Keys(config.key_prefix)).status())["daemon"]
+    age = time.time() - daemon.get("heartbeat_at", 0) if daemon["alive"] else None
+    if age is None or (args.max_age is not None and age > args.max_age):
+        seen = "no heartbeat" if age is None else f"heartbeat {age:.1f}s old"
+        print(f"UNHEALTHY: {seen}")
+        return EXIT_NO_DAEMON
+    print(f"OK: heartbeat {age:.1f}s old, pid {daemon['pid']} on {daemon['host']}")
+    return 0
 
 
 def _status_text(status: dict[str, Any]) -> str:
