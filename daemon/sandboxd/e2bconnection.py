@@ -17,14 +17,13 @@ from e2b.exceptions import (
 from sandboxd.agentclient import ExecResult, OutputCallback
 
 TIMED_OUT_EXIT = 124  # what timeout(1) exits with
+ENDPOINTS = ("api_url", "sandbox_url", "domain")  # non-secret settings a handle carries
 
 
 class E2BConnection:
     def __init__(self, handle: dict[str, Any], *, api_key: str | None, lease_expires_ms: int):
         self._handle = handle
-        self._opts: dict[str, Any] = {
-            name: handle[name] for name in ("api_url", "sandbox_url", "domain") if name in handle
-        }
+        self._opts: dict[str, Any] = {name: handle[name] for name in ENDPOINTS if name in handle}
         if api_key:
             self._opts["api_key"] = api_key  # else the SDK reads E2B_API_KEY
         self._lease_expires_ms = lease_expires_ms

@@ -5,15 +5,12 @@ provider's side. Pools with `keepalive: recycle` are replaced by the planner ins
 paused sandboxes do not run out.
 """
 
-import asyncio
 import logging
 import time
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError
-
 from sandboxd.events import EventPublisher
-from sandboxd.redisconn import cancelling, survive
+from sandboxd.redisconn import every
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.state import SandboxRecord, SandboxStore
@@ -39,7 +36,9 @@ class Keepalive:
     ):
         self._store = store
         self._specs = specs
-        self._providers = {n: p for n, p in providers.items() if hasattr(p, "extend")}
+        self._providers: dict[str, Expiring] = {
+            n: p for n, p in providers.items() if hasattr(p, "extend")
+        }
         self._events = events
         self._expires: dict[str, float] = {}  # sandbox id -> when its timeout ends (unix s)
         self._lease: dict[str, int] = {}  # sandbox id -> the lease its timeout was set to
@@ -56,16 +55,7 @@ class Keepalive:
         return min([MAX_INTERVAL_S] + [t / 4 for t in timeouts]) if timeouts else IDLE_TICK_S
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.once()
-            except RedisError as exc:
-                if not survive(exc):
-                    raise
-                log.warning("keepalive round skipped, Redis unavailable: %s", exc)
-            if cancelling():  # a cancel swallowed mid-call still stops the loop
-                raise asyncio.CancelledError
-            await asyncio.sleep(self.interval_s())
+        await every(self.interval_s, self.once, "keepalive round skipped")
 
     async def once(self) -> None:
         pools = self._pools()

@@ -80,9 +80,11 @@ def survive(exc: BaseException) -> bool:
     return isinstance(exc, RedisError | OSError) and not cancelling()
 
 
-async def every(interval_s: float, step: Callable[[], Awaitable[Any]], failed: str) -> None:
-    """Run `step` every `interval_s` forever; a Redis outage skips a round (logged as
-    `failed`) instead of ending the loop."""
+async def every(
+    interval_s: float | Callable[[], float], step: Callable[[], Awaitable[Any]], failed: str
+) -> None:
+    """Run `step` every `interval_s` (a number, or asked anew each round) forever; a Redis
+    outage skips a round (logged as `failed`) instead of ending the loop."""
     while True:
         try:
             await step()
@@ -92,4 +94,4 @@ async def every(interval_s: float, step: Callable[[], Awaitable[Any]], failed: s
             log.warning("%s, Redis unavailable: %s", failed, exc)
         if cancelling():  # a cancel the Redis client swallowed mid-command
             raise asyncio.CancelledError
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(interval_s() if callable(interval_s) else interval_s)

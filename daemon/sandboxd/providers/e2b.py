@@ -15,6 +15,7 @@ from e2b import AsyncSandbox, CommandExitException, SandboxQuery, SandboxState
 from e2b.exceptions import SandboxNotFoundException
 
 from sandboxd.config import E2BProviderConfig
+from sandboxd.e2bconnection import ENDPOINTS
 from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.e2b_errors import describe, is_gone, is_retryable, is_throttle
 from sandboxd.providers.ratelimit import CreateLimiter
@@ -71,10 +72,11 @@ class E2BProvider:
             "request_timeout": self._config.request_timeout_s,
             "retries": self._config.sdk_retries,
         }
-        for name in ("api_url", "sandbox_url", "domain"):
-            if (value := getattr(self._config, name)) is not None:
-                opts[name] = value
-        return opts
+        return opts | self._endpoints()
+
+    def _endpoints(self) -> dict[str, str]:
+        """Configured endpoints (a self-hosted E2B, the test server); clients get them too."""
+        return {n: v for n in ENDPOINTS if (v := getattr(self._config, n)) is not None}
 
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._key)
@@ -132,10 +134,7 @@ class E2BProvider:
             "paused": paused,
             "isolation": "vm",
         }
-        for name in ("api_url", "sandbox_url", "domain"):
-            if (value := getattr(self._config, name)) is not None:
-                handle[name] = value
-        return handle
+        return handle | self._endpoints()
 
     def _track(self, sandbox_id: str, sandbox: AsyncSandbox) -> None:
         self._open[sandbox_id] = sandbox
