@@ -12,7 +12,7 @@ PREFIX_DIR ?= /opt/sandboxd
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,local-redis,e2b]'
+	$(BIN)/pip install --quiet -e '.[dev,local-redis,e2b,mqtt]'
 	touch $(STAMP)
 
 ## run: venv, a local Redis if none answers, the example spec, the daemon in the foreground

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from sandboxd import claim_commands, spec_commands
 from sandboxd.clierror import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
-from sandboxd.config import Config, load_config
+from sandboxd.config import Config, load_config, resolve_config_path
 from sandboxd.events import Event
 from sandboxd.keys import Keys
 from sandboxd.logs import redact_url, setup_logging
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad config: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.command == "run":
-        return _run_daemon(config)
+        return _run_daemon(config, resolve_config_path(getattr(args, "config", None)))
     try:
         return asyncio.run(_client_command(args, config))
     except CliError as exc:
@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run_daemon(config: Config) -> int:
+def _run_daemon(config: Config, config_path: Path | None) -> int:
     from sandboxd.daemon import Daemon
 
     setup_logging(config.log_level)
-    return asyncio.run(Daemon(config).run())
+    return asyncio.run(Daemon(config, config_path=config_path).run())
 
 
 async def _client_command(args: argparse.Namespace, config: Config) -> int:

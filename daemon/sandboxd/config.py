@@ -112,10 +112,7 @@ class E2BProviderConfig(BaseModel):
     def resolve_api_key(self) -> str | None:
         """api_key_file, else api_key, else E2B_API_KEY."""
         if self.api_key_file is not None:
-            path = self.api_key_file
-            if not path.is_absolute():
-                path = Path(os.environ.get("CREDENTIALS_DIRECTORY", ".")) / path
-            return path.read_text().strip() or None
+            return credential_file(self.api_key_file).read_text().strip() or None
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         return os.environ.get("E2B_API_KEY") or None
@@ -132,6 +129,78 @@ class Faults(BaseModel):
     seed: int | None = Field(default=None, description="Makes the injected sequence repeatable.")
 
 
+class AlertThresholds(BaseModel):
+    """Resource alerts: an event when a value crosses its threshold, another when it falls
+    `hysteresis` points below it again (not one per sample)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host_cpu_percent: float = Field(default=90.0, gt=0, le=100)
+    host_memory_percent: float = Field(default=90.0, gt=0, le=100)
+    host_disk_percent: float = Field(
+        default=90.0, gt=0, le=100, description="Of the file system holding local sandboxes."
+    )
+    sandbox_memory_percent: float = Field(
+        default=90.0, gt=0, le=100, description="A local sandbox's RSS, of its pool's memory_mb."
+    )
+    hysteresis: float = Field(default=5.0, ge=0, le=50)
+
+
+class CostConfig(BaseModel):
+    """Prices behind the cost estimate (defaults: E2B's published per-second prices)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    price_per_vcpu_s: float = Field(default=0.000014, ge=0, description="Per vCPU-second.")
+    price_per_gib_s: float = Field(default=0.0000045, ge=0, description="Per GiB-second.")
+    currency: str = Field(default="USD", max_length=8)
+    report_interval_s: float = Field(
+        default=300.0, gt=0, description="How often `pool.cost` is published."
+    )
+
+
+class MqttConfig(BaseModel):
+    """The MQTT bridge (`sandboxd[mqtt]`): every event of the stream, also on MQTT."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        default=None, description="mqtt://host:1883 or mqtts://host:8883; unset: no bridge."
+    )
+    prefix: str = Field(default="sandboxd", pattern=r"^[^#+]+$", description="Topic prefix.")
+    username: str | None = None
+    password: SecretStr | None = Field(default=None, description="Never logged.")
+    password_file: Path | None = Field(
+        default=None, description="Relative: looked up in $CREDENTIALS_DIRECTORY."
+    )
+    ca_file: Path | None = Field(default=None, description="mqtts: CA bundle (default: system).")
+    client_id: str | None = Field(default=None, description="Default sandboxd-<host>.")
+    max_backlog: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events kept for a broker that is down; older ones are dropped, counted.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        return url
+
+    def resolve_password(self) -> str | None:
+        if self.password_file is not None:
+            return credential_file(self.password_file).read_text().strip() or None
+        return self.password.get_secret_value() if self.password else None
+
+
+def credential_file(path: Path) -> Path:
+    """A relative path names a systemd credential (LoadCredential=)."""
+    if path.is_absolute():
+        return path
+    return Path(os.environ.get("CREDENTIALS_DIRECTORY", ".")) / path
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SANDBOXD_", env_nested_delimiter="__", extra="forbid"
@@ -140,6 +209,10 @@ class Config(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password: SecretStr | None = Field(
         default=None, description="Overrides any password in redis_url; never logged."
+    )
+    redis_password_file: Path | None = Field(
+        default=None,
+        description="File holding the Redis password; relative: in $CREDENTIALS_DIRECTORY.",
     )
     key_prefix: str = Field(default="sandboxd", pattern=r"^[A-Za-z0-9_.-]+$")
     reconcile_interval_s: float = Field(default=5.0, gt=0)
@@ -178,6 +251,22 @@ class Config(BaseSettings):
     event_stream_maxlen: int = Field(default=100_000, ge=100)
     on_shutdown: Literal["terminate", "keep"] = "terminate"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_listen: str | None = Field(
+        default=None,
+        pattern=r"^[^:]*:\d+$",
+        description="host:port of the Prometheus endpoint, e.g. 127.0.0.1:9464; unset: off.",
+    )
+    sample_interval_s: float = Field(
+        default=5.0, gt=0, description="How often host and sandbox resources and cost are sampled."
+    )
+    alerts: AlertThresholds = Field(default_factory=AlertThresholds)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    watchdog_hang_file: Path | None = Field(
+        default=None,
+        description="Chaos tests only: when this file exists the reconcile loop removes it and "
+        "hangs (so the systemd watchdog must catch it).",
+    )
     local: LocalProviderConfig = Field(default_factory=LocalProviderConfig)
     e2b: E2BProviderConfig = Field(default_factory=E2BProviderConfig)
     faults: dict[str, Faults] = Field(
@@ -203,6 +292,11 @@ class Config(BaseSettings):
     @classmethod
     def _upper(cls, level: str) -> str:
         return level.upper() if isinstance(level, str) else level
+
+    def resolve_redis_password(self) -> str | None:
+        if self.redis_password_file is not None:
+            return credential_file(self.redis_password_file).read_text().strip() or None
+        return self.redis_password.get_secret_value() if self.redis_password else None
 
     @classmethod
     def settings_customise_sources(

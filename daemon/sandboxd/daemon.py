@@ -4,7 +4,9 @@ import asyncio
 import logging
 import signal
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -15,21 +17,30 @@ from sandboxd import sdnotify
 from sandboxd.adoption import AdoptionReport, adopt
 from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
+from sandboxd.cost import CostMeter, summarize
 from sandboxd.events import EventPublisher
+from sandboxd.eventtail import EventTail
 from sandboxd.heartbeat import Heartbeat
 from sandboxd.janitor import Janitor
 from sandboxd.keepalive import Keepalive
 from sandboxd.keys import Keys
 from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
+from sandboxd.metrics import Metrics, MetricsServer
 from sandboxd.monitor import HealthMonitor
+from sandboxd.mqttbridge import MqttBridge
 from sandboxd.providers import Provider, make_providers
 from sandboxd.reconciler import Reconciler
-from sandboxd.redisconn import make_client, survive, wait_for_redis
+from sandboxd.redisconn import every, make_client, survive, wait_for_redis
+from sandboxd.reload import reload
+from sandboxd.resources import ResourceSampler
+from sandboxd.schedule import PoolSchedules
+from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.specstore import SpecStore
-from sandboxd.state import STATES, SandboxStore
+from sandboxd.state import STATES, SandboxRecord, SandboxStore
 from sandboxd.terminator import Terminator
+from sandboxd.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 5.0
@@ -46,19 +57,33 @@ async def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config, providers: dict[str, Provider] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        providers: dict[str, Provider] | None = None,
+        *,
+        config_path: Path | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ):
         self.config = config
+        self.config_path = config_path  # read again on SIGHUP
         self.providers = providers  # None: made from the config at start
         self.keys = Keys(config.key_prefix)
         self.instance = uuid.uuid4().hex[:12]
         self.stop = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+        self.schedules = PoolSchedules(clock)
+        self.metrics = Metrics()
+        self.latest: tuple[list[SandboxRecord], dict[str, PoolSpec]] = ([], {})
 
     async def run(self, *, handle_signals: bool = True) -> int:
-        """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test)."""
+        """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test);
+        SIGHUP reloads the config file."""
         if handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         log.info(
             "sandboxd starting",
             extra={
@@ -93,7 +118,9 @@ class Daemon:
             providers=providers,
             terminator=self.terminator,
             instance=self.instance,
-            on_pass=lambda records, specs: self.monitor.observe(records, specs),
+            on_pass=self._observe_pass,
+            on_pass_time=self.metrics.reconcile_seconds.observe,
+            schedules=self.schedules,
         )
         self.monitor = HealthMonitor(
             config=self.config,
@@ -108,7 +135,7 @@ class Daemon:
             store=self.store,
             events=self.events,
             terminator=self.terminator,
-            interval_s=self.config.lease_check_interval_s,
+            interval_s=lambda: self.config.lease_check_interval_s,
         )
         self.janitor = Janitor(
             store=self.store,
@@ -116,7 +143,7 @@ class Daemon:
             events=self.events,
             terminator=self.terminator,
             replace=self.reconciler.replace,
-            interval_s=self.config.janitor_interval_s,
+            interval_s=lambda: self.config.janitor_interval_s,
         )
         self.keepalive = Keepalive(
             store=self.store, specs=self.specs, providers=providers, events=self.events
@@ -125,10 +152,11 @@ class Daemon:
         self.heartbeat = Heartbeat(
             redis,
             self.keys,
-            interval_s=self.config.heartbeat_interval_s,
+            interval_s=lambda: self.config.heartbeat_interval_s,
             instance=self.instance,
             facts=self._facts,
         )
+        self._observers(redis, providers)
         sdnotify.status("adopting sandboxes")
         report = await adopt(self.store, providers, self.events)
         try:
@@ -140,6 +168,57 @@ class Daemon:
         finally:
             await self._shut_down()
 
+    def _observers(self, redis: Redis, providers: dict[str, Provider]) -> None:
+        """What watches the daemon from outside: metrics, resources, cost, MQTT, watchdog."""
+        self.metrics_server = MetricsServer(self.config, self.metrics)
+        self.tail = EventTail(redis, self.keys.events, self.metrics.observe)
+        snapshot = lambda: self.latest  # noqa: E731
+        self.resources = ResourceSampler(
+            config=self.config, events=self.events, providers=providers, snapshot=snapshot
+        )
+        self.cost = CostMeter(
+            redis=redis, keys=self.keys, config=self.config, events=self.events, snapshot=snapshot
+        )
+        self.bridge = MqttBridge(
+            redis=redis, keys=self.keys, config=self.config, events=self.events
+        )
+        self.watchdog = Watchdog(self.reconciler.stuck_for)
+
+    def _observe_pass(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
+        self.latest = (records, specs)
+        self.monitor.observe(records, specs)
+
+    async def _sample(self) -> None:
+        await self.resources.sample()
+        await self.cost.sample()
+        self.metrics.update(
+            pools=self._pool_metrics(),
+            host=self.resources.host,
+            sandboxes=self.resources.sandboxes,
+            cost=self.cost.totals,
+            mqtt=self.bridge.stats(),
+            revision=self.specs.revision,
+        )
+
+    def _pool_metrics(self) -> dict[str, dict[str, Any]]:
+        records, specs = self.latest
+        health, pacing = self.monitor.summary(), self.reconciler.pool_status()
+        pools = {}
+        for name, spec in specs.items():
+            states = {state: 0 for state in STATES}
+            for record in records:
+                if record.pool == name:
+                    states[record.state] += 1
+            pools[name] = {
+                "states": {**states, "total": sum(states.values())},
+                "min_ready": spec.min_ready,
+                "max_total": spec.max_total,
+                "health": health.get(name, {}),
+                "breaker": pacing.get(name, {}).get("breaker", "closed"),
+                "state": pacing.get(name, {}).get("state", "ok"),
+            }
+        return pools
+
     def _facts(self) -> dict[str, Any]:
         return {
             "revision": self.specs.revision,
@@ -147,14 +226,48 @@ class Daemon:
             "last_reconcile_at": self.reconciler.last_pass_at,
             "on_shutdown": self.config.on_shutdown,
             "pools": self._pool_facts(),
+            "host": self.resources.host,
+            "metrics_listen": self.metrics_server.listening,
+            "mqtt": self.bridge.stats(),
+            "log_level": self.config.log_level,
+            "reconcile_interval_s": self.config.reconcile_interval_s,
         }
 
     def _pool_facts(self) -> dict[str, dict[str, Any]]:
         health = self.monitor.summary()
+        schedules = self.schedules.status(self.reconciler.pools)
+        sizes = {p.name: (p.min_ready, p.max_total) for p in self.reconciler.pools}
         return {
-            name: {**status, "health": health.get(name, {})}
+            name: {
+                **status,
+                "health": health.get(name, {}),
+                "min_ready": sizes.get(name, (0, 0))[0],
+                "max_total": sizes.get(name, (0, 0))[1],
+                "schedule": schedules.get(name),
+                "cost": summarize(self.cost.totals.get(name, {})),
+                "currency": self.config.cost.currency,
+            }
             for name, status in self.reconciler.pool_status().items()
         }
+
+    async def _reloads(self) -> None:
+        """One reload per SIGHUP (signals arriving during one coalesce into the next)."""
+        while True:
+            await self.reload_requested.wait()
+            self.reload_requested.clear()
+            try:
+                applied = await reload(self.config, self.config_path, self.events)
+            except RedisError as exc:  # applied all the same; only the event was lost
+                if not survive(exc):
+                    raise
+                log.warning("reload event not published, Redis unavailable: %s", exc)
+                continue
+            if {"metrics_listen"} & set(applied):
+                self.metrics_server.reconfigure()
+            if "mqtt" in applied:
+                self.bridge.reconfigure()
+            if applied:
+                self.reconciler.nudge()  # a new interval counts from now
 
     async def _run_root_tasks(self, redis: Redis, report: AdoptionReport) -> None:
         async with asyncio.timeout(None) as deadline:
@@ -167,6 +280,14 @@ class Daemon:
                     "janitor": self.janitor.run(),
                     "keepalive": self.keepalive.run(),
                     "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
+                    "metrics": self.metrics_server.run(),
+                    "event-tail": self.tail.run(),
+                    "samples": every(
+                        lambda: self.config.sample_interval_s, self._sample, "samples not taken"
+                    ),
+                    "mqtt": self.bridge.run(),
+                    "watchdog": self.watchdog.run(),
+                    "reloads": self._reloads(),
                 }
                 tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]
                 await _first_of(self.reconciler.first_pass.wait(), self.stop.wait())

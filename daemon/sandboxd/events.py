@@ -113,6 +113,36 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "error_rate, probe_p50_ms, probe_p95_ms, breaker}}",
     ),
     "sandbox.adopted": ("a sandbox found alive at start was taken over", "state, pid"),
+    "pool.cost": (
+        "periodic (cost.report_interval_s) per-pool spend since accounting began",
+        "currency, idle_s, claimed_s, paused_s, idle_cost, claimed_cost, paused_cost, cost, "
+        "idle_share (idle cost / cost), since",
+    ),
+    "pool.schedule_changed": (
+        "a schedule window of the pool started or ended: its sizes move to the new target",
+        "window (the one now in force, or empty), min_ready, max_total, ramp_s",
+    ),
+    "host.resource_alert": (
+        "host CPU, memory or disk use crossed its threshold (firing) or fell back (resolved)",
+        "resource (cpu, memory, disk), state, percent, threshold",
+    ),
+    "sandbox.resource_alert": (
+        "a local sandbox's memory crossed the threshold share of its pool's memory_mb",
+        "resource (memory), state (firing, resolved), percent, threshold, rss_mb, limit_mb",
+    ),
+    "daemon.reloaded": (
+        "SIGHUP (systemctl reload): the config file was read again",
+        "applied (settings changed live), needs_restart (changed, in force after a restart)",
+    ),
+    "daemon.reload_failed": (
+        "the config file could not be read on reload: the running settings stay",
+        "error",
+    ),
+    "bridge.dropped": (
+        "the MQTT broker was away longer than mqtt.max_backlog events: the oldest were not "
+        "bridged (they stay in the Redis stream)",
+        "dropped, first_id, last_id",
+    ),
     "pool.scaled": (
         "the reconciler changed a pool's size",
         "from_total, to_total, min_ready, max_total, creating, terminating",

@@ -22,7 +22,7 @@ class Heartbeat:
         redis: Redis,
         keys: Keys,
         *,
-        interval_s: float,
+        interval_s: Callable[[], float],
         instance: str,
         facts: Callable[[], dict[str, Any]],
     ):
@@ -40,7 +40,7 @@ class Heartbeat:
 
     async def beat(self) -> None:
         body = {**self.identity, **self._facts(), "heartbeat_at": time.time()}
-        ttl_ms = int(self._interval * 3 * 1000)
+        ttl_ms = int(self._interval() * 3 * 1000)
         await self._redis.set(self._keys.daemon, json.dumps(body), px=ttl_ms)
 
     async def run(self) -> None:

@@ -41,7 +41,7 @@ class Janitor:
         events: EventPublisher,
         terminator: Terminator,
         replace: Callable[[SandboxRecord, str, str], Awaitable[bool]],
-        interval_s: float,
+        interval_s: Callable[[], float],
     ):
         self._store = store
         self._providers = providers

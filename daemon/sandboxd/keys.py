@@ -79,6 +79,17 @@ class Keys:
         `on_empty: create` pool; each one asks the daemon for one more sandbox."""
         return f"{self.prefix}:pool:{pool}:waiters"
 
+    @property
+    def mqtt_cursor(self) -> str:
+        """The id of the last event the MQTT broker acknowledged (the bridge's cursor)."""
+        return f"{self.prefix}:mqtt:cursor"
+
+    def pool_cost(self, pool: str) -> str:
+        """Hash: the pool's sandbox-seconds and estimated spend by use (idle_s, claimed_s,
+        paused_s, idle_cost, claimed_cost, paused_cost) and `since` (unix s), kept across
+        restarts."""
+        return f"{self.prefix}:pool:{pool}:cost"
+
 
 SPEC_HISTORY_LEN = 20
 LOGS_KEPT_S = 3600

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
@@ -22,7 +23,7 @@ class LeaseKeeper:
         store: SandboxStore,
         events: EventPublisher,
         terminator: Terminator,
-        interval_s: float,
+        interval_s: Callable[[], float],
     ):
         self._claims = claims
         self._store = store
@@ -44,7 +45,7 @@ class LeaseKeeper:
                 self._terminator.running.update(expired)  # before any other task looks
                 for sandbox_id in expired:
                     group.create_task(self._expire(sandbox_id), name=f"expire {sandbox_id}")
-                await asyncio.sleep(self._interval_s)
+                await asyncio.sleep(self._interval_s())
 
     async def _expire(self, sandbox_id: str) -> None:
         try:

@@ -18,10 +18,12 @@ from sandboxd.providers import Provider, gone_reason
 from sandboxd.recovery import Recoveries
 from sandboxd.recycler import Recycler
 from sandboxd.redisconn import cancelling, survive
+from sandboxd.schedule import Change, PoolSchedules
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
 from sandboxd.terminator import Terminator
+from sandboxd.watchdog import hang_if_asked
 
 log = logging.getLogger(__name__)
 GONE_DETAIL = {
@@ -53,6 +55,8 @@ class Reconciler:
         terminator: Terminator,
         instance: str,
         on_pass: Callable[[list[SandboxRecord], dict[str, PoolSpec]], None] | None = None,
+        on_pass_time: Callable[[float], None] = lambda seconds: None,
+        schedules: PoolSchedules | None = None,
     ):
         self._config = config
         self._store = store
@@ -80,6 +84,10 @@ class Reconciler:
         )
         self._wake = asyncio.Event()
         self._on_pass = on_pass
+        self._on_pass_time = on_pass_time
+        self.schedules = schedules or PoolSchedules()
+        self.pools: list[PoolSpec] = []  # in force: the spec's, sized by their schedules
+        self._pass_began: float | None = None
         self.pass_seconds: deque[float] = deque(maxlen=1000)  # recent pass durations
         self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
         # Liveness (a /proc lookup per sandbox) and republishing pool settings run once per
@@ -102,8 +110,11 @@ class Reconciler:
             try:
                 while True:
                     cpu_before, began = time.thread_time(), time.perf_counter()
+                    self._pass_began = time.monotonic()
                     await self._pass_surviving_redis_errors()
+                    self._pass_began = None
                     self.pass_seconds.append(time.perf_counter() - began)
+                    self._on_pass_time(self.pass_seconds[-1])
                     self.first_pass.set()
                     busy_s, ended = time.thread_time() - cpu_before, time.monotonic()
                     await self._sleep_until_nudged()
@@ -112,6 +123,12 @@ class Reconciler:
                         raise asyncio.CancelledError
             finally:
                 self._work = None
+
+    def stuck_for(self) -> float:
+        """How long the pass under way has been running (0 between passes): the watchdog's
+        measure of progress."""
+        began = self._pass_began
+        return 0.0 if began is None else time.monotonic() - began
 
     async def _sleep_until_nudged(self) -> None:
         try:
@@ -130,8 +147,12 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         self._wake.clear()
+        await hang_if_asked(self._config.watchdog_hang_file)
         spec = await self._specs.refresh()
-        pools = list(spec.pools) if spec else []
+        pools, changes = self.schedules.apply(list(spec.pools) if spec else [])
+        self.pools = pools
+        for change in changes:
+            await self._announce(change)
         tick = time.monotonic() >= self._tick_due
         if tick:
             self._tick_due = time.monotonic() + self._config.reconcile_interval_s
@@ -180,6 +201,20 @@ class Reconciler:
         if self._on_pass is not None:
             self._on_pass(records, specs)
         self.last_pass_at = time.time()
+
+    async def _announce(self, change: Change) -> None:
+        await self._events.publish(
+            "pool.schedule_changed",
+            pool=change.pool,
+            window=change.window.label() if change.window else "",
+            min_ready=change.target[0],
+            max_total=change.target[1],
+            ramp_s=change.ramp_s,
+        )
+        log.info(
+            "pool schedule changed",
+            extra={"pool": change.pool, "window": change.window.label() if change.window else ""},
+        )
 
     def _provider_slots(self, records: list[SandboxRecord]) -> dict[str, int]:
         """Sandboxes each capped provider (a cloud plan's concurrency) may still add."""

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 # failing ("Too many connections"): stopping 500 sandboxes at once must not lose any.
 MAX_CONNECTIONS = 64
 CONNECTION_WAIT_S = 60.0
+survived_errors = 0  # Redis errors some loop outlived by retrying (a metric)
 
 
 def open_redis(url: str, **kwargs: Any) -> Redis:
@@ -37,8 +39,8 @@ def open_redis(url: str, **kwargs: Any) -> Redis:
 def make_client(config: Config) -> Redis:
     """A client for `redis_url` (redis://, rediss://, unix://); strings decoded as UTF-8."""
     kwargs: dict[str, Any] = {"health_check_interval": 10, "socket_timeout": 10}
-    if config.redis_password is not None:
-        password = config.redis_password.get_secret_value()
+    password = config.resolve_redis_password()
+    if password is not None:
         register_secret(password)
         kwargs["password"] = password
     client = open_redis(config.redis_url, **kwargs)
@@ -77,7 +79,11 @@ def cancelling() -> bool:
 
 def survive(exc: BaseException) -> bool:
     """May a loop that outlives Redis errors go on after `exc`? Not while being cancelled."""
-    return isinstance(exc, RedisError | OSError) and not cancelling()
+    global survived_errors
+    if isinstance(exc, RedisError | OSError) and not cancelling():
+        survived_errors += 1
+        return True
+    return False
 
 
 async def every(
@@ -95,3 +101,21 @@ async def every(
         if cancelling():  # a cancel the Redis client swallowed mid-command
             raise asyncio.CancelledError
         await asyncio.sleep(interval_s() if callable(interval_s) else interval_s)
+
+
+async def forever(step: Callable[[], Awaitable[Any]], failed: str) -> None:
+    """Run `step` back to back (it blocks on Redis itself); a Redis outage backs off,
+    jittered and doubling to 5 s, and the first success goes back to full speed."""
+    delay = 0.0
+    while True:
+        try:
+            await step()
+            delay = 0.0
+        except (RedisError, OSError) as exc:
+            if not survive(exc):
+                raise
+            delay = min(5.0, max(0.2, delay * 2))
+            log.warning("%s, Redis unavailable: %s", failed, exc)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        if cancelling():
+            raise asyncio.CancelledError

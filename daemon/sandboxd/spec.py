@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandboxd.config import ENV_NAME, Config
+from sandboxd.schedule import ScheduleWindow
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
@@ -141,6 +142,17 @@ class PoolSpec(BaseModel):
     )
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
     e2b: E2BPoolSpec | None = Field(default=None, description="provider e2b: its settings.")
+    schedule: list[ScheduleWindow] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Windows overriding min_ready/max_total while active (first match wins).",
+    )
+    schedule_ramp_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="A window's start or end moves the sizes linearly over this many seconds.",
+    )
 
     @property
     def e2b_settings(self) -> E2BPoolSpec:
@@ -178,6 +190,14 @@ class PoolSpec(BaseModel):
             raise ValueError("e2b: settings only apply to pools with provider e2b")
         if self.provider == "e2b" and self.run is not None:
             raise ValueError("run: not supported for provider e2b (the supervisor is local-only)")
+        for i, window in enumerate(self.schedule):
+            low = self.min_ready if window.min_ready is None else window.min_ready
+            high = self.max_total if window.max_total is None else window.max_total
+            if low > high:
+                raise ValueError(
+                    f"schedule[{i}] ({window.label()}): min_ready ({low}) must not exceed "
+                    f"max_total ({high})"
+                )
         return self
 
 

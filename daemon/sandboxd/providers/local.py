@@ -232,6 +232,17 @@ class LocalProvider:
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return _process(handle) is not None
 
+    def usage(self, handle: dict[str, Any]) -> tuple[float, int] | None:
+        """CPU seconds and resident bytes of the sandbox's live processes (blocking: /proc)."""
+        cpu, rss = 0.0, 0
+        tree = _live_tree(handle)
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                rss += proc.memory_info().rss
+        return (cpu, rss) if tree else None
+
     async def list_sandboxes(self) -> list[ProviderSandbox]:
         if not self.root.is_dir():
             return []

@@ -1,0 +1,52 @@
+"""Reading the event stream in order, from a cursor: what the metrics counters and the MQTT
+bridge consume (the stream is the source of truth, claims by clients included)."""
+
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from sandboxd.events import Event
+from sandboxd.redisconn import forever
+
+BATCH = 500
+BLOCK_MS = 1000
+
+
+async def stream_end(redis: Redis, stream: str) -> str:
+    """The id of the newest entry ("0-0" for an empty stream): read after it for new ones."""
+    newest = await redis.xrevrange(stream, count=1)
+    return newest[0][0] if newest else "0-0"
+
+
+async def read_after(
+    redis: Redis, stream: str, cursor: str, *, count: int = BATCH, block_ms: int | None = None
+) -> list[tuple[str, Event]]:
+    """Up to `count` entries after `cursor`, oldest first (waiting up to `block_ms` for one)."""
+    reply = await redis.xread({stream: cursor}, count=count, block=block_ms)
+    return [
+        (entry_id, Event.from_fields(fields))
+        for _, entries in reply
+        for entry_id, fields in entries
+    ]
+
+
+class EventTail:
+    """Hands every event appended after the daemon started to `sink`, in stream order."""
+
+    def __init__(self, redis: Redis, stream: str, sink: Callable[[Event], None]):
+        self._redis = redis
+        self._stream = stream
+        self._sink = sink
+        self._cursor: str | None = None
+
+    async def run(self) -> None:
+        await forever(self._step, "event stream not read")
+
+    async def _step(self) -> None:
+        if self._cursor is None:
+            self._cursor = await stream_end(self._redis, self._stream)
+        for entry_id, event in await read_after(
+            self._redis, self._stream, self._cursor, block_ms=BLOCK_MS
+        ):
+            self._cursor = entry_id
+            self._sink(event)
