@@ -4,10 +4,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,52 @@ def _toml_table(table: dict, name: str) -> str:
         if isinstance(value, dict):
             text += _toml_table(value, f"{name}.{key}" if name else key)
     return text
+
+
+@dataclass
+class Broker:
+    """A real mosquitto on a free loopback port; persistent, so sessions survive a restart."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        conf = self.directory / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {self.directory}/\nlog_dest stderr\n"
+            # As root, stay root: the test's directory is private to this user.
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+        with open(self.directory / "mosquitto.log", "ab") as log:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # poll with a deadline until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (apt install mosquitto)")
+    broker = Broker(tmp_path / "broker")
+    broker.directory.mkdir()
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

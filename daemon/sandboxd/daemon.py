@@ -157,6 +157,7 @@ class Daemon:
             facts=self._facts,
         )
         self._observers(redis, providers)
+        await self.bridge.prepare()
         sdnotify.status("adopting sandboxes")
         report = await adopt(self.store, providers, self.events)
         try:

@@ -60,6 +60,11 @@ class MqttBridge:
             "dropped": self.dropped,
         }
 
+    async def prepare(self) -> None:
+        """Before the daemon publishes anything: the first start of a bridge begins here."""
+        if self._config.mqtt.url is not None:
+            await self._cursor()
+
     async def run(self) -> None:
         while True:
             self._changed.clear()
@@ -82,8 +87,11 @@ class MqttBridge:
                     assert settings.url is not None
                     self.connected, delay = True, 0.0
                     log.info("MQTT bridge connected", extra={"mqtt_url": redact_url(settings.url)})
-                    await self._pump(client, settings)
-            except (aiomqtt.MqttError, RedisError, OSError) as exc:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self._pump(client, settings))
+                        group.create_task(_until_disconnected(client))
+            except* (aiomqtt.MqttError, RedisError, OSError) as group:
+                exc = group.exceptions[0]
                 if isinstance(exc, RedisError) and not survive(exc):
                     raise
                 if self.connected or delay == 0.0:
@@ -142,6 +150,13 @@ class MqttBridge:
             "bridge.dropped", dropped=dropped, first_id=first, last_id=skip_to
         )
         return skip_to
+
+
+async def _until_disconnected(client: Any) -> None:
+    """We subscribe to nothing: the message iterator only ends, raising, on a disconnect —
+    noticed at once even while no event is being published."""
+    async for _ in client.messages:
+        pass
 
 
 def _client(aiomqtt: Any, settings: MqttConfig) -> Any:

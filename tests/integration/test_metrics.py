@@ -5,10 +5,11 @@ import subprocess
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
-from helpers import apply, eventually, events_of, wait_event, wait_ready
 from sandboxd.client import Client
 from sandboxd.config import AlertThresholds
+
+from conftest import free_port
+from helpers import apply, events_of, eventually, wait_event, wait_ready
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
