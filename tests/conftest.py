@@ -237,7 +237,7 @@ async def embedded_daemon(redis_server: str, tmp_path: Path):
     running: list[tuple[Daemon, asyncio.Task]] = []
     workspace = tmp_path / "sandboxes"
 
-    async def start(**settings) -> Daemon:
+    async def start(clock=None, **settings) -> Daemon:
         config = Config(
             redis_url=redis_server,
             reconcile_interval_s=0.5,
@@ -245,7 +245,7 @@ async def embedded_daemon(redis_server: str, tmp_path: Path):
             local={"workspace_root": str(workspace)},
             **settings,
         )
-        daemon = Daemon(config)
+        daemon = Daemon(config, clock=clock)
         daemon.workspace = workspace
         task = asyncio.create_task(daemon.run(handle_signals=False))
         running.append((daemon, task))

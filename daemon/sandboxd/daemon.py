@@ -237,18 +237,18 @@ class Daemon:
     def _pool_facts(self) -> dict[str, dict[str, Any]]:
         health = self.monitor.summary()
         schedules = self.schedules.status(self.reconciler.pools)
-        sizes = {p.name: (p.min_ready, p.max_total) for p in self.reconciler.pools}
+        pacing = self.reconciler.pool_status()
         return {
-            name: {
-                **status,
-                "health": health.get(name, {}),
-                "min_ready": sizes.get(name, (0, 0))[0],
-                "max_total": sizes.get(name, (0, 0))[1],
-                "schedule": schedules.get(name),
-                "cost": summarize(self.cost.totals.get(name, {})),
+            pool.name: {
+                **pacing.get(pool.name, {}),
+                "health": health.get(pool.name, {}),
+                "min_ready": pool.min_ready,
+                "max_total": pool.max_total,
+                "schedule": schedules.get(pool.name),
+                "cost": summarize(self.cost.totals.get(pool.name, {})),
                 "currency": self.config.cost.currency,
             }
-            for name, status in self.reconciler.pool_status().items()
+            for pool in self.reconciler.pools
         }
 
     async def _reloads(self) -> None:
