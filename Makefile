@@ -42,6 +42,9 @@ install-service:
 	$(PYTHON) -m venv $(PREFIX_DIR)
 	$(PREFIX_DIR)/bin/pip install --quiet .
 	install -d -m 0755 /etc/sandboxd /var/lib/sandboxd
+	install -d -m 0700 /etc/sandboxd/credentials
+	for c in e2b-api-key redis-password; do \
+	  test -f /etc/sandboxd/credentials/$$c || install -m 0600 /dev/null /etc/sandboxd/credentials/$$c; done
 	test -f /etc/sandboxd/sandboxd.toml || install -m 0644 config/sandboxd.toml /etc/sandboxd/sandboxd.toml
 	install -m 0644 config/spec.example.yaml /etc/sandboxd/spec.example.yaml
 	install -m 0644 systemd/sandboxd.service /etc/systemd/system/sandboxd.service

@@ -115,7 +115,7 @@ class E2BProviderConfig(BaseModel):
             return credential_file(self.api_key_file).read_text().strip() or None
         if self.api_key is not None:
             return self.api_key.get_secret_value()
-        return os.environ.get("E2B_API_KEY") or None
+        return os.environ.get("E2B_API_KEY") or unit_credential("e2b-api-key")
 
 
 class Faults(BaseModel):
@@ -199,6 +199,18 @@ def credential_file(path: Path) -> Path:
     if path.is_absolute():
         return path
     return Path(os.environ.get("CREDENTIALS_DIRECTORY", ".")) / path
+
+
+def unit_credential(name: str) -> str | None:
+    """The credential the shipped unit loads as `name`, when systemd passed it non-empty
+    (the unit installs the files empty, meaning not set)."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    try:
+        return (Path(directory) / name).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class Config(BaseSettings):
@@ -296,7 +308,9 @@ class Config(BaseSettings):
     def resolve_redis_password(self) -> str | None:
         if self.redis_password_file is not None:
             return credential_file(self.redis_password_file).read_text().strip() or None
-        return self.redis_password.get_secret_value() if self.redis_password else None
+        if self.redis_password is not None:
+            return self.redis_password.get_secret_value()
+        return unit_credential("redis-password")
 
     @classmethod
     def settings_customise_sources(

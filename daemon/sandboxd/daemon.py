@@ -227,7 +227,7 @@ class Daemon:
             "last_reconcile_at": self.reconciler.last_pass_at,
             "on_shutdown": self.config.on_shutdown,
             "pools": self._pool_facts(),
-            "host": self.resources.host,
+            "host_resources": self.resources.host,
             "metrics_listen": self.metrics_server.listening,
             "mqtt": self.bridge.stats(),
             "log_level": self.config.log_level,

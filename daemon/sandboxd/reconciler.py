@@ -115,6 +115,8 @@ class Reconciler:
                     self._pass_began = None
                     self.pass_seconds.append(time.perf_counter() - began)
                     self._on_pass_time(self.pass_seconds[-1])
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("reconcile pass", extra={"seconds": self.pass_seconds[-1]})
                     self.first_pass.set()
                     busy_s, ended = time.thread_time() - cpu_before, time.monotonic()
                     await self._sleep_until_nudged()

@@ -3,23 +3,13 @@
 # Prints `RESULT <json>` lines that tests/systemd/test_unit.py reads. Args: CHECKOUT REDIS_URL
 set -uo pipefail
 CHECKOUT=$1 REDIS_URL=$2
-result() { printf 'RESULT {"%s": %s}\n' "$1" "$2"; }
-
-ln -sf "$CHECKOUT/.venv/bin/sandboxd" /usr/local/bin/sandboxd
-install -D -m 0644 "$CHECKOUT/systemd/sandboxd.service" /etc/systemd/system/sandboxd.service
-mkdir -p /etc/sandboxd
-cat > /etc/sandboxd/sandboxd.toml <<TOML
-redis_url = "$REDIS_URL"
-reconcile_interval_s = 1
-heartbeat_interval_s = 0.5
-on_shutdown = "terminate"
-[local]
-workspace_root = "/var/lib/sandboxd/sandboxes"
-TOML
+source "$CHECKOUT/tests/systemd/install.sh"
+write_config "reconcile_interval_s = 1" "heartbeat_interval_s = 0.5" 'on_shutdown = "terminate"'
 verify=$(systemd-analyze verify /etc/systemd/system/sandboxd.service 2>&1); rc=$?
 result verify_rc "$rc"
-result verify_output "$(printf '%s' "$verify" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')"
+result verify_output "$(printf '%s' "$verify" | json_string)"
 systemctl daemon-reload
+result exposure "$(systemd-analyze security sandboxd --no-pager 2>/dev/null | tail -1 | grep -oE '[0-9]+\.[0-9]+' | head -1)"
 
 systemctl start sandboxd; result start_rc $?
 result state_after_start "\"$(systemctl show -P ActiveState sandboxd)\""
