@@ -42,6 +42,19 @@ RUNTIME_COLUMNS = [
     ("failed", "FAILED"),
     ("note", "NOTE"),
 ]
+DASHBOARD_COLUMNS = [
+    ("name", "POOL"),
+    ("provider", "PROVIDER"),
+    ("ready_of", "READY/MIN"),
+    ("claimed", "CLAIMED"),
+    ("creating", "CREATING"),
+    ("total_of", "TOTAL/MAX"),
+    *RUNTIME_COLUMNS[:-1],
+    ("cost", "COST"),
+    ("idle", "IDLE%"),
+    ("schedule", "SCHEDULE"),
+    ("note", "NOTE"),
+]
 SANDBOX_COLUMNS = [
     ("id", "ID"),
     ("pool", "POOL"),
@@ -249,19 +262,9 @@ async def _check_health(args: argparse.Namespace, config: Config, redis) -> int:
 
 
 def _status_text(status: dict[str, Any]) -> str:
+    """The dashboard: daemon, host, endpoints, spec, then one line per pool."""
     daemon = status["daemon"]
-    if daemon["alive"]:
-        age = time.time() - daemon.get("heartbeat_at", time.time())
-        isolation = ", ".join(f"{k}: {v}" for k, v in daemon.get("isolation", {}).items())
-        head = (
-            f"daemon:    alive (pid {daemon['pid']} on {daemon['host']}, instance "
-            f"{daemon['instance']}, v{daemon['version']}, heartbeat {age:.1f}s ago)\n"
-            f"isolation: {isolation}"
-        )
-        if "none" in isolation:
-            head += "   << WARNING: sandboxes are NOT isolated (install bubblewrap)"
-    else:
-        head = "daemon:    NOT RUNNING (no heartbeat)"
+    head = _daemon_lines(daemon) if daemon["alive"] else ["daemon:    NOT RUNNING (no heartbeat)"]
     revision = status["revision_in_force"]
     stored = status["revision_stored"]
     spec_line = f"spec:      revision {revision if revision is not None else '-'} in force"
@@ -270,21 +273,67 @@ def _status_text(status: dict[str, Any]) -> str:
     rows = [
         _with_runtime(row, daemon.get("pools", {}).get(row["name"], {})) for row in status["pools"]
     ]
-    return "\n".join([head, spec_line, "", render(rows, POOL_COLUMNS + RUNTIME_COLUMNS)])
+    return "\n".join([*head, spec_line, "", render(rows, DASHBOARD_COLUMNS)])
+
+
+def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
+    age = time.time() - daemon.get("heartbeat_at", time.time())
+    isolation = ", ".join(f"{k}: {v}" for k, v in daemon.get("isolation", {}).items())
+    lines = [
+        f"daemon:    alive (pid {daemon['pid']} on {daemon['host']}, instance "
+        f"{daemon['instance']}, v{daemon['version']}, heartbeat {age:.1f}s ago)",
+        f"isolation: {isolation}"
+        + (
+            "   << WARNING: sandboxes are NOT isolated (install bubblewrap)"
+            if "none" in isolation
+            else ""
+        ),
+    ]
+    host = daemon.get("host_resources") or {}
+    if host:
+        lines.append(
+            f"host:      cpu {host['cpu_percent']:.0f}%  memory {host['memory_percent']:.0f}%  "
+            f"disk {host['disk_percent']:.0f}%  "
+            f"load {host['load1']} {host['load5']} {host['load15']}"
+        )
+    mqtt = daemon.get("mqtt")
+    bridge = "off"
+    if mqtt is not None:
+        state = "connected" if mqtt["connected"] else "DISCONNECTED"
+        bridge = f"{state}, {mqtt['published']} published, {mqtt['dropped']} dropped"
+    lines.append(f"outputs:   metrics {daemon.get('metrics_listen') or 'off'}  mqtt {bridge}")
+    return lines
 
 
 def _with_runtime(row: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
-    """A pool row plus what only the daemon knows: health, breaker, why it is short."""
+    """A pool row plus what only the daemon knows: sizes in force, health, breaker, cost,
+    schedule, why it is short."""
     health = runtime.get("health", {})
     score = health.get("score")
+    cost = runtime.get("cost") or {}
+    schedule = runtime.get("schedule")
+    share = cost.get("idle_share")
     return {
         **row,
+        "ready_of": f"{row['ready']}/{runtime.get('min_ready', row['min_ready'])}",
+        "total_of": f"{row['total']}/{runtime.get('max_total', row['max_total'])}",
         "state": runtime.get("state", "-"),
         "health": f"{health.get('state', '-')}" + (f" {score:.0%}" if score is not None else ""),
         "breaker": runtime.get("breaker", "-"),
         "failed": runtime.get("failed_attempts", 0),
+        "cost": f"{cost['cost']:.4f} {runtime.get('currency', '')}".strip() if cost else None,
+        "idle": f"{share:.0%}" if share is not None else None,
+        "schedule": _schedule_cell(schedule),
         "note": runtime.get("below_target", ""),
     }
+
+
+def _schedule_cell(schedule: dict[str, Any] | None) -> str | None:
+    if not schedule:
+        return None
+    window = "in window" if schedule["window"] else "base sizes"
+    upcoming = schedule.get("next_change_at")
+    return f"{window}, next {upcoming[:16].replace('T', ' ')}Z" if upcoming else window
 
 
 async def _events(args: argparse.Namespace, config: Config, redis) -> int:
