@@ -23,6 +23,7 @@ two_ready() { [[ $(ready_ids | wc -w) -ge 2 ]]; }
 wait_for 30 two_ready
 before=$(ready_ids); pid=$(systemctl show -P MainPID sandboxd)
 result ready_before "\"$before\""
+result pid_before "$pid"
 result agents_before "\"$(pgrep -f 'agent.py --socket' | sort | tr '\n' ' ')\""
 
 # reload: log level and reconcile interval change live; health_concurrency needs a restart

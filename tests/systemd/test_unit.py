@@ -81,7 +81,7 @@ async def test_reload_applies_live_and_the_watchdog_restarts_a_hung_daemon(redis
     assert (results["reload_rc"], results["reloaded_rc"]) == (0, 0)
     status = results["status_after_reload"]
     assert (status["log_level"], status["reconcile_interval_s"]) == ("DEBUG", 0.25)
-    assert str(status["pid"]) == results["pid_after_reload"]
+    assert status["pid"] == results["pid_after_reload"] == results["pid_before"]
     assert results["ready_after_reload"] == results["ready_before"]
     reloaded = json.loads(results["reload_event"])["data"]
     assert {"log_level", "reconcile_interval_s"} <= set(reloaded["applied"])
