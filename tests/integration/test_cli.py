@@ -31,6 +31,8 @@ async def test_get_status_and_events_json(redis, redis_server, daemon_factory):
     assert status.returncode == 0 and body["daemon"]["alive"] and body["revision_in_force"] == 1
     table = cli(redis_server, "status").stdout
     assert "alive" in table and "revision 1 in force" in table and "default" in table
+    assert "host:" in table and "outputs:   metrics off  mqtt off" in table
+    assert "READY/MIN" in table and "COST" in table and "IDLE%" in table
     events = cli(redis_server, "events", "-n", "100", "-o", "json").stdout.splitlines()
     parsed = [json.loads(line) for line in events]
     assert all(EVENT_FIELDS | {"stream_id"} == e.keys() for e in parsed)
