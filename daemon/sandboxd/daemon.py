@@ -26,7 +26,7 @@ from sandboxd.keepalive import Keepalive
 from sandboxd.keys import Keys
 from sandboxd.leases import LeaseKeeper
 from sandboxd.logs import redact_url
-from sandboxd.metrics import Metrics, MetricsServer
+from sandboxd.metrics import Metrics, MetricsServer, pool_gauges
 from sandboxd.monitor import HealthMonitor
 from sandboxd.mqttbridge import MqttBridge
 from sandboxd.providers import Provider, make_providers
@@ -193,32 +193,13 @@ class Daemon:
         await self.resources.sample()
         await self.cost.sample()
         self.metrics.update(
-            pools=self._pool_metrics(),
+            pools=pool_gauges(*self.latest, self.monitor.summary(), self.reconciler.pool_status()),
             host=self.resources.host,
             sandboxes=self.resources.sandboxes,
             cost=self.cost.totals,
             mqtt=self.bridge.stats(),
             revision=self.specs.revision,
         )
-
-    def _pool_metrics(self) -> dict[str, dict[str, Any]]:
-        records, specs = self.latest
-        health, pacing = self.monitor.summary(), self.reconciler.pool_status()
-        pools = {}
-        for name, spec in specs.items():
-            states = {state: 0 for state in STATES}
-            for record in records:
-                if record.pool == name:
-                    states[record.state] += 1
-            pools[name] = {
-                "states": {**states, "total": sum(states.values())},
-                "min_ready": spec.min_ready,
-                "max_total": spec.max_total,
-                "health": health.get(name, {}),
-                "breaker": pacing.get(name, {}).get("breaker", "closed"),
-                "state": pacing.get(name, {}).get("state", "ok"),
-            }
-        return pools
 
     def _facts(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,8 @@ from prometheus_client.registry import Collector
 from sandboxd import redisconn
 from sandboxd.config import Config
 from sandboxd.events import Event
+from sandboxd.spec import PoolSpec
+from sandboxd.state import STATES, SandboxRecord
 
 log = logging.getLogger(__name__)
 CREATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -80,6 +82,30 @@ class Metrics:
             self.lease_expiries.labels(pool).inc()
         elif event.type == "sandbox.terminated":
             self.terminations.labels(pool, str(data.get("reason", ""))).inc()
+
+
+def pool_gauges(
+    records: list[SandboxRecord],
+    specs: dict[str, PoolSpec],
+    health: dict[str, dict[str, Any]],
+    pacing: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """The `pools` part: per pool in force, sandboxes by state, sizes, health, breaker."""
+    pools = {}
+    for name, spec in specs.items():
+        states = dict.fromkeys(STATES, 0)
+        for record in records:
+            if record.pool == name:
+                states[record.state] += 1
+        pools[name] = {
+            "states": {**states, "total": sum(states.values())},
+            "min_ready": spec.min_ready,
+            "max_total": spec.max_total,
+            "health": health.get(name, {}),
+            "breaker": pacing.get(name, {}).get("breaker", "closed"),
+            "state": pacing.get(name, {}).get("state", "ok"),
+        }
+    return pools
 
 
 class _SampledCollector(Collector):
