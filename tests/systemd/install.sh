@@ -8,13 +8,18 @@ install -D -m 0644 "$CHECKOUT/systemd/sandboxd.service" /etc/systemd/system/sand
 install -d -m 0700 /etc/sandboxd/credentials
 install -m 0600 /dev/null /etc/sandboxd/credentials/e2b-api-key
 install -m 0600 /dev/null /etc/sandboxd/credentials/redis-password
-# ProtectHome= hides /root and /home: a Python installed there (pyenv) must be shown again.
+# ProtectHome= hides /root and /home, PrivateTmp= the host's /tmp: a checkout or a Python
+# (pyenv) living there must be shown to the service again, read-only.
 PYHOME=$(dirname "$(dirname "$(readlink -f "$CHECKOUT/.venv/bin/python")")")
-case $PYHOME in /root/*|/home/*)
+hidden=()
+for path in "$PYHOME" "$CHECKOUT"; do
+  case $path in /root/*|/home/*|/tmp/*|/var/tmp/*) hidden+=("$path");; esac
+done
+if (( ${#hidden[@]} )); then
   mkdir -p /etc/systemd/system/sandboxd.service.d
-  printf '[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths=%s\n' "$PYHOME" \
-    > /etc/systemd/system/sandboxd.service.d/python-home.conf;;
-esac
+  printf '[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths=%s\n' "${hidden[*]}" \
+    > /etc/systemd/system/sandboxd.service.d/hidden-paths.conf
+fi
 write_config() {  # extra TOML lines as arguments
   mkdir -p /etc/sandboxd
   { printf 'redis_url = "%s"\n' "$REDIS_URL"; printf '%s\n' "$@"
