@@ -78,7 +78,11 @@ class MqttBridge:
 
     async def _bridge(self, settings: MqttConfig) -> None:
         """Connect, pump, and on any broker or Redis failure reconnect with jittered backoff."""
-        import aiomqtt  # the optional extra: only needed when mqtt.url is set
+        try:
+            import aiomqtt  # the optional extra: only needed when mqtt.url is set
+        except ImportError:
+            log.error("mqtt.url is set but aiomqtt is missing: pip install 'sandboxd[mqtt]'")
+            return  # no bridge (the stream still has every event) until the next reload
 
         delay = 0.0
         while True:
