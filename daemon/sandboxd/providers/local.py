@@ -65,6 +65,9 @@ class LocalProvider:
         self._templates = config.all_templates()
         self._bwrap = _find_bwrap(config)
         self._cgroups = CgroupLimiter.detect(config.cgroup_parent)
+        # Cleanups of failed or cancelled create attempts, by sandbox id: a retry (same id)
+        # waits for its predecessor's, or that one's rmtree would pull the box from under it.
+        self._cleanups: dict[str, asyncio.Task[None]] = {}
         self.root = Path(config.workspace_root)
 
     @property
@@ -80,6 +83,8 @@ class LocalProvider:
         if template is None:
             raise CreateError(f"unknown local template {pool.template!r}", retryable=False)
         box = self.root / sandbox_id
+        if sandbox_id in self._cleanups:
+            await asyncio.shield(self._cleanups[sandbox_id])
         handle: dict[str, Any] = {}
         try:
             handle = await self._launch(sandbox_id, pool, template, box)
@@ -89,9 +94,16 @@ class LocalProvider:
             if pool.run is not None:
                 await AgentClient(handle["socket"]).supervise(pool.run.model_dump())
         except BaseException:
-            await asyncio.shield(self.terminate(sandbox_id, handle or {"dir": str(box)}))
+            cleanup = asyncio.ensure_future(self.terminate(sandbox_id, handle or {"dir": str(box)}))
+            self._cleanups[sandbox_id] = cleanup
+            cleanup.add_done_callback(lambda _: self._forget_cleanup(sandbox_id, cleanup))
+            await asyncio.shield(cleanup)
             raise
         return handle
+
+    def _forget_cleanup(self, sandbox_id: str, cleanup: asyncio.Task[None]) -> None:
+        if self._cleanups.get(sandbox_id) is cleanup:
+            del self._cleanups[sandbox_id]
 
     async def _launch(
         self, sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path
