@@ -25,25 +25,28 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
+import importlib.machinery
 import importlib.util
 import json
 import os
 import resource
 import signal
+import socket
 import time
 
 
-def _load_supervisor():
-    """supervisor.py sits next to this file (bind-mounted beside it inside the sandbox); the
-    agent runs isolated (-I), so it is loaded by path, not from sys.path."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
-    spec = importlib.util.spec_from_file_location("sandbox_supervisor", path)
+def _load_supervisor(path: str):
+    """supervisor.py, by path (the agent runs isolated, -I, with no sys.path of its own):
+    beside this file inside the sandbox, or an inherited file descriptor's /proc path."""
+    loader = importlib.machinery.SourceFileLoader("sandbox_supervisor", path)
+    spec = importlib.util.spec_from_loader("sandbox_supervisor", loader)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-supervisor = _load_supervisor()
+supervisor = None  # the supervisor module, loaded by main()
 
 MAX_LINE = 64 * 1024 * 1024
 STARTED = time.monotonic()
@@ -284,10 +287,12 @@ def _apply_limits(memory_mb: int | None) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-async def serve(socket_path: str, base_env: dict) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
-    server = await asyncio.start_unix_server(_handler(base_env), socket_path, limit=MAX_LINE)
+async def serve(listen_fd: int, base_env: dict) -> None:
+    """Serve on the listening socket the daemon made on the host side and handed over: its
+    path is in a directory the sandbox cannot see, so nothing inside can replace it."""
+    sock = socket.socket(fileno=listen_fd)
+    sock.set_inheritable(False)  # exec'd commands never get the control socket
+    server = await asyncio.start_unix_server(_handler(base_env), sock=sock, limit=MAX_LINE)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -300,17 +305,31 @@ async def serve(socket_path: str, base_env: dict) -> None:
             reaper.cancel()
 
 
+def _not_dumpable() -> None:
+    """No core dumps, and no ptrace or /proc/1/fd access by the sandbox's other processes
+    (they hold no capability): the agent's sockets and memory stay its own."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="sandboxd in-sandbox agent")
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--env-file", required=True, help="JSON object: the sandbox's base env")
-    parser.add_argument("--memory-mb", type=int, default=None)
+    parser.add_argument("--listen-fd", type=int, required=True, help="listening Unix socket")
+    parser.add_argument("--env-fd", type=int, required=True, help="JSON object: the base env")
+    parser.add_argument("--memory-mb", type=int, default=None, help="RLIMIT_AS (no cgroup)")
+    parser.add_argument(
+        "--supervisor",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py"),
+    )
     args = parser.parse_args()
-    with open(args.env_file) as handle:
-        base_env = json.load(handle)
+    global supervisor
+    supervisor = _load_supervisor(args.supervisor)
+    _not_dumpable()
+    with os.fdopen(args.env_fd, "rb") as handle:
+        base_env = json.loads(handle.read())
     _apply_limits(args.memory_mb)
     os.umask(0o022)
-    asyncio.run(serve(args.socket, base_env))
+    asyncio.run(serve(args.listen_fd, base_env))
 
 
 if __name__ == "__main__":

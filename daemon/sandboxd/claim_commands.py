@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -22,9 +24,15 @@ CLAIM_COLUMNS = [
     ("claim_id", "CLAIM_ID"),
     ("lease_s", "LEASE_S"),
     ("lease_expires", "LEASE_EXPIRES"),
+    ("claim_token", "CLAIM_TOKEN"),
 ]
 # Refusals that are the caller's mistake, not a passing condition.
-INVALID_REASONS = {"unknown_pool", "lease_too_long"}
+INVALID_REASONS = {"unknown_pool", "lease_too_long", "invalid_argument"}
+TOKEN_ENV = "SANDBOXD_CLAIM_TOKEN"
+TOKEN_SOURCES = (
+    f"--token-file PATH, the {TOKEN_ENV} environment variable, --token - (read from stdin) "
+    "or --token VALUE (visible to other local users in `ps`)"
+)
 
 
 def _client(config: Config, redis: Redis, owner: str | None = None) -> Client:
@@ -67,7 +75,28 @@ def claim_row(sandbox: Sandbox) -> dict[str, Any]:
         "lease_expires": _expires(sandbox.lease_expires_ms),
         "lease_expires_ms": sandbox.lease_expires_ms,
         "connection": sandbox.connection_info,
+        "claim_token": sandbox.claim_token,
     }
+
+
+def claim_token(args: argparse.Namespace, *, needed_for: str) -> str:
+    """The claim token from --token-file, --token - (stdin), --token VALUE or
+    $SANDBOXD_CLAIM_TOKEN, in that order; surrounding whitespace is dropped."""
+    if getattr(args, "token_file", None):
+        try:
+            token = Path(args.token_file).read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.token_file}: {exc.strerror}", EXIT_INVALID) from None
+    elif getattr(args, "token", None) == "-":
+        token = sys.stdin.readline()
+    elif getattr(args, "token", None):
+        token = args.token
+    else:
+        token = os.environ.get(TOKEN_ENV, "")
+    token = token.strip()
+    if not token:
+        raise CliError(f"{needed_for} needs the claim's token: {TOKEN_SOURCES}", EXIT_INVALID)
+    return token
 
 
 async def claim(args: argparse.Namespace, config: Config, redis: Redis) -> int:
@@ -78,21 +107,30 @@ async def claim(args: argparse.Namespace, config: Config, redis: Redis) -> int:
         raise _cli_error(exc) from None
     row = claim_row(sandbox)
     print(json.dumps(row, indent=2) if args.output == "json" else render([row], CLAIM_COLUMNS))
+    print(
+        f"keep the claim token: renew, release and exec --sandbox need it ({TOKEN_ENV} or "
+        "--token-file); it is not shown again",
+        file=sys.stderr,
+    )
     return 0
 
 
 async def release(args: argparse.Namespace, config: Config, redis: Redis) -> int:
+    if args.force and (args.token or args.token_file):
+        raise CliError("--force releases without a token: give one or the other", EXIT_INVALID)
+    token = "" if args.force else claim_token(args, needed_for=f"release {args.id}")
     try:
-        await _client(config, redis).release(args.id, args.claim_id)
+        await _client(config, redis).release(args.id, token, force=args.force)
     except ClaimError as exc:
         raise _cli_error(exc) from None
-    print(f"released {args.id}")
+    print(f"released {args.id}" + (" (forced)" if args.force else ""))
     return 0
 
 
 async def renew(args: argparse.Namespace, config: Config, redis: Redis) -> int:
+    token = claim_token(args, needed_for=f"renew {args.id}")
     try:
-        expires_ms = await _client(config, redis).renew(args.id, args.claim_id, args.lease)
+        expires_ms = await _client(config, redis).renew(args.id, token, args.lease)
     except ClaimError as exc:
         raise _cli_error(exc) from None
     print(f"renewed {args.id}: lease expires {_expires(expires_ms)}")
@@ -104,11 +142,16 @@ async def exec_command(args: argparse.Namespace, config: Config, redis: Redis) -
         raise CliError("nothing to run: sandboxd exec POOL [options] -- COMMAND [ARGS...]", 2)
     if bool(args.pool) == bool(args.sandbox):
         raise CliError("give either a POOL to claim from or --sandbox ID", EXIT_INVALID)
+    if (args.token or args.token_file) and not args.sandbox:
+        raise CliError("--token and --token-file go with --sandbox ID", EXIT_INVALID)
+    if args.stdin and args.token == "-":
+        raise CliError("-i and --token - both want stdin: use --token-file", EXIT_INVALID)
+    token = claim_token(args, needed_for=f"exec --sandbox {args.sandbox}") if args.sandbox else ""
     client = _client(config, redis, args.owner)
     stdin = sys.stdin.buffer.read() if args.stdin else None
     try:
         if args.sandbox:
-            return await _run(await client.attach(args.sandbox), args, stdin)
+            return await _run(await client.attach(args.sandbox, token), args, stdin)
         async with client.claim(args.pool, lease_s=args.lease, timeout_s=args.wait) as sandbox:
             return await _run(sandbox, args, stdin)
     except ClaimError as exc:

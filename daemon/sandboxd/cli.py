@@ -109,29 +109,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _claim_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    claim = command("claim", "claim a ready sandbox (prints its id and claim id)")
+    claim = command(
+        "claim", "claim a ready sandbox (prints its id, claim id and the secret claim token)"
+    )
     claim.add_argument("pool")
     _claim_flags(claim)
     _output_flag(claim)
-    release = command("release", "give a claimed sandbox back")
+    release = command("release", "give a claimed sandbox back (needs its claim token)")
     release.add_argument("id")
-    release.add_argument("--claim-id", default="", help="only if this claim still holds it")
-    renew = command("renew", "extend a claimed sandbox's lease from now")
+    _token_flags(release)
+    release.add_argument(
+        "--force",
+        action="store_true",
+        help="operators: release whoever holds it, no token (the event says forced)",
+    )
+    renew = command("renew", "extend a claimed sandbox's lease from now (needs its claim token)")
     renew.add_argument("id")
     renew.add_argument("--lease", type=int, help="seconds (default: the claim's lease)")
-    renew.add_argument("--claim-id", default="", help="only if this claim still holds it")
+    _token_flags(renew)
     run = command(
         "exec",
         "claim, run a command, stream its output, release; exits with the command's code. "
         "Usage: sandboxd exec POOL [options] -- COMMAND [ARGS...]",
     )
     run.add_argument("pool", nargs="?", help="pool to claim from (not with --sandbox)")
-    run.add_argument("--sandbox", help="run in this already claimed sandbox; no claim/release")
+    run.add_argument(
+        "--sandbox", help="run in this already claimed sandbox (needs its token); no claim/release"
+    )
+    _token_flags(run)
     _claim_flags(run)
     run.add_argument("--timeout", type=float, help="kill the command after this many seconds")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--cwd", help="working directory inside the sandbox")
     run.add_argument("-i", "--stdin", action="store_true", help="send this stdin to the command")
+
+
+def _token_flags(parser: argparse.ArgumentParser) -> None:
+    """The claim token: a file or stdin keep it out of `ps`; else $SANDBOXD_CLAIM_TOKEN."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the claim token, or - to read it from stdin. A value here is visible to other "
+        "local users (ps): prefer --token-file, - or $SANDBOXD_CLAIM_TOKEN",
+    )
+    source.add_argument("--token-file", metavar="PATH", help="read the claim token from PATH")
 
 
 def _claim_flags(parser: argparse.ArgumentParser) -> None:

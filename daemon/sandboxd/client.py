@@ -22,7 +22,14 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sandboxd.agentclient import ExecResult, OutputCallback
-from sandboxd.claims import ClaimError, ClaimStore
+from sandboxd.claims import (
+    ClaimError,
+    ClaimStore,
+    check_claimant,
+    check_lease,
+    new_claim_token,
+    token_matches,
+)
 from sandboxd.connections import Connection, connect
 from sandboxd.keys import Keys
 from sandboxd.redisconn import open_redis
@@ -47,7 +54,10 @@ def default_owner() -> str:
 
 @dataclass
 class Sandbox:
-    """A claimed sandbox. Use it as an async context manager to release it on exit."""
+    """A claimed sandbox. Use it as an async context manager to release it on exit.
+
+    `claim_token` is the claim's secret: renew, release and attach need it. Keep it out of
+    logs and command lines; it is left out of `repr`."""
 
     id: str
     pool: str
@@ -57,6 +67,7 @@ class Sandbox:
     lease_s: int
     lease_expires_ms: int
     connection_info: dict[str, Any]
+    claim_token: str = field(repr=False)
     _client: "Client" = field(repr=False)
     _connection: Connection | None = field(default=None, repr=False)
 
@@ -105,11 +116,11 @@ class Sandbox:
 
     async def renew(self, lease_s: int | None = None) -> datetime:
         """Extend the lease from now (by `lease_s`, default the claim's lease)."""
-        self.lease_expires_ms = await self._client.renew(self.id, self.claim_id, lease_s)
+        self.lease_expires_ms = await self._client.renew(self.id, self.claim_token, lease_s)
         return self.lease_expires
 
     async def release(self) -> None:
-        await self._client.release(self.id, self.claim_id)
+        await self._client.release(self.id, self.claim_token)
 
     async def __aenter__(self) -> "Sandbox":
         return self
@@ -191,35 +202,54 @@ class Client:
     ) -> ClaimRequest:
         """Take the oldest ready sandbox of `pool`, waiting up to `timeout_s` (default
         `default_wait_s`; 0 = do not wait) for one. Raises ClaimTimeout, or ClaimError
-        for an unknown pool or a lease over the pool's `max_lease_s`."""
+        for an unknown pool, a lease over the pool's `max_lease_s` or an invalid argument
+        (`reason` "invalid_argument"). The Sandbox's `claim_token` proves the claim later."""
         return ClaimRequest(self, pool=pool, lease_s=lease_s, timeout_s=timeout_s, owner=owner)
 
-    async def renew(self, sandbox_id: str, claim_id: str = "", lease_s: int | None = None) -> int:
-        return await self._claims.renew(sandbox_id, claim_id, lease_s)
+    async def renew(self, sandbox_id: str, token: str, lease_s: int | None = None) -> int:
+        """Extend the lease of the claim whose `claim_token` this is; the new deadline (ms)."""
+        return await self._claims.renew(sandbox_id, token, lease_s)
 
-    async def release(self, sandbox_id: str, claim_id: str = "") -> None:
-        await self._claims.release(sandbox_id, claim_id)
+    async def release(
+        self, sandbox_id: str, token: str = "", *, force: bool = False, operator: str | None = None
+    ) -> None:
+        """Give back the sandbox held by the claim whose `claim_token` this is. `force`
+        (operators): release it whoever holds it, without a token; the `sandbox.released`
+        event says `forced: true, forced_by: <operator or this client's owner>`."""
+        if force:
+            await self._claims.force_release(sandbox_id, operator or self.owner)
+        else:
+            await self._claims.release(sandbox_id, token)
 
-    async def attach(self, sandbox_id: str) -> Sandbox:
-        """A handle to a sandbox that is already claimed (e.g. by `sandboxd claim`)."""
+    async def attach(self, sandbox_id: str, token: str) -> Sandbox:
+        """A handle to a sandbox already claimed (e.g. by `sandboxd claim`), for the holder
+        of its claim token: any other token (or none) is refused (`not_yours`)."""
+        if not token:
+            raise ClaimError("not_yours", f"sandbox {sandbox_id}: no claim token given")
         fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
         record = SandboxRecord.from_hash(fields) if fields else None
         if record is None or record.state != "claimed":
             state = record.state if record else "gone"
             raise ClaimError("not_claimed", f"sandbox {sandbox_id} is not claimed ({state})")
-        return self._handle(record)
+        if not token_matches(token, fields.get("claim_token_sha256", "")):
+            raise ClaimError(
+                "not_yours", f"sandbox {sandbox_id} is held by another claim (wrong claim token)"
+            )
+        return self._handle(record, token)
 
     async def _claim(
         self, pool: str, lease_s: int | None, timeout_s: float | None, owner: str | None
     ) -> Sandbox:
         wait_s = self.default_wait_s if timeout_s is None else max(0.0, timeout_s)
+        check_lease(lease_s)  # before any waiting: a clear error at once
+        check_claimant(owner or self.owner)
         attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s)
         record = await attempt.once()
         if record is None and wait_s > 0:
             record = await self._wait(attempt)
         if record is None:
             raise ClaimTimeout("timeout", f"no ready sandbox in pool {pool!r} within {wait_s:g}s")
-        return self._handle(record)
+        return self._handle(record, attempt.token)
 
     async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
         """Try again each time the pool announces a ready sandbox, until the deadline.
@@ -243,7 +273,7 @@ class Client:
             if attempt.registered_wait:
                 await asyncio.shield(self._claims.cancel_wait(attempt.pool, attempt.claim_id))
 
-    def _handle(self, record: SandboxRecord) -> Sandbox:
+    def _handle(self, record: SandboxRecord, token: str) -> Sandbox:
         return Sandbox(
             id=record.id,
             pool=record.pool,
@@ -253,12 +283,14 @@ class Client:
             lease_s=record.lease_s,
             lease_expires_ms=record.lease_expires_ms,
             connection_info=record.handle,
+            claim_token=token,
             _client=self,
         )
 
 
 class _Attempt:
-    """One claim's tries: same claim id throughout, the wait deadline counting down."""
+    """One claim's tries: same claim id and token throughout, the wait deadline counting
+    down."""
 
     def __init__(
         self, claims: ClaimStore, pool: str, owner: str, lease_s: int | None, wait_s: float
@@ -269,6 +301,7 @@ class _Attempt:
         self.lease_s = lease_s
         self.wait_s = wait_s
         self.claim_id = uuid.uuid4().hex
+        self.token = new_claim_token()
         self.registered_wait = False
         self.deadline = asyncio.get_running_loop().time() + wait_s
 
@@ -281,6 +314,7 @@ class _Attempt:
                 self.pool,
                 claimant=self.owner,
                 claim_id=self.claim_id,
+                token=self.token,
                 lease_s=self.lease_s,
                 wait_ms=max(0, left_ms),
             )
@@ -290,7 +324,7 @@ class _Attempt:
         except asyncio.CancelledError:
             outcome = await call
             if outcome.record is not None:
-                await self._claims.release(outcome.record.id, self.claim_id)
+                await self._claims.release(outcome.record.id, self.token)
             raise
         if outcome.on_empty == "create" and left_ms > 0:
             self.registered_wait = True

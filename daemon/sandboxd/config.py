@@ -52,16 +52,50 @@ class LocalProviderConfig(BaseModel):
 
     workspace_root: Path = Field(
         default=Path("/var/lib/sandboxd/sandboxes"),
-        description="Where each local sandbox gets its directory (workspace, tmp, agent socket).",
+        description="The local registry: one root-only (0700) directory per sandbox with its "
+        "record, agent socket and log. Sandbox files live in the sandbox's own tmpfs.",
     )
     isolation: Literal["auto", "bwrap", "none"] = Field(
-        default="auto", description="auto: bubblewrap when installed, else none (loudly)."
+        default="auto",
+        description="auto: bubblewrap when installed. none (or no bubblewrap) runs sandboxes "
+        "as plain processes and needs allow_weaker_isolation.",
+    )
+    allow_weaker_isolation: bool = Field(
+        default=False,
+        description="Start even when a protection is missing on this host (no bubblewrap, user "
+        "namespaces, seccomp or cgroup controllers, or a daemon not running as root); what "
+        "is missing is logged and shown in status. Off: the daemon refuses to start.",
     )
     bwrap_path: str = "bwrap"
+    setpriv_path: str = Field(default="setpriv", description="util-linux setpriv (drops to uid).")
+    network_helper: str = Field(
+        default="slirp4netns", description="User-mode networking for `network: true` pools."
+    )
+    agent_python: str | None = Field(
+        default=None,
+        description="Interpreter of the in-sandbox agent (standard library only). Default "
+        "/usr/bin/python3 when present (readable by the sandbox uids), else the daemon's own.",
+    )
+    uid_base: int = Field(
+        default=1_000_000_000,
+        ge=1000,
+        le=4_000_000_000,
+        description="First host uid (and gid) of the range local sandboxes run as: one uid per "
+        "sandbox, never root, never a user of this host.",
+    )
+    uid_count: int = Field(
+        default=65536, ge=1, le=10_000_000, description="Size of that range (sandboxes at once)."
+    )
+    cgroup_name: str = Field(
+        default="sandboxd",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="cgroup v1: the group under each of the pids, memory and cpu hierarchies "
+        "that holds one child per sandbox.",
+    )
     cgroup_parent: Path | None = Field(
         default=None,
-        description="A delegated, writable cgroup v2 directory with cpu and memory enabled; "
-        "each sandbox gets a child with cpu.max/memory.max. Unset: rlimits only.",
+        description="cgroup v2: the delegated cgroup whose children are the sandboxes "
+        "(default: the daemon's own, with Delegate=yes in the unit).",
     )
     templates: dict[str, LocalTemplate] = Field(default_factory=dict)
 

@@ -94,6 +94,31 @@ class E2BPoolSpec(BaseModel):
     allow_internet_access: bool = True
 
 
+class SecuritySpec(BaseModel):
+    """local: allowances in the sandbox's seccomp filter (see the README's Security)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow_syscalls: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Denied syscalls this pool may use after all (names from the filter).",
+    )
+    nested_userns: bool = Field(
+        default=False, description="Allow user namespaces inside the sandbox."
+    )
+
+    @field_validator("allow_syscalls")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from sandboxd.providers.seccomp import ALLOWABLE
+
+        unknown = sorted(set(names) - ALLOWABLE)
+        if unknown:
+            raise ValueError(f"not denied by the filter, nothing to allow: {unknown}")
+        return names
+
+
 class PoolSpec(BaseModel):
     """One warm pool: how many sandboxes of which kind to keep ready."""
 
@@ -107,7 +132,22 @@ class PoolSpec(BaseModel):
     cpu: float = Field(default=1.0, gt=0, le=256)
     memory_mb: int = Field(default=512, gt=0, le=1_048_576)
     timeout_s: int = Field(default=3600, gt=0, le=30 * 86400, description="Lifetime cap.")
-    network: bool = Field(default=False, description="local: share the host network (else lo).")
+    network: bool = Field(
+        default=False,
+        description="local: egress through user-mode NAT in the sandbox's own network "
+        "namespace (never the host's loopback); false: loopback only.",
+    )
+    pids_max: int = Field(
+        default=512, ge=8, le=4_194_304, description="local: processes and threads at once."
+    )
+    disk_mb: int = Field(
+        default=1024,
+        ge=1,
+        le=1_048_576,
+        description="local: size of each of /workspace, /tmp and /dev/shm (tmpfs, counted in "
+        "memory_mb as it is written).",
+    )
+    security: SecuritySpec = Field(default_factory=lambda: SecuritySpec())
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[
         Annotated[str, Field(pattern=LABEL_KEY)], Annotated[str, Field(max_length=253)]

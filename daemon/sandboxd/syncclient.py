@@ -23,7 +23,7 @@ class SyncSandbox:
         self._sandbox = sandbox
         self._runner = runner
 
-    def __getattr__(self, name: str) -> Any:  # id, pool, provider, claim_id, lease_expires…
+    def __getattr__(self, name: str) -> Any:  # id, pool, claim_id, claim_token, lease_expires…
         return getattr(self._sandbox, name)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -66,11 +66,16 @@ class SyncClient:
         request = self._client.claim(pool, lease_s=lease_s, timeout_s=timeout_s, owner=owner)
         return SyncSandbox(self._runner.run(_await(request)), self._runner)
 
-    def release(self, sandbox_id: str, claim_id: str = "") -> None:
-        self._runner.run(self._client.release(sandbox_id, claim_id))
+    def attach(self, sandbox_id: str, token: str) -> SyncSandbox:
+        return SyncSandbox(self._runner.run(self._client.attach(sandbox_id, token)), self._runner)
 
-    def renew(self, sandbox_id: str, claim_id: str = "", lease_s: int | None = None) -> int:
-        return self._runner.run(self._client.renew(sandbox_id, claim_id, lease_s))
+    def release(
+        self, sandbox_id: str, token: str = "", *, force: bool = False, operator: str | None = None
+    ) -> None:
+        self._runner.run(self._client.release(sandbox_id, token, force=force, operator=operator))
+
+    def renew(self, sandbox_id: str, token: str, lease_s: int | None = None) -> int:
+        return self._runner.run(self._client.renew(sandbox_id, token, lease_s))
 
     def close(self) -> None:
         self._runner.run(self._client.aclose())
