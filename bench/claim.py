@@ -112,7 +112,7 @@ def _client_process(url: str, clients: int, connected, go, results) -> None:
         held: list[Sandbox] = []
         ends = await asyncio.gather(*(drain(c, samples, held) for c in pool))
         # perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes
-        results.put((max(ends), [(s.id, s.claim_id) for s in held], samples))
+        results.put((max(ends), [(s.id, s.claim_token) for s in held], samples))
         for c in pool:
             await c.aclose()
 
@@ -144,8 +144,8 @@ async def clients_in_processes(
             w.join()
         held = [pair for _, pairs, _ in done for pair in pairs]
         rates.append(len(held) / (max(end for end, _, _ in done) - t0))
-        for sandbox_id, claim_id in held:
-            await releaser.release(sandbox_id, claim_id)
+        for sandbox_id, token in held:
+            await releaser.release(sandbox_id, token)
         await wait_ready(redis, "warm", size)
     return rates
 

@@ -52,16 +52,23 @@ async def test_cli_claim_renew_release_and_errors(redis, redis_server, daemon_fa
 
     claimed = await asyncio.to_thread(cli, redis_server, "claim", "default", "-o", "json")
     assert claimed.returncode == 0, claimed.stderr
-    sandbox_id = json.loads(claimed.stdout)["id"]
+    sandbox_id, token = (json.loads(claimed.stdout)[k] for k in ("id", "claim_token"))
     assert await redis.hget(KEYS.sandbox(sandbox_id), "state") == "claimed"
-    renewed = await asyncio.to_thread(cli, redis_server, "renew", sandbox_id, "--lease", "500")
+    with_token = {"SANDBOXD_CLAIM_TOKEN": token}
+    renewed = await asyncio.to_thread(
+        cli, redis_server, "renew", sandbox_id, "--lease", "500", env=with_token
+    )
     assert renewed.returncode == 0 and "lease expires" in renewed.stdout
-    ran = await asyncio.to_thread(cli, redis_server, "exec", "--sandbox", sandbox_id, "--", "true")
+    ran = await asyncio.to_thread(
+        cli, redis_server, "exec", "--sandbox", sandbox_id, "--", "true", env=with_token
+    )
     assert ran.returncode == 0, ran.stderr  # exec in a held sandbox does not release it
     assert await redis.hget(KEYS.sandbox(sandbox_id), "state") == "claimed"
-    released = await asyncio.to_thread(cli, redis_server, "release", sandbox_id)
-    assert released.returncode == 0
-    again = await asyncio.to_thread(cli, redis_server, "release", sandbox_id)
+    released = await asyncio.to_thread(
+        cli, redis_server, "release", sandbox_id, "--token", "-", stdin=token + "\n"
+    )
+    assert released.returncode == 0, released.stderr
+    again = await asyncio.to_thread(cli, redis_server, "release", sandbox_id, env=with_token)
     assert again.returncode == 1 and "not claimed" in again.stderr
 
     unknown = await asyncio.to_thread(cli, redis_server, "claim", "nope")
@@ -155,7 +162,7 @@ async def test_renew_moves_the_deadline_and_a_stale_claim_cannot_renew(
     assert sandbox.lease_expires_ms >= before + 89_000
     assert await redis.zscore(KEYS.leases, sandbox.id) == sandbox.lease_expires_ms
     with pytest.raises(ClaimError, match="held by another claim"):
-        await client.renew(sandbox.id, claim_id="someone-else")
+        await client.renew(sandbox.id, "someone-else's token")
     await sandbox.release()
     with pytest.raises(ClaimError, match="not claimed"):
         await sandbox.renew()

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from sandboxd.claims import ClaimError, ClaimStore
+from sandboxd.claims import ClaimError, ClaimStore, new_claim_token, token_sha256
 from sandboxd.events import EventPublisher
 from sandboxd.spec import PoolSpec
 from sandboxd.state import SandboxRecord, SandboxStore
@@ -26,6 +26,8 @@ OPS = st.lists(
         st.tuples(st.just("claim"), st.integers(0, 3)),
         st.tuples(st.just("release"), st.integers(0, 3)),
         st.tuples(st.just("release_foreign"), st.integers(0, 3)),
+        st.tuples(st.just("release_empty"), st.integers(0, 3)),
+        st.tuples(st.just("renew_foreign"), st.integers(0, 3)),
         st.tuples(st.just("renew"), st.integers(0, 3)),
         st.tuples(st.just("scale_down"), st.integers(0, 0)),
         st.tuples(st.just("reset"), st.integers(0, 0)),
@@ -37,13 +39,14 @@ OPS = st.lists(
 class Model:
     def __init__(self) -> None:
         self.ready: list[str] = []  # FIFO
-        self.held: dict[int, tuple[str, str]] = {}  # client -> (sandbox, claim id)
+        self.held: dict[int, tuple[str, str, str]] = {}  # client -> (sandbox, claim id, token)
         self.released: list[str] = []
         self.members: set[str] = set()  # every sandbox of the pool, any state
         self.last_claim: bool | None = None  # whether the last claim had to nudge
 
 
 MIN_READY, MAX_TOTAL = 2, 4
+HASH_FIELD = "claim_token_sha256"
 
 
 async def run(url: str, ops: list[tuple[str, int]]) -> None:
@@ -94,27 +97,32 @@ async def step(op, client, model, store, claims, events, ids) -> None:
         model.ready.append(record.id)
         model.members.add(record.id)
     elif op == "claim" and client not in model.held:
-        outcome = await claims.try_claim("p", claimant=f"c{client}", claim_id=f"k{next(ids)}")
+        token = new_claim_token()
+        outcome = await claims.try_claim(
+            "p", claimant=f"c{client}", claim_id=f"k{next(ids)}", token=token
+        )
         was_empty = not model.ready
         if model.ready:
             assert outcome.record is not None and outcome.record.id == model.ready.pop(0)
             assert outcome.record.state == "claimed"
-            model.held[client] = (outcome.record.id, outcome.record.claim_id)
+            model.held[client] = (outcome.record.id, outcome.record.claim_id, token)
         else:
             assert outcome.record is None and outcome.on_empty == "wait"
         model.last_claim = was_empty or nudge_due(model)
-    elif op in ("release", "renew", "release_foreign") and client in model.held:
-        sandbox, claim_id = model.held[client]
-        if op == "release_foreign":
+    elif op.startswith(("release", "renew")) and client in model.held:
+        sandbox, _, token = model.held[client]
+        if op in ("release_foreign", "release_empty", "renew_foreign"):
+            other = {"release_empty": ""}.get(op, new_claim_token())
+            attempt = claims.renew(sandbox, other, 60) if op == "renew_foreign" else None
             try:
-                await claims.release(sandbox, claim_id="not-the-holder")
-                raise AssertionError("a foreign claim id released a sandbox")
+                await (attempt or claims.release(sandbox, other))
+                raise AssertionError(f"{op}: a sandbox was taken without its claim token")
             except ClaimError as exc:
                 assert exc.reason == "not_yours"
         elif op == "renew":
-            assert await claims.renew(sandbox, claim_id, lease_s=60) > 0
+            assert await claims.renew(sandbox, token, lease_s=60) > 0
         else:
-            await claims.release(sandbox, claim_id)
+            await claims.release(sandbox, token)
             del model.held[client]
             model.released.append(sandbox)
     elif op == "scale_down" and model.ready:
@@ -132,11 +140,11 @@ async def step(op, client, model, store, claims, events, ids) -> None:
 
 async def check(redis: Redis, model: Model) -> None:
     assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == model.ready
-    held = {sandbox for sandbox, _ in model.held.values()}
+    held = {sandbox for sandbox, _, _ in model.held.values()}
     assert set(await redis.zrange(KEYS.leases, 0, -1)) == held
-    for sandbox, claim_id in model.held.values():
-        fields = await redis.hmget(KEYS.sandbox(sandbox), "state", "claim_id")
-        assert fields == ["claimed", claim_id]
+    for sandbox, claim_id, token in model.held.values():
+        fields = await redis.hmget(KEYS.sandbox(sandbox), "state", "claim_id", HASH_FIELD)
+        assert fields == ["claimed", claim_id, token_sha256(token)]
     for sandbox in model.ready:
         assert await redis.hget(KEYS.sandbox(sandbox), "state") == "ready"
 
@@ -154,7 +162,7 @@ async def test_claim_of_an_unknown_pool_and_too_long_lease_are_refused(redis):
     await claims.publish_pool_settings([PoolSpec(name="p", lease_s=10, max_lease_s=20)])
     for pool, lease, reason in (("nope", None, "unknown_pool"), ("p", 21, "lease_too_long")):
         try:
-            await claims.try_claim(pool, claimant="c", claim_id="k", lease_s=lease)
+            await claims.try_claim(pool, claimant="c", claim_id="k", token="t", lease_s=lease)
             raise AssertionError("refusal expected")
         except ClaimError as exc:
             assert exc.reason == reason
