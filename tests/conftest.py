@@ -109,23 +109,30 @@ class DaemonProcess:
 
 
 def sandbox_processes(workspace: Path) -> list[psutil.Process]:
-    """Live sandbox agents whose workspace is under `workspace` (i.e. of one test)."""
+    """Live sandbox agents of the sandboxes registered under `workspace` (i.e. of one test):
+    found by their cgroup (`sandbox-<id>`) or by the pid their registry entry recorded."""
+    ids = {p.name for p in workspace.iterdir() if p.is_dir()} if workspace.is_dir() else set()
+    pids = set()
+    for sandbox_id in ids:
+        with contextlib.suppress(OSError, ValueError):
+            pids.add(json.loads((workspace / sandbox_id / "meta.json").read_text())["pid"])
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if any("agent.py" in part for part in cmdline) and "--env-file" in cmdline:
-            env_file = cmdline[cmdline.index("--env-file") + 1]
-            if env_file.startswith(str(workspace)) or _bwrap_box(proc, workspace):
-                found.append(proc)
+        if not (any("agent.py" in part for part in cmdline) and "--listen-fd" in cmdline):
+            continue
+        if proc.pid in pids or _cgroup_id(proc.pid) in ids:
+            found.append(proc)
     return found
 
 
-def _bwrap_box(proc: psutil.Process, workspace: Path) -> bool:
-    """Inside bubblewrap the agent sees /run/sandboxd; its launcher's argv names the box."""
-    with contextlib.suppress(psutil.Error):
-        parent = proc.parent()
-        return parent is not None and any(str(workspace) in a for a in parent.cmdline())
-    return False
+def _cgroup_id(pid: int) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            name = line.rsplit("/", 1)[-1]
+            if name.startswith("sandbox-"):
+                return name.removeprefix("sandbox-")
+    return None
 
 
 @pytest.fixture

@@ -310,6 +310,7 @@ def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
             if "none" in isolation
             else ""
         ),
+        *_security_lines(daemon.get("security") or {}),
     ]
     host = daemon.get("host_resources") or {}
     if host:
@@ -324,6 +325,16 @@ def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
         state = "connected" if mqtt["connected"] else "DISCONNECTED"
         bridge = f"{state}, {mqtt['published']} published, {mqtt['dropped']} dropped"
     lines.append(f"outputs:   metrics {daemon.get('metrics_listen') or 'off'}  mqtt {bridge}")
+    return lines
+
+
+def _security_lines(security: dict[str, Any]) -> list[str]:
+    """Local sandboxes' limits and uids, and loudly what is missing."""
+    local = security.get("local") or {}
+    if not local:
+        return []
+    lines = [f"limits:    {local.get('limits', '?')}; sandbox uids {local.get('uids', '?')}"]
+    lines += [f"WEAKER ISOLATION: {weakness}" for weakness in local.get("weaknesses", [])]
     return lines
 
 

@@ -29,7 +29,7 @@ from sandboxd.logs import redact_url
 from sandboxd.metrics import Metrics, MetricsServer, pool_gauges
 from sandboxd.monitor import HealthMonitor
 from sandboxd.mqttbridge import MqttBridge
-from sandboxd.providers import Provider, make_providers
+from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
 from sandboxd.reconciler import Reconciler
 from sandboxd.redisconn import every, make_client, survive, wait_for_redis
 from sandboxd.reload import reload
@@ -45,6 +45,10 @@ from sandboxd.watchdog import Watchdog
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 5.0
 SHUTDOWN_TERMINATE_S = 3.0
+
+
+# The unit's RestartPreventExitStatus: restarting cannot fix a host that lacks protections.
+EXIT_WEAK_ISOLATION = 78
 
 
 class RootTaskEnded(RuntimeError):
@@ -97,7 +101,12 @@ class Daemon:
         try:
             if not await wait_for_redis(redis, self.config, self.stop):
                 return 0
-            self.providers = self.providers or make_providers(self.config, self.instance)
+            try:
+                self.providers = self.providers or make_providers(self.config, self.instance)
+            except IsolationError as exc:
+                log.critical("refusing to start: %s", exc)
+                sdnotify.status(f"refused to start: {exc}")
+                return EXIT_WEAK_ISOLATION
             await self._serve(redis, self.providers)
         finally:
             await redis.aclose()
@@ -149,6 +158,7 @@ class Daemon:
             store=self.store, specs=self.specs, providers=providers, events=self.events
         )
         self.isolation = {name: p.isolation for name, p in providers.items()}
+        self.security = security_summary(providers)
         self.heartbeat = Heartbeat(
             redis,
             self.keys,
@@ -205,6 +215,7 @@ class Daemon:
         return {
             "revision": self.specs.revision,
             "isolation": self.isolation,
+            "security": self.security,
             "last_reconcile_at": self.reconciler.last_pass_at,
             "on_shutdown": self.config.on_shutdown,
             "pools": self._pool_facts(),
@@ -287,6 +298,7 @@ class Daemon:
             "daemon.started",
             **self.heartbeat.identity,
             isolation=self.isolation,
+            security=self.security,
             revision=revision,
             adopted=len(report.adopted),
             dropped=len(report.dropped) + len(report.orphans),

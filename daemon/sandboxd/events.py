@@ -14,7 +14,7 @@ from sandboxd.keys import Keys
 EVENT_TYPES: dict[str, tuple[str, str]] = {
     "daemon.started": (
         "the daemon is up and has done its first reconcile",
-        "instance, pid, host, version, started_at, isolation, revision, adopted, dropped",
+        "instance, pid, host, version, started_at, isolation, security, revision, adopted, dropped",
     ),
     "daemon.stopping": (
         "the daemon is shutting down",

@@ -1,82 +1,442 @@
-"""What a program inside a local sandbox can see and do (bubblewrap)."""
+"""A local sandbox is a security boundary: what code inside can see and do, tried as an
+attacker would (issue: sandbox code was host root, could write sysctls, replace the control
+socket, leak into the next tenant, exhaust the host, and reach the host's loopback)."""
 
+import asyncio
+import contextlib
+import json
+import os
 import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
 
+import psutil
 import pytest
 
 from sandboxd.agentclient import AgentClient
 from sandboxd.config import LocalProviderConfig
+from sandboxd.providers import IsolationError
 from sandboxd.providers.local import LocalProvider
 from sandboxd.spec import PoolSpec
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids need a root daemon")
+
+
+def provider_for(root: Path, **config) -> LocalProvider:
+    return LocalProvider(LocalProviderConfig(workspace_root=root, **config))
 
 
 @pytest.fixture
-async def sandbox(tmp_path, request):
-    isolation = getattr(request, "param", "auto")
-    provider = LocalProvider(LocalProviderConfig(workspace_root=tmp_path, isolation=isolation))
-    handle = await provider.create("sb-isolation", PoolSpec(name="iso", env={"GREETING": "hi"}))
+async def boxes(tmp_path):
+    """Creates sandboxes on one provider; terminates them and checks nothing is left."""
+    provider = provider_for(tmp_path / "sandboxes")
+    made: list[str] = []
+
+    async def make(sandbox_id: str = "sb-iso", **pool) -> tuple[dict, AgentClient]:
+        spec = PoolSpec(name="iso", **{"env": {"GREETING": "hi"}, **pool})
+        handle = await provider.create(sandbox_id, spec)
+        made.append(sandbox_id)
+        return handle, AgentClient(handle["socket"])
+
+    make.provider = provider
     try:
-        yield provider, handle, AgentClient(handle["socket"])
+        yield make
     finally:
-        await provider.terminate("sb-isolation", handle)
-        assert not await provider.is_alive("sb-isolation", handle)
-        assert not (tmp_path / "sb-isolation").exists()
+        for sandbox_id in made:
+            await provider.terminate(sandbox_id, {})
+            assert not await provider.is_alive(sandbox_id, {})
+            assert not (tmp_path / "sandboxes" / sandbox_id).exists()
 
 
-async def run(client: AgentClient, script: str) -> str:
-    result = await client.exec(["sh", "-c", script], timeout=10)
-    return result.stdout.decode().strip()
+async def run(client: AgentClient, script: str, timeout: float = 20) -> str:
+    result = await client.exec(["sh", "-c", script], timeout=timeout)
+    return (result.stdout + result.stderr).decode().strip()
 
 
 @needs_bwrap
-async def test_only_loopback_own_hostname_own_pid_1(sandbox):
-    _, handle, client = sandbox
-    assert handle["isolation"] == "bwrap"
+async def test_only_loopback_own_hostname_own_pid_1(boxes):
+    handle, client = await boxes()
+    assert handle["isolation"].startswith("bwrap")
     interfaces = await run(client, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
     assert interfaces.split() == ["lo"]
-    assert await run(client, "hostname") == "sb-isolation"
+    assert await run(client, "hostname") == "sb-iso"
     assert "agent.py" in await run(client, "cat /proc/1/cmdline | tr '\\0' ' '")
     pids = [int(p) for p in (await run(client, "ls /proc | grep -E '^[0-9]+$'")).split()]
     assert max(pids) < 100  # a fresh pid namespace, not the host's
 
 
 @needs_bwrap
-async def test_writes_only_in_workspace_and_tmp(sandbox):
-    _, handle, client = sandbox
-    for path in ("/etc/x", "/usr/x", "/x", "/opt/sandboxd/x"):
+async def test_writes_only_in_the_sandboxs_own_tmpfs(boxes, tmp_path):
+    _handle, client = await boxes()
+    for path in ("/etc/x", "/usr/x", "/x", "/opt/sandboxd/x", "/dev/x"):
         result = await client.exec(["sh", "-c", f"echo > {path}"])
         assert result.exit_code != 0, path
         assert b"Read-only file system" in result.stderr
     assert await run(client, "echo a > /workspace/f && echo b > /tmp/g && cat /workspace/f") == "a"
-    shadow = await run(client, "cat /etc/shadow 2>&1 | head -c 40")
-    assert shadow.startswith("cat: /etc/shadow")  # host secrets are not mounted
-    from pathlib import Path
-
-    assert (Path(handle["dir"]) / "workspace" / "f").read_text() == "a\n"
-
-
-@pytest.mark.parametrize("sandbox", ["auto", "none"], indirect=True)
-async def test_agent_exec_env_files_and_timeout(sandbox):
-    client = sandbox[2]
-    assert (await client.ping())["ok"]
-    assert await run(client, "echo $GREETING $SANDBOX_ID") == "hi sb-isolation"
-    streamed: list[bytes] = []
-    result = await client.exec(["python3", "-c", "print(6*7)"], on_stdout=streamed.append)
-    assert (result.exit_code, result.stdout, b"".join(streamed)) == (0, b"42\n", b"42\n")
-    assert (await client.exec("exit 3")).exit_code == 3
-    slow = await client.exec(["sleep", "30"], timeout=0.2)
-    assert slow.timed_out and slow.exit_code != 0
-    home = await run(client, "echo $HOME")
-    await client.write(f"{home}/data.bin", b"\x00\x01payload")
-    assert await client.read(f"{home}/data.bin") == b"\x00\x01payload"
-    assert (await client.exec("cat", stdin=b"piped")).stdout == b"piped"
+    assert (await run(client, "cat /etc/shadow 2>&1")).startswith("cat: /etc/shadow")
+    # The host's paths of the sandbox are nowhere in its view of the mounts.
+    mounts = await run(client, "cat /proc/self/mountinfo")
+    assert str(tmp_path) not in mounts and "/work" not in mounts.replace("/workspace", "")
+    assert not any(p.name == "f" for p in (tmp_path / "sandboxes").rglob("*"))
 
 
 @needs_bwrap
-async def test_memory_limit_is_applied(sandbox):
-    _, handle, client = sandbox
-    assert handle["limits"] in ("rlimit", "cgroup")
-    limit = await run(client, "ulimit -v")
-    assert limit == str(512 * 1024)
+@needs_root
+async def test_root_inside_unprivileged_uid_outside_one_per_sandbox(boxes):
+    first, client = await boxes("sb-uid-a")
+    second, _ = await boxes("sb-uid-b")
+    assert (await run(client, "id -u")) == "0"
+    uids = {psutil.Process(h["pid"]).uids().real for h in (first, second)}
+    assert len(uids) == 2 and min(uids) >= 1_000_000_000  # unprivileged, one each
+    # Every process of the sandbox, not only the agent, runs as that uid.
+    await client.exec(["sh", "-c", "sleep 30 & echo started"], timeout=5)
+    tree = [*psutil.Process(first["pid"]).children(recursive=True), psutil.Process(first["pid"])]
+    assert {p.uids().real for p in tree} == {psutil.Process(first["pid"]).uids().real}
+
+
+@needs_bwrap
+@needs_root
+async def test_host_kernel_settings_are_out_of_reach(boxes):
+    _, client = await boxes()
+    before = Path("/proc/sys/vm/stat_interval").read_text()
+    out = await run(client, "echo 7 > /proc/sys/vm/stat_interval; echo rc=$?")
+    assert "rc=0" not in out
+    assert Path("/proc/sys/vm/stat_interval").read_text() == before
+    assert await run(client, "test -w /proc/sys/kernel/core_pattern && echo W || echo RO") == "RO"
+    status = await run(client, "grep -E '^(Seccomp|NoNewPrivs|CapEff):' /proc/self/status")
+    fields = dict(line.split(":\t") for line in status.splitlines())
+    assert fields == {"Seccomp": "2", "NoNewPrivs": "1", "CapEff": "0000000000000000"}
+
+
+SYSCALL = """
+import ctypes, errno, sys
+libc = ctypes.CDLL(None, use_errno=True)
+numbers = {"keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+           "kexec_load": 246, "init_module": 175, "unshare": 272, "ptrace": 101}
+args = {"unshare": (0x10000000,), "ptrace": (16, 1, 0, 0)}  # CLONE_NEWUSER; ATTACH to pid 1
+for name in sys.argv[1:]:
+    rc = libc.syscall(numbers[name], *args.get(name, (0, 0, 0, 0)))
+    print(name, errno.errorcode.get(ctypes.get_errno(), "OK") if rc < 0 else "OK")
+"""
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86-64's")
+async def test_seccomp_denies_what_a_code_sandbox_never_needs_and_allows_per_pool(boxes):
+    _, client = await boxes()
+    names = ["keyctl", "bpf", "perf_event_open", "userfaultfd", "kexec_load", "init_module"]
+    names += ["unshare", "ptrace"]
+    result = await client.exec(["python3", "-c", SYSCALL, *names], timeout=20)
+    answers = dict(line.split() for line in result.stdout.decode().splitlines())
+    assert answers == dict.fromkeys(names, "EPERM")
+    # A pool opts in: keyctl is then the kernel's to answer (not the filter's EPERM).
+    _, allowed = await boxes("sb-allow", security={"allow_syscalls": ["keyctl"]})
+    result = await allowed.exec(["python3", "-c", SYSCALL, "keyctl", "bpf"], timeout=20)
+    answers = dict(line.split() for line in result.stdout.decode().splitlines())
+    assert answers["keyctl"] != "EPERM" and answers["bpf"] == "EPERM"
+
+
+@needs_bwrap
+async def test_the_control_socket_cannot_be_reached_replaced_or_symlinked(boxes):
+    handle, client = await boxes()
+    socket_path = Path(handle["socket"])
+    # Nothing of the control path is inside: no socket to find, no env file to read.
+    found = await run(
+        client, "find / -xdev \\( -name 'agent.sock' -o -name env.json \\) 2>/dev/null"
+    )
+    assert found == ""
+    # The agent is not dumpable: its descriptors and memory are not the tenant's to open.
+    steal = (
+        "import os\n"
+        "for name in os.listdir('/proc/1/fd') + ['mem', 'environ']:\n"
+        "    path = '/proc/1/' + (name if name in ('mem', 'environ') else 'fd/' + name)\n"
+        "    try:\n"
+        "        os.close(os.open(path, os.O_RDONLY)); print('OPENED', path)\n"
+        "    except OSError as exc:\n"
+        "        print('denied', path, exc.errno)\n"
+    )
+    stolen = await client.exec(["python3", "-c", steal], timeout=10)
+    assert b"denied" in stolen.stdout and b"OPENED" not in stolen.stdout
+    # Try to plant a replacement and a symlink wherever the old layout had them.
+    attack = (
+        "mkdir -p /run/sandboxd /workspace/run; "
+        'python3 -c "import socket; s=socket.socket(socket.AF_UNIX);'
+        " s.bind('/run/sandboxd/agent.sock')\"; "
+        "ln -sf /var/run/docker.sock /workspace/run/agent.sock; echo done"
+    )
+    assert (await run(client, attack)).endswith("done")
+    info = os.lstat(socket_path)
+    assert stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid()
+    assert stat.S_IMODE(os.lstat(socket_path.parent).st_mode) == 0o700
+    assert (await client.ping())["ok"]  # still the daemon's own agent
+
+
+@needs_bwrap
+async def test_reset_leaves_nothing_of_the_last_tenant(boxes):
+    provider = boxes.provider
+    handle, client = await boxes("sb-reset", reuse="reset")
+    # Every writable place inside, from the sandbox's own view of its mounts.
+    writable = (
+        await run(client, "awk '$6 ~ /^rw/ && $5 != \"/proc\" {print $5}' /proc/self/mountinfo")
+    ).split()
+    assert {"/workspace", "/tmp", "/dev/shm", "/run"} <= set(writable)
+    plant = "; ".join(f"echo secret > {p}/marker-$$" for p in writable)
+    await run(client, f"{plant}; (setsid sleep 300 > /dev/null 2>&1 &) ; echo planted")
+    assert "marker" in await run(client, "ls /dev/shm /tmp")
+    await provider.reset("sb-reset", handle, PoolSpec(name="iso", reuse="reset"))
+    leftovers = await run(client, f"ls -a {' '.join(writable)} | grep marker; ps -e -o comm=")
+    assert "marker" not in leftovers
+    assert "sleep" not in leftovers
+    assert (await client.ping())["ok"]
+
+
+@needs_bwrap
+@needs_root
+async def test_a_fork_bomb_stops_at_pids_max(boxes):
+    _handle, client = await boxes(pids_max=64)
+    bomb = (
+        "import subprocess\n"
+        "procs = []\n"
+        "try:\n"
+        "    for _ in range(3000):\n"
+        "        procs.append(subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL))\n"
+        "except OSError as exc:\n"
+        "    print('stopped', len(procs), exc.errno)\n"
+        "for proc in procs:\n"
+        "    proc.kill()\n"
+    )
+    result = await client.exec(["python3", "-c", bomb], timeout=60)
+    out = result.stdout.decode()
+    assert out.startswith("stopped"), out
+    assert int(out.split()[1]) < 64
+    assert (await client.ping())["ok"]  # the agent itself survives its tenant's bomb
+
+
+@needs_bwrap
+@needs_root
+async def test_memory_is_limited_for_the_whole_tree(boxes):
+    _handle, client = await boxes(memory_mb=128)
+    hog = (
+        "python3 -c 'import time; b = bytearray(100 << 20);"
+        ' b[::4096] = b"x" * len(b[::4096]); time.sleep(20)\''
+    )
+    out = await run(client, f"for i in 1 2 3 4 5 6; do {hog} & done; wait; echo all-done", 60)
+    assert "all-done" in out
+    peak = boxes.provider._cgroups.memory_peak("sb-iso")
+    assert peak is not None and peak <= 128 * 1024 * 1024
+
+
+@needs_bwrap
+async def test_tmpfs_writes_stop_at_disk_mb(boxes):
+    _, client = await boxes(disk_mb=8, memory_mb=256)
+    for path in ("/dev/shm", "/workspace", "/tmp"):
+        out = await run(
+            client, f"dd if=/dev/zero of={path}/big bs=1M count=20 2>&1; rm -f {path}/big"
+        )
+        assert "No space left on device" in out, path
+
+
+async def test_host_files_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        provider = provider_for(tmp_path / "sandboxes", allow_weaker_isolation=True)
+        handle = await provider.create("sb-private", PoolSpec(name="p", env={"SECRET": "s3"}))
+    finally:
+        os.umask(old)
+    try:
+        root = tmp_path / "sandboxes"
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        box = root / "sb-private"
+        for path in box.iterdir():
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            assert mode & 0o077 == 0 or path.name == "work", (path, oct(mode))
+        assert not any("s3" in p.read_text(errors="ignore") for p in box.iterdir() if p.is_file())
+    finally:
+        await provider.terminate("sb-private", handle)
+
+
+async def test_a_forged_handle_never_makes_the_provider_kill_or_delete(tmp_path):
+    provider = provider_for(tmp_path / "sandboxes", allow_weaker_isolation=True)
+    victim = subprocess.Popen(["sleep", "60"])
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    try:
+        forged = {
+            "pid": victim.pid,
+            "create_time": psutil.Process(victim.pid).create_time(),
+            "dir": str(tmp_path),
+            "socket": "/var/run/docker.sock",
+        }
+        for sandbox_id in ("sb-forged", "../precious", "..", "sb-forged/../../precious"):
+            await provider.terminate(sandbox_id, forged)
+            await provider.kill(sandbox_id, forged)
+            assert not await provider.is_alive(sandbox_id, forged)
+        assert victim.poll() is None
+        assert precious.is_dir()
+        # A symlink planted under the registry root is not followed either.
+        (tmp_path / "sandboxes" / "sb-link").symlink_to(precious)
+        await provider.terminate("sb-link", forged)
+        assert precious.is_dir()
+        assert await provider.cleanup_leftovers(set()) == []
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@pytest.mark.parametrize("missing", ["bwrap"])
+async def test_weaker_isolation_is_refused_unless_allowed(tmp_path, missing):
+    config = {"bwrap_path": "/nonexistent/bwrap"}
+    with pytest.raises(IsolationError, match="allow_weaker_isolation"):
+        provider_for(tmp_path / "a", **config)
+    provider = provider_for(tmp_path / "b", allow_weaker_isolation=True, **config)
+    assert any("bubblewrap" in w for w in provider.security_summary()["weaknesses"])
+
+
+async def test_agent_exec_env_files_and_timeout_without_bubblewrap(tmp_path):
+    # Without bubblewrap the sandbox uid works in a host directory: every parent of the
+    # registry must let it pass (pytest's own temporary directories are 0700).
+    base = Path(tempfile.mkdtemp(prefix="sandboxd-plain-"))
+    base.chmod(0o711)
+    provider = provider_for(base / "sandboxes", isolation="none", allow_weaker_isolation=True)
+    handle = await provider.create("sb-plain", PoolSpec(name="p", env={"GREETING": "hi"}))
+    client = AgentClient(handle["socket"])
+    try:
+        assert (await client.ping())["ok"]
+        assert await run(client, "echo $GREETING $SANDBOX_ID") == "hi sb-plain"
+        result = await client.exec(["python3", "-c", "print(6*7)"])
+        assert (result.exit_code, result.stdout) == (0, b"42\n")
+        assert (await client.exec("exit 3")).exit_code == 3
+        slow = await client.exec(["sleep", "30"], timeout=0.2)
+        assert slow.timed_out and slow.exit_code != 0
+        home = await run(client, "echo $HOME")
+        await client.write(f"{home}/data.bin", b"\x00\x01payload")
+        assert await client.read(f"{home}/data.bin") == b"\x00\x01payload"
+        assert (await client.exec("cat", stdin=b"piped")).stdout == b"piped"
+        if os.geteuid() == 0:
+            assert await run(client, "id -u") != "0"  # never host root, even without bwrap
+    finally:
+        await provider.terminate("sb-plain", handle)
+        shutil.rmtree(base)
+
+
+@needs_bwrap
+async def test_agent_exec_env_files_and_timeout(boxes):
+    _, client = await boxes()
+    assert await run(client, "echo $GREETING $SANDBOX_ID") == "hi sb-iso"
+    streamed: list[bytes] = []
+    result = await client.exec(["python3", "-c", "print(6*7)"], on_stdout=streamed.append)
+    assert (result.exit_code, result.stdout, b"".join(streamed)) == (0, b"42\n", b"42\n")
+    await client.write("/workspace/data.bin", b"\x00\x01payload")
+    assert await client.read("/workspace/data.bin") == b"\x00\x01payload"
+    assert (await client.exec("cat", stdin=b"piped")).stdout == b"piped"
+
+
+@contextlib.contextmanager
+def loopback_listener():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("CONNECTED")
+except OSError as exc:
+    print("refused", exc.errno)
+"""
+
+
+@needs_bwrap
+@needs_root
+@pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="slirp4netns not installed")
+async def test_networked_sandbox_has_its_own_namespace_without_host_loopback(boxes):
+    handle, client = await boxes(network=True)
+    assert handle["network"].startswith("slirp4netns")
+    assert "tap0" in await run(client, "cat /proc/net/dev")
+    with loopback_listener() as port:
+        for host in ("127.0.0.1", "10.0.2.2"):
+            out = await run(client, f"python3 -c '{CONNECT}' {host} {port}")
+            assert out.startswith("refused"), (host, out)
+
+
+@needs_bwrap
+@needs_root
+@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed")
+@pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="slirp4netns not installed")
+async def test_networked_sandbox_reaches_a_server_outside_the_host_loopback(boxes):
+    """Egress, tried against a server the test runs in a network namespace of its own
+    (never the internet): 198.18.0.2 exists only inside that namespace."""
+    netns = f"sbd-egress-{os.getpid()}"
+    setup = [
+        ["ip", "netns", "add", netns],
+        [
+            "ip",
+            "link",
+            "add",
+            f"sbdv{os.getpid() % 10000}",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "inner",
+            "netns",
+            netns,
+        ],
+        ["ip", "addr", "add", "198.18.0.1/30", "dev", f"sbdv{os.getpid() % 10000}"],
+        ["ip", "link", "set", f"sbdv{os.getpid() % 10000}", "up"],
+        ["ip", "-n", netns, "addr", "add", "198.18.0.2/30", "dev", "inner"],
+        ["ip", "-n", netns, "link", "set", "inner", "up"],
+    ]
+    try:
+        for cmd in setup:
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                pytest.skip(f"cannot make a test network namespace: {' '.join(cmd)}")
+        server = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "python3",
+                "-c",
+                "import socket; s=socket.socket(); s.bind(('198.18.0.2', 8765)); s.listen();"
+                "print('up', flush=True); c,_=s.accept();"
+                "c.sendall(b'hello from the test network')",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        with server.stdout:
+            assert server.stdout.readline().strip() == b"up"
+        _, client = await boxes(network=True)
+        out = await run(
+            client,
+            "python3 -c \"import socket; s=socket.create_connection(('198.18.0.2', 8765), 5);"
+            ' print(s.recv(100).decode())"',
+        )
+        assert out == "hello from the test network"
+        server.wait(10)
+    finally:
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
+
+
+def test_seccomp_allowances_are_checked_in_the_spec():
+    with pytest.raises(ValueError, match="nothing to allow"):
+        PoolSpec(name="p", security={"allow_syscalls": ["read"]})
+    assert PoolSpec(name="p", security={"allow_syscalls": ["ptrace"]}).security.allow_syscalls
+
+
+async def test_registry_survives_a_new_provider_and_lists_only_its_own(boxes, tmp_path):
+    handle, _ = await boxes("sb-adopt")
+    again = provider_for(tmp_path / "sandboxes")
+    listed = {sb.id: sb for sb in await again.list_sandboxes()}
+    assert set(listed) == {"sb-adopt"} and listed["sb-adopt"].handle["pid"] == handle["pid"]
+    meta = json.loads((tmp_path / "sandboxes" / "sb-adopt" / "meta.json").read_text())
+    assert meta["uid"] == handle["uid"]
+    await asyncio.sleep(0)

@@ -2,6 +2,7 @@
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandboxd.config import Config
 from sandboxd.providers.base import CreateError, Provider, ProviderSandbox
@@ -35,6 +36,19 @@ def _e2b(config: Config, instance: str) -> Provider:
     return E2BProvider(config.e2b, key_prefix=config.key_prefix, instance=instance)
 
 
+class IsolationError(RuntimeError):
+    """A protection of local sandboxes is missing on this host and was not waived."""
+
+
+def security_summary(providers: dict[str, Provider]) -> dict[str, Any]:
+    """What each provider enforces (isolation, limits, uids, what is missing), for status."""
+    summary: dict[str, Any] = {}
+    for name, provider in providers.items():
+        describe = getattr(provider, "security_summary", None)
+        summary[name] = describe() if describe else {"isolation": provider.isolation}
+    return summary
+
+
 def gone_reason(provider: Provider) -> str:
     """How a sandbox its provider no longer has ended: `died` (a local process) or `lost`."""
     return getattr(provider, "gone_reason", "died")
@@ -64,10 +78,12 @@ async def list_all(providers: dict[str, Provider]) -> Listing:
 
 __all__ = [
     "CreateError",
+    "IsolationError",
     "Listing",
     "Provider",
     "ProviderSandbox",
     "gone_reason",
     "list_all",
     "make_providers",
+    "security_summary",
 ]

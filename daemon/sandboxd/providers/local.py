@@ -38,7 +38,7 @@ from sandboxd import agent as agent_module
 from sandboxd import supervisor as supervisor_module
 from sandboxd.agentclient import AgentClient, AgentError
 from sandboxd.config import LocalProviderConfig, LocalTemplate
-from sandboxd.providers import seccomp
+from sandboxd.providers import IsolationError, seccomp
 from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.cgroups import CgroupError, Cgroups, Limits
 from sandboxd.spec import HealthSpec, PoolSpec
@@ -75,10 +75,6 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 # The launcher: join the sandbox's cgroups (as root, before anything of the sandbox exists),
 # then exec the rest (setpriv to the sandbox's uid, then bubblewrap).
 JOIN_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
-
-
-class IsolationError(RuntimeError):
-    """A protection the operator asked for (or did not waive) is missing on this host."""
 
 
 class LocalProvider:
@@ -630,7 +626,7 @@ def _private_dir(path: Path) -> None:
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise CreateError(f"{path} is not a directory owned by the daemon's user", retryable=False)
-    if stat.S_IMODE(info.st_mode) != 0o700:
+    if stat.S_IMODE(info.st_mode) & 0o066:  # 0700, or 0711 for a sandbox without bubblewrap
         os.chmod(path, 0o700)
 
 
@@ -694,7 +690,9 @@ def _host_workdir(box: Path, uid: int) -> Path:
     if os.geteuid() == 0:
         for path in (work, work / "tmp"):
             os.lchown(path, uid, uid)
-    os.chmod(box, 0o711)  # the sandbox uid must pass through to its work directory
+    # The sandbox uid must pass through to its work directory (it cannot list either).
+    os.chmod(box.parent, 0o711)
+    os.chmod(box, 0o711)
     return work
 
 
