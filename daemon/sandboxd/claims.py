@@ -131,7 +131,10 @@ end
 """
 )
 
-# KEYS: 1 ready list, 2 leases, 3 events, 4 pools hash, 5 waiters, 6 pool members.
+# KEYS: 1 ready list, 2 leases, 3 events, 4 waiters: what it writes. It only reads the pools
+# hash and the pool's member set, so it names those itself (<prefix>:pools,
+# <prefix>:pool:<pool>:members): Redis's ACL wants write access to every declared key of a
+# script, and a client has none to those (config/redis-acl.conf).
 # ARGV: 1 key prefix, 2 pool, 3 claimant, 4 claim id, 5 lease_s ('' = pool default),
 #       6 event id, 7 event time, 8 stream maxlen, 9 wait_ms (0 = not waiting), 10 nudge
 #       channel, 11 SHA-256 (hex) of the claim token.
@@ -146,14 +149,13 @@ CLAIM = (
     + _CHECKS
     + """
 local function check()
-  if #KEYS ~= 6 or #ARGV ~= 11 then return 'expected 6 keys and 11 arguments' end
+  if #KEYS ~= 4 or #ARGV ~= 11 then return 'expected 4 keys and 11 arguments' end
   local p, pool = ARGV[1], ARGV[2]
   if not ident(p, 200) then return 'key prefix must be 1-200 characters of [A-Za-z0-9_.:-]' end
   if not ident(pool, 100) then return 'pool must be 1-100 characters of [A-Za-z0-9_.:-]' end
   local base = p .. ':pool:' .. pool
   if KEYS[1] ~= base .. ':ready' or KEYS[2] ~= p .. ':leases' or KEYS[3] ~= p .. ':events'
-      or KEYS[4] ~= p .. ':pools' or KEYS[5] ~= base .. ':waiters'
-      or KEYS[6] ~= base .. ':members' or ARGV[10] ~= p .. ':nudge' then
+      or KEYS[4] ~= base .. ':waiters' or ARGV[10] ~= p .. ':nudge' then
     return 'keys and nudge channel must be those of the key prefix and pool'
   end
   if not text(ARGV[3], MAX_CLAIMANT_BYTES) then
@@ -174,7 +176,7 @@ local function check()
 end
 local why = check()
 if why then return bad(why) end
-local raw = redis.call('HGET', KEYS[4], ARGV[2])
+local raw = redis.call('HGET', ARGV[1] .. ':pools', ARGV[2])
 if not raw then return {'unknown_pool'} end
 local pool = cjson.decode(raw)
 local lease_s = lease_arg(ARGV[5]) or pool.lease_s
@@ -184,7 +186,7 @@ while true do
   local id = redis.call('LPOP', KEYS[1])
   if not id then
     if pool.on_empty == 'create' and wait_ms > 0 then
-      redis.call('ZADD', KEYS[5], now + wait_ms, ARGV[4])
+      redis.call('ZADD', KEYS[4], now + wait_ms, ARGV[4])
     end
     redis.call('PUBLISH', ARGV[10], ARGV[2])
     return {'empty', pool.on_empty}
@@ -198,11 +200,11 @@ while true do
       'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires)
     redis.call('HINCRBY', key, 'uses', 1)
     redis.call('ZADD', KEYS[2], expires, id)
-    redis.call('ZREM', KEYS[5], ARGV[4])
+    redis.call('ZREM', KEYS[4], ARGV[4])
     event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
       {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires})
     if redis.call('LLEN', KEYS[1]) < pool.min_ready
-        and redis.call('SCARD', KEYS[6]) < pool.max_total then
+        and redis.call('SCARD', ARGV[1] .. ':pool:' .. ARGV[2] .. ':members') < pool.max_total then
       redis.call('PUBLISH', ARGV[10], ARGV[2])
     end
     local record = redis.call('HGETALL', key)
@@ -451,9 +453,7 @@ class ClaimStore:
             self._keys.pool_ready(pool),
             self._keys.leases,
             self._keys.events,
-            self._keys.pools,
             self._keys.pool_waiters(pool),
-            self._keys.pool_members(pool),
         ]
         wait_ms = min(max(0, int(wait_ms)), MAX_WAIT_MS)
         args = [self._keys.prefix, pool, claimant, claim_id, _opt(lease_s)]

@@ -223,10 +223,7 @@ def snapshot(r: SyncRedis) -> dict[bytes, bytes]:
 
 
 def claim_call(**change: Any) -> tuple[list[Any], list[Any]]:
-    keys = [
-        KEYS.pool_ready("p"), KEYS.leases, KEYS.events, KEYS.pools,
-        KEYS.pool_waiters("p"), KEYS.pool_members("p"),
-    ]  # fmt: skip
+    keys = [KEYS.pool_ready("p"), KEYS.leases, KEYS.events, KEYS.pool_waiters("p")]
     args = {
         "prefix": KEYS.prefix, "pool": "p", "claimant": "c", "claim_id": "k1", "lease_s": "",
         "event_id": "e1", "time": "2025-01-02T03:04:05.678Z", "maxlen": "1000",
