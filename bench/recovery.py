@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from common import _free_port, cold_creates, line, running_daemon, wait_ready
 from fastfake import FastFakeProvider
+from sandboxd.agentclient import AgentClient
 from sandboxd.config import Config, Faults
 from sandboxd.daemon import Daemon
 from sandboxd.events import Event
@@ -81,7 +82,7 @@ async def unhealthy(redis: Redis, rounds: int) -> list[float]:
             continue
         last = (await redis.xrevrange(KEYS.events, count=1))[0][0]
         t0 = time.perf_counter()
-        (Path(victim.handle["dir"]) / "workspace" / "ok").unlink()
+        await AgentClient(victim.handle["socket"]).exec(["rm", "ok"])
         await next_event(redis, last, "sandbox.health_changed", sandbox=victim.id, to="unhealthy")
         out.append((time.perf_counter() - t0) * 1000)
     return out

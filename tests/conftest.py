@@ -121,6 +121,8 @@ def sandbox_processes(workspace: Path) -> list[psutil.Process]:
         cmdline = proc.info["cmdline"] or []
         if not (any("agent.py" in part for part in cmdline) and "--listen-fd" in cmdline):
             continue
+        if "bwrap" in cmdline[0]:  # bubblewrap names the agent in its own arguments
+            continue
         if proc.pid in pids or _cgroup_id(proc.pid) in ids:
             found.append(proc)
     return found

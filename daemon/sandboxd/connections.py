@@ -6,6 +6,8 @@ A provider's record `handle` carries what is needed; `connect` turns it into an 
 Redis never holds one.
 """
 
+import os
+import stat
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,7 +38,31 @@ class UnreachableSandbox(RuntimeError):
 
 def _local(handle: dict[str, Any], credential: str | None, lease_expires_ms: int) -> Connection:
     # The agent's Unix socket: reachable on the daemon's host by its user (or root).
-    return AgentClient(handle["socket"])
+    return AgentClient(trusted_socket(handle.get("socket")))
+
+
+def trusted_socket(path: Any) -> str:
+    """A local sandbox's agent socket, checked before a client sends it a command (with the
+    caller's env and secrets): `<registry>/<id>/agent.sock`, a socket, no symlink on the
+    way, owned with its directory by root or this user and writable by nobody else. A Redis
+    record naming another socket gets an error, not a connection."""
+    if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
+        raise UnreachableSandbox("the sandbox record names no agent socket")
+    if os.path.basename(path) != "agent.sock" or os.path.realpath(path) != os.path.normpath(path):
+        raise UnreachableSandbox(f"refusing agent socket {path!r}: not a sandboxd socket path")
+    trusted = {0, os.geteuid()}
+    try:
+        sock, parent = os.lstat(path), os.lstat(os.path.dirname(path))
+    except OSError as exc:
+        raise UnreachableSandbox(f"agent socket {path!r}: {exc.strerror}") from None
+    if (
+        not stat.S_ISSOCK(sock.st_mode)
+        or sock.st_uid not in trusted
+        or parent.st_uid not in trusted
+        or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise UnreachableSandbox(f"refusing agent socket {path!r}: not owned by sandboxd")
+    return path
 
 
 def _e2b(handle: dict[str, Any], credential: str | None, lease_expires_ms: int) -> Connection:

@@ -1,7 +1,6 @@
 """Health probes and supervised agents, on the real daemon with real sandboxes."""
 
-from pathlib import Path
-
+from sandboxd.agentclient import AgentClient
 from sandboxd.client import Client
 from sandboxd.state import SandboxStore
 
@@ -33,7 +32,7 @@ async def test_a_failing_probe_makes_the_sandbox_unhealthy_and_it_is_replaced(
     victim, other = await wait_ready(redis, "web", 2)
     await wait_event(redis, "sandbox.health_changed", sandbox=victim, to="healthy")
     record = await SandboxStore(redis, KEYS).get(victim)
-    (Path(record.handle["dir"]) / "workspace" / "ok").unlink()  # the probe starts failing
+    await AgentClient(record.handle["socket"]).exec(["rm", "ok"])  # the probe starts failing
     done = await wait_event(redis, "recovery.succeeded", old=victim)
     assert await sequence(redis, victim) == [
         "sandbox.creating",
@@ -67,7 +66,7 @@ async def test_an_unhealthy_claimed_sandbox_is_left_to_its_holder_and_the_event_
         claim = await client.claim("web", owner="holder", timeout_s=5)
         assert claim.id == sandbox
         record = await SandboxStore(redis, KEYS).get(sandbox)
-        (Path(record.handle["dir"]) / "workspace" / "ok").unlink()
+        await AgentClient(record.handle["socket"]).exec(["rm", "ok"])
         event = await wait_event(redis, "sandbox.health_changed", sandbox=sandbox, to="unhealthy")
         assert event["data"]["claimant"] == "holder"
         assert event["data"]["claim_id"] == claim.claim_id

@@ -18,6 +18,7 @@ import pytest
 
 from sandboxd.agentclient import AgentClient
 from sandboxd.config import LocalProviderConfig
+from sandboxd.connections import UnreachableSandbox, connect, trusted_socket
 from sandboxd.providers import IsolationError
 from sandboxd.providers.local import LocalProvider
 from sandboxd.spec import PoolSpec
@@ -440,3 +441,19 @@ async def test_registry_survives_a_new_provider_and_lists_only_its_own(boxes, tm
     meta = json.loads((tmp_path / "sandboxes" / "sb-adopt" / "meta.json").read_text())
     assert meta["uid"] == handle["uid"]
     await asyncio.sleep(0)
+
+
+async def test_clients_refuse_a_socket_a_record_names_unless_it_is_sandboxds(boxes, tmp_path):
+    handle, _ = await boxes("sb-client")
+    assert trusted_socket(handle["socket"]) == handle["socket"]
+    elsewhere = tmp_path / "open"
+    elsewhere.mkdir(mode=0o777)
+    elsewhere.chmod(0o777)
+    planted = elsewhere / "agent.sock"
+    with socket.socket(socket.AF_UNIX) as rogue:
+        rogue.bind(str(planted))
+        link = tmp_path / "agent.sock"
+        link.symlink_to(handle["socket"])
+        for path in (str(planted), str(link), "/etc/passwd", "relative/agent.sock", None):
+            with pytest.raises(UnreachableSandbox):
+                connect("local", {"socket": path})

@@ -1,0 +1,50 @@
+"""A forged Redis record never makes the root daemon kill a host process or delete a path
+(issue: a record whose handle named pid 1 and `workspace_root/..` made the daemon kill that
+process tree and remove the directory)."""
+
+import subprocess
+
+import psutil
+
+from sandboxd.state import SandboxRecord, SandboxStore
+
+from helpers import KEYS, apply, wait_event, wait_ready
+
+
+async def test_a_forged_record_is_closed_without_touching_what_it_names(
+    redis, daemon_factory, tmp_path
+):
+    daemon = daemon_factory().start()
+    await apply(redis, [{"name": "p", "min_ready": 1}])
+    await wait_ready(redis, "p", 1)
+    victim = subprocess.Popen(["sleep", "120"])
+    precious = daemon.workspace.parent  # the parent of workspace_root, as in the report
+    (precious / "keep-me").write_text("still here")
+    try:
+        for sandbox_id, pool in (("sb-forged0000000001", "gone-pool"), ("sb-forged000000002", "p")):
+            forged = SandboxRecord(
+                id=sandbox_id,
+                pool=pool,
+                provider="local",
+                state="ready",
+                template="base",
+                spec_revision=1,
+                instance="attacker",
+                handle={
+                    "pid": victim.pid,
+                    "create_time": psutil.Process(victim.pid).create_time(),
+                    "dir": str(daemon.workspace / ".."),
+                    "socket": "/var/run/docker.sock",
+                },
+            )
+            await SandboxStore(redis, KEYS).add(forged)
+            await wait_event(redis, "sandbox.terminated", sandbox=sandbox_id)
+        assert victim.poll() is None, "the daemon killed a process a Redis record named"
+        assert (precious / "keep-me").read_text() == "still here"
+        assert daemon.workspace.is_dir()
+        assert daemon.proc.poll() is None
+        # The pool's real sandbox is untouched.
+        assert len(await wait_ready(redis, "p", 1)) == 1
+    finally:
+        victim.kill()
+        victim.wait()
