@@ -86,6 +86,11 @@ class LocalProviderConfig(BaseModel):
     uid_count: int = Field(
         default=65536, ge=1, le=10_000_000, description="Size of that range (sandboxes at once)."
     )
+    cgroup_root: Path = Field(
+        default=Path("/sys/fs/cgroup"),
+        description="Where the cgroup hierarchies are mounted (v2: the unified mount; v1: a "
+        "directory with one mount per controller).",
+    )
     cgroup_name: str = Field(
         default="sandboxd",
         pattern=r"^[A-Za-z0-9_.-]+$",

@@ -22,13 +22,15 @@ while (( SECONDS < deadline )); do   # poll with a deadline until the pool is fu
   [[ $ready -ge 2 ]] && break; sleep 0.1
 done
 result ready_before_stop "$ready"
-result agents_before_stop "$(pgrep -fc 'agent.py --socket' || true)"
+result agents_before_stop "$(pgrep -fc "$AGENTS" || true)"
+result agent_uids "$(ps -o uid= -p "$(pgrep -f "$AGENTS" | paste -sd,)" | python3 -c 'import json,sys; print(json.dumps(sorted({int(x) for x in sys.stdin.read().split()})))')"
+result security "$(status_json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["daemon"]["security"]["local"]))')"
 
 start=$(date +%s.%N)
 systemctl stop sandboxd; result stop_rc $?
 result stop_seconds "$(printf "%.3f" "$(echo "$(date +%s.%N) - $start" | bc)")"
 result state_after_stop "\"$(systemctl show -P ActiveState sandboxd)\""
 result result_after_stop "\"$(systemctl show -P Result sandboxd)\""
-result agents_after_stop "$(pgrep -fc 'agent.py --socket' || true)"
+result agents_after_stop "$(pgrep -fc "$AGENTS" || true)"
 journalctl -u sandboxd -o cat --no-pager > /var/lib/journal-copy.txt
 result journal "$(python3 -c 'import json; print(json.dumps(open("/var/lib/journal-copy.txt").read()))')"

@@ -20,9 +20,25 @@ if (( ${#hidden[@]} )); then
   printf '[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths=%s\n' "${hidden[*]}" \
     > /etc/systemd/system/sandboxd.service.d/hidden-paths.conf
 fi
+# The lab's own /sys/fs/cgroup is a cgroup2 mount without controllers when the host is
+# cgroup v1 hybrid (the CI machine): show the service the host's v1 pids, memory and cpu
+# hierarchies, as the host's own systemd would, so that its sandboxes get their limits.
+CGROUP_ROOT=/sys/fs/cgroup
+if ! grep -qsw pids /sys/fs/cgroup/cgroup.controllers && grep -qw pids /proc/cgroups; then
+  CGROUP_ROOT=/run/sandboxd-lab-cgroup
+  for c in pids memory cpu; do
+    mkdir -p "$CGROUP_ROOT/$c"
+    mountpoint -q "$CGROUP_ROOT/$c" || mount -t cgroup -o "$c" cgroup "$CGROUP_ROOT/$c"
+  done
+  mkdir -p /etc/systemd/system/sandboxd.service.d
+  printf '[Service]\nReadWritePaths=%s\n' "$CGROUP_ROOT" \
+    > /etc/systemd/system/sandboxd.service.d/lab-cgroup-v1.conf
+fi
+AGENTS='^[^ ]*python3[^ ]* -I -S /opt/sandboxd/agent.py'
 write_config() {  # extra TOML lines as arguments
   mkdir -p /etc/sandboxd
   { printf 'redis_url = "%s"\n' "$REDIS_URL"; printf '%s\n' "$@"
-    printf '[local]\nworkspace_root = "/var/lib/sandboxd/sandboxes"\n'; } > /etc/sandboxd/sandboxd.toml
+    printf '[local]\nworkspace_root = "/var/lib/sandboxd/sandboxes"\ncgroup_root = "%s"\n' \
+      "$CGROUP_ROOT"; } > /etc/sandboxd/sandboxd.toml
 }
 status_json() { sandboxd --config /etc/sandboxd/sandboxd.toml status -o json; }

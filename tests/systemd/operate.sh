@@ -24,7 +24,7 @@ wait_for 30 two_ready
 before=$(ready_ids); pid=$(systemctl show -P MainPID sandboxd)
 result ready_before "\"$before\""
 result pid_before "$pid"
-result agents_before "\"$(pgrep -f 'agent.py --socket' | sort | tr '\n' ' ')\""
+result agents_before "\"$(pgrep -f "$AGENTS" | sort | tr '\n' ' ')\""
 
 # reload: log level and reconcile interval change live; health_concurrency needs a restart
 write_config "${base[@]}" "reconcile_interval_s = 0.25" 'log_level = "DEBUG"' "health_concurrency = 7"
@@ -51,7 +51,7 @@ wait_for 40 restarted; result restarted_rc $?
 result hang_file_left "$([[ -e $HANG ]] && echo true || echo false)"
 result nrestarts "$(systemctl show -P NRestarts sandboxd)"
 result ready_after_restart "\"$(ready_ids)\""
-result agents_after_restart "\"$(pgrep -f 'agent.py --socket' | sort | tr '\n' ' ')\""
+result agents_after_restart "\"$(pgrep -f "$AGENTS" | sort | tr '\n' ' ')\""
 systemctl stop sandboxd; result stop_rc $?
 result journal "$(journalctl -u sandboxd -o cat --no-pager | json_string)"
-result agents_after_stop "$(pgrep -fc 'agent.py --socket' || true)"
+result agents_after_stop "$(pgrep -fc "$AGENTS" || true)"

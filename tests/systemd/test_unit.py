@@ -61,6 +61,12 @@ async def test_unit_starts_ready_fills_pools_and_stops_clean(redis, redis_server
     # Type=notify: start returned only after the first reconcile, which started the creates.
     assert sum(p["total"] for p in results["pools_after_start"]) >= 1
     assert results["ready_before_stop"] >= 2 and results["agents_before_stop"] >= 2
+    # Under the hardened unit the sandboxes keep every protection: their own unprivileged
+    # uids, seccomp, and cgroup limits (v1 here: the host's hierarchies shown to the lab).
+    security = results["security"]
+    assert security["isolation"] == "bwrap+userns+seccomp" and security["weaknesses"] == []
+    assert security["limits"].startswith("cgroup")
+    assert len(results["agent_uids"]) >= 2 and min(results["agent_uids"]) >= 1_000_000_000
     assert (results["stop_rc"], results["state_after_stop"]) == (0, "inactive")
     assert results["result_after_stop"] == "success" and results["stop_seconds"] < 15
     assert results["agents_after_stop"] == 0

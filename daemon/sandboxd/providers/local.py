@@ -75,6 +75,11 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 # The launcher: join the sandbox's cgroups (as root, before anything of the sandbox exists),
 # then exec the rest (setpriv to the sandbox's uid, then bubblewrap).
 JOIN_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+# Where /proc has mounts on it (systemd's ProtectKernelTunables=, a container's read-only
+# /proc/sys), the kernel refuses a new proc mount inside a user namespace ("too revealing").
+# The launcher then runs in a private mount namespace of its own with a fresh, whole proc
+# mounted first; the sandbox never sees either (it gets its own proc of its pid namespace).
+FRESH_PROC = "mount -t proc -o nosuid,nodev,noexec proc /proc || exit 125; "
 
 
 class LocalProvider:
@@ -111,26 +116,44 @@ class LocalProvider:
     def _check_host(self) -> list[str]:
         weak: list[str] = []
         _private_dir(self.root)
+        self._unshare = shutil.which("unshare") or "unshare"
+        self._fresh_proc = self._bwrap is not None and os.geteuid() == 0 and _proc_overmounted()
         if self._bwrap is None:
             weak.append("no bubblewrap: no namespaces, no seccomp, no private filesystem")
         if os.geteuid() != 0:
             weak.append("the daemon is not root: sandboxes run as the daemon's own uid")
         elif self._setpriv is None:
             weak.append(f"no {self._config.setpriv_path!r} (util-linux): sandboxes run as root")
-        elif self._bwrap is not None and not _userns_works(
-            self._bwrap, self._setpriv, self._config
-        ):
+        elif self._bwrap is not None and not self._userns_works():
             weak.append("unprivileged user namespaces unavailable: bubblewrap cannot map uids")
         if self._bwrap is not None:
             missing = seccomp.available()
             if missing:
                 weak.append(f"no seccomp filter ({missing})")
-        cgroups = Cgroups.detect(self._config.cgroup_name, self._config.cgroup_parent)
+        cgroups = Cgroups.detect(
+            self._config.cgroup_name, self._config.cgroup_parent, self._config.cgroup_root
+        )
         if isinstance(cgroups, str):
             weak.append(f"no cgroup limits ({cgroups}): rlimits per process only")
         else:
             self._cgroups = cgroups
         return weak
+
+    def _userns_works(self) -> bool:
+        """Can bubblewrap, run as a sandbox uid, make a user namespace with its own proc?"""
+        uid = str(self._config.uid_base)
+        argv = [self._setpriv or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        argv += ["--", self._bwrap or "bwrap", "--unshare-user", "--uid", "0", "--gid", "0"]
+        argv += ["--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
+        try:
+            done = subprocess.run(
+                self._launcher("sandboxd-check", [], argv), capture_output=True, timeout=10, cwd="/"
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if done.returncode != 0:
+            log.warning("bubblewrap with a user namespace failed: %s", done.stderr[-300:])
+        return done.returncode == 0
 
     @property
     def _unprivileged(self) -> bool:
@@ -161,6 +184,17 @@ class LocalProvider:
             else "daemon's own",
             "weaknesses": list(self.weaknesses),
         }
+
+    def _launcher(self, name: str, procs_files: list[Path], argv: list[str]) -> list[str]:
+        """`argv`, started in the sandbox's cgroups (joined as root before it runs) and, where
+        /proc is overmounted, in a private mount namespace with a whole proc."""
+        if not procs_files and not self._fresh_proc:
+            return argv
+        script = (FRESH_PROC if self._fresh_proc else "") + JOIN_AND_EXEC
+        launcher = ["/bin/sh", "-c", script, name, *map(str, procs_files), "--", *argv]
+        if self._fresh_proc:
+            launcher = [self._unshare, "--mount", "--propagation", "private", "--", *launcher]
+        return launcher
 
     # -- registry --------------------------------------------------------------------------
 
@@ -283,16 +317,7 @@ class LocalProvider:
                     ),
                 )
             argv = self._argv(sandbox_id, pool, template, uid, fds, use_rlimit=not self._cgroups)
-            if procs_files:
-                argv = [
-                    "/bin/sh",
-                    "-c",
-                    JOIN_AND_EXEC,
-                    f"sandboxd:{sandbox_id}",
-                    *map(str, procs_files),
-                    "--",
-                    *argv,
-                ]
+            argv = self._launcher(f"sandboxd:{sandbox_id}", procs_files, argv)
             log_fd = os.open(
                 box / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
             )
@@ -730,29 +755,11 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def _userns_works(bwrap: str, setpriv: str, config: LocalProviderConfig) -> bool:
-    """Can bubblewrap, run as a sandbox uid, make a user namespace here?"""
-    uid = str(config.uid_base)
-    argv = [
-        setpriv,
-        f"--reuid={uid}",
-        f"--regid={uid}",
-        "--clear-groups",
-        "--",
-        bwrap,
-        "--unshare-user",
-        "--uid",
-        "0",
-        "--gid",
-        "0",
-        "--ro-bind",
-        "/",
-        "/",
-        "true",
-    ]
+def _proc_overmounted() -> bool:
     try:
-        return subprocess.run(argv, capture_output=True, timeout=10, cwd="/").returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4].startswith("/proc/") for line in f)
+    except (OSError, IndexError):
         return False
 
 
