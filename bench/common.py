@@ -32,9 +32,9 @@ def line(name: str, samples: list[float], unit: str = "ms") -> str:
     )
 
 
-async def cold_creates(n: int, root: Path) -> tuple[list[float], str]:
+async def cold_creates(n: int, root: Path, **config) -> tuple[list[float], str]:
     """Milliseconds from create() to a sandbox ready to exec, one at a time."""
-    provider = LocalProvider(LocalProviderConfig(workspace_root=root))
+    provider = LocalProvider(LocalProviderConfig(workspace_root=root, **config))
     pool = PoolSpec(name="bench")
     out = []
     for i in range(n):

@@ -57,14 +57,25 @@ async def main() -> None:
     try:
         baseline = await bare_spawn(args.creates)
         creates, isolation = await cold_creates(args.creates, root / "cold")
+        # The same, with the user namespace, seccomp filter and cgroup limits switched off
+        # (bubblewrap as root, as before they existed): what the protections cost.
+        bare, bare_isolation = await cold_creates(
+            args.creates,
+            root / "unprotected",
+            allow_weaker_isolation=True,
+            disable=["userns", "seccomp", "cgroups"],
+        )
         to_ready = await apply_to_ready(args.ready, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"local provider, isolation: {isolation}; {os.cpu_count()} CPUs")
     print(line("baseline: bare interpreter spawn", baseline))
-    print(line("cold create (ready to exec)", creates))
+    print(line(f"cold create, {bare_isolation} (no limits)", bare))
+    print(line(f"cold create, {isolation}", creates))
     ratio = statistics.median(creates) / statistics.median(baseline)
     print(f"ratio cold create / bare spawn      median {ratio:.1f}x")
+    cost = statistics.median(creates) / statistics.median(bare)
+    print(f"ratio protected / unprotected create median {cost:.2f}x")
     print(
         f"apply -> {args.ready} ready sandboxes          {to_ready:8.1f} ms "
         f"(max_concurrent_creates = 10)"

@@ -66,6 +66,11 @@ class LocalProviderConfig(BaseModel):
         "namespaces, seccomp or cgroup controllers, or a daemon not running as root); what "
         "is missing is logged and shown in status. Off: the daemon refuses to start.",
     )
+    disable: list[Literal["userns", "seccomp", "cgroups"]] = Field(
+        default_factory=list,
+        description="Protections to switch off (needs allow_weaker_isolation): to measure "
+        "their cost, or where one breaks a trusted workload. Reported like a missing one.",
+    )
     bwrap_path: str = "bwrap"
     setpriv_path: str = Field(default="setpriv", description="util-linux setpriv (drops to uid).")
     network_helper: str = Field(

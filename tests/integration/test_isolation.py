@@ -288,13 +288,20 @@ async def test_a_forged_handle_never_makes_the_provider_kill_or_delete(tmp_path)
         victim.wait()
 
 
-@pytest.mark.parametrize("missing", ["bwrap"])
-async def test_weaker_isolation_is_refused_unless_allowed(tmp_path, missing):
-    config = {"bwrap_path": "/nonexistent/bwrap"}
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"bwrap_path": "/nonexistent/bwrap"}, "no bubblewrap"),
+        ({"disable": ["userns"]}, "user namespaces switched off"),
+        ({"disable": ["seccomp"]}, "no seccomp filter"),
+        ({"disable": ["cgroups"]}, "cgroup limits switched off"),
+    ],
+)
+async def test_weaker_isolation_is_refused_unless_allowed(tmp_path, config, says):
     with pytest.raises(IsolationError, match="allow_weaker_isolation"):
         provider_for(tmp_path / "a", **config)
     provider = provider_for(tmp_path / "b", allow_weaker_isolation=True, **config)
-    assert any("bubblewrap" in w for w in provider.security_summary()["weaknesses"])
+    assert any(says in w for w in provider.security_summary()["weaknesses"])
 
 
 async def test_agent_exec_env_files_and_timeout_without_bubblewrap(tmp_path):

@@ -114,22 +114,38 @@ class LocalProvider:
     # -- what this host offers -------------------------------------------------------------
 
     def _check_host(self) -> list[str]:
+        """Which protections this host gives, each set once here: `_userns` (bubblewrap run
+        as a sandbox uid with its own user namespace), `_seccomp`, `_cgroups`. Whatever is
+        missing or switched off (`local.disable`) is returned, for the log and `status`."""
         weak: list[str] = []
+        off = set(self._config.disable)
         _private_dir(self.root)
         self._unshare = shutil.which("unshare") or "unshare"
         self._fresh_proc = self._bwrap is not None and os.geteuid() == 0 and _proc_overmounted()
+        self._drop_uid = os.geteuid() == 0 and self._setpriv is not None and "userns" not in off
+        self._userns = False
+        self._seccomp = False
         if self._bwrap is None:
             weak.append("no bubblewrap: no namespaces, no seccomp, no private filesystem")
-        if os.geteuid() != 0:
+        if "userns" in off:
+            weak.append("user namespaces switched off (local.disable): sandboxes run as root")
+        elif os.geteuid() != 0:
             weak.append("the daemon is not root: sandboxes run as the daemon's own uid")
         elif self._setpriv is None:
             weak.append(f"no {self._config.setpriv_path!r} (util-linux): sandboxes run as root")
-        elif self._bwrap is not None and not self._userns_works():
-            weak.append("unprivileged user namespaces unavailable: bubblewrap cannot map uids")
+        elif self._bwrap is not None:
+            self._userns = self._userns_works()
+            if not self._userns:
+                self._drop_uid = False
+                weak.append("unprivileged user namespaces unavailable: sandboxes run as root")
         if self._bwrap is not None:
-            missing = seccomp.available()
+            missing = "switched off (local.disable)" if "seccomp" in off else seccomp.available()
             if missing:
-                weak.append(f"no seccomp filter ({missing})")
+                weak.append(f"no seccomp filter: {missing}")
+            self._seccomp = not missing
+        if "cgroups" in off:
+            weak.append("cgroup limits switched off (local.disable): rlimits per process only")
+            return weak
         cgroups = Cgroups.detect(
             self._config.cgroup_name, self._config.cgroup_parent, self._config.cgroup_root
         )
@@ -156,17 +172,13 @@ class LocalProvider:
         return done.returncode == 0
 
     @property
-    def _unprivileged(self) -> bool:
-        return os.geteuid() == 0 and self._setpriv is not None
-
-    @property
     def isolation(self) -> str:
         if self._bwrap is None:
             return "none"
         parts = ["bwrap"]
-        if self._unprivileged and not any("user namespaces" in w for w in self.weaknesses):
+        if self._userns:
             parts.append("userns")
-        if seccomp.available() is None:
+        if self._seccomp:
             parts.append("seccomp")
         return "+".join(parts)
 
@@ -180,7 +192,7 @@ class LocalProvider:
             "isolation": self.isolation,
             "limits": self.limits,
             "uids": f"{self._config.uid_base}+{self._config.uid_count}"
-            if self._unprivileged
+            if self._drop_uid
             else "daemon's own",
             "weaknesses": list(self.weaknesses),
         }
@@ -224,7 +236,7 @@ class LocalProvider:
         return used
 
     def _allocate_uid(self, sandbox_id: str) -> int:
-        if not self._unprivileged:
+        if not self._drop_uid:
             return os.geteuid()
         entry = self._entry(sandbox_id)
         if entry and isinstance(entry.get("uid"), int):
@@ -308,7 +320,7 @@ class LocalProvider:
             fds.add("supervisor", _memfd("sup", self._code["supervisor"]))
             if inside and pool.network:  # slirp4netns's DNS forwarder
                 fds.add("resolv", _memfd("resolv", SLIRP_RESOLV))
-            if inside and seccomp.available() is None:
+            if inside and self._seccomp:
                 fds.add(
                     "seccomp",
                     _memfd(
@@ -369,7 +381,7 @@ class LocalProvider:
         if use_rlimit:
             agent_args += ["--memory-mb", str(pool.memory_mb)]
         drop = []
-        if self._unprivileged:
+        if self._drop_uid:
             drop = [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         if self._bwrap is None:
             return [
@@ -391,7 +403,7 @@ class LocalProvider:
                 template,
                 fds,
                 self._python,
-                userns=self._unprivileged,
+                userns=self._userns,
             ),
             self._python,
             "-I",
