@@ -7,7 +7,13 @@ RUN    := .run
 REDIS_URL ?= redis://127.0.0.1:6379/0
 PREFIX_DIR ?= /opt/sandboxd
 
-.PHONY: run test lint format bench install-service clean
+.PHONY: run test lint format bench install-service clean host-packages
+
+# What the local sandboxes' protections need from the host (see README "Security"), and what
+# the suite runs against. Installed with apt when missing and we are root on Debian.
+RUN_PACKAGES  := bubblewrap slirp4netns libseccomp2 util-linux
+TEST_PACKAGES := $(RUN_PACKAGES) redis-server redis-tools mosquitto mosquitto-clients bc \
+                 systemd iproute2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +24,27 @@ $(STAMP): pyproject.toml
 ## run: venv, a local Redis if none answers, the example spec, the daemon in the foreground
 run: export SANDBOXD_REDIS_URL ?= $(REDIS_URL)
 run: $(STAMP)
+	@$(MAKE) --no-print-directory host-packages PACKAGES="$(RUN_PACKAGES)"
 	$(BIN)/python -m sandboxd.localredis ensure --url $(SANDBOXD_REDIS_URL) --dir $(RUN)/redis
 	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes $(BIN)/sandboxd --config config/sandboxd.toml apply -f config/spec.example.yaml
 	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes exec $(BIN)/sandboxd --config config/sandboxd.toml run
 
 ## test: the whole suite (unit, integration with real redis-server and sandboxes, systemd)
 test: $(STAMP)
+	@$(MAKE) --no-print-directory host-packages PACKAGES="$(TEST_PACKAGES)"
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/pytest -p no:cacheprovider
+
+## host-packages: apt-get install the Debian packages in PACKAGES that are not installed
+host-packages:
+	@missing=$$(for p in $(PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
+	  grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:" $$missing; apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing Debian packages:" $$missing "(run as root, or apt install them)"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench
