@@ -47,8 +47,8 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "claim_id, lease_s, lease_expires_ms",
     ),
     "sandbox.released": (
-        "the holder gave the sandbox back",
-        "claimant, claim_id, held_ms",
+        "the holder gave the sandbox back (or an operator forced it)",
+        "claimant, claim_id, held_ms, forced, forced_by",
     ),
     "sandbox.lease_expired": (
         "a claim's lease ran out; the sandbox is terminated next",
