@@ -48,7 +48,7 @@ class Recycler:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._reset_timeout_s):
-                await self._providers[record.provider].reset(record.id, record.handle, spec)
+                fresh = await self._providers[record.provider].reset(record.id, record.handle, spec)
         except Exception as exc:  # any failure means the sandbox cannot be trusted again
             error = str(exc) or type(exc).__name__
             log.warning("reset failed", extra={"sandbox": record.id, "error": error})
@@ -62,5 +62,9 @@ class Recycler:
             uses=record.uses,
         )
         await self._store.mark_ready(
-            record, record.handle, ready, from_state="resetting", maxlen=self._events.maxlen
+            record,
+            fresh or record.handle,
+            ready,
+            from_state="resetting",
+            maxlen=self._events.maxlen,
         )

@@ -65,10 +65,12 @@ class Provider(Protocol):
         for fault injection)."""
         ...
 
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
+    async def reset(
+        self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec
+    ) -> dict[str, Any] | None:
         """Make a released sandbox fit for the next claimant: stop every process its last
         holder left, run the pool's reset command, restart its `run:` program. Raise if that
-        fails."""
+        fails. Returns the sandbox's new handle if the reset changed it (None: unchanged)."""
         ...
 
     async def probe(

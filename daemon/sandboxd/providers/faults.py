@@ -60,8 +60,10 @@ class FaultyProvider:
         self._live.pop(sandbox_id, None)
         await self.inner.terminate(sandbox_id, handle)
 
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
-        await self.inner.reset(sandbox_id, handle, pool)
+    async def reset(
+        self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec
+    ) -> dict[str, Any] | None:
+        return await self.inner.reset(sandbox_id, handle, pool)
 
     async def probe(
         self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int

@@ -533,7 +533,9 @@ class LocalProvider:
             self._cgroups.remove(sandbox_id)
         await asyncio.to_thread(_remove_box, self.root, box)
 
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
+    async def reset(
+        self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec
+    ) -> dict[str, Any]:
         """From the host side: every process of the sandbox is killed and its namespaces,
         tmpfs mounts (/workspace, /tmp, /dev/shm, /run) and socket go with them; the sandbox
         is then started afresh under the same id and uid, and the reset command runs. Nothing
@@ -546,13 +548,14 @@ class LocalProvider:
             await self.kill(sandbox_id, handle)
             if self._bwrap is None:
                 await asyncio.to_thread(_wipe_host_workdir, box)
-            await self._start(sandbox_id, pool, template, box)
+            fresh = await self._start(sandbox_id, pool, template, box)
             result = await AgentClient(str(box / "agent.sock")).exec(pool.reset_command, timeout=60)
         except (CreateError, AgentError, OSError) as exc:
             raise ResetError(str(exc)) from exc
         if result.exit_code != 0:
             detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
             raise ResetError(f"reset command exited {result.exit_code}: {detail}")
+        return fresh
 
     async def probe(
         self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
