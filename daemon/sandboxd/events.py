@@ -147,6 +147,22 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "the reconciler changed a pool's size",
         "from_total, to_total, min_ready, max_total, creating, terminating",
     ),
+    "state.corrupt": (
+        "a value in Redis could not be used (not UTF-8, too deep, a wrong-typed field or "
+        "key): a sandbox record is quarantined (closed, its sandbox terminated through the "
+        "provider's own registry), a derived key is rebuilt, the spec in force stays",
+        "key, field, reason, type (when the key holds the wrong type), action",
+    ),
+    "state.repaired": (
+        "a structure derived from the records (ready list, member set, lease index, the "
+        "set of ids) disagreed with them and was rebuilt",
+        "what (ready_list, members, leases, sandboxes), added, removed",
+    ),
+    "daemon.task_restarted": (
+        "one of the daemon's tasks failed and was restarted after a backoff (the daemon "
+        "exits only when one it cannot work without keeps failing)",
+        "task, error, restarts, delay_s",
+    ),
 }
 
 

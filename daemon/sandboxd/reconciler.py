@@ -18,10 +18,11 @@ from sandboxd.providers import Provider, gone_reason
 from sandboxd.recovery import Recoveries
 from sandboxd.recycler import Recycler
 from sandboxd.redisconn import cancelling, survive
+from sandboxd.repair import Healer, Quarantine
 from sandboxd.schedule import Change, PoolSchedules
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
-from sandboxd.state import SandboxRecord, SandboxState, SandboxStore
+from sandboxd.state import SandboxRecord, SandboxState, SandboxStore, wrong_type
 from sandboxd.terminator import Terminator
 from sandboxd.watchdog import hang_if_asked
 
@@ -82,6 +83,9 @@ class Reconciler:
             instance=instance,
             nudge=self.nudge,
         )
+        self._healer = Healer(store.redis, store.keys, events)
+        self._quarantine = Quarantine(store.redis, store.keys, events)
+        self._record_pools: set[str] = set()  # pools of the last pass's records
         self._wake = asyncio.Event()
         self._on_pass = on_pass
         self._on_pass_time = on_pass_time
@@ -143,9 +147,26 @@ class Reconciler:
         try:
             await self.reconcile_once()
         except RedisError as exc:
+            if wrong_type(exc) and not cancelling():
+                await self._wrong_type(exc)
+                return
             if not survive(exc):
                 raise
             log.warning("reconcile pass failed, Redis unavailable: %s", exc)
+
+    async def _wrong_type(self, exc: RedisError) -> None:
+        """A key of ours holds another type (not an outage): replace it, pass again."""
+        log.error("reconcile pass met a key of the wrong type: %s", exc)
+        try:
+            replaced = await self._healer.check_types(self._pool_names())
+        except RedisError as again:
+            log.warning("checking key types failed: %s", again)
+            return
+        if replaced:
+            self.nudge()
+
+    def _pool_names(self) -> list[str]:
+        return sorted({p.name for p in self.pools} | self._record_pools)
 
     async def reconcile_once(self) -> None:
         self._wake.clear()
@@ -162,9 +183,18 @@ class Reconciler:
             await self._claims.publish_pool_settings(pools)
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
-        records = await self._reap_dead(await self._store.records(), check_liveness=tick)
+        scan = await self._store.scan()
+        if any(not c.sandbox_id for c in scan.corrupt):  # the id set itself: rebuilt, read again
+            await self._healer.check_types(self._pool_names())
+            scan = await self._store.scan()
+        elif tick:
+            await self._healer.check_types(self._pool_names())
+        self._record_pools = {r.pool for r in scan.records}
+        if scan.corrupt:
+            await self._quarantine.handle(scan.corrupt, self._providers)
+        records = await self._reap_dead(scan.records, check_liveness=tick)
         if tick:
-            await self._store.sync_members(records)
+            await self._healer.heal(records, specs)
             await self.creator.cancel_stuck(self._config.create_grace_s)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(

@@ -25,12 +25,17 @@ survived_errors = 0  # Redis errors some loop outlived by retrying (a metric)
 
 
 def open_redis(url: str, **kwargs: Any) -> Redis:
-    """A client owning a bounded, queueing connection pool; strings decoded as UTF-8."""
+    """A client owning a bounded, queueing connection pool; strings decoded as UTF-8.
+
+    Invalid bytes in a reply become lone surrogates instead of a UnicodeDecodeError inside
+    the client (anyone can write anything into Redis): `decode.text` reports them, and
+    writing such a string back sends the same bytes."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
         timeout=CONNECTION_WAIT_S,
         decode_responses=True,
+        encoding_errors="surrogateescape",
         **kwargs,
     )
     return Redis.from_pool(pool)

@@ -1,12 +1,12 @@
 """The desired state: pools of sandboxes, as operators write it into Redis."""
 
-import json
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sandboxd import decode
 from sandboxd.config import ENV_NAME, Config
 from sandboxd.schedule import ScheduleWindow
 
@@ -315,10 +315,21 @@ def _problems(error: ValidationError, data: Any) -> list[str]:
     return problems
 
 
-def parse_spec(text: str) -> Spec:
-    """Parse an operator's YAML or JSON spec file; raise SpecError naming field and reason."""
+def parse_spec(text: str | bytes) -> Spec:
+    """Parse an operator's YAML or JSON spec file; raise SpecError naming field and reason.
+    Bytes that are not UTF-8, NUL characters and nesting past `decode.MAX_JSON_DEPTH` are
+    refused before the YAML parser (which recurses) sees them."""
+    try:
+        text = decode.text(text, max_chars=decode.MAX_SPEC_CHARS)
+        depth = decode.json_depth(text)
+        if depth > decode.MAX_JSON_DEPTH:
+            raise decode.BadValue(f"nested {depth} deep (at most {decode.MAX_JSON_DEPTH})")
+    except decode.BadValue as exc:
+        raise SpecError([f"(file): {exc.reason}"]) from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError([f"(file): nested too deeply (at most {decode.MAX_JSON_DEPTH})"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -330,18 +341,41 @@ def parse_spec(text: str) -> Spec:
 
 
 def validate_spec(data: Any, model: type[SpecT]) -> SpecT:
+    nul = [f"{_field_path(loc, data)}: must not contain NUL characters" for loc in _nul(data, ())]
+    if nul:  # a NUL cannot reach a process's environment or argv: every exec would fail
+        raise SpecError(nul)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_problems(exc, data)) from None
 
 
+def _nul(node: Any, loc: tuple[Any, ...], depth: int = 0) -> list[tuple[Any, ...]]:
+    """Where strings (values or keys) hold a NUL character; the input's nesting is already
+    bounded (`decode.MAX_JSON_DEPTH`), and this stops there too."""
+    if isinstance(node, str):
+        return [loc] if "\x00" in node else []
+    if depth > decode.MAX_JSON_DEPTH:
+        return []
+    found = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if isinstance(key, str) and "\x00" in key:
+                found.append((*loc, key))
+            found += _nul(value, (*loc, key), depth + 1)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _nul(value, (*loc, i), depth + 1)
+    return found
+
+
 def parse_document(raw: str | bytes) -> SpecDocument:
-    """Parse what is stored in Redis at `<prefix>:spec`."""
+    """Parse what is stored in Redis at `<prefix>:spec` (through `decode`: encoding, size
+    and nesting are checked before JSON is parsed)."""
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SpecError([f"(document): not valid JSON: {exc.msg} at position {exc.pos}"]) from None
+        data = decode.json_value(raw, max_chars=decode.MAX_SPEC_CHARS)
+    except decode.BadValue as exc:
+        raise SpecError([f"(document): {exc.reason}"]) from None
     if not isinstance(data, Mapping):
         raise SpecError(["(document): must be a JSON object"])
     return validate_spec(data, SpecDocument)

@@ -2,6 +2,8 @@
 
 import logging
 
+from redis.exceptions import ResponseError
+
 from sandboxd.config import Config
 from sandboxd.events import EventPublisher
 from sandboxd.spec import SpecDocument, SpecError, check_against_config, diff_specs, parse_document
@@ -18,6 +20,8 @@ class SpecSource:
         self._events = events
         self._config = config
         self._last_raw: str | None = None
+        self._wrong_type: str | None = None  # reported once while `<prefix>:spec` is one
+        self._floor: int | None = None  # at start: the revision a previous daemon had in force
         self.in_force: SpecDocument | None = None
 
     @property
@@ -25,13 +29,27 @@ class SpecSource:
         return self.in_force.revision if self.in_force else 0
 
     async def refresh(self) -> SpecDocument | None:
-        """Look at `<prefix>:spec`; put it in force if it changed and is valid."""
-        raw = await self._store.raw()
+        """Look at `<prefix>:spec`; put it in force if it changed, is valid and is newer
+        than the revision in force (revisions only move forward)."""
+        try:
+            raw = await self._store.raw()
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            await self._report_wrong_type()
+            return self.in_force
+        self._wrong_type = None
         if raw is None or raw == self._last_raw:
             return self.in_force
         self._last_raw = raw
         try:
             doc = self._validate(raw)
+            if self._floor is None:
+                active = await self._store.active()
+                self._floor = active.revision if active else 0
+            if self._same_as_in_force(doc):
+                return self.in_force
+            self._check_forward(doc)
         except SpecError as exc:
             await self._reject(raw, exc)
             if self.in_force is None:
@@ -39,6 +57,50 @@ class SpecSource:
             return self.in_force
         await self._put_in_force(doc)
         return self.in_force
+
+    def _same_as_in_force(self, doc: SpecDocument) -> bool:
+        """The revision in force written again (e.g. put back after Redis lost it)."""
+        current = self.in_force
+        return current is not None and (current.revision, current.pools) == (
+            doc.revision,
+            doc.pools,
+        )
+
+    def _check_forward(self, doc: SpecDocument) -> None:
+        """A revision below the one in force (or, at start, below the one the previous
+        daemon had in force) is an old spec written back by hand: refused."""
+        current = self.in_force.revision if self.in_force else 0
+        if doc.revision <= current or doc.revision < (self._floor or 0):
+            newest = max(current, self._floor or 0)
+            raise SpecError(
+                [
+                    f"revision: {doc.revision} is older than revision {newest} in force "
+                    "(revisions only move forward: apply it with `sandboxd apply`)"
+                ]
+            )
+
+    async def _report_wrong_type(self) -> None:
+        kind = await self._store.raw_type()
+        if kind == self._wrong_type:
+            return  # reported already; the spec in force stays until the key is fixed
+        self._wrong_type = kind
+        key = self._store.key
+        reason = f"holds a {kind}, not a string"
+        log.error(
+            "%s %s: keeping spec revision %s in force",
+            key,
+            reason,
+            self.revision,
+            extra={"key": key, "type": kind},
+        )
+        await self._events.publish(
+            "state.corrupt",
+            key=key,
+            field="",
+            reason=reason,
+            type=kind,
+            action=f"spec revision {self.revision} stays in force",
+        )
 
     def _validate(self, raw: str) -> SpecDocument:
         doc = parse_document(raw)

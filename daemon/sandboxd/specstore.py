@@ -1,11 +1,12 @@
 """Reading and writing the desired state in Redis (`<prefix>:spec` and its history)."""
 
-import json
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError, WatchError
 
+from sandboxd import decode
 from sandboxd.events import now_rfc3339
 from sandboxd.keys import SPEC_HISTORY_LEN, Keys
 from sandboxd.spec import Spec, SpecDocument, SpecError, parse_document
@@ -25,15 +26,19 @@ class SpecStore:
     async def apply(self, spec: Spec) -> Applied:
         """Write `spec` as the next revision, keep it in the history, wake the daemon.
 
-        Optimistic (WATCH) so two concurrent applies never get the same revision.
+        Optimistic (WATCH) so two concurrent applies never get the same revision, and
+        past every revision seen (stored, in force, in the history): revisions only move
+        forward, even after the stored spec was deleted or overwritten with garbage.
         """
         while True:
             async with self._redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(self._keys.spec)
-                    raw = await pipe.get(self._keys.spec)
+                    raw = await _get_text(pipe, self._keys.spec)
                     previous = _lenient(raw)
-                    revision = stored_revision(raw) + 1
+                    active = await _get_text(pipe, self._keys.spec_active)
+                    newest = await _get_text(pipe, self._keys.spec_history, head=True)
+                    revision = max(map(stored_revision, (raw, active, newest))) + 1
                     doc = SpecDocument(
                         revision=revision, applied_at=now_rfc3339(), pools=list(spec.pools)
                     )
@@ -50,6 +55,14 @@ class SpecStore:
 
     async def raw(self) -> str | None:
         return await self._redis.get(self._keys.spec)
+
+    @property
+    def key(self) -> str:
+        return self._keys.spec
+
+    async def raw_type(self) -> str:
+        """The Redis type of `<prefix>:spec` (a string, unless someone wrote another)."""
+        return await self._redis.type(self._keys.spec)
 
     async def active(self) -> SpecDocument | None:
         """The spec the daemon has in force, if any."""
@@ -68,6 +81,16 @@ class SpecStore:
         return [doc for doc in map(_lenient, raws) if doc is not None]
 
 
+async def _get_text(pipe: Any, key: str, *, head: bool = False) -> str | None:
+    """GET (or LINDEX 0), None where the key holds another type: apply overwrites it."""
+    try:
+        return await (pipe.lindex(key, 0) if head else pipe.get(key))
+    except ResponseError as exc:
+        if "WRONGTYPE" in str(exc):
+            return None
+        raise
+
+
 def _lenient(raw: str | bytes | None) -> SpecDocument | None:
     if raw is None:
         return None
@@ -82,7 +105,8 @@ def stored_revision(raw: str | bytes | None) -> int:
     if raw is None:
         return 0
     try:
-        revision = json.loads(raw).get("revision", 0)
-    except (ValueError, AttributeError):
+        data = decode.json_value(raw, max_chars=decode.MAX_SPEC_CHARS)
+    except decode.BadValue:
         return 0
+    revision = data.get("revision", 0) if isinstance(data, dict) else 0
     return revision if isinstance(revision, int) and revision > 0 else 0

@@ -4,13 +4,17 @@ Every state change that touches more than one key is a Lua script, so a client t
 from a ready list and the daemon that terminates never see half a change.
 """
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from sandboxd import decode
 from sandboxd.events import Event, now_rfc3339
 from sandboxd.keys import LOGS_KEPT_S, Keys
 
@@ -47,13 +51,20 @@ end
 return false
 """
 
-# ARGV: key prefix, ids... Returns each sandbox's HGETALL (empty if gone). One script per
-# chunk of ids instead of one command each: a reconcile pass reads every record, and
-# per-command client overhead made that the daemon's main cost under claim load.
+# ARGV: key prefix, ids... Returns each sandbox's HGETALL (empty if gone), or the key's
+# type when it is not a hash (someone wrote a string there). One script per chunk of ids
+# instead of one command each: a reconcile pass reads every record, and per-command client
+# overhead made that the daemon's main cost under claim load.
 _READ = """
 local out = {}
 for i = 2, #ARGV do
-  out[i - 1] = redis.call('HGETALL', ARGV[1] .. ':sandbox:' .. ARGV[i])
+  local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'hash' or kind == 'none' then
+    out[i - 1] = redis.call('HGETALL', key)
+  else
+    out[i - 1] = kind
+  end
 end
 return out
 """
@@ -123,17 +134,51 @@ class SandboxRecord(BaseModel):
 
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> "SandboxRecord":
-        return cls.model_validate(
-            {
-                **fields,
-                "handle": json.loads(fields.get("handle") or "{}"),
-                "health_checks": json.loads(fields.get("health_checks") or "[]"),
-            }
-        )
+        """The record from its hash, through the decoding layer: a field that is not valid
+        UTF-8, too long, nested too deep or of the wrong type raises `decode.BadValue`
+        naming the field and the reason (never UnicodeDecodeError or ValidationError)."""
+        clean: dict[str, Any] = {}
+        for key, value in fields.items():
+            name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
+            clean[name] = decode.text(value, field=name)
+        for name, empty in (("handle", "{}"), ("health_checks", "[]")):
+            clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
+        try:
+            return cls.model_validate(clean)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "(record)"
+            raise decode.BadValue(error["msg"], where) from None
 
     @property
     def created_ts(self) -> float:
         return datetime.fromisoformat(self.created_at).timestamp()
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    """A key whose value cannot be used: a record with a bad field, or a key holding the
+    wrong type. `sandbox_id` is set for records; `fields` is what could be read of it."""
+
+    key: str
+    reason: str
+    field: str = ""
+    kind: str = ""  # the key's Redis type when that is the problem
+    sandbox_id: str = ""
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class Scan:
+    """One read of every record: the usable ones, and the ones to quarantine."""
+
+    records: list["SandboxRecord"] = dataclasses.field(default_factory=list)
+    corrupt: list[Corrupt] = dataclasses.field(default_factory=list)
+
+
+def wrong_type(exc: BaseException) -> bool:
+    """Is this Redis error a key holding another type than the command wanted?"""
+    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
 
 
 class SandboxStore:
@@ -146,17 +191,60 @@ class SandboxStore:
         self._set_health = redis.register_script(_SET_HEALTH)
         self._agent_news = redis.register_script(_AGENT_NEWS)
 
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
     async def records(self) -> list[SandboxRecord]:
-        ids = sorted(await self._redis.smembers(self._keys.sandboxes))
-        out = []
+        """Every usable record (the corrupt ones are left out: see `scan`)."""
+        return (await self.scan()).records
+
+    async def scan(self) -> Scan:
+        """Read every record; what cannot be used is reported in `corrupt`, never raised.
+        A `<prefix>:sandboxes` of the wrong type is reported as such, with no records."""
+        result = Scan()
+        try:
+            members = await self._redis.smembers(self._keys.sandboxes)
+        except ResponseError as exc:
+            if not wrong_type(exc):
+                raise
+            kind = await self._redis.type(self._keys.sandboxes)
+            result.corrupt.append(
+                Corrupt(self._keys.sandboxes, f"holds a {kind}, not a set", kind=kind)
+            )
+            return result
+        ids = sorted(members)
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
-            for flat in await self._read(args=[self._keys.prefix, *chunk]):
+            replies = await self._read(args=[self._keys.prefix, *chunk])
+            for sandbox_id, flat in zip(chunk, replies, strict=True):
                 if flat:
-                    out.append(
-                        SandboxRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
-                    )
-        return out
+                    self._decode(sandbox_id, flat, result)
+        return result
+
+    def _decode(self, sandbox_id: str, flat: list[str] | str, result: Scan) -> None:
+        key = self._keys.sandbox(sandbox_id)
+        if isinstance(flat, str):
+            result.corrupt.append(
+                Corrupt(key, f"holds a {flat}, not a hash", kind=flat, sandbox_id=sandbox_id)
+            )
+            return
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        try:
+            record = SandboxRecord.from_hash(fields)
+            if record.id != sandbox_id:
+                raise decode.BadValue(
+                    f"{decode.printable(record.id)!r} in the record of another id", "id"
+                )
+        except decode.BadValue as exc:
+            corrupt = Corrupt(key, exc.reason, exc.field, sandbox_id=sandbox_id, fields=fields)
+            result.corrupt.append(corrupt)
+            return
+        result.records.append(record)
 
     async def sync_members(self, records: list[SandboxRecord]) -> None:
         """Heal the per-pool member sets from a snapshot: add what it holds, then drop ids
@@ -172,8 +260,17 @@ class SandboxStore:
             await pipe.execute()
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None:
-        fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
-        return SandboxRecord.from_hash(fields) if fields else None
+        """The record, or None if it is gone or cannot be used (the reconciler's next scan
+        quarantines it)."""
+        try:
+            fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
+            return SandboxRecord.from_hash(fields) if fields else None
+        except decode.BadValue:
+            return None
+        except ResponseError as exc:
+            if wrong_type(exc):
+                return None
+            raise
 
     async def add(self, record: SandboxRecord) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
