@@ -433,6 +433,8 @@ class ClaimStore:
         self._force_release = redis.register_script(FORCE_RELEASE)
         self._expire = redis.register_script(EXPIRE)
         self._count_waiters = redis.register_script(COUNT_WAITERS)
+        self._published: dict[str, str] | None = None  # daemon: what `<prefix>:pools` holds
+        self._settings: dict[str, tuple[PoolSpec, str]] = {}  # daemon: JSON per pool object
 
     async def try_claim(
         self,
@@ -511,13 +513,37 @@ class ClaimStore:
         return dict(zip(pools, (int(c) for c in counts), strict=True))
 
     async def publish_pool_settings(self, pools: list[PoolSpec]) -> None:
-        """Daemon: make exactly the pools in force claimable, with their settings."""
-        mapping = {p.name: PoolSettings.of(p).model_dump_json() for p in pools}
+        """Daemon: make exactly the pools in force claimable, with their settings. Writes
+        only the pools that changed since the last call; rewrites the hash whole the first
+        time and whenever its length shows it was lost (FLUSHDB, a DEL)."""
+        mapping = {p.name: self._settings_json(p) for p in pools}
+        if len(self._settings) > len(mapping):  # pools gone from the spec
+            self._settings = {name: self._settings[name] for name in mapping}
+        key, published = self._keys.pools, self._published
+        if published is not None and await self._redis.hlen(key) != len(published):
+            published = None
+        if published is not None:
+            changed = {name: v for name, v in mapping.items() if published.get(name) != v}
+            gone = [name for name in published if name not in mapping]
+            if not changed and not gone:
+                return
+        self._published = None  # unknown until the write is done
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.pools)
-            if mapping:
-                pipe.hset(self._keys.pools, mapping=mapping)
+            if published is None:
+                pipe.delete(key)
+                changed, gone = mapping, []
+            if gone:
+                pipe.hdel(key, *gone)
+            if changed:
+                pipe.hset(key, mapping=changed)
             await pipe.execute()
+        self._published = mapping
+
+    def _settings_json(self, pool: PoolSpec) -> str:
+        cached = self._settings.get(pool.name)
+        if cached is None or cached[0] is not pool:
+            cached = self._settings[pool.name] = (pool, PoolSettings.of(pool).model_dump_json())
+        return cached[1]
 
     def _event_args(self) -> list[Any]:
         return [uuid.uuid4().hex, now_rfc3339(), self._maxlen]

@@ -88,26 +88,34 @@ class CostMeter:
         self._last = now
         records, specs = self._snapshot()
         added = accrue(records, specs, self._config, seconds)
+        # Read back the pools that accrued, and pools new to us; the others' totals cannot
+        # have changed (only the daemon writes them), so idle pools cost nothing here.
+        reread = [p for p in specs if p in added or p not in self.totals]
         async with self._redis.pipeline(transaction=False) as pipe:
             for pool, amounts in added.items():
                 key = self._keys.pool_cost(pool)
                 pipe.hsetnx(key, "since", time.time())
                 for field, amount in amounts.items():
                     pipe.hincrbyfloat(key, field, amount)
-            for pool in specs:
+            for pool in reread:
                 pipe.hgetall(self._keys.pool_cost(pool))
             replies = await pipe.execute()
-        stored = replies[len(replies) - len(specs) :]
-        self.totals = {
+        stored = replies[len(replies) - len(reread) :] if reread else []
+        fresh = {
             pool: {k: float(v) for k, v in fields.items()}
-            for pool, fields in zip(specs, stored, strict=True)
+            for pool, fields in zip(reread, stored, strict=True)
         }
+        if fresh or len(self.totals) != len(specs):
+            self.totals = {pool: fresh.get(pool, self.totals.get(pool, {})) for pool in specs}
         if now >= self._report_due:
             self._report_due = now + self._config.cost.report_interval_s
             await self._report()
 
     async def _report(self) -> None:
+        """One `pool.cost` per pool that has accrued anything (not one per idle pool)."""
         for pool, totals in self.totals.items():
+            if not totals:
+                continue
             await self._events.publish(
                 "pool.cost", pool=pool, currency=self._config.cost.currency, **summarize(totals)
             )

@@ -17,7 +17,7 @@ from sandboxd import sdnotify
 from sandboxd.adoption import AdoptionReport, adopt
 from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
-from sandboxd.cost import CostMeter, summarize
+from sandboxd.cost import CostMeter
 from sandboxd.events import EventPublisher
 from sandboxd.eventtail import EventTail
 from sandboxd.heartbeat import Heartbeat
@@ -29,6 +29,7 @@ from sandboxd.logs import redact_url
 from sandboxd.metrics import Metrics, MetricsServer, pool_gauges
 from sandboxd.monitor import HealthMonitor
 from sandboxd.mqttbridge import MqttBridge
+from sandboxd.poolfacts import PoolFacts
 from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
 from sandboxd.reconciler import Reconciler
 from sandboxd.redisconn import every, make_client, survive, wait_for_redis
@@ -165,6 +166,15 @@ class Daemon:
             interval_s=lambda: self.config.heartbeat_interval_s,
             instance=self.instance,
             facts=self._facts,
+            pools=PoolFacts(
+                self.keys,
+                pools=lambda: self.reconciler.pools,
+                pacing=lambda: self.reconciler.creator.pacing,
+                health=self.monitor.summary,
+                schedules=self.schedules.status,
+                cost=lambda: self.cost.totals,
+                currency=lambda: self.config.cost.currency,
+            ),
         )
         self._observers(redis, providers)
         await self.bridge.prepare()
@@ -202,8 +212,13 @@ class Daemon:
     async def _sample(self) -> None:
         await self.resources.sample()
         await self.cost.sample()
+        pools = (  # O(pools): only while a scraper can read them
+            pool_gauges(*self.latest, self.monitor.summary(), self.reconciler.pool_status())
+            if self.metrics_server.listening
+            else {}
+        )
         self.metrics.update(
-            pools=pool_gauges(*self.latest, self.monitor.summary(), self.reconciler.pool_status()),
+            pools=pools,
             host=self.resources.host,
             sandboxes=self.resources.sandboxes,
             cost=self.cost.totals,
@@ -218,29 +233,12 @@ class Daemon:
             "security": self.security,
             "last_reconcile_at": self.reconciler.last_pass_at,
             "on_shutdown": self.config.on_shutdown,
-            "pools": self._pool_facts(),
+            "pool_summary": self.heartbeat.pools.summary if self.heartbeat.pools else {},
             "host_resources": self.resources.host,
             "metrics_listen": self.metrics_server.listening,
             "mqtt": self.bridge.stats(),
             "log_level": self.config.log_level,
             "reconcile_interval_s": self.config.reconcile_interval_s,
-        }
-
-    def _pool_facts(self) -> dict[str, dict[str, Any]]:
-        health = self.monitor.summary()
-        schedules = self.schedules.status(self.reconciler.pools)
-        pacing = self.reconciler.pool_status()
-        return {
-            pool.name: {
-                **pacing.get(pool.name, {}),
-                "health": health.get(pool.name, {}),
-                "min_ready": pool.min_ready,
-                "max_total": pool.max_total,
-                "schedule": schedules.get(pool.name),
-                "cost": summarize(self.cost.totals.get(pool.name, {})),
-                "currency": self.config.cost.currency,
-            }
-            for pool in self.reconciler.pools
         }
 
     async def _reloads(self) -> None:

@@ -40,6 +40,13 @@ class Keys:
         return f"{self.prefix}:daemon"
 
     @property
+    def daemon_pools(self) -> str:
+        """Hash: pool name -> JSON of what only the daemon knows of the pool (sizes in force,
+        breaker, health, cost, schedule, why it is short); a pool's field is written only
+        when it changes. Meaningful while the heartbeat is alive."""
+        return f"{self.prefix}:daemon:pools"
+
+    @property
     def sandboxes(self) -> str:
         """Set of every sandbox id that has a record."""
         return f"{self.prefix}:sandboxes"

@@ -91,12 +91,14 @@ def pool_gauges(
     pacing: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     """The `pools` part: per pool in force, sandboxes by state, sizes, health, breaker."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in records:
+        if record.pool in specs:
+            states = counts.setdefault(record.pool, dict.fromkeys(STATES, 0))
+            states[record.state] += 1
     pools = {}
     for name, spec in specs.items():
-        states = dict.fromkeys(STATES, 0)
-        for record in records:
-            if record.pool == name:
-                states[record.state] += 1
+        states = counts.get(name) or dict.fromkeys(STATES, 0)
         pools[name] = {
             "states": {**states, "total": sum(states.values())},
             "min_ready": spec.min_ready,

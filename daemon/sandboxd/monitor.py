@@ -263,7 +263,9 @@ class HealthMonitor:
         extras = self._pool_extras()
         pools = self.summary()
         for pool, extra in extras.items():
-            pools.setdefault(pool, {"state": "unknown"})["breaker"] = extra.get("breaker")
+            breaker = extra.get("breaker")
+            if pool in pools or breaker not in (None, "closed"):  # not every idle pool
+                pools.setdefault(pool, {"state": "unknown"})["breaker"] = breaker
         await self._events.publish("health.report", pools=pools)
 
 

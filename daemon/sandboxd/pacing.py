@@ -106,6 +106,19 @@ class PoolPacing:
             "or the daemon restarts)"
         )
 
+    def quiet(self) -> bool:
+        """Nothing has happened to the pool's creates: `status` depends on the spec alone
+        (so thousands of idle pools need not be looked at one by one)."""
+        return not (
+            self.inflight
+            or self.created
+            or self.failed_attempts
+            or self.failed
+            or self.below_target
+            or self.breaker.failures
+            or self.breaker.state != "closed"
+        )
+
     def status(self, now: float) -> dict[str, Any]:
         return {
             "state": "failed" if self.failed else "ok",

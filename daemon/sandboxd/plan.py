@@ -86,6 +86,10 @@ def plan(
 def _pool_plan(
     spec: PoolSpec | None, name: str, members: list[Observed], now: float, waiting: int
 ) -> PoolPlan:
+    if spec is not None and not members:  # the common case with many pools: nothing yet
+        return PoolPlan(
+            pool=name, total=0, wanted=max(0, min(spec.min_ready + waiting, spec.max_total))
+        )
     ready = sorted((s for s in members if s.state == "ready"), key=lambda s: s.created_ts)
     result = PoolPlan(pool=name, total=len(members))
     if spec is None:

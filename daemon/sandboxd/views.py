@@ -8,19 +8,21 @@ from redis.asyncio import Redis
 
 from sandboxd.keys import Keys
 from sandboxd.spec import SpecDocument
-from sandboxd.specstore import SpecStore, stored_revision
+from sandboxd.specstore import SpecStore, _lenient, stored_revision
 from sandboxd.state import STATES, SandboxRecord, SandboxStore
 
 
 def pool_rows(spec: SpecDocument | None, records: list[SandboxRecord]) -> list[dict[str, Any]]:
     """One row per pool in the spec, plus pools still draining; counts by state."""
     pools = list(spec.pools) if spec else []
-    names = [p.name for p in pools]
-    names += sorted({r.pool for r in records} - set(names))
+    by_pool: dict[str, list[SandboxRecord]] = {}
+    for record in records:
+        by_pool.setdefault(record.pool, []).append(record)
     specs = {p.name: p for p in pools}
+    names = [p.name for p in pools] + sorted(by_pool.keys() - specs.keys())
     rows = []
     for name in names:
-        members = [r for r in records if r.pool == name]
+        members = by_pool.get(name, [])
         pool = specs.get(name)
         row: dict[str, Any] = {
             "name": name,
@@ -31,7 +33,10 @@ def pool_rows(spec: SpecDocument | None, records: list[SandboxRecord]) -> list[d
             "desired": pool.min_ready if pool else 0,
             "draining": pool is None,
         }
-        row.update({state: sum(1 for r in members if r.state == state) for state in STATES})
+        counts = dict.fromkeys(STATES, 0)
+        for member in members:
+            counts[member.state] = counts.get(member.state, 0) + 1
+        row.update(counts)
         row["total"] = len(members)
         rows.append(row)
     return rows
@@ -68,8 +73,9 @@ class StateView:
         """The spec in force; the stored one when no daemon has taken any yet."""
         return await self.specs.active() or await self.specs.history_head()
 
-    async def pools(self) -> list[dict[str, Any]]:
-        return pool_rows(await self.spec_for_display(), await self.store.records())
+    async def pools(self, spec: SpecDocument | None = None) -> list[dict[str, Any]]:
+        spec = spec or await self.spec_for_display()
+        return pool_rows(spec, await self.store.records())
 
     async def sandboxes(self, pool: str | None = None) -> list[dict[str, Any]]:
         records = await self.store.records()
@@ -79,13 +85,38 @@ class StateView:
         raw = await self._redis.get(self._keys.daemon)
         return json.loads(raw) if raw else None
 
+    async def daemon_pools(self) -> dict[str, dict[str, Any]]:
+        """What only the daemon knows of each pool (`<prefix>:daemon:pools`), one HGETALL."""
+        fields = await self._redis.hgetall(self._keys.daemon_pools)
+        out = {}
+        for name, raw in fields.items():
+            try:
+                facts = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(facts, dict):
+                out[name] = facts
+        return out
+
     async def status(self) -> dict[str, Any]:
-        daemon = await self.daemon()
-        active = await self.specs.active()
-        stored = await self.specs.raw()
+        """The heartbeat (with its summary of the pools), each pool's facts from
+        `<prefix>:daemon:pools` as `daemon.pools`, the spec read and parsed once."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._keys.daemon)
+            pipe.get(self._keys.spec_active)
+            pipe.get(self._keys.spec)
+            beat, active_raw, stored = await pipe.execute()
+        daemon = json.loads(beat) if beat else None
+        if daemon is not None:
+            daemon["pools"] = await self.daemon_pools()
+        active = _lenient(active_raw)
+        if stored is not None and stored == active_raw and active is not None:
+            revision_stored: int | None = active.revision  # the same document: parsed once
+        else:
+            revision_stored = stored_revision(stored) or None
         return {
             "daemon": {"alive": daemon is not None, **(daemon or {})},
             "revision_in_force": active.revision if active else None,
-            "revision_stored": stored_revision(stored) or None,
-            "pools": await self.pools(),
+            "revision_stored": revision_stored,
+            "pools": await self.pools(active),
         }

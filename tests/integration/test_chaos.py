@@ -25,8 +25,7 @@ async def no_orphans(redis, workspace) -> None:
 
 
 async def pool_facts(redis, pool: str) -> dict:
-    beat = json.loads(await redis.get(KEYS.daemon))
-    return beat["pools"][pool]
+    return json.loads(await redis.hget(KEYS.daemon_pools, pool))
 
 
 async def test_a_30_percent_create_failures_every_pool_still_reaches_target(redis, embedded_daemon):
