@@ -1,9 +1,13 @@
 """`sandboxd claim | release | renew | exec`: the client library behind a command line."""
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -149,13 +153,44 @@ async def exec_command(args: argparse.Namespace, config: Config, redis: Redis) -
     token = claim_token(args, needed_for=f"exec --sandbox {args.sandbox}") if args.sandbox else ""
     client = _client(config, redis, args.owner)
     stdin = sys.stdin.buffer.read() if args.stdin else None
+    with _stopped_by(signal.SIGTERM, signal.SIGHUP) as stopped:
+        try:
+            if args.sandbox:
+                return await _run(await client.attach(args.sandbox, token), args, stdin)
+            async with client.claim(args.pool, lease_s=args.lease, timeout_s=args.wait) as box:
+                return await _run(box, args, stdin)
+        except ClaimError as exc:
+            raise _cli_error(exc) from None
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            # The claim was released on the way out, as on Ctrl-C; exit as if killed by it.
+            print(f"error: stopped by {stopped[0].name}", file=sys.stderr)
+            return 128 + stopped[0]
+
+
+@contextlib.contextmanager
+def _stopped_by(*signals: signal.Signals) -> Iterator[list[signal.Signals]]:
+    """While inside: these signals cancel the current task (as SIGINT does), so the claim's
+    `async with` releases it; the list names the signal that came."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    came: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not came:
+            came.append(sig)
+            task.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
     try:
-        if args.sandbox:
-            return await _run(await client.attach(args.sandbox, token), args, stdin)
-        async with client.claim(args.pool, lease_s=args.lease, timeout_s=args.wait) as sandbox:
-            return await _run(sandbox, args, stdin)
-    except ClaimError as exc:
-        raise _cli_error(exc) from None
+        yield came
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 async def _run(sandbox: Sandbox, args: argparse.Namespace, stdin: bytes | None) -> int:

@@ -60,6 +60,7 @@ SANDBOX_COLUMNS = [
     ("pool", "POOL"),
     ("provider", "PROVIDER"),
     ("state", "STATE"),
+    ("spec_revision", "REV"),
     ("age_s", "AGE_S"),
     ("health", "HEALTH"),
     ("pid", "PID"),
@@ -221,7 +222,7 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _apply(args: argparse.Namespace, config: Config, redis) -> int:
-    text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
+    text = sys.stdin.buffer.read() if args.file == "-" else _read_file(args.file)
     try:
         spec = parse_spec(text)
         check_against_config(spec, config)
@@ -245,9 +246,10 @@ async def _apply(args: argparse.Namespace, config: Config, redis) -> int:
     return 0
 
 
-def _read_file(path: str) -> str:
+def _read_file(path: str) -> bytes:
+    """Bytes: `parse_spec` checks the encoding (and says so) rather than a traceback here."""
     try:
-        return Path(path).read_text()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_INVALID) from None
 

@@ -89,6 +89,7 @@ class Creator:
             instance=self._instance,
             replaces=recovery.old if recovery else "",
         )
+            build=spec.build_id,
         self.inflight.add(record.id)
         try:
             await self._store.add(record)

@@ -40,6 +40,7 @@ from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
 from sandboxd.specstore import SpecStore
 from sandboxd.state import STATES, SandboxRecord, SandboxStore
+from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
 from sandboxd.terminator import Terminator
 from sandboxd.watchdog import Watchdog
 
@@ -52,13 +53,9 @@ SHUTDOWN_TERMINATE_S = 3.0
 EXIT_WEAK_ISOLATION = 78
 
 
-class RootTaskEnded(RuntimeError):
-    """A root task returned: the daemon cannot go on without it (systemd restarts us)."""
-
-
-async def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> None:
-    await coro
-    raise RootTaskEnded(f"root task {name!r} ended unexpectedly")
+# Root tasks the daemon cannot work without: one that keeps failing ends the process (exit
+# 1, so systemd restarts it); any other is restarted with backoff for as long as it takes.
+ESSENTIAL_TASKS = frozenset({"reconciler", "heartbeat", "leases"})
 
 
 class Daemon:
@@ -80,15 +77,49 @@ class Daemon:
         self.schedules = PoolSchedules(clock)
         self.metrics = Metrics()
         self.latest: tuple[list[SandboxRecord], dict[str, PoolSpec]] = ([], {})
+        self.fatal: str | None = None  # why the daemon gave up, if it did
+        self.hard_stop = HardStop()
+        self._owns_process = False
 
     async def run(self, *, handle_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test);
-        SIGHUP reloads the config file."""
+        SIGHUP reloads the config file. With `handle_signals` the process is ours: a stop
+        request also arms the hard deadline (`supervision.HardStop`)."""
+        self._owns_process = handle_signals
         if handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop.set)
+                # A plain handler, not the loop's: it runs (and arms the deadline) even
+                # while the loop is stuck in a blocking call.
+                signal.signal(sig, lambda signum, _: self._stop_requested(loop, signum))
             loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+        try:
+            code = await self._run()
+        finally:
+            if handle_signals:  # whatever asyncio or the interpreter still waits for
+                self.hard_stop.arm("the daemon's end")
+        return 1 if self.fatal else code
+
+    def _stop_requested(self, loop: asyncio.AbstractEventLoop, signum: int) -> None:
+        self.hard_stop.arm(signal.Signals(signum).name)
+        loop.call_soon_threadsafe(self.stop.set)
+
+    def _give_up(self, task: str, error: str) -> None:
+        """An essential task keeps failing: stop (gracefully, within the hard deadline)."""
+        self.fatal = f"task {task} keeps failing ({error})"
+        log.critical(
+            "task %s failed %d times in a row, the daemon cannot work without it: "
+            "stopping (exit 1). Last error: %s",
+            task,
+            MAX_FAILURES,
+            error,
+        )
+        sdnotify.status(f"stopping: {self.fatal}")
+        if self._owns_process:
+            self.hard_stop.arm(f"giving up on task {task}")
+        self.stop.set()
+
+    async def _run(self) -> int:
         log.info(
             "sandboxd starting",
             extra={
@@ -263,24 +294,36 @@ class Daemon:
     async def _run_root_tasks(self, redis: Redis, report: AdoptionReport) -> None:
         async with asyncio.timeout(None) as deadline:
             async with asyncio.TaskGroup() as group:
-                roots = {
-                    "reconciler": self.reconciler.run(),
-                    "heartbeat": self.heartbeat.run(),
-                    "leases": self.leases.run(),
-                    "health": self.monitor.run(),
-                    "janitor": self.janitor.run(),
-                    "keepalive": self.keepalive.run(),
-                    "nudges": _listen_for_nudges(redis, self.keys, self.reconciler),
-                    "metrics": self.metrics_server.run(),
-                    "event-tail": self.tail.run(),
-                    "samples": every(
+                roots: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+                    "reconciler": self.reconciler.run,
+                    "heartbeat": self.heartbeat.run,
+                    "leases": self.leases.run,
+                    "health": self.monitor.run,
+                    "janitor": self.janitor.run,
+                    "keepalive": self.keepalive.run,
+                    "nudges": lambda: _listen_for_nudges(redis, self.keys, self.reconciler),
+                    "metrics": self.metrics_server.run,
+                    "event-tail": self.tail.run,
+                    "samples": lambda: every(
                         lambda: self.config.sample_interval_s, self._sample, "samples not taken"
                     ),
-                    "mqtt": self.bridge.run(),
-                    "watchdog": self.watchdog.run(),
-                    "reloads": self._reloads(),
+                    "mqtt": self.bridge.run,
+                    "watchdog": self.watchdog.run,
+                    "reloads": self._reloads,
                 }
-                tasks = [group.create_task(_guarded(n, c), name=n) for n, c in roots.items()]
+                tasks = [
+                    group.create_task(
+                        supervise(
+                            name,
+                            start,
+                            events=self.events,
+                            essential=name in ESSENTIAL_TASKS,
+                            on_fatal=self._give_up,
+                        ),
+                        name=name,
+                    )
+                    for name, start in roots.items()
+                ]
                 await _first_of(self.reconciler.first_pass.wait(), self.stop.wait())
                 if not self.stop.is_set():
                     await self._announce_ready(report)

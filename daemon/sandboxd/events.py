@@ -62,8 +62,8 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "a sandbox is gone",
         "reason (scaled_down, drained, died, timeout, orphan, interrupted, shutdown, "
         "create_failed, released, lease_expired, reset_failed, unhealthy, idle_ttl, "
-        "stuck_creating, lost), state, error (reset_failed), detail (died, unhealthy), "
-        "claimant and claim_id (a claimed sandbox ended by timeout or health)",
+        "stuck_creating, lost, spec_changed), state, error (reset_failed), detail (died, "
+        "unhealthy), claimant and claim_id (a claimed sandbox ended by timeout or health)",
     ),
     "sandbox.leaked": (
         "the janitor found a sandbox of ours that Redis has no record of, and terminated it",

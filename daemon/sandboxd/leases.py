@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 
 from sandboxd.claims import ClaimStore
 from sandboxd.events import EventPublisher
-from sandboxd.redisconn import survive
+from sandboxd.redisconn import cancelling, survive, why
 from sandboxd.state import SandboxStore
 from sandboxd.terminator import Terminator
 
@@ -40,11 +40,13 @@ class LeaseKeeper:
                 except RedisError as exc:
                     if not survive(exc):
                         raise
-                    log.warning("lease check failed, Redis unavailable: %s", exc)
+                    log.warning("lease check failed, %s: %s", why(exc), exc)
                     expired = []
                 self._terminator.running.update(expired)  # before any other task looks
                 for sandbox_id in expired:
                     group.create_task(self._expire(sandbox_id), name=f"expire {sandbox_id}")
+                if cancelling():  # a cancel the Redis client swallowed mid-command
+                    raise asyncio.CancelledError
                 await asyncio.sleep(self._interval_s())
 
     async def _expire(self, sandbox_id: str) -> None:

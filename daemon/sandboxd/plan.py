@@ -25,6 +25,7 @@ class Observed:
     state: str
     created_ts: float
     health: str = "healthy"
+    build: str = ""  # the pool's build_id it was made from ("": unknown, never rolled over)
 
 
 @dataclass
@@ -102,10 +103,8 @@ def _pool_plan(
     over_cap = len(members) - len(gone) - spec.max_total
     usable = stale + fresh  # stale first: they are the first to go
     surplus = min(len(usable), max(len(usable) - target, over_cap, 0))
-    stale_ids = {s.id for s in stale}
-    result.terminate += [
-        (s.id, "idle_ttl" if s.id in stale_ids else "scaled_down") for s in usable[:surplus]
-    ]
+    why = {s.id: "spec_changed" if _outdated(spec, s) else "idle_ttl" for s in stale}
+    result.terminate += [(s.id, why.get(s.id, "scaled_down")) for s in usable[:surplus]]
     stale = stale[surplus:] if surplus < len(stale) else []
     # Sandboxes on their way to ready: new ones, and released ones that will be reset.
     coming = {"creating", "released", "resetting"} if spec.reuse == "reset" else {"creating"}
@@ -116,7 +115,7 @@ def _pool_plan(
     missing = target - (len(usable) - surplus - len(batch)) - pending
     room = spec.max_total - (len(members) - len(result.terminate))
     if batch and room <= 0:  # at the cap: no room to make first, so break first
-        result.terminate += [(s.id, "idle_ttl") for s in batch]
+        result.terminate += [(s.id, why[s.id]) for s in batch]
         room += len(batch)
     result.wanted = max(0, min(missing, room))
     return result
@@ -138,12 +137,21 @@ def _doomed(spec: PoolSpec, members: list[Observed], now: float) -> list[tuple[s
 def _by_idle_age(
     spec: PoolSpec, ready: list[Observed], now: float
 ) -> tuple[list[Observed], list[Observed]]:
-    """(past the pool's recycle age, the rest), each oldest first."""
+    """(past the pool's recycle age or made from an older build of the pool, the rest),
+    each oldest first."""
     ttl = spec.recycle_after_s()
-    if ttl is None:
+    if ttl is None and not any(_outdated(spec, s) for s in ready):
         return [], ready
-    stale = [s for s in ready if now - s.created_ts > ttl]
-    return stale, [s for s in ready if now - s.created_ts <= ttl]
+    stale = [
+        s for s in ready if _outdated(spec, s) or (ttl is not None and now - s.created_ts > ttl)
+    ]
+    gone = {s.id for s in stale}
+    return stale, [s for s in ready if s.id not in gone]
+
+
+def _outdated(spec: PoolSpec, sandbox: Observed) -> bool:
+    """Made from another env, template, size... than the pool's now (`PoolSpec.build_id`)."""
+    return bool(sandbox.build) and sandbox.build != spec.build_id
 
 
 def _provider(specs: Mapping[str, PoolSpec], pool: str) -> str | None:

@@ -205,7 +205,9 @@ class Reconciler:
         self.recoveries.forget(set(specs))
         limits = {name: pace.limit(now) for name, pace in pacing.items()}
         slots = self._config.max_concurrent_creates - len(self.creator.inflight)
-        observed = [Observed(r.id, r.pool, r.state, r.created_ts, r.health) for r in records]
+        observed = [
+            Observed(r.id, r.pool, r.state, r.created_ts, r.health, r.build) for r in records
+        ]
         provider_slots = self._provider_slots(records)
         plans = plan(
             pools,

@@ -82,6 +82,14 @@ def cancelling() -> bool:
     return bool(task and task.cancelling())
 
 
+def why(exc: BaseException) -> str:
+    """How a loop that outlived `exc` names it: a key holding another type than a command
+    wanted is bad data (repaired by the reconciler), not an outage."""
+    if "WRONGTYPE" in str(exc):
+        return "a key holds the wrong type"
+    return "Redis unavailable"
+
+
 def survive(exc: BaseException) -> bool:
     """May a loop that outlives Redis errors go on after `exc`? Not while being cancelled."""
     global survived_errors
@@ -102,7 +110,7 @@ async def every(
         except RedisError as exc:
             if not survive(exc):
                 raise
-            log.warning("%s, Redis unavailable: %s", failed, exc)
+            log.warning("%s, %s: %s", failed, why(exc), exc)
         if cancelling():  # a cancel the Redis client swallowed mid-command
             raise asyncio.CancelledError
         await asyncio.sleep(interval_s() if callable(interval_s) else interval_s)
@@ -120,7 +128,7 @@ async def forever(step: Callable[[], Awaitable[Any]], failed: str) -> None:
             if not survive(exc):
                 raise
             delay = min(5.0, max(0.2, delay * 2))
-            log.warning("%s, Redis unavailable: %s", failed, exc)
+            log.warning("%s, %s: %s", failed, why(exc), exc)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         if cancelling():
             raise asyncio.CancelledError

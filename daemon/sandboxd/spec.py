@@ -1,6 +1,9 @@
 """The desired state: pools of sandboxes, as operators write it into Redis."""
 
+import hashlib
+import json
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
@@ -14,6 +17,19 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
 # $HOME and $TMPDIR, not /workspace and /tmp: without bubblewrap those are the host's own.
 DEFAULT_RESET = 'find "$HOME" "$TMPDIR" -mindepth 1 -delete'
+# The fields a sandbox is made from: changing one rolls the pool's ready sandboxes over.
+BUILD_FIELDS = (
+    "provider",
+    "template",
+    "env",
+    "network",
+    "cpu",
+    "memory_mb",
+    "pids_max",
+    "disk_mb",
+    "security",
+    "run",
+)
 
 
 class HealthSpec(BaseModel):
@@ -193,6 +209,14 @@ class PoolSpec(BaseModel):
         le=86400,
         description="A window's start or end moves the sizes linearly over this many seconds.",
     )
+
+    @cached_property
+    def build_id(self) -> str:
+        """What a sandbox of this pool is made from (`BUILD_FIELDS`), as a short hash: a
+        ready sandbox of another build was made from an older spec and is rolled over."""
+        shape = self.model_dump(mode="json", include=set(BUILD_FIELDS))
+        text = json.dumps(shape, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def e2b_settings(self) -> E2BPoolSpec:

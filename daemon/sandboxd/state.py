@@ -107,6 +107,9 @@ class SandboxRecord(BaseModel):
     ready_at: str = ""
     template: str
     spec_revision: int
+    build: str = Field(
+        default="", description="The pool's `build_id` it was made from (a change rolls it over)."
+    )
     instance: str = Field(description="The daemon instance that created it.")
     handle: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
     claimant: str = Field(default="", description="Who holds the claim (client-chosen name).")
