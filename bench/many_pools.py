@@ -51,24 +51,36 @@ async def wait_in_force(redis: Redis, revision: int, n: int) -> float:
         await asyncio.sleep(0.1)
 
 
-async def write_calls(redis: Redis) -> int:
+async def redis_counters(redis: Redis) -> tuple[int, int]:
+    """(write commands so far, bytes received from clients so far)."""
     stats = await redis.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in WRITES)
+    writes = sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in WRITES)
+    return writes, int((await redis.info("stats"))["total_net_input_bytes"])
 
 
 async def idle(redis: Redis, pid: int, seconds: float) -> dict[str, list[float]]:
-    """Per second: the daemon's CPU %, RSS (MB), heartbeat bytes; writes per second."""
+    """Per second: the daemon's CPU %, RSS (MB), heartbeat bytes; over the window: mean
+    CPU %, Redis write commands and bytes received per second."""
     proc = psutil.Process(pid)
     proc.cpu_percent(None)
     cpu, rss, beat = [], [], []
-    writes_before, t0 = await write_calls(redis), time.monotonic()
+    (writes0, bytes0), t0, cpu0 = await redis_counters(redis), time.monotonic(), proc.cpu_times()
     for _ in range(int(seconds)):
         await asyncio.sleep(1.0)
         cpu.append(proc.cpu_percent(None))
         rss.append(proc.memory_info().rss / 1e6)
         beat.append(float(await redis.strlen(KEYS.daemon)))
-    writes = (await write_calls(redis) - writes_before) / (time.monotonic() - t0)
-    return {"cpu": cpu, "rss": rss, "beat": beat, "writes": [writes]}
+    elapsed, cpu1 = time.monotonic() - t0, proc.cpu_times()
+    writes1, bytes1 = await redis_counters(redis)
+    used = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+    return {
+        "cpu": cpu,
+        "cpu_mean": [used / elapsed * 100],
+        "rss": rss,
+        "beat": beat,
+        "writes": [(writes1 - writes0) / elapsed],
+        "in_bytes": [(bytes1 - bytes0) / elapsed],
+    }
 
 
 def cli_status(url: str, runs: int) -> list[float]:
@@ -134,10 +146,12 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, list[float]]:
 
 def report(n: int, f: dict[str, list[float]]) -> None:
     print(f"-- {n} pools (in force {f['applied'][0] / 1000:.1f} s after apply)")
-    print(line("daemon idle CPU", f["cpu"], "%"))
+    print(line("daemon idle CPU (per second)", f["cpu"], "%"))
+    print(f"{'daemon idle CPU (whole window)':<40} mean {f['cpu_mean'][0]:8.3f} %")
     print(line("daemon RSS", f["rss"], "MB"))
     print(line("heartbeat value", f["beat"], "B"))
-    print(f"{'Redis writes by the daemon':<40} {f['writes'][0]:8.1f} /s")
+    print(f"{'Redis write commands':<40} {f['writes'][0]:8.1f} /s")
+    print(f"{'Redis bytes received':<40} {f['in_bytes'][0] / 1e3:8.1f} kB/s")
     print(line("`sandboxd status` (CLI process)", f["cli"]))
     print(line("StateView.status() in process", f["view"]))
 
@@ -161,7 +175,13 @@ def main() -> None:
     report(args.baseline_pools, base)
     report(args.pools, many)
     print(f"-- ratio {args.pools} pools / {args.baseline_pools} pools (medians)")
-    for key, what in (("cpu", "idle CPU"), ("beat", "heartbeat"), ("cli", "CLI status")):
+    for key, what in (
+        ("cpu_mean", "idle CPU (window mean)"),
+        ("beat", "heartbeat"),
+        ("in_bytes", "Redis bytes received"),
+        ("cli", "CLI status"),
+        ("view", "StateView.status()"),
+    ):
         ratio = statistics.median(many[key]) / max(statistics.median(base[key]), 1e-9)
         print(f"{what:<40} {ratio:8.1f}x")
     ratio = statistics.median(many["view"]) / statistics.median(base["ping"])

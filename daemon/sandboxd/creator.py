@@ -66,10 +66,13 @@ class Creator:
     def pace(self, pools: list[PoolSpec]) -> dict[str, PoolPacing]:
         """The pacing of every pool in the spec, created or reconfigured."""
         for spec in pools:
-            if spec.name in self.pacing:
-                self.pacing[spec.name].reconfigure(spec)
-            else:
+            pacing = self.pacing.get(spec.name)
+            if pacing is None:
                 self.pacing[spec.name] = PoolPacing(spec)
+            elif pacing.spec is not spec:  # the same spec object: nothing to reconfigure
+                pacing.reconfigure(spec)
+        if len(self.pacing) == len(pools):  # every pool has one, so none is gone
+            return self.pacing
         for gone in self.pacing.keys() - {p.name for p in pools}:
             if not self.pacing[gone].inflight:
                 del self.pacing[gone]
@@ -86,10 +89,10 @@ class Creator:
             state="creating",
             template=spec.template,
             spec_revision=revision,
+            build=spec.build_id,
             instance=self._instance,
             replaces=recovery.old if recovery else "",
         )
-            build=spec.build_id,
         self.inflight.add(record.id)
         try:
             await self._store.add(record)
