@@ -22,7 +22,7 @@ from sandboxd.events import EventPublisher
 from sandboxd.pacing import PoolPacing
 from sandboxd.providers import Provider
 from sandboxd.recovery import Pending, Recoveries
-from sandboxd.redisconn import survive
+from sandboxd.redisconn import survive, why
 from sandboxd.spec import PoolSpec
 from sandboxd.state import SandboxRecord, SandboxStore
 
@@ -136,7 +136,8 @@ class Creator:
             if not survive(exc):
                 raise
             log.warning(
-                "create abandoned, Redis unavailable: %s",
+                "create abandoned, %s: %s",
+                why(exc),
                 exc,
                 extra={"sandbox": record.id, "pool": record.pool},
             )

@@ -32,7 +32,7 @@ from sandboxd.mqttbridge import MqttBridge
 from sandboxd.poolfacts import PoolFacts
 from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
 from sandboxd.reconciler import Reconciler
-from sandboxd.redisconn import every, make_client, survive, wait_for_redis
+from sandboxd.redisconn import every, make_client, survive, wait_for_redis, why
 from sandboxd.reload import reload
 from sandboxd.resources import ResourceSampler
 from sandboxd.schedule import PoolSchedules
@@ -282,7 +282,7 @@ class Daemon:
             except RedisError as exc:  # applied all the same; only the event was lost
                 if not survive(exc):
                     raise
-                log.warning("reload event not published, Redis unavailable: %s", exc)
+                log.warning("reload event not published, %s: %s", why(exc), exc)
                 continue
             if {"metrics_listen"} & set(applied):
                 self.metrics_server.reconfigure()

@@ -151,7 +151,7 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "a value in Redis could not be used (not UTF-8, too deep, a wrong-typed field or "
         "key): a sandbox record is quarantined (closed, its sandbox terminated through the "
         "provider's own registry), a derived key is rebuilt, the spec in force stays",
-        "key, field, reason, type (when the key holds the wrong type), action",
+        "key, field, reason, key_type (when the key holds the wrong type), action",
     ),
     "state.repaired": (
         "a structure derived from the records (ready list, member set, lease index, the "

@@ -20,7 +20,7 @@ from sandboxd.events import EventPublisher, now_rfc3339
 from sandboxd.health import SandboxHealth, assess, pool_state, program_failed
 from sandboxd.providers import Provider
 from sandboxd.providers.base import Probe
-from sandboxd.redisconn import survive
+from sandboxd.redisconn import survive, why
 from sandboxd.spec import PoolSpec
 from sandboxd.state import SandboxRecord, SandboxStore
 
@@ -132,7 +132,7 @@ class HealthMonitor:
         except RedisError as exc:
             if not survive(exc):
                 raise
-            log.warning("probe result not recorded, Redis unavailable: %s", exc)
+            log.warning("probe result not recorded, %s: %s", why(exc), exc)
         except Exception:  # a bug in one probe must not stop the monitoring of all
             log.exception("probe failed", extra={"sandbox": sandbox_id})
         finally:

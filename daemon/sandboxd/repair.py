@@ -214,7 +214,7 @@ class Quarantine:
             key=key,
             field=field,
             reason=item.reason,
-            type=item.kind,
+            key_type=item.kind,
             action=action,
         )
 
@@ -304,7 +304,7 @@ class Healer:
             found = await self._rebuild_ids()
             action = f"deleted; {found} ids found again from the records"
         await self._events.publish(
-            "state.corrupt", key=key, field="", reason=reason, type=kind, action=action
+            "state.corrupt", key=key, field="", reason=reason, key_type=kind, action=action
         )
 
     async def _rebuild_ids(self) -> int:

@@ -98,7 +98,7 @@ class SpecSource:
             key=key,
             field="",
             reason=reason,
-            type=kind,
+            key_type=kind,
             action=f"spec revision {self.revision} stays in force",
         )
 
