@@ -43,15 +43,28 @@ class Keepalive:
         self._expires: dict[str, float] = {}  # sandbox id -> when its timeout ends (unix s)
         self._lease: dict[str, int] = {}  # sandbox id -> the lease its timeout was set to
         self.extended = 0
+        self._doc: object = None  # the spec document the three below were computed from
+        self._by_name: dict[str, PoolSpec] = {}
+        self._timeouts: list[float] = []  # of the E2B pools
+        self._relevant = False  # any pool of a provider with timeouts
 
     def _pools(self) -> dict[str, PoolSpec]:
+        """The pools in force by name, computed once per spec document (not per round:
+        with thousands of pools that would be most of an idle daemon's work)."""
         doc = self._specs.in_force
-        return {p.name: p for p in doc.pools} if doc else {}
+        if doc is not self._doc:
+            self._doc = doc
+            pools = list(doc.pools) if doc else []
+            self._by_name = {p.name: p for p in pools}
+            self._timeouts = [p.e2b_settings.timeout_s for p in pools if p.provider == "e2b"]
+            self._relevant = any(p.provider in self._providers for p in pools)
+        return self._by_name
 
     def interval_s(self) -> float:
         """A quarter of the shortest timeout, so there are two tries before half is gone;
         without such pools, soon enough to notice a new one before its first half is up."""
-        timeouts = [p.e2b_settings.timeout_s for p in self._pools().values() if p.provider == "e2b"]
+        self._pools()
+        timeouts = self._timeouts
         return min([MAX_INTERVAL_S] + [t / 4 for t in timeouts]) if timeouts else IDLE_TICK_S
 
     async def run(self) -> None:
@@ -59,7 +72,7 @@ class Keepalive:
 
     async def once(self) -> None:
         pools = self._pools()
-        if not self._providers or not any(p.provider in self._providers for p in pools.values()):
+        if not self._providers or not self._relevant:
             return
         records = [r for r in await self._store.records() if r.provider in self._providers]
         for record in records:
