@@ -46,10 +46,13 @@ async def cold(fake: FakeE2B, rounds: int) -> list[float]:
     return out
 
 
-async def claimed(url: str, pool: str, rounds: int) -> tuple[list[float], list[float]]:
+async def claimed(
+    url: str, pool: str, rounds: int, e2b_url: str
+) -> tuple[list[float], list[float]]:
     redis = Redis.from_url(url, decode_responses=True)
     total, connect = [], []
-    async with Client(redis, credentials={"e2b": KEY}) as client:
+    endpoints = {"e2b": {"api_url": e2b_url, "sandbox_url": e2b_url}}
+    async with Client(redis, credentials={"e2b": KEY}, endpoints=endpoints) as client:
         for _ in range(rounds):
             await wait_ready(redis, pool, 3)
             t0 = time.perf_counter()
@@ -86,8 +89,8 @@ async def main(rounds: int) -> None:
             ]
             await SpecStore(redis, Keys()).apply(Spec.model_validate({"pools": pools}))
             await redis.aclose()
-            warm, _ = await claimed(url, "warm", rounds)
-            paused, resume = await claimed(url, "paused", rounds)
+            warm, _ = await claimed(url, "warm", rounds, fake.url)
+            paused, resume = await claimed(url, "paused", rounds, fake.url)
     print(line("cold create + first command (baseline)", baseline))
     print(line("claim warm + first command", warm))
     print(line("claim paused + resume + first command", paused))

@@ -46,6 +46,7 @@ def _client(config: Config, redis: Redis, owner: str | None = None) -> Client:
         owner=owner,
         event_stream_maxlen=config.event_stream_maxlen,
         credentials=_credentials(config),
+        endpoints={"e2b": config.e2b.endpoints()},
     )
 
 

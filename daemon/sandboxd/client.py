@@ -83,7 +83,9 @@ class Sandbox:
             self._connection = connect(
                 self.provider,
                 self.connection_info,
+                sandbox_id=self.id,
                 credentials=self._client.credentials,
+                endpoints=self._client.endpoints,
                 lease_expires_ms=self.lease_expires_ms,
             )
         return self._connection
@@ -170,9 +172,12 @@ class Client:
         event_stream_maxlen: int = 100_000,
         owns_redis: bool = False,
         credentials: dict[str, str] | None = None,
+        endpoints: dict[str, dict[str, str]] | None = None,
     ):
         """`credentials`: provider name -> API key for reaching its sandboxes (e2b: else
-        E2B_API_KEY)."""
+        E2B_API_KEY). `endpoints`: provider name -> its endpoints (e2b: `api_url`, `domain`,
+        `sandbox_url`; else the SDK's defaults and E2B_* variables). Both are the client's
+        own: what a sandbox record says is never used for them."""
         self._redis = redis
         self._keys = Keys(prefix)
         self._claims = ClaimStore(redis, self._keys, maxlen=event_stream_maxlen)
@@ -180,6 +185,7 @@ class Client:
         self.default_wait_s = default_wait_s
         self._owns_redis = owns_redis
         self.credentials = credentials or {}
+        self.endpoints = endpoints or {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "Client":

@@ -1,11 +1,12 @@
 """Daemon configuration: a TOML file overridden by SANDBOXD_* environment variables."""
 
+import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,12 +82,14 @@ class LocalProviderConfig(BaseModel):
         description="Interpreter of the in-sandbox agent (standard library only). Default "
         "/usr/bin/python3 when present (readable by the sandbox uids), else the daemon's own.",
     )
-    uid_base: int = Field(
-        default=1_000_000_000,
+    uid_base: int | None = Field(
+        default=None,
         ge=1000,
-        le=4_000_000_000,
+        le=2_000_000_000,
         description="First host uid (and gid) of the range local sandboxes run as: one uid per "
-        "sandbox, never root, never a user of this host.",
+        "sandbox, never root, never a user of this host. Default: 1000000000 plus a multiple "
+        "of 65536 derived from workspace_root, so daemons with different registries on one "
+        "host never share a uid.",
     )
     uid_count: int = Field(
         default=65536, ge=1, le=10_000_000, description="Size of that range (sandboxes at once)."
@@ -96,11 +99,12 @@ class LocalProviderConfig(BaseModel):
         description="Where the cgroup hierarchies are mounted (v2: the unified mount; v1: a "
         "directory with one mount per controller).",
     )
-    cgroup_name: str = Field(
-        default="sandboxd",
+    cgroup_name: str | None = Field(
+        default=None,
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="cgroup v1: the group under each of the pids, memory and cpu hierarchies "
-        "that holds one child per sandbox.",
+        "that holds one child per sandbox. Default: sandboxd-<hash of workspace_root>, so "
+        "daemons with different registries never share one.",
     )
     cgroup_parent: Path | None = Field(
         default=None,
@@ -108,6 +112,25 @@ class LocalProviderConfig(BaseModel):
         "(default: the daemon's own, with Delegate=yes in the unit).",
     )
     templates: dict[str, LocalTemplate] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _uids_below_2_31(self) -> "LocalProviderConfig":
+        if self.uid_base is not None and self.uid_base + self.uid_count > 2**31 - 1:
+            raise ValueError("uid_base + uid_count must stay below 2**31 (bubblewrap's limit)")
+        return self
+
+    def _registry_hash(self) -> int:
+        digest = hashlib.sha256(str(self.workspace_root.absolute()).encode()).hexdigest()
+        return int(digest[:12], 16)
+
+    def first_uid(self) -> int:
+        if self.uid_base is not None:
+            return self.uid_base
+        # Below 2**31: bubblewrap writes uid maps as signed ints.
+        return 1_000_000_000 + (self._registry_hash() % 16_000) * 65_536
+
+    def cgroup_group(self) -> str:
+        return self.cgroup_name or f"sandboxd-{self._registry_hash() % 16**8:08x}"
 
     def all_templates(self) -> dict[str, LocalTemplate]:
         """Configured templates plus the built-in `base` (which a config may override)."""
@@ -152,6 +175,11 @@ class E2BProviderConfig(BaseModel):
     list_interval_s: float = Field(
         default=5.0, gt=0, description="Listing age that liveness checks may rely on."
     )
+
+    def endpoints(self) -> dict[str, str]:
+        """The configured endpoints (api_url, sandbox_url, domain), for the SDK."""
+        values = {"api_url": self.api_url, "sandbox_url": self.sandbox_url, "domain": self.domain}
+        return {name: value for name, value in values.items() if value is not None}
 
     def resolve_api_key(self) -> str | None:
         """api_key_file, else api_key, else E2B_API_KEY."""

@@ -21,9 +21,20 @@ ENDPOINTS = ("api_url", "sandbox_url", "domain")  # non-secret settings a handle
 
 
 class E2BConnection:
-    def __init__(self, handle: dict[str, Any], *, api_key: str | None, lease_expires_ms: int):
+    def __init__(
+        self,
+        handle: dict[str, Any],
+        *,
+        api_key: str | None,
+        lease_expires_ms: int,
+        endpoints: dict[str, str] | None = None,
+    ):
+        """`endpoints`: the client's own E2B endpoints (else the SDK's defaults and E2B_*
+        variables); a handle's are never used, since a Redis writer could forge them."""
         self._handle = handle
-        self._opts: dict[str, Any] = {name: handle[name] for name in ENDPOINTS if name in handle}
+        self._opts: dict[str, Any] = {
+            name: value for name, value in (endpoints or {}).items() if name in ENDPOINTS
+        }
         if api_key:
             self._opts["api_key"] = api_key  # else the SDK reads E2B_API_KEY
         self._lease_expires_ms = lease_expires_ms

@@ -427,8 +427,16 @@ def diff_specs(old: Spec | None, new: Spec) -> list[str]:
     for name in new_pools.keys() & old_pools.keys():
         before, after = old_pools[name].model_dump(), new_pools[name].model_dump()
         lines += [
-            f"~ pool {name}: {key} {before[key]!r} -> {after[key]!r}"
+            f"~ pool {name}: {key} {_shown(key, before[key])} -> {_shown(key, after[key])}"
             for key in after
             if before[key] != after[key]
         ]
     return sorted(lines, key=lambda line: line[2:])
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value for a diff line, which reaches logs, events and every client: env values may
+    be secrets, so env shows its names and which values changed, never the values."""
+    if key == "env" and isinstance(value, dict):
+        return "{" + ", ".join(f"{name!r}: '***'" for name in sorted(value)) + "}"
+    return repr(value)

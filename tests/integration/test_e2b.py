@@ -25,6 +25,11 @@ def e2b_settings(fake, **extra) -> dict:
     return {"api_url": fake.url, "sandbox_url": fake.url, "list_interval_s": 0.5, **extra}
 
 
+def client_endpoints(fake) -> dict:
+    """A client's own E2B endpoints (a record's are never used)."""
+    return {"e2b": {"api_url": fake.url, "sandbox_url": fake.url}}
+
+
 async def records(redis, pool: str) -> list:
     return [r for r in await SandboxStore(redis, KEYS).records() if r.pool == pool]
 
@@ -64,7 +69,9 @@ async def test_claims_of_an_e2b_pool_work_as_for_local_pools(fake_e2b, redis, em
     await wait_ready(redis, "cloud", 2)
 
     async with (
-        Client(redis, credentials={"e2b": E2B_TEST_KEY}) as client,
+        Client(
+            redis, credentials={"e2b": E2B_TEST_KEY}, endpoints=client_endpoints(fake_e2b)
+        ) as client,
         client.claim("cloud", lease_s=90) as sandbox,
     ):
         result = await sandbox.exec(["python3", "-c", "import sys; print(6*7, file=sys.stderr)"])
@@ -353,7 +360,9 @@ async def test_idle_pause_keeps_ready_sandboxes_paused_until_a_claim_resumes_one
     assert set(await wait_ready(redis, "cloud", 2)) == ids
 
     async with (
-        Client(redis, credentials={"e2b": E2B_TEST_KEY}) as client,
+        Client(
+            redis, credentials={"e2b": E2B_TEST_KEY}, endpoints=client_endpoints(fake_e2b)
+        ) as client,
         client.claim("cloud", lease_s=90) as sandbox,
     ):
         assert (await sandbox.exec("echo awake")).stdout == b"awake\n"

@@ -117,8 +117,10 @@ SYSCALL = """
 import ctypes, errno, sys
 libc = ctypes.CDLL(None, use_errno=True)
 numbers = {"keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
-           "kexec_load": 246, "init_module": 175, "unshare": 272, "ptrace": 101}
-args = {"unshare": (0x10000000,), "ptrace": (16, 1, 0, 0)}  # CLONE_NEWUSER; ATTACH to pid 1
+           "kexec_load": 246, "init_module": 175, "unshare": 272, "ptrace": 101,
+           "io_uring_setup": 425, "socket": 41}
+args = {"unshare": (0x10000000,), "ptrace": (16, 1, 0, 0),  # CLONE_NEWUSER; ATTACH to pid 1
+        "io_uring_setup": (1, 0), "socket": (40, 1, 0)}  # AF_VSOCK
 for name in sys.argv[1:]:
     rc = libc.syscall(numbers[name], *args.get(name, (0, 0, 0, 0)))
     print(name, errno.errorcode.get(ctypes.get_errno(), "OK") if rc < 0 else "OK")
@@ -130,10 +132,10 @@ for name in sys.argv[1:]:
 async def test_seccomp_denies_what_a_code_sandbox_never_needs_and_allows_per_pool(boxes):
     _, client = await boxes()
     names = ["keyctl", "bpf", "perf_event_open", "userfaultfd", "kexec_load", "init_module"]
-    names += ["unshare", "ptrace"]
-    result = await client.exec(["python3", "-c", SYSCALL, *names], timeout=20)
+    names += ["unshare", "ptrace", "io_uring_setup"]
+    result = await client.exec(["python3", "-c", SYSCALL, *names, "socket"], timeout=20)
     answers = dict(line.split() for line in result.stdout.decode().splitlines())
-    assert answers == dict.fromkeys(names, "EPERM")
+    assert answers == {**dict.fromkeys(names, "EPERM"), "socket": "EAFNOSUPPORT"}
     # A pool opts in: keyctl is then the kernel's to answer (not the filter's EPERM).
     _, allowed = await boxes("sb-allow", security={"allow_syscalls": ["keyctl"]})
     result = await allowed.exec(["python3", "-c", SYSCALL, "keyctl", "bpf"], timeout=20)
@@ -452,7 +454,12 @@ async def test_registry_survives_a_new_provider_and_lists_only_its_own(boxes, tm
 
 async def test_clients_refuse_a_socket_a_record_names_unless_it_is_sandboxds(boxes, tmp_path):
     handle, _ = await boxes("sb-client")
-    assert trusted_socket(handle["socket"]) == handle["socket"]
+    other, _ = await boxes("sb-other")
+    assert trusted_socket(handle["socket"], "sb-client") == handle["socket"]
+    # A record of sb-client naming sb-other's (real, root-owned) socket: refused, or the
+    # client's command and secrets would run in the other tenant's sandbox.
+    with pytest.raises(UnreachableSandbox):
+        connect("local", {"socket": other["socket"]}, sandbox_id="sb-client")
     elsewhere = tmp_path / "open"
     elsewhere.mkdir(mode=0o777)
     elsewhere.chmod(0o777)
@@ -463,4 +470,37 @@ async def test_clients_refuse_a_socket_a_record_names_unless_it_is_sandboxds(box
         link.symlink_to(handle["socket"])
         for path in (str(planted), str(link), "/etc/passwd", "relative/agent.sock", None):
             with pytest.raises(UnreachableSandbox):
-                connect("local", {"socket": path})
+                connect("local", {"socket": path}, sandbox_id="sb-client")
+
+
+async def test_a_reused_launcher_pid_is_never_killed(boxes):
+    """The sandbox's launcher exits with it; its pid may then belong to anything. The
+    registry's start time decides, so a process that got that pid survives a terminate."""
+    handle, _ = await boxes("sb-reuse")
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        meta = boxes.provider.root / "sb-reuse" / "meta.json"
+        entry = json.loads(meta.read_text())
+        entry["launcher_pid"] = victim.pid  # as if the kernel handed the pid out again
+        meta.write_text(json.dumps(entry))
+        await boxes.provider.kill("sb-reuse", handle)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@needs_bwrap
+@needs_root
+async def test_another_registry_never_touches_this_ones_sandboxes_or_cgroups(boxes, tmp_path):
+    handle, client = await boxes("sb-mine")
+    mine = boxes.provider
+    other = provider_for(tmp_path / "elsewhere", cgroup_name=mine._config.cgroup_group())
+    await other.terminate("sb-mine", handle)  # as a forged lease in the other's Redis would
+    await other.kill("sb-mine", handle)
+    assert await mine.is_alive("sb-mine", handle) and (await client.ping())["ok"]
+    assert mine._cgroups is not None and mine._cgroups.exists("sb-mine")
+    # By default two registries get different uid ranges and cgroups.
+    defaults = provider_for(tmp_path / "third")
+    assert defaults._config.first_uid() != mine._config.first_uid()
+    assert defaults._config.cgroup_group() != mine._config.cgroup_group()

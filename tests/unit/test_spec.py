@@ -129,3 +129,13 @@ def test_valid_specs_round_trip_through_json(names):
     ]
     spec = Spec.model_validate({"pools": pools})
     assert Spec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_a_diff_names_env_variables_but_never_shows_their_values():
+    from sandboxd.spec import Spec, diff_specs
+
+    old = Spec(pools=[PoolSpec(name="p", env={"TOKEN": "s3cret", "MODE": "a"})])
+    new = Spec(pools=[PoolSpec(name="p", env={"TOKEN": "s3cret-v2", "MODE": "a"})])
+    lines = diff_specs(old, new)
+    assert lines and "TOKEN" in lines[0]
+    assert "s3cret" not in "\n".join(lines)

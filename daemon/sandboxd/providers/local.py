@@ -147,7 +147,7 @@ class LocalProvider:
             weak.append("cgroup limits switched off (local.disable): rlimits per process only")
             return weak
         cgroups = Cgroups.detect(
-            self._config.cgroup_name, self._config.cgroup_parent, self._config.cgroup_root
+            self._config.cgroup_group(), self._config.cgroup_parent, self._config.cgroup_root
         )
         if isinstance(cgroups, str):
             weak.append(f"no cgroup limits ({cgroups}): rlimits per process only")
@@ -157,15 +157,16 @@ class LocalProvider:
 
     def _userns_works(self) -> bool:
         """Can bubblewrap, run as a sandbox uid, make a user namespace with its own proc?"""
-        uid = str(self._config.uid_base)
+        uid = str(self._config.first_uid())
         argv = [self._setpriv or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         argv += ["--", self._bwrap or "bwrap", "--unshare-user", "--uid", "0", "--gid", "0"]
         argv += ["--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
         try:
             done = subprocess.run(
-                self._launcher("sandboxd-check", [], argv), capture_output=True, timeout=10, cwd="/"
+                self._launcher("sandboxd-check", [], argv), capture_output=True, timeout=60, cwd="/"
             )
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("bubblewrap with a user namespace could not be tried: %s", exc)
             return False
         if done.returncode != 0:
             log.warning("bubblewrap with a user namespace failed: %s", done.stderr[-300:])
@@ -191,7 +192,7 @@ class LocalProvider:
         return {
             "isolation": self.isolation,
             "limits": self.limits,
-            "uids": f"{self._config.uid_base}+{self._config.uid_count}"
+            "uids": f"{self._config.first_uid()}+{self._config.uid_count}"
             if self._drop_uid
             else "daemon's own",
             "weaknesses": list(self.weaknesses),
@@ -242,7 +243,8 @@ class LocalProvider:
         if entry and isinstance(entry.get("uid"), int):
             return entry["uid"]
         used = self._used_uids()
-        for uid in range(self._config.uid_base, self._config.uid_base + self._config.uid_count):
+        first = self._config.first_uid()
+        for uid in range(first, first + self._config.uid_count):
             if uid not in used:
                 return uid
         raise CreateError("no free sandbox uid left in local.uid_base/uid_count", retryable=True)
@@ -293,7 +295,8 @@ class LocalProvider:
             _private_dir(box)
             # Claim the uid at once: a concurrent create must not pick it too.
             _write_private_json(
-                box / "meta.json", {"id": sandbox_id, "pool": pool.name, "uid": uid}
+                box / "meta.json",
+                {"id": sandbox_id, "pool": pool.name, "uid": uid, "cgroup": bool(self._cgroups)},
             )
         inside = self._bwrap is not None
         limits = "none"
@@ -356,6 +359,7 @@ class LocalProvider:
             "pid": pid,
             "create_time": psutil.Process(pid).create_time(),
             "launcher_pid": proc.pid,
+            "launcher_create_time": _create_time(proc.pid),
             "cgroup": bool(self._cgroups),
             "isolation": self.isolation,
             "limits": limits,
@@ -507,13 +511,19 @@ class LocalProvider:
 
     def _kill_all(self, sandbox_id: str) -> None:
         entry = self._entry(sandbox_id)
-        if self._cgroups and (entry is None or entry.get("cgroup")):
-            if self._cgroups.exists(sandbox_id):
-                self._cgroups.kill(sandbox_id)
-        if entry is None:
+        if entry is None:  # not ours: no process, no cgroup of it is touched
             return
+        if self._cgroups and entry.get("cgroup") and self._cgroups.exists(sandbox_id):
+            self._cgroups.kill(sandbox_id)
         procs = _live_tree(entry)
-        launcher = _same_process(entry.get("launcher_pid"), None)
+        # The launcher (bubblewrap's parent) only if it is still that process: its pid may
+        # have been reused since it exited.
+        started = entry.get("launcher_create_time")
+        launcher = (
+            _same_process(entry.get("launcher_pid"), started)
+            if isinstance(started, (int, float))
+            else None
+        )
         if launcher is not None:
             procs.append(launcher)
         for proc in procs:
@@ -528,8 +538,11 @@ class LocalProvider:
                 "not a sandbox id; nothing terminated", extra={"sandbox": str(sandbox_id)[:80]}
             )
             return
+        if self._entry(sandbox_id) is None and not await asyncio.to_thread(os.path.lexists, box):
+            return  # nothing of ours by that id
         await self.kill(sandbox_id, handle)
-        if self._cgroups:
+        entry = self._entry(sandbox_id)
+        if self._cgroups and (entry or {}).get("cgroup"):
             self._cgroups.remove(sandbox_id)
         await asyncio.to_thread(_remove_box, self.root, box)
 
@@ -810,6 +823,13 @@ def _check_detail(check: dict[str, Any] | None, timeout: float) -> str:
 def _process(entry: dict[str, Any]) -> psutil.Process | None:
     """The sandbox's first process, if it is still the same process (pids get reused)."""
     return _same_process(entry.get("pid"), entry.get("create_time"))
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def _same_process(pid: Any, create_time: Any) -> psutil.Process | None:

@@ -9,7 +9,9 @@ mount call (the mounts are set up before the filter), reboot, swap, clock settin
 ports, ptrace ATTACH/SEIZE of processes the tracer did not start (strace or gdb of a child
 still work), reading or writing other processes' memory, setns, and new user namespaces
 (unshare/clone with CLONE_NEWUSER; clone3 answers ENOSYS so that libc falls back to clone,
-whose flags a filter can see). Denied calls fail with EPERM. The full list is `DENIED`.
+whose flags a filter can see), io_uring (its own path around this filter), and AF_VSOCK
+sockets (not namespaced: they reach the hypervisor's services when the host is a VM). Denied
+calls fail with EPERM (vsock: EAFNOSUPPORT). The full list is `DENIED`.
 
 A pool adds an allowance with `security.allow_syscalls` (names from the table) and allows
 nested user namespaces with `security.nested_userns: true` (rootless containers inside the
@@ -66,11 +68,15 @@ DENIED: tuple[str, ...] = (
     "open_by_handle_at",
     "name_to_handle_at",
     "setns",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
 )
 # Denied only with some arguments; allowable by name like the others.
 PTRACE_ATTACH, PTRACE_SEIZE = 16, 0x4206
 CLONE_NEWUSER = 0x10000000
-ALLOWABLE = frozenset(DENIED) | {"ptrace"}
+AF_VSOCK = 40  # host <-> VM sockets: not namespaced, they reach the hypervisor's services
+ALLOWABLE = frozenset(DENIED) | {"ptrace", "vsock"}
 
 
 class SeccompUnavailable(RuntimeError):
@@ -105,6 +111,8 @@ def _compiled(allow: frozenset[str], nested_userns: bool) -> bytes:
     if "ptrace" not in allow:
         for request in (PTRACE_ATTACH, PTRACE_SEIZE):
             _rule(sc, flt, eperm, "ptrace", sc.Arg(0, sc.EQ, request))
+    if "vsock" not in allow:
+        _rule(sc, flt, sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.EQ, AF_VSOCK))
     if not nested_userns:
         _rule(sc, flt, eperm, "unshare", sc.Arg(0, sc.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
         # clone's flags are its first argument on x86-64 and arm64 alike.
