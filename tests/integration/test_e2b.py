@@ -30,6 +30,11 @@ def client_endpoints(fake) -> dict:
     return {"e2b": {"api_url": fake.url, "sandbox_url": fake.url}}
 
 
+def cli_endpoints(fake) -> dict:
+    """The CLI's own E2B endpoints, as its config would set them."""
+    return {"SANDBOXD_E2B__API_URL": fake.url, "SANDBOXD_E2B__SANDBOX_URL": fake.url}
+
+
 async def records(redis, pool: str) -> list:
     return [r for r in await SandboxStore(redis, KEYS).records() if r.pool == pool]
 
@@ -57,7 +62,7 @@ async def test_an_e2b_pool_fills_and_sandboxd_exec_runs_a_command_through_the_sd
         "sh",
         "-c",
         "echo hello from $(basename $HOME); exit 3",
-        env={"E2B_API_KEY": E2B_TEST_KEY},
+        env={"E2B_API_KEY": E2B_TEST_KEY, **cli_endpoints(fake_e2b)},
     )
     assert done.returncode == 3, done.stderr
     assert done.stdout.startswith("hello from i")  # the fake's sandbox ids start with "i"
@@ -315,7 +320,14 @@ async def test_the_api_key_appears_in_no_log_event_status_or_redis_key(
     )
     await wait_ready(redis, "cloud", 2)
     await wait_event(redis, "pool.failed", pool="broken")
-    done = cli(redis_server, "exec", "cloud", "--", "true", env={"E2B_API_KEY": E2B_TEST_KEY})
+    done = cli(
+        redis_server,
+        "exec",
+        "cloud",
+        "--",
+        "true",
+        env={"E2B_API_KEY": E2B_TEST_KEY, **cli_endpoints(fake_e2b)},
+    )
     assert done.returncode == 0, done.stderr
 
     texts = [
