@@ -407,13 +407,14 @@ async def _logs(args: argparse.Namespace, config: Config, redis) -> int:
 
 
 def _print_event(stream_id: str, fields: dict[str, str], output: str) -> None:
-    if output == "json":
-        print(
-            json.dumps({"stream_id": stream_id, **Event.from_fields(fields).model_dump()}),
-            flush=True,
-        )
+    try:
+        event = Event.from_fields(fields)
+    except (ValueError, TypeError, RecursionError):  # appended by someone else, not an event
+        print(f"{stream_id}  (not a sandboxd event: skipped)", file=sys.stderr, flush=True)
         return
-    event = Event.from_fields(fields)
+    if output == "json":
+        print(json.dumps({"stream_id": stream_id, **event.model_dump()}), flush=True)
+        return
     when = datetime.fromisoformat(event.time).astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
     data = " ".join(f"{k}={json.dumps(v)}" for k, v in event.data.items())
     print(

@@ -1,6 +1,7 @@
 """Reading the event stream in order, from a cursor: what the metrics counters and the MQTT
 bridge consume (the stream is the source of truth, claims by clients included)."""
 
+import logging
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -8,6 +9,7 @@ from redis.asyncio import Redis
 from sandboxd.events import Event
 from sandboxd.redisconn import forever
 
+log = logging.getLogger(__name__)
 BATCH = 500
 BLOCK_MS = 1000
 
@@ -20,14 +22,25 @@ async def stream_end(redis: Redis, stream: str) -> str:
 
 async def read_after(
     redis: Redis, stream: str, cursor: str, *, count: int = BATCH, block_ms: int | None = None
-) -> list[tuple[str, Event]]:
-    """Up to `count` entries after `cursor`, oldest first (waiting up to `block_ms` for one)."""
+) -> list[tuple[str, Event | None]]:
+    """Up to `count` entries after `cursor`, oldest first (waiting up to `block_ms` for one).
+    Anyone who may write Redis can append to the stream: an entry that is not an event is
+    returned as None (logged), so that readers skip it and still move their cursor past."""
     reply = await redis.xread({stream: cursor}, count=count, block=block_ms)
     return [
-        (entry_id, Event.from_fields(fields))
-        for _, entries in reply
-        for entry_id, fields in entries
+        (entry_id, _parse(entry_id, fields)) for _, entries in reply for entry_id, fields in entries
     ]
+
+
+def _parse(entry_id: str, fields: dict[str, str]) -> Event | None:
+    try:
+        return Event.from_fields(fields)
+    except (ValueError, TypeError, RecursionError) as exc:  # pydantic and JSON errors
+        log.warning(
+            "skipping a stream entry that is not an event",
+            extra={"entry": str(entry_id)[:40], "error": str(exc)[:200]},
+        )
+        return None
 
 
 class EventTail:
@@ -49,4 +62,5 @@ class EventTail:
             self._redis, self._stream, self._cursor, block_ms=BLOCK_MS
         ):
             self._cursor = entry_id
-            self._sink(event)
+            if event is not None:
+                self._sink(event)

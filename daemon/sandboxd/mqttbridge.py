@@ -119,6 +119,7 @@ class MqttBridge:
                 *(
                     client.publish(topic(settings.prefix, event), event.model_dump_json(), qos=1)
                     for _, event in batch
+                    if event is not None
                 )
             )
             cursor = batch[-1][0]

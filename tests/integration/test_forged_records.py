@@ -8,7 +8,7 @@ import psutil
 
 from sandboxd.state import SandboxRecord, SandboxStore
 
-from helpers import KEYS, apply, wait_event, wait_ready
+from helpers import KEYS, apply, cli, wait_event, wait_ready
 
 
 async def test_a_forged_record_is_closed_without_touching_what_it_names(
@@ -48,3 +48,21 @@ async def test_a_forged_record_is_closed_without_touching_what_it_names(
     finally:
         victim.kill()
         victim.wait()
+
+
+async def test_a_forged_stream_entry_is_skipped_by_the_daemon_and_the_cli(
+    redis, redis_server, daemon_factory
+):
+    """Whoever may append to the event stream (every client) cannot stop the daemon's event
+    tail (which feeds metrics) nor `sandboxd events` with an entry that is not an event."""
+    daemon = daemon_factory().start()
+    await apply(redis, [{"name": "p", "min_ready": 1}])
+    await wait_ready(redis, "p", 1)
+    await redis.xadd(KEYS.events, {"type": "bogus", "data": "not json"})
+    await redis.xadd(KEYS.events, {"nothing": "useful"})
+    await apply(redis, [{"name": "p", "min_ready": 2}])  # events after the bad ones
+    await wait_ready(redis, "p", 2)
+    assert daemon.proc.poll() is None
+    done = cli(redis_server, "events", "-n", "50")
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "sandbox.ready" in done.stdout and "not a sandboxd event" in done.stderr
