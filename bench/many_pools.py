@@ -120,12 +120,9 @@ async def ping(redis: Redis, n: int = 500) -> list[float]:
 async def measure(n: int, args: argparse.Namespace) -> dict[str, list[float]]:
     root = Path(tempfile.mkdtemp(prefix="sbd-many-"))
     try:
-        async with running_daemon(
-            root,
-            reconcile_interval_s=str(args.interval),
-            heartbeat_interval_s=str(args.interval),
-            sample_interval_s=str(args.interval),
-        ) as url:
+        intervals = ("reconcile_interval_s", "heartbeat_interval_s", "sample_interval_s")
+        settings = {name: str(args.interval) for name in intervals if args.interval}
+        async with running_daemon(root, **settings) as url:
             redis = Redis.from_url(url, decode_responses=True)
             try:
                 revision = await apply_pools(redis, n)
@@ -163,10 +160,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--settle", type=float, default=3, help="seconds before sampling")
     parser.add_argument("--runs", type=int, default=7, help="CLI `status` runs")
-    parser.add_argument("--interval", type=float, default=1.0, help="tick/heartbeat/sample s")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="tick/heartbeat/sample s (0: defaults)"
+    )
     args = parser.parse_args()
     print(
-        f"{psutil.cpu_count()} CPUs; reconcile, heartbeat and sample interval {args.interval} s; "
+        f"{psutil.cpu_count()} CPUs; reconcile, heartbeat and sample interval "
+        f"{args.interval or 'the defaults (5, 2, 5)'} s; "
         f"{args.seconds:.0f} s idle window"
     )
     base = asyncio.run(measure(args.baseline_pools, args))
