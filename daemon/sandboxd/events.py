@@ -110,11 +110,13 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "health.report": (
         "periodic per-pool health summary (also in `sandboxd status`)",
         "pools: {name: {healthy, degraded, unhealthy, unknown, score, state, "
-        "error_rate, probe_p50_ms, probe_p95_ms, breaker}}",
+        "error_rate, probe_p50_ms, probe_p95_ms, breaker}}, for pools with probed sandboxes "
+        "or a breaker not closed",
     ),
     "sandbox.adopted": ("a sandbox found alive at start was taken over", "state, pid"),
     "pool.cost": (
-        "periodic (cost.report_interval_s) per-pool spend since accounting began",
+        "periodic (cost.report_interval_s) per-pool spend since accounting began "
+        "(pools that have accrued any)",
         "currency, idle_s, claimed_s, paused_s, idle_cost, claimed_cost, paused_cost, cost, "
         "idle_share (idle cost / cost), since",
     ),
