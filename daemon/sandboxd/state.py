@@ -140,10 +140,12 @@ class SandboxRecord(BaseModel):
         """The record from its hash, through the decoding layer: a field that is not valid
         UTF-8, too long, nested too deep or of the wrong type raises `decode.BadValue`
         naming the field and the reason (never UnicodeDecodeError or ValidationError)."""
-        clean: dict[str, Any] = {}
-        for key, value in fields.items():
-            name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
-            clean[name] = decode.text(value, field=name)
+        clean: dict[str, Any] = dict(fields)
+        if not (decode.plain(list(fields), max_chars=200) and decode.plain(list(fields.values()))):
+            clean = {}
+            for key, value in fields.items():
+                name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
+                clean[name] = decode.text(value, field=name)
         for name, empty in (("handle", "{}"), ("health_checks", "[]")):
             clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
         try:
