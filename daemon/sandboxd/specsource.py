@@ -49,7 +49,8 @@ class SpecSource:
                 self._floor = active.revision if active else 0
             if self._same_as_in_force(doc):
                 return self.in_force
-            self._check_forward(doc)
+            if not await self._redis_forgot_it():
+                self._check_forward(doc)
         except SpecError as exc:
             await self._reject(raw, exc)
             if self.in_force is None:
@@ -65,6 +66,12 @@ class SpecSource:
             doc.revision,
             doc.pools,
         )
+
+    async def _redis_forgot_it(self) -> bool:
+        """Redis lost the spec in force (`<prefix>:spec:active` is gone: a FLUSHDB, a
+        restart without persistence), so `sandboxd apply` numbered from scratch: what it
+        wrote is the operator's intent, not an old spec written back."""
+        return self.in_force is not None and not await self._store.has_active()
 
     def _check_forward(self, doc: SpecDocument) -> None:
         """A revision below the one in force (or, at start, below the one the previous

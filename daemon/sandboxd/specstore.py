@@ -68,6 +68,9 @@ class SpecStore:
         """The spec the daemon has in force, if any."""
         return _lenient(await self._redis.get(self._keys.spec_active))
 
+    async def has_active(self) -> bool:
+        return bool(await self._redis.exists(self._keys.spec_active))
+
     async def set_active(self, doc: SpecDocument) -> None:
         await self._redis.set(self._keys.spec_active, doc.model_dump_json())
 
