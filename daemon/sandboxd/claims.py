@@ -5,9 +5,11 @@ language can implement a claim by loading the same script text (see the README);
 `sandbox.*` events it appends have the shape of `events.Event`.
 Times are the Redis server's clock (`TIME`), so client clocks never matter for leases.
 
-A claim is owned: the claimant makes a secret **claim token**, and the claim script keeps
-only its SHA-256 in the record (`claim_token_sha256`); renew, release and attach must show
-the token again. The token itself never reaches Redis, an event or a log.
+A claim is owned: the claimant makes a secret **claim token** and sends the scripts its
+SHA-256; the record keeps only the SHA-1 of that (`claim_token_digest`, computed by the
+script), so reading a record (which every client may) never gives what renew and release
+ask for. Renew, release and attach must show the token again. The token itself never
+reaches Redis, an event or a log.
 """
 
 import hashlib
@@ -196,7 +198,7 @@ while true do
   if redis.call('HGET', key, 'state') == 'ready' then
     local expires = now + lease_s * 1000
     redis.call('HSET', key, 'state', 'claimed', 'claimant', ARGV[3], 'claim_id', ARGV[4],
-      'claim_token_sha256', ARGV[11], 'claimed_at_ms', now, 'lease_s', lease_s,
+      'claim_token_digest', redis.sha1hex(ARGV[11]), 'claimed_at_ms', now, 'lease_s', lease_s,
       'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires)
     redis.call('HINCRBY', key, 'uses', 1)
     redis.call('ZADD', KEYS[2], expires, id)
@@ -209,7 +211,7 @@ while true do
     end
     local record = redis.call('HGETALL', key)
     for i = 1, #record, 2 do  -- the hash stays in Redis, out of replies
-      if record[i] == 'claim_token_sha256' then
+      if record[i] == 'claim_token_digest' then
         table.remove(record, i + 1)
         table.remove(record, i)
         break
@@ -243,9 +245,9 @@ end
 local why = check()
 if why then return bad(why) end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'lease_expires_ms', 'lease_s',
-  'max_lease_s', 'pool', 'claim_token_sha256')
+  'max_lease_s', 'pool', 'claim_token_digest')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
-if r[7] ~= ARGV[2] then return {'not_yours'} end
+if r[7] ~= redis.sha1hex(ARGV[2]) then return {'not_yours'} end
 if tonumber(r[3]) <= now then return {'expired'} end
 local lease_s = lease_arg(ARGV[3]) or tonumber(r[4])
 if lease_s > tonumber(r[5]) then return {'lease_too_long', tonumber(r[5])} end
@@ -277,11 +279,11 @@ end
 local why = check()
 if why then return bad(why) end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'claimant', 'claimed_at_ms', 'pool',
-  'claim_token_sha256')
+  'claim_token_digest')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
-if not FORCED and r[6] ~= ARGV[2] then return {'not_yours'} end
+if not FORCED and r[6] ~= redis.sha1hex(ARGV[2]) then return {'not_yours'} end
 redis.call('HSET', KEYS[1], 'state', 'released')
-redis.call('HDEL', KEYS[1], 'claim_token_sha256')
+redis.call('HDEL', KEYS[1], 'claim_token_digest')
 redis.call('ZREM', KEYS[2], ARGV[1])
 local data = {claimant = r[3], claim_id = r[2], held_ms = now - tonumber(r[4]), forced = FORCED}
 if FORCED then data.forced_by = ARGV[2] end
@@ -370,12 +372,18 @@ def new_claim_token() -> str:
 
 
 def token_sha256(token: str) -> str:
-    """What Redis keeps of a claim token (and what the scripts compare)."""
+    """What a client sends the scripts for its claim token."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def token_matches(token: str, stored_sha256: str) -> bool:
-    return bool(token) and hmac.compare_digest(token_sha256(token), stored_sha256 or "")
+def token_digest(token: str) -> str:
+    """What the record keeps (`claim_token_digest`): SHA-1 of what is sent, as the scripts
+    compute it (`redis.sha1hex`). Knowing it does not give what renew and release need."""
+    return hashlib.sha1(token_sha256(token).encode()).hexdigest()
+
+
+def token_matches(token: str, stored_digest: str) -> bool:
+    return bool(token) and hmac.compare_digest(token_digest(token), stored_digest or "")
 
 
 def check_lease(lease_s: int | None) -> None:

@@ -240,7 +240,7 @@ class Client:
         if record is None or record.state != "claimed":
             state = record.state if record else "gone"
             raise ClaimError("not_claimed", f"sandbox {sandbox_id} is not claimed ({state})")
-        if not token_matches(token, fields.get("claim_token_sha256", "")):
+        if not token_matches(token, fields.get("claim_token_digest", "")):
             raise ClaimError(
                 "not_yours", f"sandbox {sandbox_id} is held by another claim (wrong claim token)"
             )

@@ -13,7 +13,7 @@ import json
 import pytest
 from redis.asyncio import Redis
 
-from sandboxd.claims import ClaimError, ClaimStore, token_sha256
+from sandboxd.claims import ClaimError, ClaimStore, token_digest, token_sha256
 from sandboxd.client import Client
 from sandboxd.events import EventPublisher
 from sandboxd.spec import PoolSpec
@@ -96,7 +96,7 @@ async def test_only_the_token_holder_renews_releases_or_attaches(redis, clients)
     await attached.renew(120)
     await sandbox.release()
     assert await redis.hget(key, "state") == "released"
-    assert await redis.hget(key, "claim_token_sha256") is None
+    assert await redis.hget(key, "claim_token_digest") is None
 
 
 @pytest.mark.parametrize(
@@ -194,14 +194,16 @@ async def test_the_token_is_nowhere_but_with_the_claimant(redis, redis_server):
     await seed(redis, "sb-1")
     claimed = await asyncio.to_thread(cli, redis_server, "claim", "p", "--wait", "0", "-o", "json")
     row = json.loads(claimed.stdout)
-    token, digest = row["claim_token"], token_sha256(row["claim_token"])
-    assert "claim_token_sha256" not in json.dumps(row) and digest not in claimed.stdout
+    token, digest = row["claim_token"], token_digest(row["claim_token"])
+    assert "claim_token_digest" not in json.dumps(row) and digest not in claimed.stdout
+    assert token_sha256(token) not in claimed.stdout
     env = {"SANDBOXD_CLAIM_TOKEN": token}
     assert (await asyncio.to_thread(cli, redis_server, "renew", row["id"], env=env)).returncode == 0
 
     stored = await everything_in(redis)
     assert token not in stored
-    assert stored.count(digest) == 1  # the record's claim_token_sha256 only
+    assert stored.count(digest) == 1  # the record's claim_token_digest only
+    assert token_sha256(token) not in stored  # what renew/release need is not in Redis
     for args in (
         ["get", "sandboxes", "-o", "json"],
         ["get", "sandboxes"],
@@ -262,3 +264,20 @@ async def test_exec_in_a_held_sandbox_needs_its_token(
     daemon.stop()
     assert token not in daemon.log_path.read_text(errors="replace")
     assert token not in await everything_in(redis)
+
+
+async def test_what_a_record_holds_is_not_enough_to_release_it(redis):
+    """Every client may read records: running the release script by hand with the record's
+    digest (instead of the token's SHA-256, which only the claimant can make) is refused."""
+    await seed(redis, "sb-1")
+    async with Client(redis, owner="holder") as holder:
+        sandbox = await holder.claim("p", timeout_s=0)
+        key = KEYS.sandbox(sandbox.id)
+        digest = await redis.hget(key, "claim_token_digest")
+        assert digest and digest != token_sha256(sandbox.claim_token)
+        store = ClaimStore(redis, KEYS)
+        with pytest.raises(ClaimError) as refused:
+            await store._run_release(store._release, sandbox.id, digest.ljust(64, "0"))
+        assert refused.value.reason == "not_yours"
+        assert await redis.hget(key, "state") == "claimed"
+        await sandbox.release()

@@ -32,6 +32,7 @@ from sandboxd.claims import (
     ClaimError,
     ClaimStore,
     new_claim_token,
+    token_digest,
     token_sha256,
 )
 from sandboxd.events import EventPublisher
@@ -66,7 +67,7 @@ class Model:
 
 
 MIN_READY, MAX_TOTAL = 2, 4
-HASH_FIELD = "claim_token_sha256"
+HASH_FIELD = "claim_token_digest"
 
 
 async def run(url: str, ops: list[tuple[str, int]]) -> None:
@@ -164,7 +165,7 @@ async def check(redis: Redis, model: Model) -> None:
     assert set(await redis.zrange(KEYS.leases, 0, -1)) == held
     for sandbox, claim_id, token in model.held.values():
         fields = await redis.hmget(KEYS.sandbox(sandbox), "state", "claim_id", HASH_FIELD)
-        assert fields == ["claimed", claim_id, token_sha256(token)]
+        assert fields == ["claimed", claim_id, token_digest(token)]
     for sandbox in model.ready:
         assert await redis.hget(KEYS.sandbox(sandbox), "state") == "ready"
 
@@ -209,7 +210,7 @@ def seed(r: SyncRedis) -> None:
     far = str(int(time.time() * 1000) + 3_600_000)
     held = {"id": HELD, "state": "claimed", "claimant": "holder", "claim_id": "k-held"}
     held |= {"claimed_at_ms": "1", "lease_s": "10", "max_lease_s": str(POOL_MAX_LEASE)}
-    held |= {"lease_expires_ms": far, HASH_FIELD: token_sha256(HELD_TOKEN)}
+    held |= {"lease_expires_ms": far, HASH_FIELD: token_digest(HELD_TOKEN)}
     r.hset(KEYS.sandbox(HELD), mapping={**held, **base})
     r.rpush(KEYS.pool_ready("p"), READY)
     r.sadd(KEYS.sandboxes, READY, HELD)
@@ -430,9 +431,9 @@ def test_a_claim_stores_only_the_token_hash_and_replies_without_it(sync_redis):
     keys, args = claim_call(lease_s="100")
     reply = run_script(sync_redis, CLAIM, keys, args)
     assert reply[0] == "ok"
-    assert b"claim_token_sha256" not in reply[1] and token_sha256("mine").encode() not in reply[1]
+    assert HASH_FIELD.encode() not in reply[1] and token_digest("mine").encode() not in reply[1]
     stored = sync_redis.hget(KEYS.sandbox(READY), HASH_FIELD)
-    assert stored == token_sha256("mine").encode()
+    assert stored == token_digest("mine").encode()
     keys, args = claim_call(lease_s=str(POOL_MAX_LEASE + 1))
     assert_refused_unchanged(sync_redis, CLAIM, keys, args, reason="lease_too_long")
 
