@@ -334,6 +334,12 @@ class Config(BaseSettings):
     )
     event_stream_maxlen: int = Field(default=100_000, ge=100)
     on_shutdown: Literal["terminate", "keep"] = "terminate"
+    state_dir: Path | None = Field(
+        default=None,
+        description="Root-only directory of the daemon's journal (the spec in force and its "
+        "records, claims included), written back when Redis loses its data. Default: "
+        "`state` beside local.workspace_root (/var/lib/sandboxd/state).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_listen: str | None = Field(
         default=None,
@@ -356,6 +362,9 @@ class Config(BaseSettings):
     faults: dict[str, Faults] = Field(
         default_factory=dict, description="Fault injection per provider name (chaos tests)."
     )
+
+    def journal_dir(self) -> Path:
+        return self.state_dir or self.local.workspace_root.parent / "state"
 
     @field_validator("faults")
     @classmethod

@@ -18,13 +18,14 @@ from sandboxd.adoption import AdoptionReport, adopt
 from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
 from sandboxd.cost import CostMeter
-from sandboxd.events import EventPublisher
+from sandboxd.events import Event, EventPublisher
 from sandboxd.eventtail import EventTail
 from sandboxd.heartbeat import Heartbeat
 from sandboxd.janitor import Janitor
 from sandboxd.keepalive import Keepalive
 from sandboxd.keys import Keys
 from sandboxd.leases import LeaseKeeper
+from sandboxd.localstate import LocalState
 from sandboxd.logs import redact_url
 from sandboxd.metrics import Metrics, MetricsServer, pool_gauges
 from sandboxd.monitor import HealthMonitor
@@ -35,6 +36,7 @@ from sandboxd.reconciler import Reconciler
 from sandboxd.redisconn import every, make_client, survive, wait_for_redis, why
 from sandboxd.reload import reload
 from sandboxd.resources import ResourceSampler
+from sandboxd.restore import Restorer
 from sandboxd.schedule import PoolSchedules
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
@@ -150,6 +152,14 @@ class Daemon:
         claims = ClaimStore(redis, self.keys, maxlen=self.config.event_stream_maxlen)
         self.specs = SpecSource(SpecStore(redis, self.keys), self.events, self.config)
         self.terminator = Terminator(self.store, providers, self.events)
+        self.restorer = Restorer(
+            redis=redis,
+            keys=self.keys,
+            journal=LocalState(self.config.journal_dir()),
+            events=self.events,
+            providers=providers,
+            instance=self.instance,
+        )
         self.reconciler = Reconciler(
             config=self.config,
             store=self.store,
@@ -162,6 +172,7 @@ class Daemon:
             on_pass=self._observe_pass,
             on_pass_time=self.metrics.reconcile_seconds.observe,
             schedules=self.schedules,
+            restorer=self.restorer,
         )
         self.monitor = HealthMonitor(
             config=self.config,
@@ -185,6 +196,7 @@ class Daemon:
             terminator=self.terminator,
             replace=self.reconciler.replace,
             interval_s=lambda: self.config.janitor_interval_s,
+            before_sweep=self.restorer.check,
         )
         self.keepalive = Keepalive(
             store=self.store, specs=self.specs, providers=providers, events=self.events
@@ -210,6 +222,7 @@ class Daemon:
         self._observers(redis, providers)
         await self.bridge.prepare()
         sdnotify.status("adopting sandboxes")
+        await self.restorer.check()  # Redis lost its data while we were away: put it back
         report = await adopt(self.store, providers, self.events)
         try:
             await self._run_root_tasks(redis, report)
@@ -220,10 +233,14 @@ class Daemon:
         finally:
             await self._shut_down()
 
+    def _observe_event(self, event: Event) -> None:
+        self.metrics.observe(event)
+        self.restorer.observe(event)
+
     def _observers(self, redis: Redis, providers: dict[str, Provider]) -> None:
         """What watches the daemon from outside: metrics, resources, cost, MQTT, watchdog."""
         self.metrics_server = MetricsServer(self.config, self.metrics)
-        self.tail = EventTail(redis, self.keys.events, self.metrics.observe)
+        self.tail = EventTail(redis, self.keys.events, self._observe_event)
         snapshot = lambda: self.latest  # noqa: E731
         self.resources = ResourceSampler(
             config=self.config, events=self.events, providers=providers, snapshot=snapshot
@@ -367,6 +384,7 @@ class Daemon:
                 terminated = sum(results)
             else:
                 kept = len(records)
+                await self.restorer.remember(records, self.specs.in_force, save=True)
             await self.events.publish(
                 "daemon.stopping",
                 instance=self.instance,

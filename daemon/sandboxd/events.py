@@ -160,6 +160,12 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "set of ids) disagreed with them and was rebuilt",
         "what (ready_list, members, leases, sandboxes), added, removed",
     ),
+    "state.restored": (
+        "Redis had lost its data (FLUSHDB, a restart without persistence); the spec in force "
+        "and the records of sandboxes that still run were written back from the daemon's "
+        "local journal",
+        "spec_revision (0: not restored), records, claimed, ready",
+    ),
     "daemon.task_restarted": (
         "one of the daemon's tasks failed and was restarted after a backoff (the daemon "
         "exits only when one it cannot work without keeps failing)",

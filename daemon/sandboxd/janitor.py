@@ -13,6 +13,7 @@ the provider first and Redis second never mistakes a sandbox being created for a
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -42,6 +43,7 @@ class Janitor:
         terminator: Terminator,
         replace: Callable[[SandboxRecord, str, str], Awaitable[bool]],
         interval_s: Callable[[], float],
+        before_sweep: Callable[[], Awaitable[Any]] | None = None,
     ):
         self._store = store
         self._providers = providers
@@ -49,11 +51,14 @@ class Janitor:
         self._terminator = terminator
         self._replace = replace
         self._interval_s = interval_s
+        self._before_sweep = before_sweep  # put back what Redis lost before judging leaks
 
     async def run(self) -> None:
         await every(self._interval_s, self.sweep, "janitor sweep skipped")
 
     async def sweep(self) -> Sweep:
+        if self._before_sweep is not None:
+            await self._before_sweep()
         listing = await list_all(self._providers)
         listed = listing.sandboxes
         records = {r.id: r for r in await self._store.records()}

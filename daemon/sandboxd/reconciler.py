@@ -19,6 +19,7 @@ from sandboxd.recovery import Recoveries
 from sandboxd.recycler import Recycler
 from sandboxd.redisconn import cancelling, survive
 from sandboxd.repair import Healer, Quarantine
+from sandboxd.restore import Restorer
 from sandboxd.schedule import Change, PoolSchedules
 from sandboxd.spec import PoolSpec
 from sandboxd.specsource import SpecSource
@@ -58,8 +59,10 @@ class Reconciler:
         on_pass: Callable[[list[SandboxRecord], dict[str, PoolSpec]], None] | None = None,
         on_pass_time: Callable[[float], None] = lambda seconds: None,
         schedules: PoolSchedules | None = None,
+        restorer: "Restorer | None" = None,
     ):
         self._config = config
+        self._restorer = restorer  # puts back what Redis lost; remembers what it holds
         self._store = store
         self._claims = claims
         self._specs = specs
@@ -171,6 +174,8 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         self._wake.clear()
         await hang_if_asked(self._config.watchdog_hang_file)
+        if self._restorer is not None:
+            await self._restorer.check()
         spec = await self._specs.refresh()
         pools, changes = self.schedules.apply(list(spec.pools) if spec else [])
         self.pools = pools
@@ -190,6 +195,8 @@ class Reconciler:
         elif tick:
             await self._healer.check_types(self._pool_names())
         self._record_pools = {r.pool for r in scan.records}
+        if self._restorer is not None:
+            await self._restorer.remember(scan.records, self._specs.in_force, save=tick)
         if scan.corrupt:
             await self._quarantine.handle(scan.corrupt, self._providers)
         records = await self._reap_dead(scan.records, check_liveness=tick)

@@ -127,6 +127,9 @@ class SandboxRecord(BaseModel):
         default_factory=list, description="The last probe results, newest last."
     )
     agent_seq: int = Field(default=0, description="`run:` program news copied up to here.")
+    claim_token_digest: str = Field(
+        default="", repr=False, description="SHA-1 of the claim token's SHA-256 (claims.py)."
+    )
 
     def to_hash(self) -> dict[str, str]:
         fields = self.model_dump()
