@@ -72,6 +72,7 @@ class Restorer:
         loaded = journal.load_spec()
         self._spec: tuple[int, str] | None = loaded
         self.restored = 0  # restores done, for tests and status
+        self._lock = asyncio.Lock()
         self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
         self._saved_spec: tuple[int, str] | None = None
 
@@ -139,9 +140,12 @@ class Restorer:
         """Put back what Redis lost, if it lost it (the marker is gone); True if it did."""
         if await self._redis.exists(self.marker):
             return False
-        await self.restore()
-        await self.mark()
-        return True
+        async with self._lock:  # the reconciler and the janitor may both notice
+            if await self._redis.exists(self.marker):
+                return False
+            await self.restore()
+            await self.mark()
+            return True
 
     async def restore(self) -> dict[str, Any]:
         spec_revision = await self._restore_spec()

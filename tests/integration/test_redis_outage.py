@@ -8,7 +8,7 @@ from sandboxd.localredis import find_redis_server, start, wait_until_answering
 from sandboxd.state import SandboxStore
 
 from conftest import free_port, sandbox_processes
-from helpers import KEYS, apply, eventually, wait_event, wait_ready
+from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
 
 
 async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory, tmp_path):
@@ -27,24 +27,33 @@ async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory
         await apply(redis, [{"name": "default", "min_ready": 2}])
         before = await wait_ready(redis, "default", 2)
         # Redis goes away and loses everything (no persistence): the daemon keeps serving,
-        # and the janitor terminates the sandboxes nobody has a record of any more.
+        # writes back the spec and the records of its running sandboxes (nothing is reaped),
+        # and then follows what the operator applies next.
         server.terminate()
         server.wait(10)
         server = _start_with_password(port, tmp_path)
         wait_until_answering("127.0.0.1", port)
         await redis.aclose()
         redis = Redis.from_url(url, decode_responses=True)
-        await apply(redis, [{"name": "default", "min_ready": 1}])
-        (after,) = await wait_ready(redis, "default", 1)
-        for sandbox in before:
-            leaked = await wait_event(redis, "sandbox.leaked", sandbox=sandbox)
-            assert leaked["data"] == {"provider": "local", "verified_gone": True}
+        restored = await wait_event(redis, "state.restored", timeout=30)
+        assert restored["data"]["records"] == 2 and restored["data"]["spec_revision"] == 1
+        assert sorted(await wait_ready(redis, "default", 2)) == sorted(before)
+        applied = await apply(redis, [{"name": "default", "min_ready": 1, "max_total": 1}])
+
+        async def one_left():
+            records = await SandboxStore(redis, KEYS).records()
+            return records if len(records) == 1 and records[0].state == "ready" else None
+
+        (record,) = await eventually(one_left, what="the pool down to the one sandbox applied")
+        assert record.id in before  # one of the same sandboxes, not a new one
+        assert not await events_of(redis, "sandbox.leaked")
         live = sandbox_processes(daemon.workspace)
-        records = await SandboxStore(redis, KEYS).records()
-        assert [r.id for r in records] == [after]
-        assert [p.pid for p in live] == [records[0].handle["pid"]]
-        beat = await eventually(lambda: redis.get(KEYS.daemon), what="heartbeat")
-        assert json.loads(beat)["revision"] == 1
+        assert [p.pid for p in live] == [record.handle["pid"]]
+        async def beat_in_force():
+            beat = await redis.get(KEYS.daemon)
+            return beat and json.loads(beat)["revision"] == applied
+
+        await eventually(beat_in_force, what=f"the heartbeat at revision {applied}")
         assert daemon.proc.poll() is None
         text = daemon.log_path.read_text()
         assert "s3cretpass" not in text and "***" in text
