@@ -192,8 +192,8 @@ class Reconciler:
         if any(not c.sandbox_id for c in scan.corrupt):  # the id set itself: rebuilt, read again
             await self._healer.check_types(self._pool_names())
             scan = await self._store.scan()
-        elif tick:
-            await self._healer.check_types(self._pool_names())
+        elif tick:  # pools with sandboxes every tick, idle pools a window at a time
+            await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
         self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
             await self._restorer.remember(scan.records, self._specs.in_force, save=tick)

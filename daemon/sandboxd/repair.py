@@ -30,6 +30,7 @@ from sandboxd.state import Corrupt, SandboxRecord
 
 log = logging.getLogger(__name__)
 POOLS_PER_SCRIPT = 256  # bounds how long one healing script holds Redis
+IDLE_WINDOW = 1000  # pools without sandboxes healed per tick
 
 # ARGV: prefix, then per pool: name, n, n ready ids (oldest first), m, m member ids.
 # Per pool: the ready list becomes [its entries whose record is ready in this pool, without
@@ -150,6 +151,9 @@ class Quarantine:
         self._redis = redis
         self._keys = keys
         self._events = events
+        # Pools without sandboxes are checked a window at a time, so that a tick's cost
+        # follows the sandboxes, not the number of pools (20,000 idle pools).
+        self._idle_cursor = {"heal": 0, "types": 0}
         self._reported: set[tuple[str, str]] = set()
 
     async def handle(self, corrupt: Iterable[Corrupt], providers: dict[str, Provider]) -> int:
@@ -230,8 +234,19 @@ class Healer:
         self._heal_leases = redis.register_script(_HEAL_LEASES)
         self._types = redis.register_script(_TYPES)
 
+    def _window(self, what: str, pools: Iterable[str], busy: set[str]) -> list[str]:
+        """Every pool with sandboxes, plus the next IDLE_WINDOW of the others."""
+        idle = sorted(set(pools) - busy)
+        if len(idle) > IDLE_WINDOW:
+            start = self._idle_cursor[what] % len(idle)
+            self._idle_cursor[what] = start + IDLE_WINDOW
+            idle = (idle[start:] + idle[:start])[:IDLE_WINDOW]
+        return sorted(busy) + idle
+
     async def heal(self, records: list[SandboxRecord], pools: Iterable[str]) -> None:
-        """Ready lists, member sets and the lease index agree with `records` afterwards."""
+        """Ready lists, member sets and the lease index agree with `records` afterwards
+        (pools without sandboxes: a window of them per call)."""
+        pools = self._window("heal", pools, {r.pool for r in records})
         ready: dict[str, list[SandboxRecord]] = {name: [] for name in pools}
         members: dict[str, list[str]] = {name: [] for name in ready}
         for record in records:
@@ -271,9 +286,13 @@ class Healer:
             "state.repaired", pool=pool, what=what, added=added, removed=removed
         )
 
-    async def check_types(self, pools: Iterable[str]) -> int:
+    async def check_types(self, pools: Iterable[str], busy: set[str] | None = None) -> int:
         """Keys of ours holding the wrong type: reported, deleted (they are rebuilt from
-        the records), and the id set rebuilt at once. Returns how many were replaced."""
+        the records), and the id set rebuilt at once. Returns how many were replaced.
+        `busy`: pools with sandboxes, always checked; the others a window per call (all of
+        them when `busy` is None)."""
+        if busy is not None:
+            pools = self._window("types", pools, busy)
         expected = {
             self._keys.sandboxes: "set",
             self._keys.leases: "zset",
