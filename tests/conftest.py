@@ -115,7 +115,7 @@ def sandbox_processes(workspace: Path) -> list[psutil.Process]:
     pids = set()
     for sandbox_id in ids:
         with contextlib.suppress(OSError, ValueError):
-            pids.add(json.loads((workspace / sandbox_id / "meta.json").read_text())["pid"])
+            pids.add(json.loads((workspace / sandbox_id / "meta.json").read_text()).get("pid"))
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []

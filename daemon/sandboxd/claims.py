@@ -12,6 +12,7 @@ ask for. Renew, release and attach must show the token again. The token itself n
 reaches Redis, an event or a log.
 """
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -178,9 +179,22 @@ local function check()
 end
 local why = check()
 if why then return bad(why) end
+-- Every key the claim writes must be of its type (or absent) before the first write: Lua
+-- does not roll back, and a WRONGTYPE half-way would leave a sandbox claimed by nobody.
+local members = ARGV[1] .. ':pool:' .. ARGV[2] .. ':members'
+local wanted = {[KEYS[1]] = 'list', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream',
+  [KEYS[4]] = 'zset', [members] = 'set', [ARGV[1] .. ':pools'] = 'hash'}
+for key, kind in pairs(wanted) do
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= kind then return {'corrupt', key .. ' holds a ' .. t} end
+end
 local raw = redis.call('HGET', ARGV[1] .. ':pools', ARGV[2])
 if not raw then return {'unknown_pool'} end
-local pool = cjson.decode(raw)
+local ok_json, pool = pcall(cjson.decode, raw)
+if not ok_json or type(pool) ~= 'table' or type(pool.lease_s) ~= 'number'
+    or type(pool.max_lease_s) ~= 'number' then
+  return {'corrupt', ARGV[1] .. ':pools ' .. ARGV[2] .. ' is not pool settings'}
+end
 local lease_s = lease_arg(ARGV[5]) or pool.lease_s
 if lease_s > pool.max_lease_s then return {'lease_too_long', pool.max_lease_s} end
 local wait_ms = tonumber(ARGV[9])
@@ -194,13 +208,14 @@ while true do
     return {'empty', pool.on_empty}
   end
   local key = ARGV[1] .. ':sandbox:' .. id
-  -- an id whose record is no longer ready is stale: drop it and take the next
-  if redis.call('HGET', key, 'state') == 'ready' then
+  -- an id whose record is no longer ready (or not a hash) is stale: drop it, take the next
+  local is_hash = redis.call('TYPE', key).ok == 'hash'
+  if is_hash and redis.call('HGET', key, 'state') == 'ready' then
     local expires = now + lease_s * 1000
     redis.call('HSET', key, 'state', 'claimed', 'claimant', ARGV[3], 'claim_id', ARGV[4],
       'claim_token_digest', redis.sha1hex(ARGV[11]), 'claimed_at_ms', now, 'lease_s', lease_s,
       'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires)
-    redis.call('HINCRBY', key, 'uses', 1)
+    redis.call('HSET', key, 'uses', (tonumber(redis.call('HGET', key, 'uses')) or 0) + 1)
     redis.call('ZADD', KEYS[2], expires, id)
     redis.call('ZREM', KEYS[4], ARGV[4])
     event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
@@ -244,6 +259,10 @@ local function check()
 end
 local why = check()
 if why then return bad(why) end
+for key, kind in pairs({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'}) do
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= kind then return {'corrupt', key .. ' holds a ' .. t} end
+end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'lease_expires_ms', 'lease_s',
   'max_lease_s', 'pool', 'claim_token_digest')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
@@ -278,6 +297,10 @@ local function check()
 end
 local why = check()
 if why then return bad(why) end
+for key, kind in pairs({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'}) do
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= kind then return {'corrupt', key .. ' holds a ' .. t} end
+end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'claimant', 'claimed_at_ms', 'pool',
   'claim_token_digest')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
@@ -471,7 +494,17 @@ class ClaimStore:
         reply = await self._claim(keys=keys, args=args)
         status = _text(reply[0])
         if status == "ok":
-            return ClaimOutcome(record=SandboxRecord.from_hash(_pairs(reply[1])))
+            try:
+                return ClaimOutcome(record=SandboxRecord.from_hash(_pairs(reply[1])))
+            except ValueError as exc:  # a damaged record (decode.BadValue, pydantic)
+                # Claimed, but unusable: give it back at once (the daemon quarantines it),
+                # so no sandbox stays claimed by nobody.
+                sandbox_id = _pairs(reply[1]).get("id", "")
+                with contextlib.suppress(ClaimError, ValueError):
+                    await self.release(sandbox_id, token)
+                raise ClaimError(
+                    "corrupt", f"pool {pool!r}: the sandbox taken has a damaged record ({exc})"
+                ) from None
         if status == "empty":
             return ClaimOutcome(on_empty=_text(reply[1]))
         raise _refusal(status, reply, f"pool {pool!r}")
@@ -579,5 +612,7 @@ def _refusal(status: str, reply: list[Any], what: str) -> ClaimError:
         "not_yours": f"{what} is held by another claim (wrong claim token)",
         "expired": f"{what}: the lease has already expired",
         "invalid_argument": f"{what}: refused: {detail}",
+        "corrupt": f"{what}: Redis holds a damaged key ({detail}); nothing was changed, the "
+        "daemon repairs it within a tick",
     }
     return ClaimError(status, messages.get(status, f"{what}: {status}"))

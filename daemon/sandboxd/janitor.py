@@ -63,6 +63,8 @@ class Janitor:
         listed = listing.sandboxes
         records = {r.id: r for r in await self._store.records()}
         result = Sweep()
+        if self._before_sweep is not None and await self._before_sweep():
+            return result  # Redis lost its data meanwhile: restored now, judge next time
         for sandbox_id, (provider, sandbox) in listed.items():
             if sandbox_id not in records and await _tried(self._leaked(provider, sandbox)):
                 result.leaked.append(sandbox_id)
@@ -81,6 +83,14 @@ class Janitor:
     async def _leaked(self, provider: Provider, sandbox: ProviderSandbox) -> bool:
         if sandbox.id in self._terminator.running:
             return False  # being terminated: its record goes once it is gone
+        if self._before_sweep is not None and await self._before_sweep():
+            return False  # Redis lost its data just now: restored, not a leak
+        if await self._store.has_record_key(sandbox.id):
+            # Its record is there but the set of ids lost it (a DEL, a wrong-typed set
+            # rebuilt): put the id back, so the next pass reads (or quarantines) the record.
+            await self._store.readd_id(sandbox.id)
+            log.warning("record missing from the id set: put back", extra={"sandbox": sandbox.id})
+            return False
         if not await provider.is_alive(sandbox.id, sandbox.handle):
             return False  # gone since the listing (terminated meanwhile)
         await provider.terminate(sandbox.id, sandbox.handle)

@@ -188,6 +188,12 @@ class Reconciler:
             await self._claims.publish_pool_settings(pools)
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
+        if (
+            self._restorer is not None
+            and self._restorer.expects_records()
+            and not await self._store.has_id_set()
+        ):
+            await self._healer.rebuild_ids()  # the id set alone was deleted: SCAN for records
         scan = await self._store.scan()
         if any(not c.sandbox_id for c in scan.corrupt):  # the id set itself: rebuilt, read again
             await self._healer.check_types(self._pool_names())

@@ -4,6 +4,8 @@ import asyncio
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 from sandboxd.events import EventPublisher
 from sandboxd.providers import Provider
 from sandboxd.spec import PoolSpec
@@ -39,6 +41,8 @@ class Recycler:
                 await self._terminator.terminate(record, "released", "released")
             elif await self._store.transition(record, "resetting", "released"):
                 await self._reset(record, spec)
+        except RedisError as exc:  # Redis away: a later pass finds it released again
+            log.warning("recycling interrupted: %s", exc, extra={"sandbox": record.id})
         except Exception:
             log.exception("recycling failed", extra={"sandbox": record.id})
         finally:

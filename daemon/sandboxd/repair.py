@@ -320,13 +320,13 @@ class Healer:
         log.error("%s %s: %s", key, reason, action, extra={"key": key, "type": kind})
         await self._redis.delete(key)
         if key == self._keys.sandboxes:
-            found = await self._rebuild_ids()
+            found = await self.rebuild_ids()
             action = f"deleted; {found} ids found again from the records"
         await self._events.publish(
             "state.corrupt", key=key, field="", reason=reason, key_type=kind, action=action
         )
 
-    async def _rebuild_ids(self) -> int:
+    async def rebuild_ids(self) -> int:
         """`<prefix>:sandboxes` from the record keys themselves (SCAN)."""
         head = self._keys.sandbox("")
         ids = []

@@ -131,6 +131,10 @@ class Restorer:
             self._journal.save_spec(*spec)
         self._journal.save_records(records)
 
+    def expects_records(self) -> bool:
+        """Does the journal know of records (so an absent id set means it was lost)?"""
+        return bool(self._records)
+
     # -- writing back ----------------------------------------------------------------------
 
     async def mark(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -130,6 +130,17 @@ class SandboxRecord(BaseModel):
     claim_token_digest: str = Field(
         default="", repr=False, description="SHA-1 of the claim token's SHA-256 (claims.py)."
     )
+
+    @field_validator("created_at")
+    @classmethod
+    def _a_time(cls, value: str) -> str:
+        """The reconciler computes ages from it: a record whose time does not parse is
+        damaged (quarantined), not a crash in every pass."""
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 time: {value[:40]!r}") from None
+        return value
 
     def to_hash(self) -> dict[str, str]:
         fields = self.model_dump()
@@ -279,6 +290,15 @@ class SandboxStore:
             if wrong_type(exc):
                 return None
             raise
+
+    async def has_id_set(self) -> bool:
+        return bool(await self._redis.exists(self._keys.sandboxes))
+
+    async def has_record_key(self, sandbox_id: str) -> bool:
+        return bool(await self._redis.exists(self._keys.sandbox(sandbox_id)))
+
+    async def readd_id(self, sandbox_id: str) -> None:
+        await self._redis.sadd(self._keys.sandboxes, sandbox_id)
 
     async def add(self, record: SandboxRecord) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
