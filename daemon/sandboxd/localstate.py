@@ -31,6 +31,7 @@ class LocalState:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._written: dict[str, str] = {}  # file -> digest of what is on disk
+        self._spec_revision: int | None = None
 
     def _ensure(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -87,7 +88,12 @@ class LocalState:
         return data
 
     def save_spec(self, revision: int, document: str) -> bool:
-        return self._write("spec.json", {"revision": int(revision), "document": document})
+        """Written once per revision (a document of many pools is megabytes)."""
+        if self._spec_revision == revision:
+            return False
+        written = self._write("spec.json", {"revision": int(revision), "document": document})
+        self._spec_revision = revision
+        return written
 
     def load_spec(self) -> tuple[int, str] | None:
         data = self._read("spec.json")
@@ -97,6 +103,7 @@ class LocalState:
             or not isinstance(data.get("document"), str)
         ):
             return None
+        self._spec_revision = data["revision"]
         return data["revision"], data["document"]
 
     def save_records(self, records: dict[str, dict[str, str]]) -> bool:

@@ -74,7 +74,6 @@ class Restorer:
         self.restored = 0  # restores done, for tests and status
         self._lock = asyncio.Lock()
         self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
-        self._saved_spec: tuple[int, str] | None = None
 
     @property
     def marker(self) -> str:
@@ -92,12 +91,16 @@ class Restorer:
         changed state or claim)."""
         if not await self._redis.exists(self.marker):
             return
-        if doc is not None and doc.revision > 0:
+        new_spec = False
+        if doc is not None and doc.revision > 0 and (
+            self._spec is None or self._spec[0] != doc.revision
+        ):  # serialized once per revision: a spec of 20,000 pools is megabytes
             self._spec = (doc.revision, doc.model_dump_json())
+            new_spec = True
         self._records = {r.id: r.to_hash() for r in records}
         shape = frozenset((r.id, r.state, r.claim_id, r.lease_expires_ms) for r in records)
-        if save or shape != self._saved_shape or self._spec != self._saved_spec:
-            self._saved_shape, self._saved_spec = shape, self._spec
+        if save or new_spec or shape != self._saved_shape:
+            self._saved_shape = shape
             await self.save()
 
     def observe(self, event: Event) -> None:
