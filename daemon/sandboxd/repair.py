@@ -151,9 +151,6 @@ class Quarantine:
         self._redis = redis
         self._keys = keys
         self._events = events
-        # Pools without sandboxes are checked a window at a time, so that a tick's cost
-        # follows the sandboxes, not the number of pools (20,000 idle pools).
-        self._idle_cursor = {"heal": 0, "types": 0}
         self._reported: set[tuple[str, str]] = set()
 
     async def handle(self, corrupt: Iterable[Corrupt], providers: dict[str, Provider]) -> int:
@@ -230,6 +227,9 @@ class Healer:
         self._redis = redis
         self._keys = keys
         self._events = events
+        # Pools without sandboxes are checked a window at a time, so that a tick's cost
+        # follows the sandboxes, not the number of pools (20,000 idle pools).
+        self._idle_cursor = {"heal": 0, "types": 0}
         self._heal_pools = redis.register_script(_HEAL_POOLS)
         self._heal_leases = redis.register_script(_HEAL_LEASES)
         self._types = redis.register_script(_TYPES)
