@@ -73,7 +73,7 @@ from sandboxd.localredis import find_redis_server, start, wait_until_answering
 from sandboxd.redisconn import open_redis
 from sandboxd.state import SandboxRecord, SandboxStore
 
-from conftest import DaemonProcess, _cgroup_id, _toml, free_port
+from conftest import DaemonProcess, _toml, free_port, sandbox_processes
 from helpers import KEYS, apply, eventually
 
 # Read at import: the autouse fixture of conftest removes SANDBOXD_* from the environment.
@@ -194,28 +194,8 @@ def checked(method):
     return wrapper
 
 
-def _agents(workspace: Path) -> list[psutil.Process]:
-    """conftest.sandbox_processes, but a registry entry without a pid yet (written at the
-    start of a create, before the agent runs; conftest's raises KeyError on it) is skipped."""
-    ids = {p.name for p in workspace.iterdir() if p.is_dir()} if workspace.is_dir() else set()
-    pids = set()
-    for sandbox_id in ids:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            pids.add(json.loads((workspace / sandbox_id / "meta.json").read_text())["pid"])
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if not (any("agent.py" in part for part in cmdline) and "--listen-fd" in cmdline):
-            continue
-        if "bwrap" in cmdline[0]:  # bubblewrap names the agent in its own arguments
-            continue
-        if proc.pid in pids or _cgroup_id(proc.pid) in ids:
-            found.append(proc)
-    return found
-
-
 def _live_pids(workspace: Path) -> set[int]:
-    return {p.pid for p in _agents(workspace)}
+    return {p.pid for p in sandbox_processes(workspace)}
 
 
 def _short(value) -> str:
@@ -665,7 +645,7 @@ class RedisChaos(RuleBasedStateMachine):
                     self.daemon.proc.wait(5)
             with contextlib.suppress(Exception):
                 self.daemon.log.close()
-            for proc in _agents(self.daemon.workspace):
+            for proc in sandbox_processes(self.daemon.workspace):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         self._disconnect()

@@ -333,22 +333,7 @@ class LocalProvider:
                 )
             argv = self._argv(sandbox_id, pool, template, uid, fds, use_rlimit=not self._cgroups)
             argv = self._launcher(f"sandboxd:{sandbox_id}", procs_files, argv)
-            log_fd = os.open(
-                box / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
-            )
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                    start_new_session=True,
-                    env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-                    pass_fds=fds.all(),
-                    cwd="/",
-                )
-            finally:
-                os.close(log_fd)
+            proc = await _spawn(argv, box / "agent.log", fds.all())
         finally:
             fds.close()
         pid = await self._sandbox_pid(proc, box)
@@ -452,21 +437,9 @@ class LocalProvider:
                 "--",
                 *argv,
             ]
-        log_fd = os.open(
-            box / "network.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
-        )
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                start_new_session=True,
-                pass_fds=(write_fd,),
-                cwd="/",
-            )
+            proc = await _spawn(argv, box / "network.log", (write_fd,))
         finally:
-            os.close(log_fd)
             os.close(write_fd)
         try:
             ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_fd, 1), READY_TIMEOUT_S)
@@ -655,6 +628,25 @@ class _Fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+
+
+async def _spawn(argv: list[str], log: Path, fds: tuple[int, ...]) -> asyncio.subprocess.Process:
+    """Start a sandbox's process (launcher or network helper): its own session, a clean
+    environment, only `fds` inherited, output appended to its private log."""
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+            pass_fds=fds,
+            cwd="/",
+        )
+    finally:
+        os.close(log_fd)
 
 
 def _handle(entry: dict[str, Any], box: Path) -> dict[str, Any]:
