@@ -191,8 +191,12 @@ end
 local raw = redis.call('HGET', ARGV[1] .. ':pools', ARGV[2])
 if not raw then return {'unknown_pool'} end
 local ok_json, pool = pcall(cjson.decode, raw)
-if not ok_json or type(pool) ~= 'table' or type(pool.lease_s) ~= 'number'
-    or type(pool.max_lease_s) ~= 'number' then
+local function count(x)  -- a finite, whole, non-negative number
+  return type(x) == 'number' and x == x and x >= 0 and x < 1e12 and x == math.floor(x)
+end
+if not ok_json or type(pool) ~= 'table' or not count(pool.lease_s)
+    or not count(pool.max_lease_s) or not count(pool.min_ready)
+    or not count(pool.max_total) or type(pool.on_empty) ~= 'string' then
   return {'corrupt', ARGV[1] .. ':pools ' .. ARGV[2] .. ' is not pool settings'}
 end
 local lease_s = lease_arg(ARGV[5]) or pool.lease_s

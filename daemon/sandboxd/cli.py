@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sandboxd import claim_commands, spec_commands
 from sandboxd.clierror import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
@@ -215,8 +215,17 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
     redis = make_client(config)
     try:
         return await commands[args.command](args, config, redis)
+    except ResponseError as exc:  # Redis answered: a refusal, a key of the wrong type…
+        raise CliError(f"Redis refused: {exc}") from None
     except RedisError as exc:
         raise CliError(f"cannot reach Redis at {redact_url(config.redis_url)}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # Anyone who may write Redis can leave a value of another shape than the daemon
+        # writes (a heartbeat, a log entry, an event): a clear line, never a traceback.
+        raise CliError(
+            f"unreadable data in Redis ({type(exc).__name__}: {str(exc)[:200]}); the daemon "
+            "rewrites its own keys within seconds"
+        ) from None
     finally:
         await redis.aclose()
 
@@ -396,12 +405,12 @@ async def _logs(args: argparse.Namespace, config: Config, redis) -> int:
         raise CliError(f"no sandbox {args.sandbox!r} and no logs of it (kept 1 h after it ends)")
     last_id = entries[0][0] if entries else "0-0"
     for _, fields in reversed(entries):
-        print(fields["line"], flush=True)
+        print(fields.get("line", ""), flush=True)
     # --follow ends with the sandbox: its logs can only grow while it has a record.
     while args.follow and await redis.exists(keys.sandbox(args.sandbox)):
         for _, batch in await redis.xread({stream: last_id}, block=1000, count=500):
             for stream_id, fields in batch:
-                print(fields["line"], flush=True)
+                print(fields.get("line", ""), flush=True)
                 last_id = stream_id
     return 0
 
@@ -409,13 +418,13 @@ async def _logs(args: argparse.Namespace, config: Config, redis) -> int:
 def _print_event(stream_id: str, fields: dict[str, str], output: str) -> None:
     try:
         event = Event.from_fields(fields)
+        when = datetime.fromisoformat(event.time).astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
     except (ValueError, TypeError, RecursionError):  # appended by someone else, not an event
         print(f"{stream_id}  (not a sandboxd event: skipped)", file=sys.stderr, flush=True)
         return
     if output == "json":
         print(json.dumps({"stream_id": stream_id, **event.model_dump()}), flush=True)
         return
-    when = datetime.fromisoformat(event.time).astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
     data = " ".join(f"{k}={json.dumps(v)}" for k, v in event.data.items())
     print(
         f"{when}  {event.type:<22} {event.pool or '-':<12} {event.sandbox or '-':<20} {data}",

@@ -1,6 +1,7 @@
 """Cost accounting: per pool, sandbox-seconds spent idle (warm, unclaimed), claimed and
 paused, priced per vCPU-second and GiB-second (E2B's pricing shape), kept in Redis."""
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,10 +102,7 @@ class CostMeter:
                 pipe.hgetall(self._keys.pool_cost(pool))
             replies = await pipe.execute()
         stored = replies[len(replies) - len(reread) :] if reread else []
-        fresh = {
-            pool: {k: float(v) for k, v in fields.items()}
-            for pool, fields in zip(reread, stored, strict=True)
-        }
+        fresh = {pool: _numbers(fields) for pool, fields in zip(reread, stored, strict=True)}
         if fresh or len(self.totals) != len(specs):
             self.totals = {pool: fresh.get(pool, self.totals.get(pool, {})) for pool in specs}
         if now >= self._report_due:
@@ -119,3 +117,17 @@ class CostMeter:
             await self._events.publish(
                 "pool.cost", pool=pool, currency=self._config.cost.currency, **summarize(totals)
             )
+
+
+def _numbers(fields: dict[str, str]) -> dict[str, float]:
+    """A pool's stored totals; a field that is not a finite number (written by someone
+    else) is left out rather than stopping the sampling."""
+    out = {}
+    for key, value in fields.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            out[key] = number
+    return out

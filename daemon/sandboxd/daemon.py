@@ -18,7 +18,7 @@ from sandboxd.adoption import AdoptionReport, adopt
 from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
 from sandboxd.cost import CostMeter
-from sandboxd.events import Event, EventPublisher
+from sandboxd.events import EventPublisher
 from sandboxd.eventtail import EventTail
 from sandboxd.heartbeat import Heartbeat
 from sandboxd.janitor import Janitor
@@ -197,6 +197,7 @@ class Daemon:
             replace=self.reconciler.replace,
             interval_s=lambda: self.config.janitor_interval_s,
             before_sweep=self.restorer.check,
+            put_back=self.restorer.put_back,
         )
         self.keepalive = Keepalive(
             store=self.store, specs=self.specs, providers=providers, events=self.events
@@ -233,14 +234,10 @@ class Daemon:
         finally:
             await self._shut_down()
 
-    def _observe_event(self, event: Event) -> None:
-        self.metrics.observe(event)
-        self.restorer.observe(event)
-
     def _observers(self, redis: Redis, providers: dict[str, Provider]) -> None:
         """What watches the daemon from outside: metrics, resources, cost, MQTT, watchdog."""
         self.metrics_server = MetricsServer(self.config, self.metrics)
-        self.tail = EventTail(redis, self.keys.events, self._observe_event)
+        self.tail = EventTail(redis, self.keys.events, self.metrics.observe)
         snapshot = lambda: self.latest  # noqa: E731
         self.resources = ResourceSampler(
             config=self.config, events=self.events, providers=providers, snapshot=snapshot

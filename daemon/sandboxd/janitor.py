@@ -44,6 +44,7 @@ class Janitor:
         replace: Callable[[SandboxRecord, str, str], Awaitable[bool]],
         interval_s: Callable[[], float],
         before_sweep: Callable[[], Awaitable[Any]] | None = None,
+        put_back: Callable[[str], Awaitable[bool]] | None = None,
     ):
         self._store = store
         self._providers = providers
@@ -52,6 +53,7 @@ class Janitor:
         self._replace = replace
         self._interval_s = interval_s
         self._before_sweep = before_sweep  # put back what Redis lost before judging leaks
+        self._put_back = put_back  # one record the journal has and Redis lost
 
     async def run(self) -> None:
         await every(self._interval_s, self.sweep, "janitor sweep skipped")
@@ -90,6 +92,9 @@ class Janitor:
             # rebuilt): put the id back, so the next pass reads (or quarantines) the record.
             await self._store.readd_id(sandbox.id)
             log.warning("record missing from the id set: put back", extra={"sandbox": sandbox.id})
+            return False
+        if self._put_back is not None and await self._put_back(sandbox.id):
+            log.warning("record lost by Redis: put back", extra={"sandbox": sandbox.id})
             return False
         if not await provider.is_alive(sandbox.id, sandbox.handle):
             return False  # gone since the listing (terminated meanwhile)

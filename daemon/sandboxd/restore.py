@@ -1,18 +1,17 @@
 """Redis losing its data loses nothing that runs: the journal, and writing it back.
 
-The daemon remembers the spec in force and its records (claims included) in memory, updated
-every reconcile pass and at once from the event stream's `sandbox.claimed` /
-`sandbox.released` (so a claim made between two passes is known), and in its root-only
-state directory (`localstate.LocalState`) every tick. A marker key (`<prefix>:daemon:marker`,
-no expiry) tells whether Redis still holds what the daemon wrote: when it is gone (FLUSHDB,
-a restart without persistence, a failover to an empty replica), the spec and every record
-whose sandbox the provider still runs are written back, with their ready list, member set
-and lease entries, before anything else acts: nothing is drained, reaped or recreated.
-`state.restored` says what came back.
+The daemon remembers the spec in force and its records (claims included) in memory, from
+every reconcile pass (the records as Redis holds them; events are not trusted: any client
+may append one), and in its root-only state directory (`localstate.LocalState`) whenever
+they change. A marker key (`<prefix>:daemon:marker`, no expiry) tells whether Redis still
+holds what the daemon wrote: when it is gone (FLUSHDB, a restart without persistence, a
+failover to an empty replica), the spec and every record whose sandbox the provider still
+runs are written back, with their ready list, member set and lease entries, before anything
+else acts: nothing is drained, reaped or recreated. `state.restored` says what came back.
 
-A claim known only from its event (made less than a tick before the loss) comes back
-claimed, with its lease, but without its token digest: it is never handed out twice, and
-its lease ends it if its holder cannot release it.
+A claim made after the last pass before the loss comes back as that pass saw it. A record
+missing while the marker is still there (a DEL, a restore of an old dump) is put back when
+the janitor finds its sandbox without one, instead of reaping it.
 """
 
 import asyncio
@@ -21,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from sandboxd.events import Event, EventPublisher
+from sandboxd.events import EventPublisher
 from sandboxd.keys import Keys
 from sandboxd.localstate import LocalState
 from sandboxd.providers import Provider, list_all
@@ -92,8 +91,10 @@ class Restorer:
         if not await self._redis.exists(self.marker):
             return
         new_spec = False
-        if doc is not None and doc.revision > 0 and (
-            self._spec is None or self._spec[0] != doc.revision
+        if (
+            doc is not None
+            and doc.revision > 0
+            and (self._spec is None or self._spec[0] != doc.revision)
         ):  # serialized once per revision: a spec of 20,000 pools is megabytes
             self._spec = (doc.revision, doc.model_dump_json())
             new_spec = True
@@ -103,23 +104,18 @@ class Restorer:
             self._saved_shape = shape
             await self.save()
 
-    def observe(self, event: Event) -> None:
-        """Claims and releases made by clients between two passes (from the event tail)."""
-        fields = self._records.get(event.sandbox)
+    async def put_back(self, sandbox_id: str) -> bool:
+        """Write back one record the journal has and Redis lost (a DEL, a partial loss that
+        left the marker), if its sandbox still runs. True if it did: not a leak then."""
+        fields = self._records.get(sandbox_id)
         if fields is None:
-            return
-        data = event.data
-        if event.type == "sandbox.claimed" and fields.get("state") == "ready":
-            fields.update(
-                state="claimed",
-                claimant=str(data.get("claimant", "")),
-                claim_id=str(data.get("claim_id", "")),
-                lease_s=str(data.get("lease_s", 0)),
-                lease_expires_ms=str(data.get("lease_expires_ms", 0)),
+            return False
+        restored, claimed, ready = await self._put_back_records({sandbox_id: fields})
+        if restored:
+            await self._events.publish(
+                "state.restored", spec_revision=0, records=1, claimed=claimed, ready=ready
             )
-        elif event.type == "sandbox.released" and fields.get("state") == "claimed":
-            fields["state"] = "released"
-            fields.pop("claim_token_digest", None)
+        return bool(restored)
 
     async def save(self) -> None:
         """Write the journal to the state directory (only what changed since the last write)."""
@@ -181,11 +177,14 @@ class Restorer:
         return revision if wrote else 0
 
     async def _restore_records(self) -> tuple[int, int, int]:
-        if not self._records:
+        return await self._put_back_records(dict(self._records))
+
+    async def _put_back_records(self, records: dict[str, dict[str, str]]) -> tuple[int, int, int]:
+        if not records:
             return 0, 0, 0
         listing = await list_all(self._providers)
         restored = claimed = ready = 0
-        for sandbox_id, fields in list(self._records.items()):
+        for sandbox_id, fields in records.items():
             if sandbox_id not in listing.sandboxes:
                 continue  # gone meanwhile: nothing to put back
             state = fields.get("state", "")

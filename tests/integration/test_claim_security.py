@@ -281,3 +281,27 @@ async def test_what_a_record_holds_is_not_enough_to_release_it(redis):
         assert refused.value.reason == "not_yours"
         assert await redis.hget(key, "state") == "claimed"
         await sandbox.release()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        '{"provider":"local","min_ready":"x","max_total":5,"lease_s":300,"max_lease_s":3600,'
+        '"on_empty":"wait","reuse":"never"}',
+        '{"provider":"local","min_ready":1,"max_total":5,"lease_s":1e400,"max_lease_s":1e401,'
+        '"on_empty":"wait","reuse":"never"}',
+        "not json",
+    ],
+)
+async def test_damaged_pool_settings_refuse_a_claim_before_any_write(redis, settings):
+    """A claim never leaves a sandbox claimed by nobody: settings that are not numbers
+    (or not finite) are refused before the first write."""
+    await seed(redis, "sb-1")
+    await redis.hset(KEYS.pools, "p", settings)
+    before = await redis.hgetall(KEYS.sandbox("sb-1"))
+    async with Client(redis, owner="someone") as client:
+        with pytest.raises(ClaimError) as refused:
+            await client.claim("p", timeout_s=0)
+    assert refused.value.reason == "corrupt"
+    assert await redis.hgetall(KEYS.sandbox("sb-1")) == before
+    assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == ["sb-1"]

@@ -126,3 +126,32 @@ async def test_redis_restarted_without_persistence_under_a_running_daemon(tmp_pa
         await redis.aclose()
         server.terminate()
         server.wait(10)
+
+
+async def test_a_deleted_record_of_a_claim_is_put_back_not_reaped(redis, daemon_factory):
+    """Redis lost one record but not the marker (a DEL, an old dump): the janitor finds the
+    sandbox without a record and puts the journal's record back instead of killing it."""
+    daemon = daemon_factory(janitor_interval_s=0.3).start()
+    await apply(redis, [{"name": "p", "min_ready": 1, "max_total": 4}])
+    await wait_ready(redis, "p", 1)
+    async with Client(redis, owner="holder") as client:
+        sandbox = await client.claim("p", lease_s=600, timeout_s=20)
+        await wait_ready(redis, "p", 1)
+        before = await live_pids(daemon.workspace)
+
+        async def journaled() -> bool:  # a pass has seen the claim
+            return daemon.log_path.exists() and sandbox.id in (
+                (daemon.workspace.parent / "state" / "records.json").read_text()
+                if (daemon.workspace.parent / "state" / "records.json").exists()
+                else ""
+            )
+
+        await eventually(journaled, what="the claim in the journal")
+        await redis.delete(KEYS.sandbox(sandbox.id))
+        back = await wait_event(redis, "state.restored")
+        assert back["data"]["records"] == 1 and back["data"]["claimed"] == 1
+        assert (await SandboxStore(redis, KEYS).get(sandbox.id)).state == "claimed"
+        assert await live_pids(daemon.workspace) >= before
+        types = [e.get("type") for _, e in await redis.xrange(KEYS.events)]
+        assert "sandbox.leaked" not in types
+        await sandbox.release()
