@@ -1,14 +1,18 @@
 """Lifecycle events: their shape, their types, and publishing them to the Redis stream."""
 
 import json
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from sandboxd.keys import Keys
+
+log = logging.getLogger(__name__)
 
 # type -> (what it means, its `data` fields). The README's event table is this dict.
 EVENT_TYPES: dict[str, tuple[str, str]] = {
@@ -214,7 +218,28 @@ class EventPublisher:
 
     async def publish(self, type: str, *, pool: str = "", sandbox: str = "", **data: Any) -> Event:
         event = self.build(type, pool=pool, sandbox=sandbox, **data)
+        try:
+            await self._xadd(event)
+        except ResponseError as exc:
+            if "last possible ID" not in str(exc):
+                raise
+            # Someone appended an entry with the largest possible id: no XADD can follow it,
+            # which would stop every pass. The stream is replaced (its entries are lost).
+            log.error("%s cannot grow (%s): deleted and started anew", self._keys.events, exc)
+            await self._redis.delete(self._keys.events)
+            await self._xadd(
+                self.build(
+                    "state.corrupt",
+                    key=self._keys.events,
+                    field="",
+                    reason="its last id is the largest possible one",
+                    action="deleted and started anew",
+                )
+            )
+            await self._xadd(event)
+        return event
+
+    async def _xadd(self, event: Event) -> None:
         await self._redis.xadd(
             self._keys.events, event.to_fields(), maxlen=self.maxlen, approximate=True
         )
-        return event

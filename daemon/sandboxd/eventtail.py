@@ -58,9 +58,19 @@ class EventTail:
     async def _step(self) -> None:
         if self._cursor is None:
             self._cursor = await stream_end(self._redis, self._stream)
-        for entry_id, event in await read_after(
-            self._redis, self._stream, self._cursor, block_ms=BLOCK_MS
-        ):
+        entries = await read_after(self._redis, self._stream, self._cursor, block_ms=BLOCK_MS)
+        for entry_id, event in entries:
             self._cursor = entry_id
             if event is not None:
                 self._sink(event)
+        if not entries and _id(await stream_end(self._redis, self._stream)) < _id(self._cursor):
+            self._cursor = "0-0"  # the stream was deleted and started anew: read it all
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    """A stream id as a comparable pair ((0, 0) for one that does not parse)."""
+    try:
+        ms, _, seq = str(entry_id).partition("-")
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0

@@ -66,3 +66,19 @@ async def test_a_forged_stream_entry_is_skipped_by_the_daemon_and_the_cli(
     done = cli(redis_server, "events", "-n", "50")
     assert done.returncode == 0 and "Traceback" not in done.stderr
     assert "sandbox.ready" in done.stdout and "not a sandboxd event" in done.stderr
+
+
+async def test_a_stream_at_its_largest_id_is_replaced_and_reconciling_goes_on(
+    redis, daemon_factory
+):
+    """An entry with the largest possible id makes every XADD after it fail: the daemon
+    replaces the stream (saying so) instead of failing every pass."""
+    daemon = daemon_factory().start()
+    await apply(redis, [{"name": "p", "min_ready": 1}])
+    await wait_ready(redis, "p", 1)
+    await redis.xadd(KEYS.events, {"x": "y"}, id="18446744073709551615-18446744073709551615")
+    await apply(redis, [{"name": "p", "min_ready": 3}])
+    await wait_ready(redis, "p", 3)
+    corrupt = await wait_event(redis, "state.corrupt", key=KEYS.events)
+    assert corrupt["data"]["action"] == "deleted and started anew"
+    assert daemon.proc.poll() is None
