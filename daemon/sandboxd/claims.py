@@ -394,8 +394,10 @@ class ClaimOutcome:
 
 
 def new_claim_token() -> str:
-    """A fresh claim token: 256 random bits, URL-safe text (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh claim token: `sbt_` and 256 random bits as URL-safe text. The prefix makes it
+    recognisable to secret scanners and keeps it from starting with `-` (which a command
+    line would take for an option)."""
+    return "sbt_" + secrets.token_urlsafe(32)
 
 
 def token_sha256(token: str) -> str:

@@ -174,8 +174,10 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         self._wake.clear()
         await hang_if_asked(self._config.watchdog_hang_file)
+        generation = None
         if self._restorer is not None:
             await self._restorer.check()
+            generation = self._restorer.restored
         spec = await self._specs.refresh()
         pools, changes = self.schedules.apply(list(spec.pools) if spec else [])
         self.pools = pools
@@ -202,7 +204,9 @@ class Reconciler:
             await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
         self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
-            await self._restorer.remember(scan.records, self._specs.in_force, save=tick)
+            await self._restorer.remember(
+                scan.records, self._specs.in_force, save=tick, since=generation
+            )
         if scan.corrupt:
             await self._quarantine.handle(scan.corrupt, self._providers)
         records = await self._reap_dead(scan.records, check_liveness=tick)

@@ -81,7 +81,12 @@ class Restorer:
     # -- remembering -----------------------------------------------------------------------
 
     async def remember(
-        self, records: list[SandboxRecord], doc: SpecDocument | None, *, save: bool
+        self,
+        records: list[SandboxRecord],
+        doc: SpecDocument | None,
+        *,
+        save: bool,
+        since: int | None = None,
     ) -> None:
         """The spec in force and the records of a pass: what Redis holds now (this daemon's,
         all of them) — unless Redis lost its data since the pass began (the marker is gone
@@ -90,6 +95,8 @@ class Restorer:
         changed state or claim)."""
         if not await self._redis.exists(self.marker):
             return
+        if since is not None and since != self.restored:
+            return  # a restore ran while these records were read: they may predate it
         new_spec = False
         if (
             doc is not None
@@ -159,8 +166,8 @@ class Restorer:
             "claimed": claimed,
             "ready": ready,
         }
+        self.restored += 1  # a generation: records read before it may predate it
         if spec_revision or restored:
-            self.restored += 1
             log.warning("Redis had lost state; restored from the local journal", extra=report)
             await self._events.publish("state.restored", **report)
         return report
