@@ -180,7 +180,11 @@ async def test_a_deleted_ready_list_is_rebuilt_and_claims_work(redis, redis_serv
     await redis.delete(KEYS.pool_ready("p"))
     repaired = await wait_event(redis, "state.repaired", what="ready_list", pool="p")
     assert repaired["data"]["added"] == 4
-    assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == ids  # oldest first, as before
+    # All back; oldest first by `ready_at` (sandboxes ready in the same instant may swap).
+    rebuilt = await redis.lrange(KEYS.pool_ready("p"), 0, -1)
+    assert sorted(rebuilt) == sorted(ids)
+    ready_at = [await redis.hget(KEYS.sandbox(i), "ready_at") for i in rebuilt]
+    assert ready_at == sorted(ready_at)
     async with Client.from_url(redis_server, owner="test") as client:
         claimed = [await client.claim("p", timeout_s=5) for _ in range(4)]
         assert sorted(s.id for s in claimed) == sorted(ids)
