@@ -830,7 +830,7 @@ def _same_process(pid: Any, create_time: Any) -> psutil.Process | None:
         return None
     try:
         proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - float(create_time)) > 0.05:
+        if create_time is not None and abs(proc.create_time() - float(create_time)) > 0.005:
             return None
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
