@@ -54,6 +54,15 @@ local MAX_CLAIMANT_BYTES, MAX_STREAM_MAXLEN = {MAX_CLAIMANT_BYTES}, {MAX_STREAM_
 """
     + r"""
 local function bad(why) return {'invalid_argument', why} end
+-- Every key a script writes must hold its type (or be absent) before the first write: Lua
+-- does not roll back. The first key of `kinds` (key -> type) that does not; nil if none.
+local function wrong_type(kinds)
+  for key, kind in pairs(kinds) do
+    local t = redis.call('TYPE', key).ok
+    if t ~= 'none' and t ~= kind then return key .. ' holds a ' .. t end
+  end
+  return nil
+end
 local BAD_HASH = 'claim token hash must be 64 lowercase hex digits (SHA-256)'
 -- ^[0-9]+$ of at most `digits` digits, as a number; nil otherwise (no signs, exponents,
 -- fractions, spaces, hex, inf or nan: tonumber alone would take all of those)
@@ -184,10 +193,8 @@ if why then return bad(why) end
 local members = ARGV[1] .. ':pool:' .. ARGV[2] .. ':members'
 local wanted = {[KEYS[1]] = 'list', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream',
   [KEYS[4]] = 'zset', [members] = 'set', [ARGV[1] .. ':pools'] = 'hash'}
-for key, kind in pairs(wanted) do
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then return {'corrupt', key .. ' holds a ' .. t} end
-end
+local damaged = wrong_type(wanted)
+if damaged then return {'corrupt', damaged} end
 local raw = redis.call('HGET', ARGV[1] .. ':pools', ARGV[2])
 if not raw then return {'unknown_pool'} end
 local ok_json, pool = pcall(cjson.decode, raw)
@@ -263,10 +270,8 @@ local function check()
 end
 local why = check()
 if why then return bad(why) end
-for key, kind in pairs({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'}) do
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then return {'corrupt', key .. ' holds a ' .. t} end
-end
+local damaged = wrong_type({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'})
+if damaged then return {'corrupt', damaged} end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'lease_expires_ms', 'lease_s',
   'max_lease_s', 'pool', 'claim_token_digest')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
@@ -301,10 +306,8 @@ local function check()
 end
 local why = check()
 if why then return bad(why) end
-for key, kind in pairs({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'}) do
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then return {'corrupt', key .. ' holds a ' .. t} end
-end
+local damaged = wrong_type({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'})
+if damaged then return {'corrupt', damaged} end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'claimant', 'claimed_at_ms', 'pool',
   'claim_token_digest')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
