@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 run: export SANDBOXD_REDIS_URL ?= $(REDIS_URL)
 run: $(STAMP)
 	@$(MAKE) --no-print-directory host-packages PACKAGES="$(RUN_PACKAGES)"
-	$(BIN)/python -m sandboxd.localredis ensure --url $(SANDBOXD_REDIS_URL) --dir $(RUN)/redis
+	$(BIN)/python -m sandboxd.store.localredis ensure --url $(SANDBOXD_REDIS_URL) --dir $(RUN)/redis
 	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes $(BIN)/sandboxd --config config/sandboxd.toml apply -f config/spec.example.yaml
 	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes exec $(BIN)/sandboxd --config config/sandboxd.toml run
 

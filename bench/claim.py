@@ -27,10 +27,10 @@ from redis.asyncio import Redis
 
 from common import cold_creates, line, running_daemon, wait_ready
 from sandboxd.client import ClaimTimeout, Client, Sandbox
-from sandboxd.events import Event
-from sandboxd.keys import Keys
 from sandboxd.spec import PoolSpec, Spec
-from sandboxd.specstore import SpecStore
+from sandboxd.store.events import Event
+from sandboxd.store.keys import Keys
+from sandboxd.store.specs import SpecStore
 
 KEYS = Keys()
 

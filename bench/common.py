@@ -14,10 +14,10 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from sandboxd.config import LocalProviderConfig
-from sandboxd.keys import Keys
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
-from sandboxd.providers.local import LocalProvider
+from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
+from sandboxd.store.keys import Keys
+from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
 
 
 def pct(samples: list[float], q: float) -> float:

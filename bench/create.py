@@ -19,9 +19,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from common import cold_creates, line, running_daemon, wait_ready
-from sandboxd.keys import Keys
 from sandboxd.spec import PoolSpec, Spec
-from sandboxd.specstore import SpecStore
+from sandboxd.store.keys import Keys
+from sandboxd.store.specs import SpecStore
 
 
 async def bare_spawn(n: int) -> list[float]:

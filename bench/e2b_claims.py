@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from common import line, running_daemon, wait_ready
 from e2b_fake import FakeE2B
 from sandboxd.client import Client
-from sandboxd.keys import Keys
 from sandboxd.spec import Spec
-from sandboxd.specstore import SpecStore
+from sandboxd.store.keys import Keys
+from sandboxd.store.specs import SpecStore
 
 KEY = "e2b_bench_key_0000000000000000000000000000"
 

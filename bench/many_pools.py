@@ -25,10 +25,10 @@ import psutil
 from redis.asyncio import Redis
 
 from common import line, running_daemon
-from sandboxd.keys import Keys
+from sandboxd.cli.views import StateView
 from sandboxd.spec import Spec
-from sandboxd.specstore import SpecStore
-from sandboxd.views import StateView
+from sandboxd.store.keys import Keys
+from sandboxd.store.specs import SpecStore
 
 KEYS = Keys()
 WRITES = ("set", "hset", "hdel", "del", "hincrbyfloat", "hsetnx", "sadd", "sinterstore")

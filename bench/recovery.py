@@ -22,16 +22,16 @@ from redis.asyncio import Redis
 
 from common import _free_port, cold_creates, line, running_daemon, wait_ready
 from fastfake import FastFakeProvider
-from sandboxd.agentclient import AgentClient
 from sandboxd.config import Config, Faults
 from sandboxd.daemon import Daemon
-from sandboxd.events import Event
-from sandboxd.keys import Keys
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
 from sandboxd.providers.faults import FaultyProvider
+from sandboxd.providers.local.agentclient import AgentClient
 from sandboxd.spec import Spec
-from sandboxd.specstore import SpecStore
-from sandboxd.state import SandboxStore
+from sandboxd.store.events import Event
+from sandboxd.store.keys import Keys
+from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
+from sandboxd.store.records import SandboxStore
+from sandboxd.store.specs import SpecStore
 
 KEYS = Keys()
 

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
+from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
 
 sys.path.insert(0, str(Path(__file__).parent))
 E2B_TEST_KEY = "e2b_0123456789abcdef0123456789abcdef01234567"

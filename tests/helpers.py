@@ -9,10 +9,10 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 
-from sandboxd.events import Event
-from sandboxd.keys import Keys
 from sandboxd.spec import Spec
-from sandboxd.specstore import SpecStore
+from sandboxd.store.events import Event
+from sandboxd.store.keys import Keys
+from sandboxd.store.specs import SpecStore
 
 PREFIX = "sandboxd"
 KEYS = Keys(PREFIX)

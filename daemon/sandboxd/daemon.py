@@ -13,38 +13,39 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from sandboxd import sdnotify
-from sandboxd.adoption import AdoptionReport, adopt
-from sandboxd.claims import ClaimStore
 from sandboxd.config import Config
-from sandboxd.cost import CostMeter
-from sandboxd.events import EventPublisher
-from sandboxd.eventtail import EventTail
-from sandboxd.heartbeat import Heartbeat
-from sandboxd.janitor import Janitor
-from sandboxd.keepalive import Keepalive
-from sandboxd.keys import Keys
-from sandboxd.leases import LeaseKeeper
-from sandboxd.localstate import LocalState
+from sandboxd.control.adoption import AdoptionReport, adopt
+from sandboxd.control.janitor import Janitor
+from sandboxd.control.keepalive import Keepalive
+from sandboxd.control.leases import LeaseKeeper
+from sandboxd.control.localstate import LocalState
+from sandboxd.control.reconciler import Reconciler
+from sandboxd.control.restore import Restorer
+from sandboxd.control.schedule import PoolSchedules
+from sandboxd.control.specsource import SpecSource
+from sandboxd.control.terminator import Terminator
+from sandboxd.health.monitor import HealthMonitor
 from sandboxd.logs import redact_url
-from sandboxd.metrics import Metrics, MetricsServer, pool_gauges
-from sandboxd.monitor import HealthMonitor
-from sandboxd.mqttbridge import MqttBridge
-from sandboxd.poolfacts import PoolFacts
+from sandboxd.outputs import sdnotify
+from sandboxd.outputs.cost import CostMeter
+from sandboxd.outputs.heartbeat import Heartbeat
+from sandboxd.outputs.metrics import Metrics, MetricsServer, pool_gauges
+from sandboxd.outputs.mqtt import MqttBridge
+from sandboxd.outputs.poolfacts import PoolFacts
+from sandboxd.outputs.resources import ResourceSampler
+from sandboxd.outputs.watchdog import Watchdog
 from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
-from sandboxd.reconciler import Reconciler
-from sandboxd.redisconn import every, make_client, survive, wait_for_redis, why
 from sandboxd.reload import reload
-from sandboxd.resources import ResourceSampler
-from sandboxd.restore import Restorer
-from sandboxd.schedule import PoolSchedules
 from sandboxd.spec import PoolSpec
-from sandboxd.specsource import SpecSource
-from sandboxd.specstore import SpecStore
-from sandboxd.state import STATES, SandboxRecord, SandboxStore
+from sandboxd.store.claims import ClaimStore
+from sandboxd.store.connection import make_client, wait_for_redis
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.eventtail import EventTail
+from sandboxd.store.keys import Keys
+from sandboxd.store.loops import every, survive, why
+from sandboxd.store.records import STATES, SandboxRecord, SandboxStore
+from sandboxd.store.specs import SpecStore
 from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
-from sandboxd.terminator import Terminator
-from sandboxd.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 5.0

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from sandboxd import sdnotify
 from sandboxd.config import Config, load_config
-from sandboxd.events import EventPublisher
+from sandboxd.outputs import sdnotify
+from sandboxd.store.events import EventPublisher
 
 log = logging.getLogger(__name__)
 

@@ -3,15 +3,16 @@
 import hashlib
 import json
 from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta
 from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandboxd import decode
 from sandboxd.config import ENV_NAME, Config
-from sandboxd.schedule import ScheduleWindow
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
@@ -30,6 +31,149 @@ BUILD_FIELDS = (
     "security",
     "run",
 )
+
+
+# What the local provider's seccomp filter denies (providers/local/seccomp.py builds it);
+# a pool's `security.allow_syscalls` names entries of this table, or ptrace / vsock, which
+# are denied only with some arguments.
+DENIED_SYSCALLS: tuple[str, ...] = (
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "lookup_dcookie",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "mount_setattr",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "chroot",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "sethostname",
+    "setdomainname",
+    "iopl",
+    "ioperm",
+    "quotactl",
+    "nfsservctl",
+    "vhangup",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "setns",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+)
+ALLOWABLE_SYSCALLS = frozenset(DENIED_SYSCALLS) | {"ptrace", "vsock"}
+
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _expand_days(items: list[str]) -> list[str]:
+    """["mon-fri", "sun"] -> ["mon", …, "fri", "sun"] (ranges may wrap: "fri-mon")."""
+    days: list[str] = []
+    for item in items:
+        first, _, last = item.strip().lower().partition("-")
+        for name in (first, last or first):
+            if name not in DAYS:
+                raise ValueError(f"{name!r} is not a day (use {', '.join(DAYS)})")
+        i, end = DAYS.index(first), DAYS.index(last or first)
+        while True:
+            if DAYS[i] not in days:
+                days.append(DAYS[i])
+            if i == end:
+                break
+            i = (i + 1) % 7
+    return days
+
+
+class ScheduleWindow(BaseModel):
+    """`{days: [mon-fri], from: "09:30", to: "16:00", timezone: America/New_York,
+    min_ready: 20}`: from (inclusive) to (exclusive) local time; `to` at or before `from`
+    runs past midnight into the next day. The first active window of a pool wins."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    days: list[str] = Field(default_factory=lambda: list(DAYS), min_length=1)
+    start: time = Field(alias="from", description="HH:MM or HH:MM:SS, local time.")
+    end: time = Field(alias="to", description="HH:MM or HH:MM:SS, local time.")
+    timezone: str = Field(default="UTC", description="IANA name, e.g. America/New_York.")
+    min_ready: int | None = Field(default=None, ge=0, le=10_000)
+    max_total: int | None = Field(default=None, ge=1, le=10_000)
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return _expand_days(value) if isinstance(value, list) else value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}") from None
+        return name
+
+    @model_validator(mode="after")
+    def _overrides(self) -> "ScheduleWindow":
+        if self.min_ready is None and self.max_total is None:
+            raise ValueError("a window sets min_ready, max_total or both")
+        if self.start == self.end and self.start != time(0):
+            raise ValueError("from and to are equal (use 00:00 to 00:00 for whole days)")
+        return self
+
+    def label(self) -> str:
+        return f"{','.join(self.days)} {self.start:%H:%M:%S}-{self.end:%H:%M:%S} {self.timezone}"
+
+    def spans(self, around: datetime) -> list[tuple[datetime, datetime]]:
+        """The window's occurrences from the day before `around` to a week after."""
+        zone = ZoneInfo(self.timezone)
+        local_day = around.astimezone(zone).date()
+        found = []
+        for offset in range(-1, 8):
+            day = local_day + timedelta(days=offset)
+            if DAYS[day.weekday()] in self.days:
+                found.append(self._span(day, zone))
+        return found
+
+    def _span(self, day: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
+        begins = datetime.combine(day, self.start, tzinfo=zone)
+        end_day = day if self.end > self.start else day + timedelta(days=1)
+        return begins, datetime.combine(end_day, self.end, tzinfo=zone)
+
+    def active(self, now: datetime) -> bool:
+        return any(begins <= now < ends for begins, ends in self.spans(now))
 
 
 class HealthSpec(BaseModel):
@@ -127,9 +271,7 @@ class SecuritySpec(BaseModel):
     @field_validator("allow_syscalls")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        from sandboxd.providers.seccomp import ALLOWABLE
-
-        unknown = sorted(set(names) - ALLOWABLE)
+        unknown = sorted(set(names) - ALLOWABLE_SYSCALLS)
         if unknown:
             raise ValueError(f"not denied by the filter, nothing to allow: {unknown}")
         return names

@@ -22,8 +22,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from sandboxd.events import EventPublisher
-from sandboxd.redisconn import cancelling
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.loops import cancelling
 
 log = logging.getLogger(__name__)
 FIRST_DELAY_S = 0.5

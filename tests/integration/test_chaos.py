@@ -6,7 +6,7 @@ import asyncio
 import json
 import signal
 
-from sandboxd.state import SandboxStore
+from sandboxd.store.records import SandboxStore
 
 from conftest import sandbox_processes
 from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready

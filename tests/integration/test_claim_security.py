@@ -13,11 +13,11 @@ import json
 import pytest
 from redis.asyncio import Redis
 
-from sandboxd.claims import ClaimError, ClaimStore, token_digest, token_sha256
 from sandboxd.client import Client
-from sandboxd.events import EventPublisher
 from sandboxd.spec import PoolSpec
-from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.store.claims import ClaimError, ClaimStore, token_digest, token_sha256
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.records import SandboxRecord, SandboxStore
 
 from helpers import KEYS, apply, cli, events_of, wait_event, wait_ready
 

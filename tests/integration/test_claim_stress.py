@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from sandboxd.agentclient import AgentError
 from sandboxd.client import ClaimTimeout, Client
+from sandboxd.providers.local.agentclient import AgentError
 
 from conftest import sandbox_processes
 from helpers import KEYS, apply, events_of, eventually, wait_ready

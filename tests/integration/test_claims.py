@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from sandboxd.client import ClaimError, ClaimTimeout, Client
-from sandboxd.syncclient import SyncClient
+from sandboxd.client.sync import SyncClient
 
 from conftest import sandbox_processes
 from helpers import KEYS, apply, cli, events_of, eventually, ready_ids, wait_event, wait_ready

@@ -4,7 +4,7 @@ import itertools
 import time
 
 from sandboxd.client import Client
-from sandboxd.state import SandboxStore
+from sandboxd.store.records import SandboxStore
 
 from conftest import E2B_TEST_KEY
 from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready

@@ -7,7 +7,7 @@ import pytest
 from sandboxd.config import Config, Faults, LocalProviderConfig
 from sandboxd.providers import CreateError, make_providers
 from sandboxd.providers.faults import FaultyProvider
-from sandboxd.providers.local import LocalProvider
+from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
 
 from conftest import sandbox_processes

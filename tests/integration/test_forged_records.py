@@ -6,7 +6,7 @@ import subprocess
 
 import psutil
 
-from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.store.records import SandboxRecord, SandboxStore
 
 from helpers import KEYS, apply, cli, wait_event, wait_ready
 

@@ -1,8 +1,8 @@
 """Health probes and supervised agents, on the real daemon with real sandboxes."""
 
-from sandboxd.agentclient import AgentClient
 from sandboxd.client import Client
-from sandboxd.state import SandboxStore
+from sandboxd.providers.local.agentclient import AgentClient
+from sandboxd.store.records import SandboxStore
 
 from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
 

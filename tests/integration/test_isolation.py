@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandboxd.agentclient import AgentClient
+from sandboxd.client.connections import UnreachableSandbox, connect, trusted_socket
 from sandboxd.config import LocalProviderConfig
-from sandboxd.connections import UnreachableSandbox, connect, trusted_socket
 from sandboxd.providers import IsolationError
-from sandboxd.providers.local import LocalProvider
+from sandboxd.providers.local.agentclient import AgentClient
+from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")

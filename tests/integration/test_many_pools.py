@@ -8,7 +8,7 @@ import json
 
 from redis.asyncio import Redis
 
-from sandboxd.views import StateView
+from sandboxd.cli.views import StateView
 
 from helpers import KEYS, apply, eventually
 

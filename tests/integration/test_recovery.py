@@ -3,7 +3,7 @@
 import os
 import signal
 
-from sandboxd.state import SandboxStore
+from sandboxd.store.records import SandboxStore
 
 from conftest import sandbox_processes
 from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready

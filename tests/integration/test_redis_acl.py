@@ -20,12 +20,12 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from sandboxd.claims import ClaimStore
 from sandboxd.client import ClaimError, ClaimTimeout, Client
-from sandboxd.events import EventPublisher
-from sandboxd.localredis import answers, find_redis_server
 from sandboxd.spec import PoolSpec
-from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.store.claims import ClaimStore
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.localredis import answers, find_redis_server
+from sandboxd.store.records import SandboxRecord, SandboxStore
 
 from conftest import free_port
 from helpers import KEYS, apply, cli, events_of, wait_event, wait_ready

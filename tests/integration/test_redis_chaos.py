@@ -69,9 +69,9 @@ from hypothesis.stateful import (
 from redis.asyncio import Redis
 
 from sandboxd.client import ClaimError, Client, Sandbox
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
-from sandboxd.redisconn import open_redis
-from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.store.connection import open_redis
+from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
+from sandboxd.store.records import SandboxRecord, SandboxStore
 
 from conftest import DaemonProcess, _toml, free_port, sandbox_processes
 from helpers import KEYS, apply, eventually

@@ -276,7 +276,7 @@ async def _async(value):
 
 STUCK_HARNESS = """
 import pathlib, sys, time
-from sandboxd import reconciler
+from sandboxd.control import reconciler
 
 flag = pathlib.Path(sys.argv[1])
 real = reconciler.Reconciler.reconcile_once
@@ -288,7 +288,7 @@ async def reconcile_once(self):
     return await real(self)
 
 reconciler.Reconciler.reconcile_once = reconcile_once
-from sandboxd.cli import main
+from sandboxd.cli.main import main
 sys.exit(main(["--config", sys.argv[2], "run"]))
 """
 

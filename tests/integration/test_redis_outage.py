@@ -4,8 +4,8 @@ import json
 
 from redis.asyncio import Redis
 
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
-from sandboxd.state import SandboxStore
+from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
+from sandboxd.store.records import SandboxStore
 
 from conftest import free_port, sandbox_processes
 from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
@@ -49,6 +49,7 @@ async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory
         assert not await events_of(redis, "sandbox.leaked")
         live = sandbox_processes(daemon.workspace)
         assert [p.pid for p in live] == [record.handle["pid"]]
+
         async def beat_in_force():
             beat = await redis.get(KEYS.daemon)
             return beat and json.loads(beat)["revision"] == applied

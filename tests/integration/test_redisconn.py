@@ -3,7 +3,7 @@ queues callers instead of failing when more commands are in flight than connecti
 
 import asyncio
 
-from sandboxd.redisconn import MAX_CONNECTIONS, open_redis
+from sandboxd.store.connection import MAX_CONNECTIONS, open_redis
 
 
 async def test_more_commands_in_flight_than_connections_queue_not_fail(redis_server):

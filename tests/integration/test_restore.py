@@ -10,8 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from sandboxd.client import Client
-from sandboxd.localredis import find_redis_server, start, wait_until_answering
-from sandboxd.state import SandboxStore
+from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
+from sandboxd.store.records import SandboxStore
 
 from conftest import free_port, sandbox_processes
 from helpers import KEYS, apply, eventually, wait_event, wait_ready

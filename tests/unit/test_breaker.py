@@ -1,9 +1,9 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.breaker import CircuitBreaker
+from sandboxd.control.breaker import CircuitBreaker
+from sandboxd.control.slowstart import SlowStart
 from sandboxd.spec import BreakerSpec
-from sandboxd.surge import SlowStart
 
 SPEC = BreakerSpec(failures=3, cooldown_s=10, max_cooldown_s=25)
 

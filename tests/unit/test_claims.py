@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from sandboxd.claims import (
+from sandboxd.spec import PoolSpec
+from sandboxd.store.claims import (
     CLAIM,
     FORCE_RELEASE,
     MAX_CLAIMANT_BYTES,
@@ -35,9 +36,8 @@ from sandboxd.claims import (
     token_digest,
     token_sha256,
 )
-from sandboxd.events import EventPublisher
-from sandboxd.spec import PoolSpec
-from sandboxd.state import SandboxRecord, SandboxStore
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.records import SandboxRecord, SandboxStore
 
 from helpers import KEYS
 

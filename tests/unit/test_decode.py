@@ -6,9 +6,9 @@ import re
 import pytest
 
 from sandboxd import decode
-from sandboxd.plan import Observed, plan
+from sandboxd.control.plan import Observed, plan
 from sandboxd.spec import PoolSpec, SpecError, parse_document, parse_spec
-from sandboxd.state import SandboxRecord
+from sandboxd.store.records import SandboxRecord
 
 
 def escaped(raw: bytes) -> str:

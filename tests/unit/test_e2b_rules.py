@@ -17,10 +17,10 @@ from e2b.exceptions import (
 )
 from e2b.exceptions import TimeoutException as SdkTimeout
 
-from sandboxd.pacing import PoolPacing
-from sandboxd.plan import Observed, plan
-from sandboxd.providers.e2b_errors import describe, is_gone, is_retryable, is_throttle
-from sandboxd.providers.ratelimit import CreateLimiter
+from sandboxd.control.pacing import PoolPacing
+from sandboxd.control.plan import Observed, plan
+from sandboxd.providers.e2b.errors import describe, is_gone, is_retryable, is_throttle
+from sandboxd.providers.e2b.ratelimit import CreateLimiter
 from sandboxd.spec import PoolSpec, SpecError, validate_spec
 
 

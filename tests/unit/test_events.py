@@ -4,8 +4,8 @@ from datetime import datetime
 import fakeredis
 import pytest
 
-from sandboxd.events import EVENT_TYPES, Event, EventPublisher
-from sandboxd.keys import Keys
+from sandboxd.store.events import EVENT_TYPES, Event, EventPublisher
+from sandboxd.store.keys import Keys
 
 REQUIRED = {
     "daemon.started",
@@ -63,7 +63,7 @@ def test_every_required_type_is_documented():
 def test_the_readme_event_table_lists_every_type():
     from pathlib import Path
 
-    from sandboxd.events import EVENT_TYPES
+    from sandboxd.store.events import EVENT_TYPES
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for type_, (meaning, fields) in EVENT_TYPES.items():

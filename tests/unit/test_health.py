@@ -1,4 +1,4 @@
-from sandboxd.health import SandboxHealth, assess, pool_state, program_failed
+from sandboxd.health.rules import SandboxHealth, assess, pool_state, program_failed
 from sandboxd.providers.base import Probe
 from sandboxd.spec import HealthSpec
 

@@ -4,7 +4,7 @@ import logging
 
 from sandboxd.config import Config
 from sandboxd.logs import redact_url, register_secret, setup_logging
-from sandboxd.redisconn import make_client
+from sandboxd.store.connection import make_client
 
 
 def test_redact_url_hides_only_the_password():

@@ -3,13 +3,13 @@
 import logging
 
 from sandboxd.config import Config
-from sandboxd.cost import accrue, summarize
-from sandboxd.events import Event
-from sandboxd.metrics import Metrics
+from sandboxd.outputs.cost import accrue, summarize
+from sandboxd.outputs.metrics import Metrics
+from sandboxd.outputs.resources import Crossings
 from sandboxd.reload import apply_changes
-from sandboxd.resources import Crossings
 from sandboxd.spec import PoolSpec
-from sandboxd.state import SandboxRecord
+from sandboxd.store.events import Event
+from sandboxd.store.records import SandboxRecord
 
 
 def test_reload_applies_live_settings_and_reports_the_rest():

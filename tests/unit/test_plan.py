@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.plan import DEFAULT_FROM, FROM_STATES, Observed, plan
+from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, plan
 from sandboxd.spec import PoolSpec
 
 NOW = 10_000.0

@@ -2,8 +2,8 @@
 
 from unittest.mock import MagicMock
 
-from sandboxd.keys import Keys
-from sandboxd.repair import IDLE_WINDOW, Healer
+from sandboxd.control.repair import IDLE_WINDOW, Healer
+from sandboxd.store.keys import Keys
 
 
 def test_busy_pools_every_time_idle_pools_in_turn_until_all_were_seen():

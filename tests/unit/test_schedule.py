@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.schedule import PoolSchedules, ScheduleWindow, active_window, next_change
-from sandboxd.spec import PoolSpec, SpecError, validate_spec
+from sandboxd.control.schedule import PoolSchedules, active_window, next_change
+from sandboxd.spec import PoolSpec, ScheduleWindow, SpecError, validate_spec
 
 NY = ZoneInfo("America/New_York")
 MARKET = {"days": ["mon-fri"], "from": "09:30", "to": "16:00", "timezone": "America/New_York"}
@@ -106,7 +106,7 @@ def test_sizes_ramp_linearly_to_the_window_and_back():
     elapsed=st.floats(0, 200),
 )
 def test_a_ramp_stays_between_its_ends_and_min_never_exceeds_max(origin, target, elapsed):
-    from sandboxd.schedule import Ramp
+    from sandboxd.control.schedule import Ramp
 
     start = datetime(2026, 1, 1, tzinfo=UTC)
     low, high = Ramp(origin, target, start, 100).at(start + timedelta(seconds=elapsed))

@@ -1,6 +1,6 @@
 import socket
 
-from sandboxd import sdnotify
+from sandboxd.outputs import sdnotify
 
 
 def test_messages_reach_the_notify_socket(monkeypatch, tmp_path):

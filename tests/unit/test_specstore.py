@@ -1,8 +1,8 @@
 import fakeredis
 
-from sandboxd.keys import SPEC_HISTORY_LEN, Keys
 from sandboxd.spec import PoolSpec, Spec, parse_document
-from sandboxd.specstore import SpecStore
+from sandboxd.store.keys import SPEC_HISTORY_LEN, Keys
+from sandboxd.store.specs import SpecStore
 
 
 async def test_apply_bumps_revision_and_keeps_history():

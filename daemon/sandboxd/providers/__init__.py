@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
     from sandboxd.providers.faults import FaultyProvider
-    from sandboxd.providers.local import LocalProvider
+    from sandboxd.providers.local.provider import LocalProvider
 
     providers: dict[str, Provider] = {
         "local": LocalProvider(config.local),
@@ -26,7 +26,7 @@ def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
 
 def _e2b(config: Config, instance: str) -> Provider:
     try:
-        from sandboxd.providers.e2b import E2BProvider
+        from sandboxd.providers.e2b.provider import E2BProvider
     except ImportError as exc:
         from sandboxd.providers.unavailable import UnavailableProvider
 

@@ -1,0 +1,433 @@
+"""The `sandboxd` command: the daemon (`run`) and a thin client of Redis for everything else."""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from sandboxd.cli import claims as claim_commands
+from sandboxd.cli import specs as spec_commands
+from sandboxd.cli.errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
+from sandboxd.cli.tables import render
+from sandboxd.cli.views import StateView
+from sandboxd.config import Config, load_config, resolve_config_path
+from sandboxd.logs import redact_url, setup_logging
+from sandboxd.spec import SpecError, check_against_config, diff_specs, parse_spec
+from sandboxd.store.connection import make_client
+from sandboxd.store.events import Event
+from sandboxd.store.keys import Keys
+from sandboxd.store.specs import SpecStore
+
+POOL_COLUMNS = [
+    ("name", "POOL"),
+    ("provider", "PROVIDER"),
+    ("template", "TEMPLATE"),
+    ("min_ready", "MIN_READY"),
+    ("max_total", "MAX_TOTAL"),
+    ("ready", "READY"),
+    ("creating", "CREATING"),
+    ("claimed", "CLAIMED"),
+    ("total", "TOTAL"),
+]
+RUNTIME_COLUMNS = [
+    ("state", "STATE"),
+    ("health", "HEALTH"),
+    ("breaker", "BREAKER"),
+    ("failed", "FAILED"),
+    ("note", "NOTE"),
+]
+DASHBOARD_COLUMNS = [
+    ("name", "POOL"),
+    ("provider", "PROVIDER"),
+    ("ready_of", "READY/MIN"),
+    ("claimed", "CLAIMED"),
+    ("creating", "CREATING"),
+    ("total_of", "TOTAL/MAX"),
+    *RUNTIME_COLUMNS[:-1],
+    ("cost", "COST"),
+    ("idle", "IDLE%"),
+    ("schedule", "SCHEDULE"),
+    ("note", "NOTE"),
+]
+SANDBOX_COLUMNS = [
+    ("id", "ID"),
+    ("pool", "POOL"),
+    ("provider", "PROVIDER"),
+    ("state", "STATE"),
+    ("spec_revision", "REV"),
+    ("age_s", "AGE_S"),
+    ("health", "HEALTH"),
+    ("pid", "PID"),
+    ("isolation", "ISOLATION"),
+    ("created_at", "CREATED_AT"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --config is accepted before or after the subcommand (`sandboxd run --config ...`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="daemon config (TOML); default /etc/sandboxd/sandboxd.toml",
+    )
+    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    command("run", "run the daemon in the foreground")
+    apply = command("apply", "validate a spec file and make it the desired state")
+    apply.add_argument("-f", "--file", required=True, help="YAML or JSON spec; - for stdin")
+    apply.add_argument("--dry-run", action="store_true", help="validate and diff, write nothing")
+    get = command("get", "list pools or sandboxes")
+    get.add_argument("what", choices=["pools", "sandboxes"])
+    get.add_argument("--pool", help="only this pool's sandboxes")
+    _output_flag(get)
+    _output_flag(command("status", "is the daemon alive, what is in force"))
+    check = command("check-health", "exit 0 if the daemon's heartbeat is fresh (for monitoring)")
+    check.add_argument(
+        "--max-age", type=float, default=None, help="seconds (default: the heartbeat's TTL)"
+    )
+    spec_commands.add_parsers(command("spec", "the spec's revision history"), common)
+    events = command("events", "print lifecycle events from the stream")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
+    _output_flag(events)
+    logs = command("logs", "print the output of a sandbox's `run:` program")
+    logs.add_argument("sandbox")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    logs.add_argument("--count", "-n", type=int, default=100, help="how many past lines")
+    _claim_commands(command)
+    return parser
+
+
+def _claim_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    claim = command(
+        "claim", "claim a ready sandbox (prints its id, claim id and the secret claim token)"
+    )
+    claim.add_argument("pool")
+    _claim_flags(claim)
+    _output_flag(claim)
+    release = command("release", "give a claimed sandbox back (needs its claim token)")
+    release.add_argument("id")
+    _token_flags(release)
+    release.add_argument(
+        "--force",
+        action="store_true",
+        help="operators: release whoever holds it, no token (the event says forced)",
+    )
+    renew = command("renew", "extend a claimed sandbox's lease from now (needs its claim token)")
+    renew.add_argument("id")
+    renew.add_argument("--lease", type=int, help="seconds (default: the claim's lease)")
+    _token_flags(renew)
+    run = command(
+        "exec",
+        "claim, run a command, stream its output, release; exits with the command's code. "
+        "Usage: sandboxd exec POOL [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument("pool", nargs="?", help="pool to claim from (not with --sandbox)")
+    run.add_argument(
+        "--sandbox", help="run in this already claimed sandbox (needs its token); no claim/release"
+    )
+    _token_flags(run)
+    _claim_flags(run)
+    run.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    run.add_argument("--cwd", help="working directory inside the sandbox")
+    run.add_argument("-i", "--stdin", action="store_true", help="send this stdin to the command")
+
+
+def _token_flags(parser: argparse.ArgumentParser) -> None:
+    """The claim token: a file or stdin keep it out of `ps`; else $SANDBOXD_CLAIM_TOKEN."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the claim token, or - to read it from stdin. A value here is visible to other "
+        "local users (ps): prefer --token-file, - or $SANDBOXD_CLAIM_TOKEN",
+    )
+    source.add_argument("--token-file", metavar="PATH", help="read the claim token from PATH")
+
+
+def _claim_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lease", type=int, help="lease in seconds (default: the pool's)")
+    parser.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for a ready sandbox (0: none)"
+    )
+    parser.add_argument("--owner", help="claimant name (default user@host:pid)")
+
+
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after `--` is the command for `exec`, never options of ours.
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:split])
+    args.argv = argv[split + 1 :]
+    try:
+        config = load_config(getattr(args, "config", None))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: bad config: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.command == "run":
+        return _run_daemon(config, resolve_config_path(getattr(args, "config", None)))
+    try:
+        return asyncio.run(_client_command(args, config))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _run_daemon(config: Config, config_path: Path | None) -> int:
+    from sandboxd.daemon import Daemon
+
+    setup_logging(config.log_level)
+    return asyncio.run(Daemon(config, config_path=config_path).run())
+
+
+async def _client_command(args: argparse.Namespace, config: Config) -> int:
+    commands: dict[str, Callable[..., Coroutine[Any, Any, int]]] = {
+        "apply": _apply,
+        "get": _get,
+        "status": _status,
+        "check-health": _check_health,
+        "spec": spec_commands.spec_command,
+        "events": _events,
+        "logs": _logs,
+        "claim": claim_commands.claim,
+        "release": claim_commands.release,
+        "renew": claim_commands.renew,
+        "exec": claim_commands.exec_command,
+    }
+    redis = make_client(config)
+    try:
+        return await commands[args.command](args, config, redis)
+    except ResponseError as exc:  # Redis answered: a refusal, a key of the wrong type…
+        raise CliError(f"Redis refused: {exc}") from None
+    except RedisError as exc:
+        raise CliError(f"cannot reach Redis at {redact_url(config.redis_url)}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # Anyone who may write Redis can leave a value of another shape than the daemon
+        # writes (a heartbeat, a log entry, an event): a clear line, never a traceback.
+        raise CliError(
+            f"unreadable data in Redis ({type(exc).__name__}: {str(exc)[:200]}); the daemon "
+            "rewrites its own keys within seconds"
+        ) from None
+    finally:
+        await redis.aclose()
+
+
+async def _apply(args: argparse.Namespace, config: Config, redis) -> int:
+    text = sys.stdin.buffer.read() if args.file == "-" else _read_file(args.file)
+    try:
+        spec = parse_spec(text)
+        check_against_config(spec, config)
+    except SpecError as exc:
+        lines = "\n".join(f"  {problem}" for problem in exc.problems)
+        raise CliError(
+            f"invalid spec {args.file}; nothing applied:\n{lines}", EXIT_INVALID
+        ) from None
+    store = SpecStore(redis, Keys(config.key_prefix))
+    if args.dry_run:
+        changes = diff_specs(await store.active(), spec)
+        print("valid; would change:" if changes else "valid; no changes")
+    else:
+        applied = await store.apply(spec)
+        changes = diff_specs(applied.previous, spec)
+        print(
+            f"applied revision {applied.document.revision}" + ("" if changes else " (no changes)")
+        )
+    for line in changes:
+        print(f"  {line}")
+    return 0
+
+
+def _read_file(path: str) -> bytes:
+    """Bytes: `parse_spec` checks the encoding (and says so) rather than a traceback here."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_INVALID) from None
+
+
+async def _get(args: argparse.Namespace, config: Config, redis) -> int:
+    view = StateView(redis, Keys(config.key_prefix))
+    if args.what == "pools":
+        rows, columns = await view.pools(), POOL_COLUMNS
+    else:
+        rows, columns = await view.sandboxes(args.pool), SANDBOX_COLUMNS
+    print(json.dumps(rows, indent=2) if args.output == "json" else render(rows, columns))
+    return 0
+
+
+async def _status(args: argparse.Namespace, config: Config, redis) -> int:
+    status = await StateView(redis, Keys(config.key_prefix)).status()
+    if args.output == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        print(_status_text(status))
+    return 0 if status["daemon"]["alive"] else EXIT_NO_DAEMON
+
+
+async def _check_health(args: argparse.Namespace, config: Config, redis) -> int:
+    """The heartbeat key expires after three missed beats, so its presence means alive."""
+    daemon = await StateView(redis, Keys(config.key_prefix)).daemon()  # not every pool's
+    age = time.time() - daemon.get("heartbeat_at", 0) if daemon is not None else None
+    if age is None or (args.max_age is not None and age > args.max_age):
+        seen = "no heartbeat" if age is None else f"heartbeat {age:.1f}s old"
+        print(f"UNHEALTHY: {seen}")
+        return EXIT_NO_DAEMON
+    print(f"OK: heartbeat {age:.1f}s old, pid {daemon['pid']} on {daemon['host']}")
+    return 0
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    """The dashboard: daemon, host, endpoints, spec, then one line per pool."""
+    daemon = status["daemon"]
+    head = _daemon_lines(daemon) if daemon["alive"] else ["daemon:    NOT RUNNING (no heartbeat)"]
+    revision = status["revision_in_force"]
+    stored = status["revision_stored"]
+    spec_line = f"spec:      revision {revision if revision is not None else '-'} in force"
+    if stored is not None and stored != revision:
+        spec_line += f" (revision {stored} stored: pending or rejected, see `sandboxd events`)"
+    rows = [
+        _with_runtime(row, daemon.get("pools", {}).get(row["name"], {})) for row in status["pools"]
+    ]
+    return "\n".join([*head, spec_line, "", render(rows, DASHBOARD_COLUMNS)])
+
+
+def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
+    age = time.time() - daemon.get("heartbeat_at", time.time())
+    isolation = ", ".join(f"{k}: {v}" for k, v in daemon.get("isolation", {}).items())
+    lines = [
+        f"daemon:    alive (pid {daemon['pid']} on {daemon['host']}, instance "
+        f"{daemon['instance']}, v{daemon['version']}, heartbeat {age:.1f}s ago)",
+        f"isolation: {isolation}"
+        + (
+            "   << WARNING: sandboxes are NOT isolated (install bubblewrap)"
+            if "none" in isolation
+            else ""
+        ),
+        *_security_lines(daemon.get("security") or {}),
+    ]
+    host = daemon.get("host_resources") or {}
+    if host:
+        lines.append(
+            f"host:      cpu {host['cpu_percent']:.0f}%  memory {host['memory_percent']:.0f}%  "
+            f"disk {host['disk_percent']:.0f}%  "
+            f"load {host['load1']} {host['load5']} {host['load15']}"
+        )
+    mqtt = daemon.get("mqtt")
+    bridge = "off"
+    if mqtt is not None:
+        state = "connected" if mqtt["connected"] else "DISCONNECTED"
+        bridge = f"{state}, {mqtt['published']} published, {mqtt['dropped']} dropped"
+    lines.append(f"outputs:   metrics {daemon.get('metrics_listen') or 'off'}  mqtt {bridge}")
+    return lines
+
+
+def _security_lines(security: dict[str, Any]) -> list[str]:
+    """Local sandboxes' limits and uids, and loudly what is missing."""
+    local = security.get("local") or {}
+    if not local:
+        return []
+    lines = [f"limits:    {local.get('limits', '?')}; sandbox uids {local.get('uids', '?')}"]
+    lines += [f"WEAKER ISOLATION: {weakness}" for weakness in local.get("weaknesses", [])]
+    return lines
+
+
+def _with_runtime(row: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
+    """A pool row plus what only the daemon knows: sizes in force, health, breaker, cost,
+    schedule, why it is short."""
+    health = runtime.get("health", {})
+    score = health.get("score")
+    cost = runtime.get("cost") or {}
+    schedule = runtime.get("schedule")
+    share = cost.get("idle_share")
+    return {
+        **row,
+        "ready_of": f"{row['ready']}/{runtime.get('min_ready', row['min_ready'])}",
+        "total_of": f"{row['total']}/{runtime.get('max_total', row['max_total'])}",
+        "state": runtime.get("state", "-"),
+        "health": f"{health.get('state', '-')}" + (f" {score:.0%}" if score is not None else ""),
+        "breaker": runtime.get("breaker", "-"),
+        "failed": runtime.get("failed_attempts", 0),
+        "cost": f"{cost['cost']:.4f} {runtime.get('currency', '')}".strip() if cost else None,
+        "idle": f"{share:.0%}" if share is not None else None,
+        "schedule": _schedule_cell(schedule),
+        "note": runtime.get("below_target", ""),
+    }
+
+
+def _schedule_cell(schedule: dict[str, Any] | None) -> str | None:
+    if not schedule:
+        return None
+    window = "in window" if schedule["window"] else "base sizes"
+    upcoming = schedule.get("next_change_at")
+    return f"{window}, next {upcoming[:16].replace('T', ' ')}Z" if upcoming else window
+
+
+async def _events(args: argparse.Namespace, config: Config, redis) -> int:
+    stream = Keys(config.key_prefix).events
+    entries = await redis.xrevrange(stream, count=args.count) if args.count > 0 else []
+    newest = entries or await redis.xrevrange(stream, count=1)
+    last_id = newest[0][0] if newest else "0-0"  # a concrete id: no gap between reads
+    for stream_id, fields in reversed(entries):
+        _print_event(stream_id, fields, args.output)
+    while args.follow:
+        reply = await redis.xread({stream: last_id}, block=5000, count=100)
+        for _, batch in reply:
+            for stream_id, fields in batch:
+                _print_event(stream_id, fields, args.output)
+                last_id = stream_id
+    return 0
+
+
+async def _logs(args: argparse.Namespace, config: Config, redis) -> int:
+    keys = Keys(config.key_prefix)
+    stream = keys.sandbox_logs(args.sandbox)
+    exists = await redis.exists(keys.sandbox(args.sandbox))
+    entries = await redis.xrevrange(stream, count=args.count) if args.count > 0 else []
+    if not exists and not entries:
+        raise CliError(f"no sandbox {args.sandbox!r} and no logs of it (kept 1 h after it ends)")
+    last_id = entries[0][0] if entries else "0-0"
+    for _, fields in reversed(entries):
+        print(fields.get("line", ""), flush=True)
+    # --follow ends with the sandbox: its logs can only grow while it has a record.
+    while args.follow and await redis.exists(keys.sandbox(args.sandbox)):
+        for _, batch in await redis.xread({stream: last_id}, block=1000, count=500):
+            for stream_id, fields in batch:
+                print(fields.get("line", ""), flush=True)
+                last_id = stream_id
+    return 0
+
+
+def _print_event(stream_id: str, fields: dict[str, str], output: str) -> None:
+    try:
+        event = Event.from_fields(fields)
+        when = datetime.fromisoformat(event.time).astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+    except (ValueError, TypeError, RecursionError):  # appended by someone else, not an event
+        print(f"{stream_id}  (not a sandboxd event: skipped)", file=sys.stderr, flush=True)
+        return
+    if output == "json":
+        print(json.dumps({"stream_id": stream_id, **event.model_dump()}), flush=True)
+        return
+    data = " ".join(f"{k}={json.dumps(v)}" for k, v in event.data.items())
+    print(
+        f"{when}  {event.type:<22} {event.pool or '-':<12} {event.sandbox or '-':<20} {data}",
+        flush=True,
+    )

@@ -1,0 +1,340 @@
+"""The client library: claim a warm sandbox, use it, give it back.
+
+    async with Client.from_url("redis://127.0.0.1:6379/0") as client:
+        async with client.claim("default", lease_s=60) as sandbox:
+            result = await sandbox.exec(["python3", "-c", "print(6*7)"])
+
+Everything goes through Redis (claims.py) and, for exec and files, straight to the
+sandbox (connections.py); the daemon is never asked. `syncclient.SyncClient` wraps this.
+"""
+
+import asyncio
+import contextlib
+import getpass
+import os
+import socket
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sandboxd.client.connections import Connection, connect
+from sandboxd.providers.local.agentclient import ExecResult, OutputCallback
+from sandboxd.store.claims import (
+    ClaimError,
+    ClaimStore,
+    check_claimant,
+    check_lease,
+    new_claim_token,
+    token_matches,
+)
+from sandboxd.store.connection import open_redis
+from sandboxd.store.keys import Keys
+from sandboxd.store.records import SandboxRecord
+
+DEFAULT_WAIT_S = 30.0
+# Pub/sub messages can be lost (reconnects), so a waiter also retries at this interval.
+RECHECK_S = 1.0
+
+__all__ = ["ClaimError", "ClaimTimeout", "Client", "ExecResult", "Sandbox"]
+
+
+class ClaimTimeout(ClaimError):
+    """No ready sandbox came within the wait."""
+
+
+def default_owner() -> str:
+    """user@host:pid, cut to what a claimant may be (200 bytes of printable UTF-8)."""
+    with contextlib.suppress(Exception):
+        owner = f"{getpass.getuser()}@{socket.gethostname()}"
+        owner = "".join(c for c in owner if c.isprintable()).encode()[:180]
+        return f"{owner.decode(errors='ignore')}:{os.getpid()}"
+    return f"pid-{os.getpid()}"
+
+
+@dataclass
+class Sandbox:
+    """A claimed sandbox. Use it as an async context manager to release it on exit.
+
+    `claim_token` is the claim's secret: renew, release and attach need it. Keep it out of
+    logs and command lines; it is left out of `repr`."""
+
+    id: str
+    pool: str
+    provider: str
+    claim_id: str
+    claimant: str
+    lease_s: int
+    lease_expires_ms: int
+    connection_info: dict[str, Any]
+    claim_token: str = field(repr=False)
+    _client: "Client" = field(repr=False)
+    _connection: Connection | None = field(default=None, repr=False)
+
+    @property
+    def lease_expires(self) -> datetime:
+        return datetime.fromtimestamp(self.lease_expires_ms / 1000, UTC)
+
+    def _conn(self) -> Connection:
+        if self._connection is None:
+            self._connection = connect(
+                self.provider,
+                self.connection_info,
+                sandbox_id=self.id,
+                credentials=self._client.credentials,
+                endpoints=self._client.endpoints,
+                lease_expires_ms=self.lease_expires_ms,
+            )
+        return self._connection
+
+    async def exec(
+        self,
+        command: list[str] | str,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run argv (a list) or a shell string; output also streams to the callbacks."""
+        return await self._conn().exec(
+            command,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    async def write(self, path: str, data: bytes | str, mode: int | None = None) -> None:
+        """Relative paths are inside the sandbox's home (/workspace)."""
+        await self._conn().write(path, data.encode() if isinstance(data, str) else data, mode)
+
+    async def read(self, path: str) -> bytes:
+        return await self._conn().read(path)
+
+    async def renew(self, lease_s: int | None = None) -> datetime:
+        """Extend the lease from now (by `lease_s`, default the claim's lease)."""
+        self.lease_expires_ms = await self._client.renew(self.id, self.claim_token, lease_s)
+        return self.lease_expires
+
+    async def release(self) -> None:
+        await self._client.release(self.id, self.claim_token)
+
+    async def __aenter__(self) -> "Sandbox":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await _release_quietly(self)
+
+
+async def _release_quietly(sandbox: Sandbox) -> None:
+    """Release even while being cancelled (Ctrl-C); a lost lease is nothing to release."""
+    with contextlib.suppress(ClaimError):
+        await asyncio.shield(sandbox.release())
+
+
+class ClaimRequest:
+    """`await client.claim(...)` gives a Sandbox; `async with client.claim(...)` also
+    releases it at the end of the block."""
+
+    def __init__(self, client: "Client", **kwargs: Any):
+        self._client = client
+        self._kwargs = kwargs
+        self._sandbox: Sandbox | None = None
+
+    def __await__(self) -> Generator[Any, None, Sandbox]:
+        return self._client._claim(**self._kwargs).__await__()
+
+    async def __aenter__(self) -> Sandbox:
+        self._sandbox = await self._client._claim(**self._kwargs)
+        return self._sandbox
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._sandbox is not None:
+            await _release_quietly(self._sandbox)
+
+
+class Client:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "sandboxd",
+        owner: str | None = None,
+        default_wait_s: float = DEFAULT_WAIT_S,
+        event_stream_maxlen: int = 100_000,
+        owns_redis: bool = False,
+        credentials: dict[str, str] | None = None,
+        endpoints: dict[str, dict[str, str]] | None = None,
+    ):
+        """`credentials`: provider name -> API key for reaching its sandboxes (e2b: else
+        E2B_API_KEY). `endpoints`: provider name -> its endpoints (e2b: `api_url`, `domain`,
+        `sandbox_url`; else the SDK's defaults and E2B_* variables). Both are the client's
+        own: what a sandbox record says is never used for them."""
+        self._redis = redis
+        self._keys = Keys(prefix)
+        self._claims = ClaimStore(redis, self._keys, maxlen=event_stream_maxlen)
+        self.owner = owner or default_owner()
+        self.default_wait_s = default_wait_s
+        self._owns_redis = owns_redis
+        self.credentials = credentials or {}
+        self.endpoints = endpoints or {}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "Client":
+        """A client with its own Redis connection pool (closed by `aclose`)."""
+        return cls(open_redis(url), owns_redis=True, **kwargs)
+
+    async def aclose(self) -> None:
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def claim(
+        self,
+        pool: str,
+        lease_s: int | None = None,
+        timeout_s: float | None = None,
+        owner: str | None = None,
+    ) -> ClaimRequest:
+        """Take the oldest ready sandbox of `pool`, waiting up to `timeout_s` (default
+        `default_wait_s`; 0 = do not wait) for one. Raises ClaimTimeout, or ClaimError
+        for an unknown pool, a lease over the pool's `max_lease_s` or an invalid argument
+        (`reason` "invalid_argument"). The Sandbox's `claim_token` proves the claim later."""
+        return ClaimRequest(self, pool=pool, lease_s=lease_s, timeout_s=timeout_s, owner=owner)
+
+    async def renew(self, sandbox_id: str, token: str, lease_s: int | None = None) -> int:
+        """Extend the lease of the claim whose `claim_token` this is; the new deadline (ms)."""
+        return await self._claims.renew(sandbox_id, token, lease_s)
+
+    async def release(
+        self, sandbox_id: str, token: str = "", *, force: bool = False, operator: str | None = None
+    ) -> None:
+        """Give back the sandbox held by the claim whose `claim_token` this is. `force`
+        (operators): release it whoever holds it, without a token; the `sandbox.released`
+        event says `forced: true, forced_by: <operator or this client's owner>`."""
+        if force:
+            await self._claims.force_release(sandbox_id, operator or self.owner)
+        else:
+            await self._claims.release(sandbox_id, token)
+
+    async def attach(self, sandbox_id: str, token: str) -> Sandbox:
+        """A handle to a sandbox already claimed (e.g. by `sandboxd claim`), for the holder
+        of its claim token: any other token (or none) is refused (`not_yours`)."""
+        if not token:
+            raise ClaimError("not_yours", f"sandbox {sandbox_id}: no claim token given")
+        fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
+        record = SandboxRecord.from_hash(fields) if fields else None
+        if record is None or record.state != "claimed":
+            state = record.state if record else "gone"
+            raise ClaimError("not_claimed", f"sandbox {sandbox_id} is not claimed ({state})")
+        if not token_matches(token, fields.get("claim_token_digest", "")):
+            raise ClaimError(
+                "not_yours", f"sandbox {sandbox_id} is held by another claim (wrong claim token)"
+            )
+        return self._handle(record, token)
+
+    async def _claim(
+        self, pool: str, lease_s: int | None, timeout_s: float | None, owner: str | None
+    ) -> Sandbox:
+        wait_s = self.default_wait_s if timeout_s is None else max(0.0, timeout_s)
+        check_lease(lease_s)  # before any waiting: a clear error at once
+        check_claimant(owner or self.owner)
+        attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s)
+        record = await attempt.once()
+        if record is None and wait_s > 0:
+            record = await self._wait(attempt)
+        if record is None:
+            raise ClaimTimeout("timeout", f"no ready sandbox in pool {pool!r} within {wait_s:g}s")
+        return self._handle(record, attempt.token)
+
+    async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
+        """Try again each time the pool announces a ready sandbox, until the deadline.
+
+        The deadline only bounds the waiting, never a claim in flight: a claim cut off
+        after Redis ran it would hold a sandbox nobody knows about until its lease ends.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._redis.pubsub() as pubsub:
+                await pubsub.subscribe(self._keys.pool_available(attempt.pool))
+                while (record := await attempt.once()) is None:
+                    left = attempt.deadline - loop.time()
+                    if left <= 0:
+                        return None
+                    await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=min(left, RECHECK_S)
+                    )
+                return record
+        finally:
+            if attempt.registered_wait:
+                await asyncio.shield(self._claims.cancel_wait(attempt.pool, attempt.claim_id))
+
+    def _handle(self, record: SandboxRecord, token: str) -> Sandbox:
+        return Sandbox(
+            id=record.id,
+            pool=record.pool,
+            provider=record.provider,
+            claim_id=record.claim_id,
+            claimant=record.claimant,
+            lease_s=record.lease_s,
+            lease_expires_ms=record.lease_expires_ms,
+            connection_info=record.handle,
+            claim_token=token,
+            _client=self,
+        )
+
+
+class _Attempt:
+    """One claim's tries: same claim id and token throughout, the wait deadline counting
+    down."""
+
+    def __init__(
+        self, claims: ClaimStore, pool: str, owner: str, lease_s: int | None, wait_s: float
+    ):
+        self._claims = claims
+        self.pool = pool
+        self.owner = owner
+        self.lease_s = lease_s
+        self.wait_s = wait_s
+        self.claim_id = uuid.uuid4().hex
+        self.token = new_claim_token()
+        self.registered_wait = False
+        self.deadline = asyncio.get_running_loop().time() + wait_s
+
+    async def once(self) -> SandboxRecord | None:
+        """One claim script run. If we are cancelled meanwhile (Ctrl-C), the run is still
+        awaited, and whatever it claimed is released before the cancellation goes on."""
+        left_ms = int((self.deadline - asyncio.get_running_loop().time()) * 1000)
+        call = asyncio.ensure_future(
+            self._claims.try_claim(
+                self.pool,
+                claimant=self.owner,
+                claim_id=self.claim_id,
+                token=self.token,
+                lease_s=self.lease_s,
+                wait_ms=max(0, left_ms),
+            )
+        )
+        try:
+            outcome = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            outcome = await call
+            if outcome.record is not None:
+                await self._claims.release(outcome.record.id, self.token)
+            raise
+        if outcome.on_empty == "create" and left_ms > 0:
+            self.registered_wait = True
+        return outcome.record

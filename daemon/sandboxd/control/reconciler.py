@@ -1,0 +1,386 @@
+"""The level-triggered control loop: make what runs match the spec in force."""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from sandboxd.config import Config
+from sandboxd.control.creator import Creator
+from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan
+from sandboxd.control.recovery import Recoveries
+from sandboxd.control.recycler import Recycler
+from sandboxd.control.repair import Healer, Quarantine
+from sandboxd.control.restore import Restorer
+from sandboxd.control.schedule import Change, PoolSchedules
+from sandboxd.control.specsource import SpecSource
+from sandboxd.control.terminator import Terminator
+from sandboxd.outputs.watchdog import hang_if_asked
+from sandboxd.providers import Provider, gone_reason
+from sandboxd.spec import PoolSpec
+from sandboxd.store.claims import ClaimStore
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.loops import cancelling, survive
+from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, wrong_type
+
+log = logging.getLogger(__name__)
+GONE_DETAIL = {
+    "died": "the sandbox's processes are gone",
+    "lost": "the provider no longer has the sandbox",
+}
+
+
+async def _idle_at_least(busy_s: float, *, since: float) -> None:
+    """Under a storm of nudges (thousands of claims a second) back-to-back passes would
+    take a core from the clients and Redis: idle at least as long as the last pass kept
+    the CPU busy (time spent waiting on Redis or a provider does not count), so passes use
+    at most about half a core; the next pass still sees every change since."""
+    left = busy_s - (time.monotonic() - since)
+    if left > 0:
+        await asyncio.sleep(left)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: SandboxStore,
+        claims: ClaimStore,
+        specs: SpecSource,
+        events: EventPublisher,
+        providers: dict[str, Provider],
+        terminator: Terminator,
+        instance: str,
+        on_pass: Callable[[list[SandboxRecord], dict[str, PoolSpec]], None] | None = None,
+        on_pass_time: Callable[[float], None] = lambda seconds: None,
+        schedules: PoolSchedules | None = None,
+        restorer: "Restorer | None" = None,
+    ):
+        self._config = config
+        self._restorer = restorer  # puts back what Redis lost; remembers what it holds
+        self._store = store
+        self._claims = claims
+        self._specs = specs
+        self._events = events
+        self._providers = providers
+        self._terminator = terminator
+        self._recycler = Recycler(
+            store=store,
+            providers=providers,
+            events=events,
+            terminator=terminator,
+            reset_timeout_s=config.reset_timeout_s,
+        )
+        self.recoveries = Recoveries(events)
+        self.creator = Creator(
+            config=config,
+            store=store,
+            events=events,
+            providers=providers,
+            recoveries=self.recoveries,
+            instance=instance,
+            nudge=self.nudge,
+        )
+        self._healer = Healer(store.redis, store.keys, events)
+        self._quarantine = Quarantine(store.redis, store.keys, events)
+        self._record_pools: set[str] = set()  # pools of the last pass's records
+        self._wake = asyncio.Event()
+        self._on_pass = on_pass
+        self._on_pass_time = on_pass_time
+        self.schedules = schedules or PoolSchedules()
+        self.pools: list[PoolSpec] = []  # in force: the spec's, sized by their schedules
+        self._pass_began: float | None = None
+        self.pass_seconds: deque[float] = deque(maxlen=1000)  # recent pass durations
+        self._stuck: set[str] = set()  # seen terminating/resetting, unhandled, last pass
+        # Liveness (a /proc lookup per sandbox) and republishing pool settings run once per
+        # tick, not on every nudged pass: under claim load that is thousands a second.
+        self._tick_due = 0.0
+        self._published_revision = -1
+        self.first_pass = asyncio.Event()
+        self._work: asyncio.TaskGroup | None = None
+        self.last_pass_at = 0.0
+
+    def nudge(self) -> None:
+        """Reconcile now instead of at the next tick (spec applied, create finished…)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reconcile on every nudge and tick until cancelled; creates and recycling of
+        released sandboxes run as tasks in this scope."""
+        async with asyncio.TaskGroup() as work:
+            self._work = work
+            try:
+                while True:
+                    cpu_before, began = time.thread_time(), time.perf_counter()
+                    self._pass_began = time.monotonic()
+                    await self._pass_surviving_redis_errors()
+                    self._pass_began = None
+                    self.pass_seconds.append(time.perf_counter() - began)
+                    self._on_pass_time(self.pass_seconds[-1])
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("reconcile pass", extra={"seconds": self.pass_seconds[-1]})
+                    self.first_pass.set()
+                    busy_s, ended = time.thread_time() - cpu_before, time.monotonic()
+                    await self._sleep_until_nudged()
+                    await _idle_at_least(busy_s, since=ended)
+                    if cancelling():
+                        raise asyncio.CancelledError
+            finally:
+                self._work = None
+
+    def stuck_for(self) -> float:
+        """How long the pass under way has been running (0 between passes): the watchdog's
+        measure of progress."""
+        began = self._pass_began
+        return 0.0 if began is None else time.monotonic() - began
+
+    async def _sleep_until_nudged(self) -> None:
+        try:
+            async with asyncio.timeout(self._config.reconcile_interval_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _pass_surviving_redis_errors(self) -> None:
+        try:
+            await self.reconcile_once()
+        except RedisError as exc:
+            if wrong_type(exc) and not cancelling():
+                await self._wrong_type(exc)
+                return
+            if not survive(exc):
+                raise
+            log.warning("reconcile pass failed, Redis unavailable: %s", exc)
+
+    async def _wrong_type(self, exc: RedisError) -> None:
+        """A key of ours holds another type (not an outage): replace it, pass again."""
+        log.error("reconcile pass met a key of the wrong type: %s", exc)
+        try:
+            replaced = await self._healer.check_types(self._pool_names())
+        except RedisError as again:
+            log.warning("checking key types failed: %s", again)
+            return
+        if replaced:
+            self.nudge()
+
+    def _pool_names(self) -> list[str]:
+        return sorted({p.name for p in self.pools} | self._record_pools)
+
+    async def reconcile_once(self) -> None:
+        self._wake.clear()
+        await hang_if_asked(self._config.watchdog_hang_file)
+        generation = None
+        if self._restorer is not None:
+            await self._restorer.check()
+            generation = self._restorer.restored
+        spec = await self._specs.refresh()
+        pools, changes = self.schedules.apply(list(spec.pools) if spec else [])
+        self.pools = pools
+        for change in changes:
+            await self._announce(change)
+        tick = time.monotonic() >= self._tick_due
+        if tick:
+            self._tick_due = time.monotonic() + self._config.reconcile_interval_s
+        if tick or self._specs.revision != self._published_revision:
+            await self._claims.publish_pool_settings(pools)
+            self._published_revision = self._specs.revision
+        specs = {p.name: p for p in pools}
+        if (
+            self._restorer is not None
+            and self._restorer.expects_records()
+            and not await self._store.has_id_set()
+        ):
+            await self._healer.rebuild_ids()  # the id set alone was deleted: SCAN for records
+        scan = await self._store.scan()
+        if any(not c.sandbox_id for c in scan.corrupt):  # the id set itself: rebuilt, read again
+            await self._healer.check_types(self._pool_names())
+            scan = await self._store.scan()
+        elif tick:  # pools with sandboxes every tick, idle pools a window at a time
+            await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
+        self._record_pools = {r.pool for r in scan.records}
+        if self._restorer is not None:
+            await self._restorer.remember(
+                scan.records, self._specs.in_force, save=tick, since=generation
+            )
+        if scan.corrupt:
+            await self._quarantine.handle(scan.corrupt, self._providers)
+        records = await self._reap_dead(scan.records, check_liveness=tick)
+        if tick:
+            await self._healer.heal(records, specs)
+            await self.creator.cancel_stuck(self._config.create_grace_s)
+        self._recycle_released(records, specs)
+        waiting = await self._claims.count_waiters(
+            [p.name for p in pools if p.on_empty == "create"]
+        )
+        now = time.monotonic()
+        pacing = self.creator.pace(pools)
+        self.recoveries.forget(set(specs))
+        limits = {name: pace.limit(now) for name, pace in pacing.items()}
+        slots = self._config.max_concurrent_creates - len(self.creator.inflight)
+        observed = [
+            Observed(r.id, r.pool, r.state, r.created_ts, r.health, r.build) for r in records
+        ]
+        provider_slots = self._provider_slots(records)
+        plans = plan(
+            pools,
+            observed,
+            create_slots=slots,
+            now=time.time(),
+            waiting=waiting,
+            limits=limits,
+            provider_slots=provider_slots,
+        )
+        by_id = {r.id: r for r in records}
+        for pool_plan in plans:
+            if pool_plan.pool in pacing:
+                provider = specs[pool_plan.pool].provider
+                full = provider_slots.get(provider) == 0
+                pacing[pool_plan.pool].explain_shortfall(
+                    pool_plan.wanted,
+                    pool_plan.create,
+                    limits[pool_plan.pool],
+                    now,
+                    provider_full=f"{provider}.max_concurrent reached" if full else "",
+                )
+            if pool_plan.changes:
+                await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
+        if self._on_pass is not None:
+            self._on_pass(records, specs)
+        self.last_pass_at = time.time()
+
+    async def _announce(self, change: Change) -> None:
+        await self._events.publish(
+            "pool.schedule_changed",
+            pool=change.pool,
+            window=change.window.label() if change.window else "",
+            min_ready=change.target[0],
+            max_total=change.target[1],
+            ramp_s=change.ramp_s,
+        )
+        log.info(
+            "pool schedule changed",
+            extra={"pool": change.pool, "window": change.window.label() if change.window else ""},
+        )
+
+    def _provider_slots(self, records: list[SandboxRecord]) -> dict[str, int]:
+        """Sandboxes each capped provider (a cloud plan's concurrency) may still add."""
+        slots = {}
+        for name, provider in self._providers.items():
+            headroom = getattr(provider, "headroom", None)
+            if headroom is not None:
+                creating = sum(1 for r in records if r.provider == name and r.state == "creating")
+                slots[name] = max(0, headroom() - creating)
+        return slots
+
+    def pool_status(self) -> dict[str, dict[str, Any]]:
+        """Per pool: breaker, creates in flight, create outcomes, why it is short."""
+        now = time.monotonic()
+        return {name: pacing.status(now) for name, pacing in self.creator.pacing.items()}
+
+    async def _reap_dead(
+        self, records: list[SandboxRecord], *, check_liveness: bool
+    ) -> list[SandboxRecord]:
+        """Sandboxes whose process is gone: close the record (reason `died`), drop from view.
+
+        A `creating` record with no create running here was abandoned (Redis went away
+        mid-create): close it too, or it would count against the pool forever. So is a
+        `terminating` or `resetting` one that nobody here has been handling for two passes.
+        A record whose state moved on since the snapshot is not stopped, and still counts.
+        """
+        alive = []
+        stuck: set[str] = set()
+        for record in records:
+            verdict = await self._verdict(record, stuck, check_liveness)
+            if verdict is None:
+                alive.append(record)
+            elif verdict[0] in GONE_DETAIL and record.state == "ready":
+                if not await self.replace(record, verdict[0], GONE_DETAIL[verdict[0]]):
+                    alive.append(record)
+            elif not await self.terminate(record, *verdict):
+                alive.append(record)
+        self._stuck = stuck
+        return alive
+
+    async def _verdict(
+        self, record: SandboxRecord, stuck: set[str], check_liveness: bool
+    ) -> tuple[Any, ...] | None:
+        """(reason, *states it may be stopped from) if the record should be closed."""
+        if record.state == "creating" and record.id not in self.creator.inflight:
+            return ("interrupted", "creating")
+        if record.state in ("terminating", "resetting") and not self._handling(record.id):
+            if record.id in self._stuck:
+                return ("interrupted", "terminating", "resetting")
+            stuck.add(record.id)
+        provider = self._providers.get(record.provider)
+        if check_liveness and provider and record.state in ("ready", "claimed", "released"):
+            if not await provider.is_alive(record.id, record.handle):
+                return (gone_reason(provider), "ready", "claimed", "released")
+        return None
+
+    def _handling(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._terminator.running or sandbox_id in self._recycler.running
+
+    def _recycle_released(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
+        assert self._work is not None, "recycling only starts inside run()"
+        for record in records:
+            if record.state == "released" and record.id not in self._recycler.running:
+                self._recycler.running.add(record.id)  # before the task runs: one per id
+                self._work.create_task(
+                    self._recycler.recycle(record, specs.get(record.pool)),
+                    name=f"recycle {record.id}",
+                )
+
+    async def _act(
+        self, pool_plan: PoolPlan, spec: PoolSpec | None, by_id: dict[str, SandboxRecord]
+    ) -> None:
+        await self._events.publish(
+            "pool.scaled",
+            pool=pool_plan.pool,
+            from_total=pool_plan.total,
+            to_total=pool_plan.total_after,
+            min_ready=spec.min_ready if spec else 0,
+            max_total=spec.max_total if spec else 0,
+            creating=pool_plan.create,
+            terminating=len(pool_plan.terminate),
+        )
+        async with asyncio.TaskGroup() as group:
+            for sandbox_id, reason in pool_plan.terminate:
+                group.create_task(self._stop(by_id[sandbox_id], reason))
+        if spec is not None:
+            assert self._work is not None, "creates only start inside run()"
+            for _ in range(pool_plan.create):
+                await self.creator.start(spec, self._specs.revision, self._work)
+
+    async def _stop(self, record: SandboxRecord, reason: str) -> None:
+        if reason == "unhealthy" and record.state == "ready":
+            provider = self._providers.get(record.provider)
+            if provider and not await provider.is_alive(record.id, record.handle):
+                reason = gone_reason(provider)  # not sick: gone (a cloud sandbox vanished)
+                await self.replace(record, reason, GONE_DETAIL[reason])
+            else:
+                await self.replace(record, reason, record.health_reason)
+            return
+        claim = {"claimant": record.claimant, "claim_id": record.claim_id}
+        extra = claim if record.state == "claimed" else {}
+        await self.terminate(record, reason, *FROM_STATES.get(reason, DEFAULT_FROM), **extra)
+
+    async def replace(self, record: SandboxRecord, reason: str, detail: str) -> bool:
+        """A ready sandbox lost (dead, unhealthy): stop it, and let the pool's next create
+        be its replacement. False if it was claimed meanwhile (its holder has it now)."""
+        if await self._store.begin_terminate(record, "ready") is None:
+            return False
+        await self.recoveries.begin(record, reason, detail)
+        await self._terminator.finish(record, reason, "ready", detail=detail)
+        self.nudge()  # the replacement is due now, whoever noticed the loss
+        return True
+
+    async def terminate(
+        self, record: SandboxRecord, reason: str, *states: SandboxState, **data: Any
+    ) -> bool:
+        """Take the sandbox out of circulation (if still in `states`), stop it, close it."""
+        return await self._terminator.terminate(record, reason, *states, **data)

@@ -1,0 +1,212 @@
+"""Redis losing its data loses nothing that runs: the journal, and writing it back.
+
+The daemon remembers the spec in force and its records (claims included) in memory, from
+every reconcile pass (the records as Redis holds them; events are not trusted: any client
+may append one), and in its root-only state directory (`localstate.LocalState`) whenever
+they change. A marker key (`<prefix>:daemon:marker`, no expiry) tells whether Redis still
+holds what the daemon wrote: when it is gone (FLUSHDB, a restart without persistence, a
+failover to an empty replica), the spec and every record whose sandbox the provider still
+runs are written back, with their ready list, member set and lease entries, before anything
+else acts: nothing is drained, reaped or recreated. `state.restored` says what came back.
+
+A claim made after the last pass before the loss comes back as that pass saw it. A record
+missing while the marker is still there (a DEL, a restore of an old dump) is put back when
+the janitor finds its sandbox without one, instead of reaping it.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sandboxd.control.localstate import LocalState
+from sandboxd.providers import Provider, list_all
+from sandboxd.spec import SpecDocument
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.keys import Keys
+from sandboxd.store.records import SandboxRecord
+
+log = logging.getLogger(__name__)
+
+# KEYS: record, id set, pool members, ready list, leases. ARGV: id, state, lease deadline ms,
+# then field/value pairs. Writes the record back only if Redis has no record of that id (a
+# record written meanwhile, by a client or the daemon, is newer than the journal).
+_PUT_BACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+if ARGV[2] == 'ready' then
+  redis.call('LREM', KEYS[4], 0, ARGV[1])
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+elseif ARGV[2] == 'claimed' then
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+end
+return 1
+"""
+
+
+class Restorer:
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        keys: Keys,
+        journal: LocalState,
+        events: EventPublisher,
+        providers: dict[str, Provider],
+        instance: str,
+    ):
+        self._redis = redis
+        self._keys = keys
+        self._journal = journal
+        self._events = events
+        self._providers = providers
+        self._instance = instance
+        self._put_back = redis.register_script(_PUT_BACK)
+        self._records: dict[str, dict[str, str]] = journal.load_records()
+        loaded = journal.load_spec()
+        self._spec: tuple[int, str] | None = loaded
+        self.restored = 0  # restores done, for tests and status
+        self._lock = asyncio.Lock()
+        self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
+
+    @property
+    def marker(self) -> str:
+        return f"{self._keys.prefix}:daemon:marker"
+
+    # -- remembering -----------------------------------------------------------------------
+
+    async def remember(
+        self,
+        records: list[SandboxRecord],
+        doc: SpecDocument | None,
+        *,
+        save: bool,
+        since: int | None = None,
+    ) -> None:
+        """The spec in force and the records of a pass: what Redis holds now (this daemon's,
+        all of them) — unless Redis lost its data since the pass began (the marker is gone
+        again): then the journal is kept for the next check to put back. `save`: also write
+        it to the state directory (it is also written whenever a sandbox came, went, or
+        changed state or claim)."""
+        if not await self._redis.exists(self.marker):
+            return
+        if since is not None and since != self.restored:
+            return  # a restore ran while these records were read: they may predate it
+        new_spec = False
+        if (
+            doc is not None
+            and doc.revision > 0
+            and (self._spec is None or self._spec[0] != doc.revision)
+        ):  # serialized once per revision: a spec of 20,000 pools is megabytes
+            self._spec = (doc.revision, doc.model_dump_json())
+            new_spec = True
+        self._records = {r.id: r.to_hash() for r in records}
+        shape = frozenset((r.id, r.state, r.claim_id, r.lease_expires_ms) for r in records)
+        if save or new_spec or shape != self._saved_shape:
+            self._saved_shape = shape
+            await self.save()
+
+    async def put_back(self, sandbox_id: str) -> bool:
+        """Write back one record the journal has and Redis lost (a DEL, a partial loss that
+        left the marker), if its sandbox still runs. True if it did: not a leak then."""
+        fields = self._records.get(sandbox_id)
+        if fields is None:
+            return False
+        restored, claimed, ready = await self._put_back_records({sandbox_id: fields})
+        if restored:
+            await self._events.publish(
+                "state.restored", spec_revision=0, records=1, claimed=claimed, ready=ready
+            )
+        return bool(restored)
+
+    async def save(self) -> None:
+        """Write the journal to the state directory (only what changed since the last write)."""
+        spec, records = self._spec, dict(self._records)
+        try:
+            await asyncio.to_thread(self._save, spec, records)
+        except OSError as exc:
+            log.warning("local state not saved: %s", exc)
+
+    def _save(self, spec: tuple[int, str] | None, records: dict[str, dict[str, str]]) -> None:
+        if spec is not None:
+            self._journal.save_spec(*spec)
+        self._journal.save_records(records)
+
+    def expects_records(self) -> bool:
+        """Does the journal know of records (so an absent id set means it was lost)?"""
+        return bool(self._records)
+
+    # -- writing back ----------------------------------------------------------------------
+
+    async def mark(self) -> None:
+        await self._redis.set(self.marker, self._instance)
+
+    async def check(self) -> bool:
+        """Put back what Redis lost, if it lost it (the marker is gone); True if it did."""
+        if await self._redis.exists(self.marker):
+            return False
+        async with self._lock:  # the reconciler and the janitor may both notice
+            if await self._redis.exists(self.marker):
+                return False
+            await self.restore()
+            await self.mark()
+            return True
+
+    async def restore(self) -> dict[str, Any]:
+        spec_revision = await self._restore_spec()
+        restored, claimed, ready = await self._restore_records()
+        report = {
+            "spec_revision": spec_revision,
+            "records": restored,
+            "claimed": claimed,
+            "ready": ready,
+        }
+        self.restored += 1  # a generation: records read before it may predate it
+        if spec_revision or restored:
+            log.warning("Redis had lost state; restored from the local journal", extra=report)
+            await self._events.publish("state.restored", **report)
+        return report
+
+    async def _restore_spec(self) -> int:
+        if self._spec is None:
+            return 0
+        revision, document = self._spec
+        wrote = await self._redis.set(self._keys.spec, document, nx=True)
+        await self._redis.set(self._keys.spec_active, document, nx=True)
+        if wrote:
+            await self._redis.lpush(self._keys.spec_history, document)
+            await self._redis.publish(self._keys.nudge, f"spec:{revision}")
+        return revision if wrote else 0
+
+    async def _restore_records(self) -> tuple[int, int, int]:
+        return await self._put_back_records(dict(self._records))
+
+    async def _put_back_records(self, records: dict[str, dict[str, str]]) -> tuple[int, int, int]:
+        if not records:
+            return 0, 0, 0
+        listing = await list_all(self._providers)
+        restored = claimed = ready = 0
+        for sandbox_id, fields in records.items():
+            if sandbox_id not in listing.sandboxes:
+                continue  # gone meanwhile: nothing to put back
+            state = fields.get("state", "")
+            pool = fields.get("pool", "")
+            keys = [
+                self._keys.sandbox(sandbox_id),
+                self._keys.sandboxes,
+                self._keys.pool_members(pool),
+                self._keys.pool_ready(pool),
+                self._keys.leases,
+            ]
+            flat = [x for pair in fields.items() for x in pair]
+            args = [sandbox_id, state, fields.get("lease_expires_ms", "0"), *flat]
+            if await self._put_back(keys=keys, args=args):
+                restored += 1
+                claimed += state == "claimed"
+                ready += state == "ready"
+        return restored, claimed, ready

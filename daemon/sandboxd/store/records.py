@@ -1,0 +1,390 @@
+"""Runtime state in Redis: one hash per sandbox, a set of all ids, a ready list per pool.
+
+Every state change that touches more than one key is a Lua script, so a client that claims
+from a ready list and the daemon that terminates never see half a change.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from sandboxd import decode
+from sandboxd.store.events import Event, now_rfc3339
+from sandboxd.store.keys import LOGS_KEPT_S, Keys
+
+SandboxState = Literal["creating", "ready", "claimed", "released", "resetting", "terminating"]
+STATES: tuple[SandboxState, ...] = get_args(SandboxState)
+HealthState = Literal["unknown", "healthy", "degraded", "unhealthy"]
+
+# KEYS: sandbox hash, ready list, events. ARGV: id, from state, ready_at, handle,
+# available channel, stream maxlen, event fields... The event is appended in the same step,
+# so no consumer ever sees a claim of a sandbox before the event that made it ready.
+_MARK_READY = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ready', 'ready_at', ARGV[3], 'handle', ARGV[4],
+  'claimant', '', 'claim_id', '', 'lease_expires_ms', 0)
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+redis.call('PUBLISH', ARGV[5], ARGV[1])
+return 1
+"""
+
+# KEYS: sandbox hash, ready list, leases. ARGV: id, new state, allowed states...
+# Returns the state the sandbox was in if it was one of the allowed ones, else false.
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+for i = 3, #ARGV do
+  if state == ARGV[i] then
+    redis.call('LREM', KEYS[2], 0, ARGV[1])
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HSET', KEYS[1], 'state', ARGV[2])
+    return state
+  end
+end
+return false
+"""
+
+# ARGV: key prefix, ids... Returns each sandbox's HGETALL (empty if gone), or the key's
+# type when it is not a hash (someone wrote a string there). One script per chunk of ids
+# instead of one command each: a reconcile pass reads every record, and per-command client
+# overhead made that the daemon's main cost under claim load.
+_READ = """
+local out = {}
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'hash' or kind == 'none' then
+    out[i - 1] = redis.call('HGETALL', key)
+  else
+    out[i - 1] = kind
+  end
+end
+return out
+"""
+READ_CHUNK = 256  # ids per script run: bounds how long one run holds Redis
+
+# KEYS: sandbox hash. ARGV: field, value... Only while the record exists and is live (a
+# late probe must not resurrect a closed record). Returns state, claimant, claim_id.
+_SET_HEALTH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'terminating' then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return redis.call('HMGET', KEYS[1], 'state', 'claimant', 'claim_id')
+"""
+
+# KEYS: sandbox hash, events stream, logs stream. ARGV: seq, events maxlen, logs maxlen,
+# JSON list of events (flat field/value lists), JSON list of [seq, time, line]. All or
+# nothing, with the cursor: a restarted daemon neither repeats nor skips program news.
+_AGENT_NEWS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for _, fields in ipairs(cjson.decode(ARGV[4])) do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+end
+for _, line in ipairs(cjson.decode(ARGV[5])) do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+    'seq', line[1], 'time', line[2], 'line', line[3])
+end
+redis.call('HSET', KEYS[1], 'agent_seq', ARGV[1])
+return 1
+"""
+
+
+class SandboxRecord(BaseModel):
+    """`<prefix>:sandbox:<id>` — what sandboxd knows about one sandbox."""
+
+    id: str
+    pool: str
+    provider: str
+    state: SandboxState
+    created_at: str = Field(default_factory=now_rfc3339)
+    ready_at: str = ""
+    template: str
+    spec_revision: int
+    build: str = Field(
+        default="", description="The pool's `build_id` it was made from (a change rolls it over)."
+    )
+    instance: str = Field(description="The daemon instance that created it.")
+    handle: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
+    claimant: str = Field(default="", description="Who holds the claim (client-chosen name).")
+    claim_id: str = Field(default="", description="Unique per claim; guards renew/release.")
+    claimed_at_ms: int = Field(default=0, description="Unix ms, Redis clock.")
+    lease_s: int = Field(default=0, description="The claim's lease; renew extends by this.")
+    max_lease_s: int = 0
+    lease_expires_ms: int = Field(default=0, description="Unix ms, Redis clock.")
+    uses: int = Field(default=0, description="Claims so far (above 1 only with reuse: reset).")
+    replaces: str = Field(default="", description="The lost sandbox this one replaces.")
+    health: HealthState = Field(default="unknown", description="Set by the health monitor.")
+    health_reason: str = ""
+    health_changed_at: str = ""
+    health_checks: list[dict[str, Any]] = Field(
+        default_factory=list, description="The last probe results, newest last."
+    )
+    agent_seq: int = Field(default=0, description="`run:` program news copied up to here.")
+    claim_token_digest: str = Field(
+        default="", repr=False, description="SHA-1 of the claim token's SHA-256 (claims.py)."
+    )
+
+    @field_validator("created_at")
+    @classmethod
+    def _a_time(cls, value: str) -> str:
+        """The reconciler computes ages from it: a record whose time does not parse is
+        damaged (quarantined), not a crash in every pass."""
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 time: {value[:40]!r}") from None
+        return value
+
+    def to_hash(self) -> dict[str, str]:
+        fields = self.model_dump()
+        fields["handle"] = json.dumps(self.handle, separators=(",", ":"))
+        fields["health_checks"] = json.dumps(self.health_checks, separators=(",", ":"))
+        fields["spec_revision"] = str(self.spec_revision)
+        return fields
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> "SandboxRecord":
+        """The record from its hash, through the decoding layer: a field that is not valid
+        UTF-8, too long, nested too deep or of the wrong type raises `decode.BadValue`
+        naming the field and the reason (never UnicodeDecodeError or ValidationError)."""
+        clean: dict[str, Any] = dict(fields)
+        if not (decode.plain(list(fields), max_chars=200) and decode.plain(list(fields.values()))):
+            clean = {}
+            for key, value in fields.items():
+                name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
+                clean[name] = decode.text(value, field=name)
+        for name, empty in (("handle", "{}"), ("health_checks", "[]")):
+            clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
+        try:
+            return cls.model_validate(clean)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "(record)"
+            raise decode.BadValue(error["msg"], where) from None
+
+    @property
+    def created_ts(self) -> float:
+        return datetime.fromisoformat(self.created_at).timestamp()
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    """A key whose value cannot be used: a record with a bad field, or a key holding the
+    wrong type. `sandbox_id` is set for records; `fields` is what could be read of it."""
+
+    key: str
+    reason: str
+    field: str = ""
+    kind: str = ""  # the key's Redis type when that is the problem
+    sandbox_id: str = ""
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class Scan:
+    """One read of every record: the usable ones, and the ones to quarantine."""
+
+    records: list["SandboxRecord"] = dataclasses.field(default_factory=list)
+    corrupt: list[Corrupt] = dataclasses.field(default_factory=list)
+
+
+def wrong_type(exc: BaseException) -> bool:
+    """Is this Redis error a key holding another type than the command wanted?"""
+    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
+
+
+class SandboxStore:
+    def __init__(self, redis: Redis, keys: Keys):
+        self._redis = redis
+        self._keys = keys
+        self._mark_ready = redis.register_script(_MARK_READY)
+        self._transition = redis.register_script(_TRANSITION)
+        self._read = redis.register_script(_READ)
+        self._set_health = redis.register_script(_SET_HEALTH)
+        self._agent_news = redis.register_script(_AGENT_NEWS)
+
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    async def records(self) -> list[SandboxRecord]:
+        """Every usable record (the corrupt ones are left out: see `scan`)."""
+        return (await self.scan()).records
+
+    async def scan(self) -> Scan:
+        """Read every record; what cannot be used is reported in `corrupt`, never raised.
+        A `<prefix>:sandboxes` of the wrong type is reported as such, with no records."""
+        result = Scan()
+        try:
+            members = await self._redis.smembers(self._keys.sandboxes)
+        except ResponseError as exc:
+            if not wrong_type(exc):
+                raise
+            kind = await self._redis.type(self._keys.sandboxes)
+            result.corrupt.append(
+                Corrupt(self._keys.sandboxes, f"holds a {kind}, not a set", kind=kind)
+            )
+            return result
+        ids = sorted(members)
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            replies = await self._read(args=[self._keys.prefix, *chunk])
+            for sandbox_id, flat in zip(chunk, replies, strict=True):
+                if flat:
+                    self._decode(sandbox_id, flat, result)
+        return result
+
+    def _decode(self, sandbox_id: str, flat: list[str] | str, result: Scan) -> None:
+        key = self._keys.sandbox(sandbox_id)
+        if isinstance(flat, str):
+            result.corrupt.append(
+                Corrupt(key, f"holds a {flat}, not a hash", kind=flat, sandbox_id=sandbox_id)
+            )
+            return
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        try:
+            record = SandboxRecord.from_hash(fields)
+            if record.id != sandbox_id:
+                raise decode.BadValue(
+                    f"{decode.printable(record.id)!r} in the record of another id", "id"
+                )
+        except decode.BadValue as exc:
+            corrupt = Corrupt(key, exc.reason, exc.field, sandbox_id=sandbox_id, fields=fields)
+            result.corrupt.append(corrupt)
+            return
+        result.records.append(record)
+
+    async def sync_members(self, records: list[SandboxRecord]) -> None:
+        """Heal the per-pool member sets from a snapshot: add what it holds, then drop ids
+        that are no longer sandboxes at all (sets written before an upgrade, a lost write)."""
+        pools: dict[str, list[str]] = {}
+        for record in records:
+            pools.setdefault(record.pool, []).append(record.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for pool, ids in pools.items():
+                members = self._keys.pool_members(pool)
+                pipe.sadd(members, *ids)
+                pipe.sinterstore(members, [members, self._keys.sandboxes])
+            await pipe.execute()
+
+    async def get(self, sandbox_id: str) -> SandboxRecord | None:
+        """The record, or None if it is gone or cannot be used (the reconciler's next scan
+        quarantines it)."""
+        try:
+            fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
+            return SandboxRecord.from_hash(fields) if fields else None
+        except decode.BadValue:
+            return None
+        except ResponseError as exc:
+            if wrong_type(exc):
+                return None
+            raise
+
+    async def has_id_set(self) -> bool:
+        return bool(await self._redis.exists(self._keys.sandboxes))
+
+    async def has_record_key(self, sandbox_id: str) -> bool:
+        return bool(await self._redis.exists(self._keys.sandbox(sandbox_id)))
+
+    async def readd_id(self, sandbox_id: str) -> None:
+        await self._redis.sadd(self._keys.sandboxes, sandbox_id)
+
+    async def add(self, record: SandboxRecord) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.sandbox(record.id), mapping=record.to_hash())
+            pipe.sadd(self._keys.sandboxes, record.id)
+            pipe.sadd(self._keys.pool_members(record.pool), record.id)
+            await pipe.execute()
+
+    async def mark_ready(
+        self,
+        record: SandboxRecord,
+        handle: dict[str, Any],
+        event: Event,
+        *,
+        from_state: SandboxState = "creating",
+        maxlen: int = 100_000,
+    ) -> bool:
+        """`from_state` -> ready, onto the pool's ready list, `event` appended, waiters woken.
+
+        False if the sandbox is no longer in `from_state` (pool drained, daemon stopping).
+        """
+        keys = [
+            self._keys.sandbox(record.id),
+            self._keys.pool_ready(record.pool),
+            self._keys.events,
+        ]
+        handle_json = json.dumps(handle, separators=(",", ":"))
+        channel = self._keys.pool_available(record.pool)
+        args = [record.id, from_state, now_rfc3339(), handle_json, channel, maxlen]
+        args += [x for pair in event.to_fields().items() for x in pair]
+        return bool(await self._mark_ready(keys=keys, args=args))
+
+    async def transition(
+        self, record: SandboxRecord, to: SandboxState, *allowed: SandboxState
+    ) -> str | None:
+        """Move the sandbox to `to` (off the ready list, lease dropped) if it is in one of
+        `allowed`; returns the state it was in, None if it was not."""
+        keys = [
+            self._keys.sandbox(record.id),
+            self._keys.pool_ready(record.pool),
+            self._keys.leases,
+        ]
+        previous = await self._transition(keys=keys, args=[record.id, to, *allowed])
+        return previous or None
+
+    async def begin_terminate(self, record: SandboxRecord, *states: SandboxState) -> str | None:
+        """Take the sandbox out of circulation if it is in one of `states`; its old state."""
+        return await self.transition(record, "terminating", *states)
+
+    async def remove(self, record: SandboxRecord) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._keys.sandbox(record.id))
+            pipe.srem(self._keys.sandboxes, record.id)
+            pipe.srem(self._keys.pool_members(record.pool), record.id)
+            pipe.lrem(self._keys.pool_ready(record.pool), 0, record.id)
+            pipe.zrem(self._keys.leases, record.id)
+            pipe.expire(self._keys.sandbox_logs(record.id), LOGS_KEPT_S)
+            await pipe.execute()
+
+    async def set_health(self, sandbox_id: str, **fields: Any) -> list[str] | None:
+        """Write health fields into a live record: [state, claimant, claim_id], or None if
+        the record is gone or being terminated."""
+        args = [
+            x
+            for key, value in fields.items()
+            for x in (key, value if isinstance(value, str) else json.dumps(value))
+        ]
+        reply = await self._set_health(keys=[self._keys.sandbox(sandbox_id)], args=args)
+        return reply or None
+
+    async def agent_news(
+        self,
+        sandbox_id: str,
+        seq: int,
+        events: list[Event],
+        lines: list[list[Any]],
+        *,
+        events_maxlen: int,
+        logs_maxlen: int,
+    ) -> bool:
+        """Append the program's events and output lines and move the record's cursor."""
+        flat = [[x for pair in e.to_fields().items() for x in pair] for e in events]
+        keys = [
+            self._keys.sandbox(sandbox_id),
+            self._keys.events,
+            self._keys.sandbox_logs(sandbox_id),
+        ]
+        args = [seq, events_maxlen, logs_maxlen, json.dumps(flat), json.dumps(lines)]
+        return bool(await self._agent_news(keys=keys, args=args))
