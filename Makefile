@@ -33,6 +33,7 @@ run: $(STAMP)
 test: $(STAMP)
 	@$(MAKE) --no-print-directory host-packages PACKAGES="$(TEST_PACKAGES)"
 	$(BIN)/ruff check daemon tests bench
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -p no:cacheprovider
 
 ## host-packages: apt-get install the Debian packages in PACKAGES that are not installed
@@ -46,9 +47,12 @@ host-packages:
 	  else echo "missing Debian packages:" $$missing "(run as root, or apt install them)"; fi; \
 	fi
 
+## lint: style, the import layers (pyproject's [tool.importlinter]) and types (mypy)
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format daemon tests bench

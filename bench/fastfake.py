@@ -11,6 +11,7 @@ from sandboxd.spec import HealthSpec, PoolSpec
 class FastFakeProvider:
     name = "local"  # stands in for the local provider in a spec
     isolation = "none"
+    gone_reason = "died"
 
     def __init__(self) -> None:
         self.sandboxes: dict[str, str] = {}  # id -> pool

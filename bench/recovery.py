@@ -24,7 +24,7 @@ from common import _free_port, cold_creates, line, running_daemon, wait_ready
 from fastfake import FastFakeProvider
 from sandboxd.config import Config, Faults
 from sandboxd.daemon import Daemon
-from sandboxd.providers.faults import FaultyProvider
+from sandboxd.providers.faults import inject
 from sandboxd.providers.local.agentclient import AgentClient
 from sandboxd.spec import Spec
 from sandboxd.store.events import Event
@@ -133,7 +133,7 @@ async def loop_lag(stop: asyncio.Event, out: list[float]) -> None:
 async def probing(redis_url: str, count: int, interval_s: float, seconds: float) -> tuple:
     """500 sandboxes of a fast fake (probes add 5 ms via the fault wrapper); the reconcile
     pass durations and event-loop lag over `seconds`."""
-    provider = FaultyProvider(FastFakeProvider(), Faults(probe_latency_s=0.005))
+    provider = inject(FastFakeProvider(), Faults(probe_latency_s=0.005))
     config = Config(
         redis_url=redis_url,
         reconcile_interval_s=0.2,
@@ -157,15 +157,15 @@ async def probing(redis_url: str, count: int, interval_s: float, seconds: float)
         ]
         await SpecStore(redis, KEYS).apply(Spec.model_validate({"pools": pools}))
         await wait_ready(redis, "many", count)
-        probes_before = daemon.monitor.probes
-        daemon.reconciler.pass_seconds.clear()
+        probes_before = daemon.wings.monitor.probes
+        daemon.wings.reconciler.pass_seconds.clear()
         stop, lag = asyncio.Event(), []
         lagger = asyncio.create_task(loop_lag(stop, lag))
         await asyncio.sleep(seconds)  # the measurement window
         stop.set()
         await lagger
-        passes = [s * 1000 for s in daemon.reconciler.pass_seconds]
-        return passes, lag, (daemon.monitor.probes - probes_before) / seconds
+        passes = [s * 1000 for s in daemon.wings.reconciler.pass_seconds]
+        return passes, lag, (daemon.wings.monitor.probes - probes_before) / seconds
     finally:
         daemon.stop.set()
         await task

@@ -271,8 +271,13 @@ async def embedded_daemon(redis_server: str, tmp_path: Path):
 
 
 async def _until_serving(daemon, task: asyncio.Task) -> None:
-    async with asyncio.timeout(30):
-        while not hasattr(daemon, "reconciler") or not daemon.reconciler.first_pass.is_set():
-            if task.done():
-                task.result()  # raises what made the daemon fail to start
-            await asyncio.sleep(0.01)
+    """Until the daemon has announced itself (`Daemon.started`); raises what made it fail."""
+    started = asyncio.ensure_future(daemon.started.wait())
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        started.cancel()
+    if task.done():
+        task.result()
+        raise AssertionError("the daemon stopped before it started serving")

@@ -5,6 +5,7 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from sandboxd.outputs.poolfacts import PoolFacts
 from sandboxd.outputs.resources import ResourceSampler
 from sandboxd.outputs.watchdog import Watchdog
 from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
+from sandboxd.providers.faults import hang_once
 from sandboxd.reload import reload
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
@@ -43,7 +45,7 @@ from sandboxd.store.events import EventPublisher
 from sandboxd.store.eventtail import EventTail
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every, survive, why
-from sandboxd.store.records import STATES, SandboxRecord, SandboxStore
+from sandboxd.store.records import STATES, PassSnapshot, SandboxRecord, SandboxStore
 from sandboxd.store.specs import SpecStore
 from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
 
@@ -61,7 +63,36 @@ EXIT_WEAK_ISOLATION = 78
 ESSENTIAL_TASKS = frozenset({"reconciler", "heartbeat", "leases"})
 
 
+@dataclass(frozen=True)
+class Wings:
+    """Every component of a running daemon, built together by `Daemon._build`."""
+
+    events: EventPublisher
+    store: SandboxStore
+    specs: SpecSource
+    terminator: Terminator
+    restorer: Restorer
+    reconciler: Reconciler
+    monitor: HealthMonitor
+    leases: LeaseKeeper
+    janitor: Janitor
+    keepalive: Keepalive
+    metrics_server: MetricsServer
+    tail: EventTail
+    resources: ResourceSampler
+    cost: CostMeter
+    bridge: MqttBridge
+    watchdog: Watchdog
+    heartbeat: Heartbeat
+
+
 class Daemon:
+    """The composition root: builds the wings (`_build`), runs them as supervised root tasks
+    under one TaskGroup, and shuts down along one path.
+
+    `started` is set once the first reconcile pass is done and `daemon.started` published
+    (embedding code and tests wait on it); `wings` exists from then on."""
+
     def __init__(
         self,
         config: Config,
@@ -76,10 +107,14 @@ class Daemon:
         self.keys = Keys(config.key_prefix)
         self.instance = uuid.uuid4().hex[:12]
         self.stop = asyncio.Event()
+        self.started = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.schedules = PoolSchedules(clock)
         self.metrics = Metrics()
-        self.latest: tuple[list[SandboxRecord], dict[str, PoolSpec]] = ([], {})
+        self.last_pass = PassSnapshot()
+        self.wings: Wings | None = None
+        self.isolation: dict[str, str] = {}
+        self.security: dict[str, Any] = {}
         self.fatal: str | None = None  # why the daemon gave up, if it did
         self.hard_stop = HardStop()
         self._owns_process = False
@@ -148,190 +183,210 @@ class Daemon:
         return 0
 
     async def _serve(self, redis: Redis, providers: dict[str, Provider]) -> None:
-        self.events = EventPublisher(redis, self.keys, self.config.event_stream_maxlen)
-        self.store = SandboxStore(redis, self.keys)
-        claims = ClaimStore(redis, self.keys, maxlen=self.config.event_stream_maxlen)
-        self.specs = SpecSource(SpecStore(redis, self.keys), self.events, self.config)
-        self.terminator = Terminator(self.store, providers, self.events)
-        self.restorer = Restorer(
-            redis=redis,
-            keys=self.keys,
-            journal=LocalState(self.config.journal_dir()),
-            events=self.events,
-            providers=providers,
-            instance=self.instance,
-        )
-        self.reconciler = Reconciler(
-            config=self.config,
-            store=self.store,
-            claims=claims,
-            specs=self.specs,
-            events=self.events,
-            providers=providers,
-            terminator=self.terminator,
-            instance=self.instance,
-            on_pass=self._observe_pass,
-            on_pass_time=self.metrics.reconcile_seconds.observe,
-            schedules=self.schedules,
-            restorer=self.restorer,
-        )
-        self.monitor = HealthMonitor(
-            config=self.config,
-            store=self.store,
-            events=self.events,
-            providers=providers,
-            nudge=self.reconciler.nudge,
-            pool_extras=self.reconciler.pool_status,
-        )
-        self.leases = LeaseKeeper(
-            claims=claims,
-            store=self.store,
-            events=self.events,
-            terminator=self.terminator,
-            interval_s=lambda: self.config.lease_check_interval_s,
-        )
-        self.janitor = Janitor(
-            store=self.store,
-            providers=providers,
-            events=self.events,
-            terminator=self.terminator,
-            replace=self.reconciler.replace,
-            interval_s=lambda: self.config.janitor_interval_s,
-            before_sweep=self.restorer.check,
-            put_back=self.restorer.put_back,
-        )
-        self.keepalive = Keepalive(
-            store=self.store, specs=self.specs, providers=providers, events=self.events
-        )
         self.isolation = {name: p.isolation for name, p in providers.items()}
         self.security = security_summary(providers)
-        self.heartbeat = Heartbeat(
-            redis,
-            self.keys,
-            interval_s=lambda: self.config.heartbeat_interval_s,
-            instance=self.instance,
-            facts=self._facts,
-            pools=PoolFacts(
-                self.keys,
-                pools=lambda: self.reconciler.pools,
-                pacing=lambda: self.reconciler.creator.pacing,
-                health=self.monitor.summary,
-                schedules=self.schedules.status,
-                cost=lambda: self.cost.totals,
-                currency=lambda: self.config.cost.currency,
-            ),
-        )
-        self._observers(redis, providers)
-        await self.bridge.prepare()
+        wings = self.wings = self._build(redis, providers)
+        await wings.bridge.prepare()
         sdnotify.status("adopting sandboxes")
-        await self.restorer.check()  # Redis lost its data while we were away: put it back
-        report = await adopt(self.store, providers, self.events)
+        await wings.restorer.check()  # Redis lost its data while we were away: put it back
+        report = await adopt(wings.store, providers, wings.events)
         try:
-            await self._run_root_tasks(redis, report)
+            await self._run_root_tasks(redis, wings, report)
         except TimeoutError:
             # Cancelled work overran the grace (an overloaded machine): it has stopped
             # now all the same, and the sandboxes must still be dealt with below.
             log.error("work did not stop within %ss of the stop request", CANCEL_GRACE_S)
         finally:
-            await self._shut_down()
+            await self._shut_down(wings)
 
-    def _observers(self, redis: Redis, providers: dict[str, Provider]) -> None:
-        """What watches the daemon from outside: metrics, resources, cost, MQTT, watchdog."""
-        self.metrics_server = MetricsServer(self.config, self.metrics)
-        self.tail = EventTail(redis, self.keys.events, self.metrics.observe)
-        snapshot = lambda: self.latest  # noqa: E731
-        self.resources = ResourceSampler(
-            config=self.config, events=self.events, providers=providers, snapshot=snapshot
+    def _build(self, redis: Redis, providers: dict[str, Provider]) -> Wings:
+        """Every component, in dependency order: store, control, health, outputs."""
+        config, keys = self.config, self.keys
+        events = EventPublisher(redis, keys, config.event_stream_maxlen)
+        store = SandboxStore(redis, keys)
+        claims = ClaimStore(redis, keys, maxlen=config.event_stream_maxlen)
+        specs = SpecSource(SpecStore(redis, keys), events, config)
+        terminator = Terminator(store, providers, events)
+        restorer = Restorer(
+            redis=redis,
+            keys=keys,
+            journal=LocalState(config.journal_dir()),
+            events=events,
+            providers=providers,
+            instance=self.instance,
         )
-        self.cost = CostMeter(
-            redis=redis, keys=self.keys, config=self.config, events=self.events, snapshot=snapshot
+        reconciler = Reconciler(
+            config=config,
+            store=store,
+            claims=claims,
+            specs=specs,
+            events=events,
+            providers=providers,
+            terminator=terminator,
+            instance=self.instance,
+            on_pass=self._observe_pass,
+            on_pass_time=self.metrics.reconcile_seconds.observe,
+            schedules=self.schedules,
+            restorer=restorer,
+            before_pass=hang_once(config.watchdog_hang_file) if config.watchdog_hang_file else None,
         )
-        self.bridge = MqttBridge(
-            redis=redis, keys=self.keys, config=self.config, events=self.events
+        monitor = HealthMonitor(
+            config=config,
+            store=store,
+            events=events,
+            providers=providers,
+            nudge=reconciler.nudge,
+            pool_extras=reconciler.pool_status,
         )
-        self.watchdog = Watchdog(self.reconciler.stuck_for)
+        leases = LeaseKeeper(
+            claims=claims,
+            store=store,
+            events=events,
+            terminator=terminator,
+            interval_s=lambda: config.lease_check_interval_s,
+        )
+        janitor = Janitor(
+            store=store,
+            providers=providers,
+            events=events,
+            terminator=terminator,
+            replace=reconciler.replace,
+            interval_s=lambda: config.janitor_interval_s,
+            before_sweep=restorer.check,
+            put_back=restorer.put_back,
+        )
+        keepalive = Keepalive(store=store, specs=specs, providers=providers, events=events)
+        last_pass = lambda: self.last_pass  # noqa: E731
+        cost = CostMeter(redis=redis, keys=keys, config=config, events=events, snapshot=last_pass)
+        return Wings(
+            events=events,
+            store=store,
+            specs=specs,
+            terminator=terminator,
+            restorer=restorer,
+            reconciler=reconciler,
+            monitor=monitor,
+            leases=leases,
+            janitor=janitor,
+            keepalive=keepalive,
+            metrics_server=MetricsServer(config, self.metrics),
+            tail=EventTail(redis, keys.events, self.metrics.observe),
+            resources=ResourceSampler(
+                config=config, events=events, providers=providers, snapshot=last_pass
+            ),
+            cost=cost,
+            bridge=MqttBridge(redis=redis, keys=keys, config=config, events=events),
+            watchdog=Watchdog(reconciler.stuck_for),
+            heartbeat=Heartbeat(
+                redis,
+                keys,
+                interval_s=lambda: config.heartbeat_interval_s,
+                instance=self.instance,
+                facts=self._facts,
+                pools=PoolFacts(
+                    keys,
+                    pools=lambda: reconciler.pools,
+                    pacing=lambda: reconciler.creator.pacing,
+                    health=monitor.summary,
+                    schedules=self.schedules.status,
+                    cost=lambda: cost.totals,
+                    currency=lambda: config.cost.currency,
+                ),
+            ),
+        )
 
     def _observe_pass(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
-        self.latest = (records, specs)
-        self.monitor.observe(records, specs)
+        self.last_pass = PassSnapshot(records, specs)
+        if self.wings is not None:
+            self.wings.monitor.observe(records, specs)
 
-    async def _sample(self) -> None:
-        await self.resources.sample()
-        await self.cost.sample()
+    async def _sample(self, w: Wings) -> None:
+        await w.resources.sample()
+        await w.cost.sample()
         pools = (  # O(pools): only while a scraper can read them
-            pool_gauges(*self.latest, self.monitor.summary(), self.reconciler.pool_status())
-            if self.metrics_server.listening
+            pool_gauges(
+                self.last_pass.records,
+                self.last_pass.specs,
+                w.monitor.summary(),
+                w.reconciler.pool_status(),
+            )
+            if w.metrics_server.listening
             else {}
         )
         self.metrics.update(
             pools=pools,
-            host=self.resources.host,
-            sandboxes=self.resources.sandboxes,
-            cost=self.cost.totals,
-            mqtt=self.bridge.stats(),
-            revision=self.specs.revision,
+            host=w.resources.host,
+            sandboxes=w.resources.sandboxes,
+            cost=w.cost.totals,
+            mqtt=w.bridge.stats(),
+            revision=w.specs.revision,
         )
 
     def _facts(self) -> dict[str, Any]:
+        w = self.wings
+        if w is None:
+            return {}
         return {
-            "revision": self.specs.revision,
+            "revision": w.specs.revision,
             "isolation": self.isolation,
             "security": self.security,
-            "last_reconcile_at": self.reconciler.last_pass_at,
+            "last_reconcile_at": w.reconciler.last_pass_at,
             "on_shutdown": self.config.on_shutdown,
-            "pool_summary": self.heartbeat.pools.summary if self.heartbeat.pools else {},
-            "host_resources": self.resources.host,
-            "metrics_listen": self.metrics_server.listening,
-            "mqtt": self.bridge.stats(),
+            "pool_summary": w.heartbeat.pools.summary if w.heartbeat.pools else {},
+            "host_resources": w.resources.host,
+            "metrics_listen": w.metrics_server.listening,
+            "mqtt": w.bridge.stats(),
             "log_level": self.config.log_level,
             "reconcile_interval_s": self.config.reconcile_interval_s,
         }
 
-    async def _reloads(self) -> None:
+    async def _reloads(self, w: Wings) -> None:
         """One reload per SIGHUP (signals arriving during one coalesce into the next)."""
         while True:
             await self.reload_requested.wait()
             self.reload_requested.clear()
             try:
-                applied = await reload(self.config, self.config_path, self.events)
+                applied = await reload(self.config, self.config_path, w.events)
             except RedisError as exc:  # applied all the same; only the event was lost
                 if not survive(exc):
                     raise
                 log.warning("reload event not published, %s: %s", why(exc), exc)
                 continue
             if {"metrics_listen"} & set(applied):
-                self.metrics_server.reconfigure()
+                w.metrics_server.reconfigure()
             if "mqtt" in applied:
-                self.bridge.reconfigure()
+                w.bridge.reconfigure()
             if applied:
-                self.reconciler.nudge()  # a new interval counts from now
+                w.reconciler.nudge()  # a new interval counts from now
 
-    async def _run_root_tasks(self, redis: Redis, report: AdoptionReport) -> None:
+    async def _run_root_tasks(self, redis: Redis, w: Wings, report: AdoptionReport) -> None:
         async with asyncio.timeout(None) as deadline:
             async with asyncio.TaskGroup() as group:
                 roots: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
-                    "reconciler": self.reconciler.run,
-                    "heartbeat": self.heartbeat.run,
-                    "leases": self.leases.run,
-                    "health": self.monitor.run,
-                    "janitor": self.janitor.run,
-                    "keepalive": self.keepalive.run,
-                    "nudges": lambda: _listen_for_nudges(redis, self.keys, self.reconciler),
-                    "metrics": self.metrics_server.run,
-                    "event-tail": self.tail.run,
+                    "reconciler": w.reconciler.run,
+                    "heartbeat": w.heartbeat.run,
+                    "leases": w.leases.run,
+                    "health": w.monitor.run,
+                    "janitor": w.janitor.run,
+                    "keepalive": w.keepalive.run,
+                    "nudges": lambda: _listen_for_nudges(redis, self.keys, w.reconciler),
+                    "metrics": w.metrics_server.run,
+                    "event-tail": w.tail.run,
                     "samples": lambda: every(
-                        lambda: self.config.sample_interval_s, self._sample, "samples not taken"
+                        lambda: self.config.sample_interval_s,
+                        lambda: self._sample(w),
+                        "samples not taken",
                     ),
-                    "mqtt": self.bridge.run,
-                    "watchdog": self.watchdog.run,
-                    "reloads": self._reloads,
+                    "mqtt": w.bridge.run,
+                    "watchdog": w.watchdog.run,
+                    "reloads": lambda: self._reloads(w),
                 }
                 tasks = [
                     group.create_task(
                         supervise(
                             name,
                             start,
-                            events=self.events,
+                            events=w.events,
                             essential=name in ESSENTIAL_TASKS,
                             on_fatal=self._give_up,
                         ),
@@ -339,20 +394,21 @@ class Daemon:
                     )
                     for name, start in roots.items()
                 ]
-                await _first_of(self.reconciler.first_pass.wait(), self.stop.wait())
+                await _first_of(w.reconciler.first_pass.wait(), self.stop.wait())
                 if not self.stop.is_set():
-                    await self._announce_ready(report)
+                    await self._announce_ready(w, report)
+                    self.started.set()
                 await self.stop.wait()
                 log.info("stop requested: no more reconciling")
                 deadline.reschedule(asyncio.get_running_loop().time() + CANCEL_GRACE_S)
                 for task in tasks:
                     task.cancel()
 
-    async def _announce_ready(self, report: AdoptionReport) -> None:
-        revision = self.specs.revision
-        await self.events.publish(
+    async def _announce_ready(self, w: Wings, report: AdoptionReport) -> None:
+        revision = w.specs.revision
+        await w.events.publish(
             "daemon.started",
-            **self.heartbeat.identity,
+            **w.heartbeat.identity,
             isolation=self.isolation,
             security=self.security,
             revision=revision,
@@ -369,28 +425,28 @@ class Daemon:
             },
         )
 
-    async def _shut_down(self) -> None:
+    async def _shut_down(self, w: Wings) -> None:
         sdnotify.stopping(f"stopping ({self.config.on_shutdown} sandboxes)")
         terminated = kept = 0
         try:
-            records = await self.store.records()
+            records = await w.store.records()
             if self.config.on_shutdown == "terminate":
                 async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
                     results = await asyncio.gather(
-                        *(self.terminator.terminate(r, "shutdown", *STATES) for r in records)
+                        *(w.terminator.terminate(r, "shutdown", *STATES) for r in records)
                     )
                 terminated = sum(results)
             else:
                 kept = len(records)
-                await self.restorer.remember(records, self.specs.in_force, save=True)
-            await self.events.publish(
+                await w.restorer.remember(records, w.specs.in_force, save=True)
+            await w.events.publish(
                 "daemon.stopping",
                 instance=self.instance,
                 on_shutdown=self.config.on_shutdown,
                 terminated=terminated,
                 kept=kept,
             )
-            await self.heartbeat.clear()
+            await w.heartbeat.clear()
         except (RedisError, TimeoutError) as exc:
             log.error("shutdown incomplete: %s", exc)
         log.info("sandboxd stopped", extra={"terminated": terminated, "kept": kept})

@@ -70,12 +70,12 @@ async def test_2000_idle_pools_a_small_heartbeat_and_no_rewrites(
     await asyncio.sleep(0.5)  # the passes after the apply settle
     assert await redis.strlen(KEYS.daemon) < 2048  # it was ~750 kB for 2000 pools
 
-    written = daemon.heartbeat.pools.fields_written
+    written = daemon.wings.heartbeat.pools.fields_written
     writes = await writes_while(redis_server, 1.2)  # ~12 beats, ~6 reconcile ticks
     assert len(touching(writes, KEYS.daemon)) >= 5  # it is beating all along
     assert touching(writes, KEYS.daemon_pools) == []  # nothing changed: nothing rewritten
     assert touching(writes, KEYS.pools) == []
-    assert daemon.heartbeat.pools.fields_written == written
+    assert daemon.wings.heartbeat.pools.fields_written == written
 
     # One pool changes: only its field is written, in both hashes.
     await apply(redis, spec(p7={"max_total": 3}))
@@ -86,7 +86,7 @@ async def test_2000_idle_pools_a_small_heartbeat_and_no_rewrites(
 
     await eventually(rewritten, what="p7's new size in its facts")
     assert json.loads(await redis.hget(KEYS.pools, "p7"))["max_total"] == 3
-    assert daemon.heartbeat.pools.fields_written == written + 1
+    assert daemon.wings.heartbeat.pools.fields_written == written + 1
 
     # `status` reads the heartbeat and the pools' facts (one HGETALL), and the spec once.
     status = await StateView(redis, KEYS).status()

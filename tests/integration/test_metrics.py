@@ -74,10 +74,10 @@ async def test_metrics_follow_the_pools_as_they_scale(redis, redis_server, embed
 
 async def test_no_endpoint_unless_configured_and_reload_opens_it(redis, embedded_daemon):
     daemon = await embedded_daemon()
-    assert daemon.metrics_server.listening is None
+    assert daemon.wings.metrics_server.listening is None
     port = free_port()
     daemon.config.metrics_listen = f"127.0.0.1:{port}"
-    daemon.metrics_server.reconfigure()
+    daemon.wings.metrics_server.reconfigure()
     samples = await eventually(
         lambda: asyncio.to_thread(_try_scrape, port), what="the endpoint after reconfigure"
     )
@@ -102,9 +102,9 @@ async def test_resource_alerts_fire_on_crossing_not_every_sample(redis, embedded
     assert firing["pool"] == "mem" and 0 < firing["data"]["rss_mb"] < 512
     assert firing["data"]["limit_mb"] == 512
     await wait_event(redis, "host.resource_alert", resource="memory", state="firing")
-    samples_then = daemon.resources.samples
+    samples_then = daemon.wings.resources.samples
     await eventually(
-        lambda: _async(daemon.resources.samples >= samples_then + 20), what="20 more samples"
+        lambda: _async(daemon.wings.resources.samples >= samples_then + 20), what="20 more samples"
     )
     alerts = await events_of(redis, "sandbox.resource_alert", "host.resource_alert")
     memory = [(e["type"], e["data"]["state"]) for e in alerts if e["data"]["resource"] == "memory"]

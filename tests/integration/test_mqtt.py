@@ -111,9 +111,9 @@ async def test_a_backlog_over_the_bound_drops_the_oldest_and_says_so(
     redis, mosquitto, subscriber, embedded_daemon
 ):
     daemon = await embedded_daemon(mqtt={"url": mosquitto.url, "max_backlog": 5})
-    await eventually(lambda: _true(daemon.bridge.connected), what="the bridge to connect")
+    await eventually(lambda: _true(daemon.wings.bridge.connected), what="the bridge to connect")
     mosquitto.stop()
-    await eventually(lambda: _true(not daemon.bridge.connected), what="the bridge to notice")
+    await eventually(lambda: _true(not daemon.wings.bridge.connected), what="the bridge to notice")
     await apply(redis, [{"name": "burst", "min_ready": 4, "max_total": 4}])
     await wait_ready(redis, "burst", 4)
     produced = await stream_ids(redis)
@@ -132,7 +132,7 @@ async def test_a_backlog_over_the_bound_drops_the_oldest_and_says_so(
     assert [i for i in ids if i in produced] == [i for i in produced if i in ids]  # in order
     skipped = [i for i in everything[: everything.index(dropped["id"])] if i not in ids]
     assert dropped["data"]["dropped"] == len(skipped) > 0
-    assert daemon.bridge.dropped == dropped["data"]["dropped"]
+    assert daemon.wings.bridge.dropped == dropped["data"]["dropped"]
 
 
 async def _true(value: bool) -> bool:

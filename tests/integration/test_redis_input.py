@@ -234,7 +234,7 @@ async def test_a_lower_revision_written_directly_is_not_applied(redis, daemon_fa
 
 async def test_a_failing_root_task_is_restarted(redis, embedded_daemon):
     daemon = await embedded_daemon()
-    claims = daemon.leases._claims
+    claims = daemon.wings.leases._claims
     real = claims.expire_due
     calls = {"n": 0}
 
@@ -263,7 +263,7 @@ async def test_an_essential_task_that_keeps_failing_stops_the_daemon(
     async def always(*args, **kwargs):
         raise RuntimeError("broken for good")
 
-    daemon.leases._claims.expire_due = always
+    daemon.wings.leases._claims.expire_due = always
     await eventually(lambda: _async(daemon.stop.is_set()), what="the daemon giving up")
     assert daemon.fatal == "task leases keeps failing (RuntimeError: broken for good)"
     restarts = await events_of(redis, "daemon.task_restarted")

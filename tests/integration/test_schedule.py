@@ -34,7 +34,7 @@ async def test_a_window_raises_min_ready_and_its_end_lowers_it(
     assert facts["next_change_at"] == "2026-11-23T14:30:00+00:00"
 
     clock.now += timedelta(minutes=1)  # the market opens
-    daemon.reconciler.nudge()
+    daemon.wings.reconciler.nudge()
     started = await wait_event(redis, "pool.schedule_changed", min_ready=4)
     assert started["data"]["window"].startswith("mon,tue,wed,thu,fri 09:30:00-16:00:00")
     await wait_ready(redis, "trade", 4)
@@ -44,7 +44,7 @@ async def test_a_window_raises_min_ready_and_its_end_lowers_it(
     assert facts["next_change_at"] == "2026-11-23T21:00:00+00:00"
 
     clock.now = datetime(2026, 11, 23, 21, 0, tzinfo=UTC)  # 16:00: it closes
-    daemon.reconciler.nudge()
+    daemon.wings.reconciler.nudge()
     await wait_event(redis, "pool.schedule_changed", min_ready=1)
     await wait_ready(redis, "trade", 1)
     scaled = await wait_event(redis, "pool.scaled", to_total=1)

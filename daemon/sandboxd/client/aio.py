@@ -22,7 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sandboxd.client.connections import Connection, connect
-from sandboxd.providers.local.agentclient import ExecResult, OutputCallback
+from sandboxd.providers.base import ExecResult, OutputCallback
 from sandboxd.store.claims import (
     ClaimError,
     ClaimStore,

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sandboxd.providers.local.agentclient import AgentClient, ExecResult, OutputCallback
+from sandboxd.providers.base import ExecResult, OutputCallback
+from sandboxd.providers.local.agentclient import AgentClient
 
 
 class Connection(Protocol):

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sandboxd.client.aio import Client, Sandbox
-from sandboxd.providers.local.agentclient import ExecResult
+from sandboxd.providers.base import ExecResult
 
 T = TypeVar("T")
 

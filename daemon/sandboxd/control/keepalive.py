@@ -7,9 +7,10 @@ paused sandboxes do not run out.
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from sandboxd.control.specsource import SpecSource
+from sandboxd.providers.base import Extendable
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.loops import every
@@ -19,10 +20,6 @@ log = logging.getLogger(__name__)
 
 MAX_INTERVAL_S = 5.0
 IDLE_TICK_S = 0.5
-
-
-class Expiring(Protocol):
-    async def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> int: ...
 
 
 class Keepalive:
@@ -36,8 +33,8 @@ class Keepalive:
     ):
         self._store = store
         self._specs = specs
-        self._providers: dict[str, Expiring] = {
-            n: p for n, p in providers.items() if hasattr(p, "extend")
+        self._providers: dict[str, Extendable] = {
+            n: p for n, p in providers.items() if isinstance(p, Extendable)
         }
         self._events = events
         self._expires: dict[str, float] = {}  # sandbox id -> when its timeout ends (unix s)

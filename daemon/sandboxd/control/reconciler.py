@@ -4,7 +4,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -19,8 +19,8 @@ from sandboxd.control.restore import Restorer
 from sandboxd.control.schedule import Change, PoolSchedules
 from sandboxd.control.specsource import SpecSource
 from sandboxd.control.terminator import Terminator
-from sandboxd.outputs.watchdog import hang_if_asked
-from sandboxd.providers import Provider, gone_reason
+from sandboxd.providers import Provider
+from sandboxd.providers.base import Capped
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import EventPublisher
@@ -60,9 +60,11 @@ class Reconciler:
         on_pass_time: Callable[[float], None] = lambda seconds: None,
         schedules: PoolSchedules | None = None,
         restorer: "Restorer | None" = None,
+        before_pass: Callable[[], Awaitable[None]] | None = None,
     ):
         self._config = config
         self._restorer = restorer  # puts back what Redis lost; remembers what it holds
+        self._before_pass = before_pass  # a chaos test's hook (providers/faults.py), or None
         self._store = store
         self._claims = claims
         self._specs = specs
@@ -173,7 +175,8 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         self._wake.clear()
-        await hang_if_asked(self._config.watchdog_hang_file)
+        if self._before_pass is not None:
+            await self._before_pass()
         generation = None
         if self._restorer is not None:
             await self._restorer.check()
@@ -271,10 +274,9 @@ class Reconciler:
         """Sandboxes each capped provider (a cloud plan's concurrency) may still add."""
         slots = {}
         for name, provider in self._providers.items():
-            headroom = getattr(provider, "headroom", None)
-            if headroom is not None:
+            if isinstance(provider, Capped):
                 creating = sum(1 for r in records if r.provider == name and r.state == "creating")
-                slots[name] = max(0, headroom() - creating)
+                slots[name] = max(0, provider.headroom() - creating)
         return slots
 
     def pool_status(self) -> dict[str, dict[str, Any]]:
@@ -319,7 +321,7 @@ class Reconciler:
         provider = self._providers.get(record.provider)
         if check_liveness and provider and record.state in ("ready", "claimed", "released"):
             if not await provider.is_alive(record.id, record.handle):
-                return (gone_reason(provider), "ready", "claimed", "released")
+                return (provider.gone_reason, "ready", "claimed", "released")
         return None
 
     def _handling(self, sandbox_id: str) -> bool:
@@ -360,7 +362,7 @@ class Reconciler:
         if reason == "unhealthy" and record.state == "ready":
             provider = self._providers.get(record.provider)
             if provider and not await provider.is_alive(record.id, record.handle):
-                reason = gone_reason(provider)  # not sick: gone (a cloud sandbox vanished)
+                reason = provider.gone_reason  # not sick: gone (a cloud sandbox vanished)
                 await self.replace(record, reason, GONE_DETAIL[reason])
             else:
                 await self.replace(record, reason, record.health_reason)

@@ -13,9 +13,9 @@ from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every
-from sandboxd.store.records import SandboxRecord
+from sandboxd.store.records import PassSnapshot, SandboxRecord
 
-Snapshot = Callable[[], tuple[list[SandboxRecord], dict[str, PoolSpec]]]
+Snapshot = Callable[[], PassSnapshot]
 USES = ("idle", "claimed", "paused")
 
 
@@ -87,7 +87,8 @@ class CostMeter:
         now = time.monotonic()
         seconds = 0.0 if self._last is None else now - self._last
         self._last = now
-        records, specs = self._snapshot()
+        last = self._snapshot()
+        records, specs = last.records, last.specs
         added = accrue(records, specs, self._config, seconds)
         # Read back the pools that accrued, and pools new to us; the others' totals cannot
         # have changed (only the daemon writes them), so idle pools cost nothing here.

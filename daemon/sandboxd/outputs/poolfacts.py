@@ -7,14 +7,22 @@ nothing (see the README's "Many pools" benchmark)."""
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio.client import Pipeline
 
-from sandboxd.control.pacing import PoolPacing
 from sandboxd.outputs.cost import summarize
 from sandboxd.spec import PoolSpec
 from sandboxd.store.keys import Keys
+
+
+class Pacing(Protocol):
+    """A pool's create pacing as the facts need it (control/pacing.py's `PoolPacing`)."""
+
+    def quiet(self) -> bool: ...
+
+    def status(self, now: float) -> dict[str, Any]: ...
+
 
 QUIET = "quiet"  # a pool's pacing that nothing has happened to: its status depends on the spec
 
@@ -48,7 +56,7 @@ class PoolFacts:
         keys: Keys,
         *,
         pools: Callable[[], list[PoolSpec]],
-        pacing: Callable[[], Mapping[str, PoolPacing]],
+        pacing: Callable[[], Mapping[str, Pacing]],
         health: Callable[[], dict[str, dict[str, Any]]],
         schedules: Callable[[list[PoolSpec]], dict[str, dict[str, Any]]],
         cost: Callable[[], Mapping[str, dict[str, float]]],

@@ -11,12 +11,13 @@ import psutil
 
 from sandboxd.config import Config
 from sandboxd.providers import Provider
+from sandboxd.providers.base import Metered
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.loops import every
-from sandboxd.store.records import SandboxRecord
+from sandboxd.store.records import PassSnapshot, SandboxRecord
 
-Snapshot = Callable[[], tuple[list[SandboxRecord], dict[str, PoolSpec]]]
+Snapshot = Callable[[], PassSnapshot]
 MIB = 1024 * 1024
 
 
@@ -87,7 +88,8 @@ class ResourceSampler:
         await every(lambda: self._config.sample_interval_s, self.sample, "resources not sampled")
 
     async def sample(self) -> None:
-        records, specs = self._snapshot()
+        last = self._snapshot()
+        records, specs = last.records, last.specs
         local = self._providers.get("local")
         boxes = [r for r in records if r.provider == "local" and r.state != "creating"]
         workspace = self._config.local.workspace_root
@@ -101,8 +103,7 @@ class ResourceSampler:
     def _measure(
         local: Provider | None, boxes: list[SandboxRecord], workspace: Path
     ) -> tuple[dict[str, float], dict[str, tuple[float, int] | None]]:
-        measure = getattr(local, "usage", None)
-        usage = {r.id: measure(r.handle) for r in boxes} if measure else {}
+        usage = {r.id: local.usage(r.handle) for r in boxes} if isinstance(local, Metered) else {}
         return sample_host(workspace), usage
 
     def _rates(

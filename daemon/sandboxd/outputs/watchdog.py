@@ -5,7 +5,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from sandboxd.outputs import sdnotify
 
@@ -47,19 +46,3 @@ class Watchdog:
                     extra={"watchdog_s": self.period_s},
                 )
             await asyncio.sleep(self.period_s / 4)
-
-
-async def hang_if_asked(token: Path | None) -> None:
-    """Chaos tests only (`watchdog_hang_file`): consume the token file and hang forever."""
-    if token is None or not _consume(token):
-        return
-    log.warning("hang requested by %s: the reconcile loop stops here", token)
-    await asyncio.Event().wait()
-
-
-def _consume(token: Path) -> bool:
-    try:
-        token.unlink()
-    except FileNotFoundError:
-        return False
-    return True

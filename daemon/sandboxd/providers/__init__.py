@@ -5,13 +5,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxd.config import Config
-from sandboxd.providers.base import CreateError, Provider, ProviderSandbox
+from sandboxd.providers.base import (
+    CreateError,
+    Described,
+    IsolationError,
+    Provider,
+    ProviderSandbox,
+)
 
 log = logging.getLogger(__name__)
 
 
 def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
-    from sandboxd.providers.faults import FaultyProvider
+    from sandboxd.providers.faults import inject
     from sandboxd.providers.local.provider import LocalProvider
 
     providers: dict[str, Provider] = {
@@ -20,7 +26,7 @@ def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
     }
     for name, faults in config.faults.items():
         if name in providers:
-            providers[name] = FaultyProvider(providers[name], faults)
+            providers[name] = inject(providers[name], faults)
     return providers
 
 
@@ -36,22 +42,15 @@ def _e2b(config: Config, instance: str) -> Provider:
     return E2BProvider(config.e2b, key_prefix=config.key_prefix, instance=instance)
 
 
-class IsolationError(RuntimeError):
-    """A protection of local sandboxes is missing on this host and was not waived."""
-
-
 def security_summary(providers: dict[str, Provider]) -> dict[str, Any]:
     """What each provider enforces (isolation, limits, uids, what is missing), for status."""
     summary: dict[str, Any] = {}
     for name, provider in providers.items():
-        describe = getattr(provider, "security_summary", None)
-        summary[name] = describe() if describe else {"isolation": provider.isolation}
+        if isinstance(provider, Described):
+            summary[name] = provider.security_summary()
+        else:
+            summary[name] = {"isolation": provider.isolation}
     return summary
-
-
-def gone_reason(provider: Provider) -> str:
-    """How a sandbox its provider no longer has ended: `died` (a local process) or `lost`."""
-    return getattr(provider, "gone_reason", "died")
 
 
 @dataclass
@@ -82,7 +81,6 @@ __all__ = [
     "Listing",
     "Provider",
     "ProviderSandbox",
-    "gone_reason",
     "list_all",
     "make_providers",
     "security_summary",

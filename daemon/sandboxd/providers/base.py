@@ -1,9 +1,28 @@
-"""What every provider offers the reconciler."""
+"""What every provider offers the reconciler, and what some offer besides.
 
+`Provider` is what every provider must do. The optional capabilities are Protocols of their
+own (`Capped`, `Extendable`, `Metered`, `Described`); a caller asks with `isinstance`, and a
+wrapper (`providers/faults.py`) has exactly the capabilities of what it wraps. Nothing asks
+with `getattr`/`hasattr`: a capability is found by its declared type or not at all.
+"""
+
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sandboxd.spec import HealthSpec, PoolSpec
+
+OutputCallback = Callable[[bytes], None]  # receives a command's output as it comes
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A command run in a sandbox, through any provider's connection."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
 
 
 class CreateError(RuntimeError):
@@ -14,6 +33,10 @@ class CreateError(RuntimeError):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+
+
+class IsolationError(RuntimeError):
+    """A protection of local sandboxes is missing on this host and was not waived."""
 
 
 class ResetError(RuntimeError):
@@ -42,6 +65,9 @@ class Probe:
 
 class Provider(Protocol):
     name: str
+    # How a sandbox that the provider no longer has ended: `died` (a local process) or
+    # `lost` (a cloud sandbox that vanished).
+    gone_reason: str
 
     @property
     def isolation(self) -> str:
@@ -91,3 +117,43 @@ class Provider(Protocol):
     async def cleanup_leftovers(self, keep: set[str]) -> list[str]:
         """Free whatever the provider holds locally for sandboxes not in `keep`."""
         ...
+
+
+@runtime_checkable
+class Capped(Protocol):
+    """A provider with a concurrency cap (E2B's plan): the reconciler creates no more than
+    `headroom()` sandboxes beyond those it has."""
+
+    def headroom(self) -> int:
+        """Sandboxes that may still be created now."""
+        ...
+
+
+@runtime_checkable
+class Extendable(Protocol):
+    """A provider whose sandboxes expire unless kept alive (E2B's timeout): the keepalive
+    loop extends wanted sandboxes and lets unwanted ones run out."""
+
+    def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> Awaitable[int]:
+        """Make the sandbox live `seconds` from now (capped by the provider); returns the
+        seconds applied."""
+        ...
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """A provider that can measure a sandbox's resource use (local processes)."""
+
+    def usage(self, handle: dict[str, Any]) -> tuple[float, int] | None:
+        """CPU seconds and resident bytes; None when the sandbox is gone (blocking)."""
+        ...
+
+
+@runtime_checkable
+class Described(Protocol):
+    """A provider that reports what it enforces (isolation, limits, what is missing)."""
+
+    def security_summary(self) -> dict[str, Any]: ...
+
+
+CAPABILITIES: tuple[type, ...] = (Capped, Extendable, Metered, Described)

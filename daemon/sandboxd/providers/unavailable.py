@@ -10,6 +10,7 @@ from sandboxd.spec import HealthSpec, PoolSpec
 class UnavailableProvider:
     def __init__(self, name: str, reason: str):
         self.name = name
+        self.gone_reason = "lost"
         self.reason = reason
 
     @property

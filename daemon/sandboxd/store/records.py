@@ -6,7 +6,7 @@ from a ready list and the daemon that terminates never see half a change.
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
 
@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from sandboxd import decode
+from sandboxd.spec import PoolSpec
 from sandboxd.store.events import Event, now_rfc3339
 from sandboxd.store.keys import LOGS_KEPT_S, Keys
 
@@ -172,6 +173,15 @@ class SandboxRecord(BaseModel):
     @property
     def created_ts(self) -> float:
         return datetime.fromisoformat(self.created_at).timestamp()
+
+
+@dataclass(frozen=True)
+class PassSnapshot:
+    """What the last reconcile pass saw: the sandbox records and the pools in force. The
+    daemon hands it to the loops that sample between passes (resources, cost, metrics)."""
+
+    records: list[SandboxRecord] = field(default_factory=list)
+    specs: dict[str, PoolSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from e2b.exceptions import (
     TimeoutException,
 )
 
-from sandboxd.providers.local.agentclient import ExecResult, OutputCallback
+from sandboxd.providers.base import ExecResult, OutputCallback
 
 TIMED_OUT_EXIT = 124  # what timeout(1) exits with
 ENDPOINTS = ("api_url", "sandbox_url", "domain")  # non-secret settings a handle carries

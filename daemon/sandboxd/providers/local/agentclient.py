@@ -3,24 +3,15 @@
 import asyncio
 import base64
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from sandboxd.providers.base import ExecResult, OutputCallback
+
 MAX_LINE = 64 * 1024 * 1024
-OutputCallback = Callable[[bytes], None]
 
 
 class AgentError(RuntimeError):
     """The agent is unreachable or refused a request."""
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool = False
 
 
 class AgentClient:

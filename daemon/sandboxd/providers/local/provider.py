@@ -35,8 +35,7 @@ from typing import Any
 import psutil
 
 from sandboxd.config import LocalProviderConfig, LocalTemplate
-from sandboxd.providers import IsolationError
-from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
+from sandboxd.providers.base import CreateError, IsolationError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.local import agent as agent_module
 from sandboxd.providers.local import seccomp
 from sandboxd.providers.local import supervisor as supervisor_module
@@ -85,6 +84,7 @@ FRESH_PROC = "mount -t proc -o nosuid,nodev,noexec proc /proc || exit 125; "
 
 class LocalProvider:
     name = "local"
+    gone_reason = "died"  # a local sandbox that vanished: its processes died
 
     def __init__(self, config: LocalProviderConfig):
         self._config = config
