@@ -287,7 +287,7 @@ async def _check_health(args: argparse.Namespace, config: Config, redis) -> int:
     """The heartbeat key expires after three missed beats, so its presence means alive."""
     daemon = await StateView(redis, Keys(config.key_prefix)).daemon()  # not every pool's
     age = time.time() - daemon.get("heartbeat_at", 0) if daemon is not None else None
-    if age is None or (args.max_age is not None and age > args.max_age):
+    if daemon is None or age is None or (args.max_age is not None and age > args.max_age):
         seen = "no heartbeat" if age is None else f"heartbeat {age:.1f}s old"
         print(f"UNHEALTHY: {seen}")
         return EXIT_NO_DAEMON

@@ -33,7 +33,7 @@ def pool_rows(spec: SpecDocument | None, records: list[SandboxRecord]) -> list[d
             "desired": pool.min_ready if pool else 0,
             "draining": pool is None,
         }
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         for member in members:
             counts[member.state] = counts.get(member.state, 0) + 1
         row.update(counts)

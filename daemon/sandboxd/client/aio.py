@@ -50,8 +50,8 @@ def default_owner() -> str:
     """user@host:pid, cut to what a claimant may be (200 bytes of printable UTF-8)."""
     with contextlib.suppress(Exception):
         owner = f"{getpass.getuser()}@{socket.gethostname()}"
-        owner = "".join(c for c in owner if c.isprintable()).encode()[:180]
-        return f"{owner.decode(errors='ignore')}:{os.getpid()}"
+        cut = "".join(c for c in owner if c.isprintable()).encode()[:180]
+        return f"{cut.decode(errors='ignore')}:{os.getpid()}"
     return f"pid-{os.getpid()}"
 
 

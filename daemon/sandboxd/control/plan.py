@@ -7,15 +7,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sandboxd.spec import PoolSpec
+from sandboxd.store.records import SandboxState
 
 # A sandbox is only stopped from these states for each reason: claimed sandboxes are
 # never scaled away under their holder, only ended by their lifetime cap or, with
 # `replace_claimed`, when unhealthy.
-FROM_STATES: dict[str, tuple[str, ...]] = {
+FROM_STATES: dict[str, tuple[SandboxState, ...]] = {
     "timeout": ("ready", "claimed", "released"),
     "unhealthy": ("ready", "claimed"),
 }
-DEFAULT_FROM = ("ready",)
+DEFAULT_FROM: tuple[SandboxState, ...] = ("ready",)
 
 
 @dataclass(frozen=True)

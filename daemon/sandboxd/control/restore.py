@@ -160,7 +160,7 @@ class Restorer:
     async def restore(self) -> dict[str, Any]:
         spec_revision = await self._restore_spec()
         restored, claimed, ready = await self._restore_records()
-        report = {
+        report: dict[str, Any] = {
             "spec_revision": spec_revision,
             "records": restored,
             "claimed": claimed,
@@ -169,7 +169,7 @@ class Restorer:
         self.restored += 1  # a generation: records read before it may predate it
         if spec_revision or restored:
             log.warning("Redis had lost state; restored from the local journal", extra=report)
-            await self._events.publish("state.restored", **report)
+            await self._events.publish("state.restored", **dict(report))
         return report
 
     async def _restore_spec(self) -> int:

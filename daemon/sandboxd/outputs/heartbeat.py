@@ -34,7 +34,7 @@ class Heartbeat:
         self._interval = interval_s
         self._facts = facts
         self.pools = pools
-        self.identity = {
+        self.identity: dict[str, Any] = {
             "instance": instance,
             "pid": os.getpid(),
             "host": socket.gethostname(),

@@ -94,11 +94,10 @@ class PoolFacts:
             if self._inputs.get(name) == inputs:
                 continue
             self._inputs[name] = inputs
-            if pace is None:
-                status = {}
-            elif status == QUIET:
-                status = pace.status(now)
-            facts = pool_facts(pool, status, *inputs[2:])
+            shown: dict[str, Any] = {}
+            if pace is not None:
+                shown = status if isinstance(status, dict) else pace.status(now)
+            facts = pool_facts(pool, shown, *inputs[2:])
             self.facts[name] = facts
             body = json.dumps(facts)
             if self.json.get(name) != body:

@@ -103,7 +103,9 @@ class ResourceSampler:
     def _measure(
         local: Provider | None, boxes: list[SandboxRecord], workspace: Path
     ) -> tuple[dict[str, float], dict[str, tuple[float, int] | None]]:
-        usage = {r.id: local.usage(r.handle) for r in boxes} if isinstance(local, Metered) else {}
+        usage: dict[str, tuple[float, int] | None] = {}
+        if isinstance(local, Metered):
+            usage = {r.id: local.usage(r.handle) for r in boxes}
         return sample_host(workspace), usage
 
     def _rates(

@@ -498,7 +498,7 @@ class ClaimStore:
             self._keys.pool_waiters(pool),
         ]
         wait_ms = min(max(0, int(wait_ms)), MAX_WAIT_MS)
-        args = [self._keys.prefix, pool, claimant, claim_id, _opt(lease_s)]
+        args: list[Any] = [self._keys.prefix, pool, claimant, claim_id, _opt(lease_s)]
         args += [*self._event_args(), wait_ms, self._keys.nudge, token_sha256(token)]
         reply = await self._claim(keys=keys, args=args)
         status = _text(reply[0])

@@ -34,6 +34,7 @@ import resource
 import signal
 import socket
 import time
+from typing import Any
 
 
 def _load_supervisor(path: str):
@@ -41,12 +42,13 @@ def _load_supervisor(path: str):
     beside this file inside the sandbox, or an inherited file descriptor's /proc path."""
     loader = importlib.machinery.SourceFileLoader("sandbox_supervisor", path)
     spec = importlib.util.spec_from_loader("sandbox_supervisor", loader)
+    assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    loader.exec_module(module)
     return module
 
 
-supervisor = None  # the supervisor module, loaded by main()
+supervisor: Any = None  # the supervisor module, loaded by main()
 
 MAX_LINE = 64 * 1024 * 1024
 STARTED = time.monotonic()

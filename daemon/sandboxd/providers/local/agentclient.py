@@ -97,8 +97,9 @@ async def _collect(
         if event in out:
             chunk = base64.b64decode(message["data"])
             out[event].append(chunk)
-            if callbacks[event]:
-                callbacks[event](chunk)
+            callback = callbacks[event]
+            if callback is not None:
+                callback(chunk)
         elif event == "exit":
             return ExecResult(
                 exit_code=message["code"],

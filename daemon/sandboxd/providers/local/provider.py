@@ -370,8 +370,9 @@ class LocalProvider:
         agent_args = ["--listen-fd", str(fds["listen"]), "--env-fd", str(fds["env"])]
         if use_rlimit:
             agent_args += ["--memory-mb", str(pool.memory_mb)]
-        drop = []
+        drop: list[str] = []
         if self._drop_uid:
+            assert self._setpriv is not None  # checked at start: uids are dropped with it
             drop = [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         if self._bwrap is None:
             return [

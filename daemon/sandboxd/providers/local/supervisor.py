@@ -34,10 +34,10 @@ class Supervisor:
         self.lines: deque = deque(maxlen=MAX_LINES)
         self.state = "starting"
         self.reason = ""
-        self.pid = None
+        self.pid: int | None = None
         self.restarts = 0
         self._recent: deque = deque()  # monotonic times of restarts within window_s
-        self._proc = None
+        self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
 
     def _emit(self, type_: str, **data) -> None:
@@ -104,7 +104,7 @@ class Supervisor:
 
     async def _run_once(self) -> int:
         try:
-            self._proc = await asyncio.create_subprocess_exec(
+            proc = self._proc = await asyncio.create_subprocess_exec(
                 "/bin/sh",
                 "-c",
                 self.run["command"],
@@ -118,18 +118,19 @@ class Supervisor:
         except OSError as exc:
             self._line(f"cannot start: {exc}")
             return 127
-        self.pid = self._proc.pid
+        self.pid = proc.pid
         self.owned.add(self.pid)
         self.state = "running"
         self._emit("agent.started", pid=self.pid, restarts=self.restarts)
+        assert proc.stdout is not None  # stdout=PIPE
         try:
-            while raw := await self._proc.stdout.readline():
+            while raw := await proc.stdout.readline():
                 self._line(raw.decode(errors="replace").rstrip("\n"))
-            return await self._proc.wait()
+            return await proc.wait()
         finally:
-            if self._proc.returncode is None:  # cancelled: take the program down with us
+            if proc.returncode is None:  # cancelled: take the program down with us
                 self._kill()
-                await self._proc.wait()
+                await proc.wait()
             self.owned.discard(self.pid)
 
     def _kill(self) -> None:
