@@ -327,10 +327,12 @@ class Healer:
         )
 
     async def rebuild_ids(self) -> int:
-        """`<prefix>:sandboxes` from the record keys themselves (SCAN)."""
+        """`<prefix>:sandboxes` from the record keys themselves (SCAN). Keys of any type:
+        one that is not a hash goes into the set too, so that the next pass reads it as
+        corrupt and quarantines it, instead of it lingering where nothing ever looks."""
         head = self._keys.sandbox("")
         ids = []
-        async for key in self._redis.scan_iter(match=f"{head}*", count=1000, _type="hash"):
+        async for key in self._redis.scan_iter(match=f"{head}*", count=1000):
             sandbox_id = key[len(head) :]
             if sandbox_id and ":" not in sandbox_id:
                 ids.append(sandbox_id)
