@@ -1,4 +1,19 @@
-"""Sandbox providers, chosen by the pool spec's `provider` name."""
+"""providers — where sandboxes come from; each provider owns all of its code.
+
+A pool's spec names its provider (`provider: local` or `e2b`); `make_providers` builds one
+of each from the config, wrapped in fault injection where `[faults.<name>]` asks for it.
+
+- `base`: the `Provider` protocol every provider implements (create, terminate, kill,
+  reset, probe, is_alive, list, cleanup) and the optional capabilities, each a Protocol of
+  its own: `Capped` (a concurrency cap), `Extendable` (sandboxes that expire unless kept
+  alive), `Metered` (resource use), `Described` (what isolation it enforces);
+- `local/`: bubblewrap sandboxes on this host (the default); `e2b/`: the E2B cloud;
+- `faults`: a wrapper that makes creates fail, slow down or hang, keeping every capability
+  of what it wraps; `unavailable`: stands in for a provider whose SDK is missing.
+
+Providers import only the model (config, spec); never the store, the control loops or the
+client (import-linter checks it), so a provider can be read and tested on its own.
+"""
 
 import logging
 from dataclasses import dataclass, field
