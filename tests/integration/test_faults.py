@@ -1,16 +1,19 @@
 """The fault-injection wrapper over the real local provider (real processes)."""
 
 import asyncio
+import time
 
 import pytest
 
 from sandboxd.config import Config, Faults, LocalProviderConfig
 from sandboxd.providers import CreateError, make_providers
+from sandboxd.providers.base import CAPABILITIES, Capped, Extendable, Metered
 from sandboxd.providers.faults import FaultyProvider
 from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
 
-from conftest import sandbox_processes
+from conftest import E2B_TEST_KEY, sandbox_processes
+from helpers import apply, events_of, eventually, wait_ready
 
 POOL = PoolSpec(name="p")
 
@@ -86,3 +89,55 @@ async def test_a_sandbox_known_only_by_its_directory_is_still_stopped(tmp_path):
     assert not any((tmp_path / "boxes").iterdir())
     assert not await provider.is_alive("sb-2", handle)
     assert not sandbox_processes(tmp_path / "boxes")
+
+
+def test_the_wrapper_has_exactly_the_capabilities_of_what_it_wraps(tmp_path):
+    local = {"workspace_root": str(tmp_path)}
+    e2b = {"api_key": E2B_TEST_KEY, "max_concurrent": 3}
+    plain = make_providers(Config(local=local, e2b=e2b))
+    wrapped = make_providers(Config(local=local, e2b=e2b, faults={"e2b": {}, "local": {}}))
+    for name in ("local", "e2b"):
+        assert isinstance(wrapped[name], FaultyProvider)
+        has = {c.__name__ for c in CAPABILITIES if isinstance(plain[name], c)}
+        assert {c.__name__ for c in CAPABILITIES if isinstance(wrapped[name], c)} == has
+        assert wrapped[name].gone_reason == plain[name].gone_reason
+    assert isinstance(wrapped["e2b"], Capped) and isinstance(wrapped["e2b"], Extendable)
+    assert wrapped["e2b"].headroom() == plain["e2b"].headroom() == 3
+    assert isinstance(wrapped["local"], Metered) and not isinstance(wrapped["local"], Capped)
+
+
+async def test_faults_on_e2b_keep_its_concurrency_cap_and_its_keepalive(
+    fake_e2b, redis, embedded_daemon
+):
+    """`[faults.e2b]` once removed both: the wrapper had no `headroom` and no `extend`."""
+    settings = {
+        "api_url": fake_e2b.url,
+        "sandbox_url": fake_e2b.url,
+        "api_key": E2B_TEST_KEY,
+        "list_interval_s": 0.5,
+        "max_concurrent": 2,
+    }
+    daemon = await embedded_daemon(e2b=settings, faults={"e2b": {"seed": 1}})
+    assert isinstance(daemon.providers["e2b"], FaultyProvider)
+    pool = {"name": "cloud", "provider": "e2b", "min_ready": 4, "max_total": 4}
+    await apply(redis, [{**pool, "e2b": {"timeout_s": 2}}])
+    first = set(await wait_ready(redis, "cloud", 2))
+
+    async def capped():
+        status = daemon.wings.reconciler.pool_status().get("cloud", {})
+        return status.get("below_target") == "e2b.max_concurrent reached"
+
+    await eventually(capped, what="the pool to stop at the plan's concurrency")
+    assert len(fake_e2b.ours()) == 2
+    assert not await events_of(redis, "sandbox.create_failed")
+    started = min(s.started_at for s in fake_e2b.ours())
+
+    async def two_timeouts_later():
+        return time.time() - started > 2 * 2
+
+    await eventually(two_timeouts_later, timeout=20, what="two E2B timeouts to pass")
+    assert set(await wait_ready(redis, "cloud", 2)) == first  # kept alive, not replaced
+    assert fake_e2b.ledger.expired == []
+    assert {sandbox_id for sandbox_id, _ in fake_e2b.ledger.set_timeouts} == {
+        s.id for s in fake_e2b.ours()
+    }
