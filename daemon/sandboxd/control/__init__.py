@@ -6,7 +6,7 @@
 - `reconciler`: one pass per tick over every pool: observe, `plan`, act;
 - `creator` (with `pacing`: the circuit `breaker` and `slowstart`) creates sandboxes;
   `terminator` ends them with a reason; `recycler` resets or replaces returned ones;
-  `recovery` tracks replacements and backoff;
+  `replacements` tracks each lost sandbox until its replacement is ready (`recovery.*` events);
 - `schedule`: windows of the week that change a pool's sizes, ramped;
 - `adoption` (at start) and `janitor` (periodically) match records to what the provider
   lists, adopting or reaping; `leases` expires claims; `keepalive` keeps E2B sandboxes alive

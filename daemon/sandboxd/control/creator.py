@@ -19,7 +19,7 @@ from tenacity import (
 from sandboxd.config import Config
 from sandboxd.control.breaker import Transition
 from sandboxd.control.pacing import PoolPacing
-from sandboxd.control.recovery import Pending, Recoveries
+from sandboxd.control.replacements import Pending, Recoveries
 from sandboxd.providers import Provider
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher
