@@ -413,7 +413,8 @@ class Daemon:
             security=self.security,
             revision=revision,
             adopted=len(report.adopted),
-            dropped=len(report.dropped) + len(report.orphans),
+            dropped=len(report.dropped),
+            orphans=len(report.orphans),
         )
         sdnotify.ready(f"reconciling revision {revision}")
         log.info(

@@ -1,10 +1,11 @@
 """The e2b provider, end to end through the real e2b SDK, against the fake E2B on loopback."""
 
 import itertools
+import json
 import time
 
 from sandboxd.client import Client
-from sandboxd.store.records import SandboxStore
+from sandboxd.store.records import SandboxRecord, SandboxStore
 
 from conftest import E2B_TEST_KEY
 from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
@@ -296,8 +297,6 @@ async def test_an_unknown_template_fails_the_pool_and_a_fixed_spec_recovers_it(
 
 
 def _pool_status(text: str, name: str) -> dict:
-    import json
-
     status = json.loads(text)
     return (status.get("daemon") or {}).get("pools", {}).get(name, {})
 
@@ -382,3 +381,36 @@ async def test_idle_pause_keeps_ready_sandboxes_paused_until_a_claim_resumes_one
         assert fake_e2b.world.sandboxes[e2b_id].state == "running"
         left = fake_e2b.world.sandboxes[e2b_id].end_at - time.time()
         assert 60 < left <= 91  # resumed with the lease as its timeout
+
+
+async def test_get_sandboxes_shows_the_e2b_id_and_started_counts_orphans_apart(
+    fake_e2b, redis, redis_server, embedded_daemon
+):
+    # Before the daemon starts: a sandbox of ours on E2B that Redis has no record of (an
+    # orphan), and a record whose sandbox E2B no longer has (dropped).
+    fake_e2b.call(
+        lambda world: world.new_sandbox(
+            "base", 300, {"sandboxd": "sandboxd", "sandboxd-id": "sb-orphan"}, {}
+        )
+    )
+    gone = SandboxRecord(
+        id="sb-gone", pool="cloud", provider="e2b", state="ready", template="base",
+        spec_revision=1, instance="old", handle={"e2b_id": "inothere"},
+    )  # fmt: skip
+    await SandboxStore(redis, KEYS).add(gone)
+    await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    started = await wait_event(redis, "daemon.started")
+    assert started["data"]["dropped"] == 1
+    assert started["data"]["orphans"] == 1
+    assert started["data"]["adopted"] == 0
+
+    await apply(redis, [e2b_pool()])
+    ids = await wait_ready(redis, "cloud", 2)
+    e2b_ids = {s.metadata["sandboxd-id"]: s.id for s in fake_e2b.ours()}
+    rows = json.loads(cli(redis_server, "get", "sandboxes", "-o", "json").stdout)
+    assert {r["id"]: r["provider_id"] for r in rows} == {i: e2b_ids[i] for i in ids}
+    table = cli(redis_server, "get", "sandboxes").stdout.splitlines()
+    assert "PROVIDER_ID" in table[0].split()
+    for sandbox_id in ids:
+        line = next(line for line in table if line.startswith(sandbox_id))
+        assert e2b_ids[sandbox_id] in line.split()

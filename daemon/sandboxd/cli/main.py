@@ -60,6 +60,7 @@ SANDBOX_COLUMNS = [
     ("id", "ID"),
     ("pool", "POOL"),
     ("provider", "PROVIDER"),
+    ("provider_id", "PROVIDER_ID"),
     ("state", "STATE"),
     ("spec_revision", "REV"),
     ("age_s", "AGE_S"),

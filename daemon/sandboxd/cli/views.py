@@ -48,6 +48,7 @@ def sandbox_row(record: SandboxRecord, now: float | None = None) -> dict[str, An
         "id": record.id,
         "pool": record.pool,
         "provider": record.provider,
+        "provider_id": provider_id(record),
         "state": record.state,
         "created_at": record.created_at,
         "ready_at": record.ready_at,
@@ -60,6 +61,13 @@ def sandbox_row(record: SandboxRecord, now: float | None = None) -> dict[str, An
         "health_reason": record.health_reason,
         "replaces": record.replaces,
     }
+
+
+def provider_id(record: SandboxRecord) -> str:
+    """The provider's own id of the sandbox (E2B's sandbox id), "" where it has none of its
+    own (a local sandbox is known by sandboxd's id). From Redis: only a string is shown."""
+    value = record.handle.get("e2b_id")
+    return value if isinstance(value, str) else ""
 
 
 class StateView:

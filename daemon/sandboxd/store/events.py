@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 EVENT_TYPES: dict[str, tuple[str, str]] = {
     "daemon.started": (
         "the daemon is up and has done its first reconcile",
-        "instance, pid, host, version, started_at, isolation, security, revision, adopted, dropped",
+        "instance, pid, host, version, started_at, isolation, security, revision, adopted, "
+        "dropped (records closed: sandbox gone or half made), orphans (unrecorded sandboxes "
+        "of ours, terminated)",
     ),
     "daemon.stopping": (
         "the daemon is shutting down",
