@@ -26,7 +26,9 @@ class LocalTemplate(BaseModel):
     ro_binds: list[str] = Field(
         default_factory=list, description="Host directories visible read-only at the same path."
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment of everything run in the sandbox."
+    )
     setup: str | None = Field(
         default=None, description="Shell command run once in each new sandbox before it is ready."
     )
@@ -49,33 +51,41 @@ class LocalTemplate(BaseModel):
 
 
 class LocalProviderConfig(BaseModel):
+    """The `local` provider: its registry, how its sandboxes are isolated and limited."""
+
     model_config = ConfigDict(extra="forbid")
 
     workspace_root: Path = Field(
         default=Path("/var/lib/sandboxd/sandboxes"),
         description="The local registry: one root-only (0700) directory per sandbox with its "
-        "record, agent socket and log. Sandbox files live in the sandbox's own tmpfs.",
+        "record (meta.json), agent socket and log. Sandbox files live in the sandbox's own "
+        "tmpfs.",
     )
     isolation: Literal["auto", "bwrap", "none"] = Field(
         default="auto",
-        description="auto: bubblewrap when installed. none (or no bubblewrap) runs sandboxes "
-        "as plain processes and needs allow_weaker_isolation.",
+        description="auto: bubblewrap when installed. bwrap: bubblewrap required. none (or "
+        "auto without bubblewrap) runs sandboxes as plain processes and needs "
+        "allow_weaker_isolation.",
     )
     allow_weaker_isolation: bool = Field(
         default=False,
         description="Start even when a protection is missing on this host (no bubblewrap, user "
         "namespaces, seccomp or cgroup controllers, or a daemon not running as root); what "
-        "is missing is logged and shown in status. Off: the daemon refuses to start.",
+        "is missing is logged and shown in status. Off: the daemon refuses to start (exit 78).",
     )
     disable: list[Literal["userns", "seccomp", "cgroups"]] = Field(
         default_factory=list,
         description="Protections to switch off (needs allow_weaker_isolation): to measure "
         "their cost, or where one breaks a trusted workload. Reported like a missing one.",
     )
-    bwrap_path: str = "bwrap"
-    setpriv_path: str = Field(default="setpriv", description="util-linux setpriv (drops to uid).")
+    bwrap_path: str = Field(default="bwrap", description="bubblewrap (Debian: bubblewrap).")
+    setpriv_path: str = Field(
+        default="setpriv",
+        description="setpriv (Debian: util-linux), which starts each sandbox as its own uid.",
+    )
     network_helper: str = Field(
-        default="slirp4netns", description="User-mode networking for `network: true` pools."
+        default="slirp4netns",
+        description="User-mode NAT for `network: true` pools (Debian: slirp4netns).",
     )
     agent_python: str | None = Field(
         default=None,
@@ -89,7 +99,7 @@ class LocalProviderConfig(BaseModel):
         description="First host uid (and gid) of the range local sandboxes run as: one uid per "
         "sandbox, never root, never a user of this host. Default: 1000000000 plus a multiple "
         "of 65536 derived from workspace_root, so daemons with different registries on one "
-        "host never share a uid.",
+        "host never share a uid. uid_base + uid_count stays below 2**31.",
     )
     uid_count: int = Field(
         default=65536, ge=1, le=10_000_000, description="Size of that range (sandboxes at once)."
@@ -111,7 +121,11 @@ class LocalProviderConfig(BaseModel):
         description="cgroup v2: the delegated cgroup whose children are the sandboxes "
         "(default: the daemon's own, with Delegate=yes in the unit).",
     )
-    templates: dict[str, LocalTemplate] = Field(default_factory=dict)
+    templates: dict[str, LocalTemplate] = Field(
+        default_factory=dict,
+        description="Named profiles for local sandboxes (a pool's `template`). `base` is built "
+        "in (no binds, no env, no setup) and may be redefined here.",
+    )
 
     @model_validator(mode="after")
     def _uids_below_2_31(self) -> "LocalProviderConfig":
@@ -143,29 +157,48 @@ class E2BProviderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_key: SecretStr | None = Field(
-        default=None, description="Prefer E2B_API_KEY or api_key_file; never logged."
+        default=None,
+        description="The E2B API key. Prefer api_key_file or the unit's credential; never logged.",
     )
     api_key_file: Path | None = Field(
         default=None,
         description="File holding the API key. A relative path is looked up in "
-        "$CREDENTIALS_DIRECTORY (systemd LoadCredential=).",
+        "$CREDENTIALS_DIRECTORY (systemd LoadCredential=). Unset: api_key, else E2B_API_KEY, "
+        "else the unit's credential `e2b-api-key` (/etc/sandboxd/credentials/e2b-api-key).",
     )
-    api_url: str | None = Field(default=None, description="Default https://api.<domain>.")
+    api_url: str | None = Field(
+        default=None,
+        description="E2B's API (self-hosted E2B, a test server). Default https://api.<domain>.",
+    )
     sandbox_url: str | None = Field(
-        default=None, description="Default: each sandbox's own envd host."
+        default=None, description="The sandboxes' envd endpoint. Default: each sandbox's own host."
     )
     domain: str | None = Field(default=None, description="Default e2b.app (E2B_DOMAIN).")
     max_concurrent: int = Field(
-        default=20, ge=1, description="Sandboxes alive at once (Hobby 20, Pro 100)."
+        default=20,
+        ge=1,
+        description="Sandboxes alive at once on the account, shared by all e2b pools "
+        "(Hobby 20, Pro 100).",
     )
     creates_per_s: float = Field(
-        default=1.0, gt=0, le=1000, description="Sandbox creates per second (token bucket)."
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="Sandbox creates per second (token bucket). After a 429 or 503 every "
+        "create pauses 1 s, doubling to 60 s while they go on.",
     )
-    creates_burst: int = Field(default=2, ge=1, le=1000, description="Bucket size.")
+    creates_burst: int = Field(
+        default=2, ge=1, le=1000, description="Size of the create token bucket."
+    )
     max_timeout_s: int = Field(
-        default=3600, ge=60, description="The plan's longest sandbox timeout (Hobby 1 h, Pro 24 h)."
+        default=3600,
+        ge=60,
+        description="The plan's longest sandbox timeout (Hobby 1 h, Pro 24 h); sandbox "
+        "timeouts and leases are capped to it.",
     )
-    request_timeout_s: float = Field(default=30.0, gt=0, description="Per API request.")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="Limit of one API request, in seconds."
+    )
     sdk_retries: int = Field(
         default=2,
         ge=0,
@@ -173,7 +206,10 @@ class E2BProviderConfig(BaseModel):
         description="Retries of 429/502/503/504 inside the SDK, which honours Retry-After.",
     )
     list_interval_s: float = Field(
-        default=5.0, gt=0, description="Listing age that liveness checks may rely on."
+        default=5.0,
+        gt=0,
+        description="Liveness of E2B sandboxes comes from one metadata listing (for all of "
+        "them) at most this old.",
     )
 
     def endpoints(self) -> dict[str, str]:
@@ -194,7 +230,9 @@ class Faults(BaseModel):
     """Faults injected into one provider (`providers/faults.py`), for chaos tests only."""
 
     create_failure_rate: float = Field(default=0.0, ge=0, le=1, description="Creates that fail.")
-    create_failure_retryable: bool = Field(default=True, description="May they be retried.")
+    create_failure_retryable: bool = Field(
+        default=True, description="Whether the injected create failures may be retried."
+    )
     create_hang_rate: float = Field(default=0.0, ge=0, le=1, description="Creates that hang.")
     create_latency_s: float = Field(default=0.0, ge=0, description="Added before every create.")
     probe_latency_s: float = Field(default=0.0, ge=0, description="Added before every probe.")
@@ -207,15 +245,32 @@ class AlertThresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host_cpu_percent: float = Field(default=90.0, gt=0, le=100)
-    host_memory_percent: float = Field(default=90.0, gt=0, le=100)
+    host_cpu_percent: float = Field(
+        default=90.0, gt=0, le=100, description="Host CPU use that fires host.resource_alert."
+    )
+    host_memory_percent: float = Field(
+        default=90.0, gt=0, le=100, description="Host memory use that fires host.resource_alert."
+    )
     host_disk_percent: float = Field(
-        default=90.0, gt=0, le=100, description="Of the file system holding local sandboxes."
+        default=90.0,
+        gt=0,
+        le=100,
+        description="Use of the file system of local.workspace_root that fires "
+        "host.resource_alert.",
     )
     sandbox_memory_percent: float = Field(
-        default=90.0, gt=0, le=100, description="A local sandbox's RSS, of its pool's memory_mb."
+        default=90.0,
+        gt=0,
+        le=100,
+        description="A local sandbox's RSS, as a share of its pool's memory_mb, that fires "
+        "sandbox.resource_alert.",
     )
-    hysteresis: float = Field(default=5.0, ge=0, le=50)
+    hysteresis: float = Field(
+        default=5.0,
+        ge=0,
+        le=50,
+        description="An alert resolves only this many points below its threshold.",
+    )
 
 
 class CostConfig(BaseModel):
@@ -225,7 +280,7 @@ class CostConfig(BaseModel):
 
     price_per_vcpu_s: float = Field(default=0.000014, ge=0, description="Per vCPU-second.")
     price_per_gib_s: float = Field(default=0.0000045, ge=0, description="Per GiB-second.")
-    currency: str = Field(default="USD", max_length=8)
+    currency: str = Field(default="USD", max_length=8, description="Label of the figures.")
     report_interval_s: float = Field(
         default=300.0, gt=0, description="How often `pool.cost` is published."
     )
@@ -240,17 +295,24 @@ class MqttConfig(BaseModel):
         default=None, description="mqtt://host:1883 or mqtts://host:8883; unset: no bridge."
     )
     prefix: str = Field(default="sandboxd", pattern=r"^[^#+]+$", description="Topic prefix.")
-    username: str | None = None
-    password: SecretStr | None = Field(default=None, description="Never logged.")
+    username: str | None = Field(default=None, description="Broker login.")
+    password: SecretStr | None = Field(
+        default=None, description="Broker password (prefer password_file); never logged."
+    )
     password_file: Path | None = Field(
-        default=None, description="Relative: looked up in $CREDENTIALS_DIRECTORY."
+        default=None,
+        description="File holding the broker password; a relative name is looked up in "
+        "$CREDENTIALS_DIRECTORY (a systemd credential).",
     )
     ca_file: Path | None = Field(default=None, description="mqtts: CA bundle (default: system).")
-    client_id: str | None = Field(default=None, description="Default sandboxd-<host>.")
+    client_id: str | None = Field(
+        default=None, description="MQTT client id. Default sandboxd-<host>."
+    )
     max_backlog: int = Field(
         default=10_000,
         ge=1,
-        description="Events kept for a broker that is down; older ones are dropped, counted.",
+        description="Events kept for a broker that is away; older ones are skipped, counted "
+        "and announced by bridge.dropped (they stay in the Redis stream).",
     )
 
     @field_validator("url")
@@ -286,31 +348,59 @@ def unit_credential(name: str) -> str | None:
 
 
 class Config(BaseSettings):
+    """The daemon's configuration (`--config`, SANDBOXD_CONFIG or /etc/sandboxd/sandboxd.toml),
+    overridden by SANDBOXD_<KEY> variables (nested: SANDBOXD_LOCAL__WORKSPACE_ROOT)."""
+
     model_config = SettingsConfigDict(
         env_prefix="SANDBOXD_", env_nested_delimiter="__", extra="forbid"
     )
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="redis://, rediss:// (TLS) or unix://, with user:password@ if needed.",
+    )
     redis_password: SecretStr | None = Field(
         default=None, description="Overrides any password in redis_url; never logged."
     )
     redis_password_file: Path | None = Field(
         default=None,
-        description="File holding the Redis password; relative: in $CREDENTIALS_DIRECTORY.",
+        description="File holding the Redis password; a relative name is looked up in "
+        "$CREDENTIALS_DIRECTORY. With neither this nor redis_password: the unit's "
+        "`redis-password` credential when non-empty.",
     )
-    key_prefix: str = Field(default="sandboxd", pattern=r"^[A-Za-z0-9_.-]+$")
-    reconcile_interval_s: float = Field(default=5.0, gt=0)
-    heartbeat_interval_s: float = Field(default=2.0, gt=0)
-    max_concurrent_creates: int = Field(default=5, ge=1)
-    create_attempts: int = Field(default=3, ge=1, description="Tries per create (tenacity).")
-    create_timeout_s: float = Field(default=60.0, gt=0)
+    key_prefix: str = Field(
+        default="sandboxd",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of every Redis key and channel (docs/redis.md).",
+    )
+    reconcile_interval_s: float = Field(
+        default=5.0, gt=0, description="Periodic reconcile; spec changes act at once."
+    )
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, description="Heartbeat refresh; the key expires after 3 missed beats."
+    )
+    max_concurrent_creates: int = Field(
+        default=5,
+        ge=1,
+        description="Creates in flight across all pools, shared round-robin between them.",
+    )
+    create_attempts: int = Field(
+        default=3, ge=1, description="Tries per create (exponential backoff with jitter)."
+    )
+    create_timeout_s: float = Field(
+        default=60.0, gt=0, description="Limit of one create attempt, in seconds."
+    )
     create_grace_s: float = Field(
         default=300.0,
         gt=0,
-        description="A create still running after this is cancelled and recreated "
-        "(a provider that ignores the create timeout).",
+        description="A create still running after this is cancelled and its sandbox recreated "
+        "(reason stuck_creating: a provider that ignores the create timeout).",
     )
-    reset_timeout_s: float = Field(default=30.0, gt=0, description="reuse: reset, per sandbox.")
+    reset_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="reuse: reset: limit of one reset (kill, fresh start, reset_command).",
+    )
     lease_check_interval_s: float = Field(
         default=1.0, gt=0, description="How often expired leases are looked for."
     )
@@ -332,19 +422,28 @@ class Config(BaseSettings):
     janitor_interval_s: float = Field(
         default=60.0, gt=0, description="How often the leak janitor compares provider and Redis."
     )
-    event_stream_maxlen: int = Field(default=100_000, ge=100)
-    on_shutdown: Literal["terminate", "keep"] = "terminate"
+    event_stream_maxlen: int = Field(
+        default=100_000, ge=100, description="Approximate (MAXLEN ~) length of the event stream."
+    )
+    on_shutdown: Literal["terminate", "keep"] = Field(
+        default="terminate",
+        description="On stop: terminate the sandboxes, or keep them for the next start to adopt.",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="Root-only directory of the daemon's journal (the spec in force and its "
         "records, claims included), written back when Redis loses its data. Default: "
-        "`state` beside local.workspace_root (/var/lib/sandboxd/state).",
+        "`state` beside local.workspace_root (/var/lib/sandboxd/state; .run/state under "
+        "`make run`).",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Least severe level logged (any case)."
+    )
     metrics_listen: str | None = Field(
         default=None,
         pattern=r"^[^:]*:\d+$",
-        description="host:port of the Prometheus endpoint, e.g. 127.0.0.1:9464; unset: off.",
+        description="host:port of the Prometheus endpoint /metrics, e.g. 127.0.0.1:9464; "
+        "unset: off.",
     )
     sample_interval_s: float = Field(
         default=5.0, gt=0, description="How often host and sandbox resources and cost are sampled."

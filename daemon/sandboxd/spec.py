@@ -122,12 +122,36 @@ class ScheduleWindow(BaseModel):
         serialize_by_alias=True,
     )
 
-    days: list[str] = Field(default_factory=lambda: list(DAYS), min_length=1)
-    start: time = Field(alias="from", description="HH:MM or HH:MM:SS, local time.")
-    end: time = Field(alias="to", description="HH:MM or HH:MM:SS, local time.")
-    timezone: str = Field(default="UTC", description="IANA name, e.g. America/New_York.")
-    min_ready: int | None = Field(default=None, ge=0, le=10_000)
-    max_total: int | None = Field(default=None, ge=1, le=10_000)
+    days: list[str] = Field(
+        default_factory=lambda: list(DAYS),
+        min_length=1,
+        description="Day names or ranges: [mon-fri], [sat, sun], [fri-mon]. Default: every day.",
+    )
+    start: time = Field(
+        alias="from", description="HH:MM or HH:MM:SS, local time; the window starts then."
+    )
+    end: time = Field(
+        alias="to",
+        description="HH:MM or HH:MM:SS, local time, exclusive. At or before `from`: the window "
+        "runs past midnight (00:00 to 00:00: the whole day).",
+    )
+    timezone: str = Field(
+        default="UTC",
+        description="IANA name, e.g. America/New_York: daylight saving time is followed.",
+    )
+    min_ready: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="min_ready while the window is active (unset: the pool's). A window sets "
+        "min_ready, max_total or both; min_ready <= max_total is checked per window.",
+    )
+    max_total: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="max_total while the window is active (unset: the pool's).",
+    )
 
     @field_validator("days", mode="before")
     @classmethod
@@ -186,7 +210,13 @@ class HealthSpec(BaseModel):
         max_length=4096,
         description="Shell command run in the sandbox; exit 0 is healthy. None: liveness only.",
     )
-    interval_s: float = Field(default=30.0, ge=0.1, le=86400, description="Between probes.")
+    interval_s: float = Field(
+        default=30.0,
+        ge=0.1,
+        le=86400,
+        description="Between probes of one sandbox; the first comes at a random point of the "
+        "first interval.",
+    )
     timeout_s: float = Field(default=5.0, gt=0, le=3600, description="A slower probe fails.")
     failure_threshold: int = Field(
         default=3, ge=1, le=100, description="Consecutive failures that make it unhealthy."
@@ -201,32 +231,66 @@ class RunSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: str = Field(min_length=1, max_length=4096, description="Shell command.")
-    restart: Literal["on-failure", "always", "never"] = "on-failure"
-    backoff_s: float = Field(default=1.0, gt=0, le=3600, description="First restart delay.")
-    max_backoff_s: float = Field(default=60.0, gt=0, le=86400, description="Delay cap.")
+    command: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Shell command of the program, started in every sandbox once it is ready.",
+    )
+    restart: Literal["on-failure", "always", "never"] = Field(
+        default="on-failure",
+        description="When the program is restarted: on-failure (a non-zero exit or a signal), "
+        "always, or never.",
+    )
+    backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="First restart delay; it doubles per restart, capped by max_backoff_s, "
+        "jittered (x0.5-1).",
+    )
+    max_backoff_s: float = Field(
+        default=60.0, gt=0, le=86400, description="Cap of the restart delay."
+    )
     stable_s: float = Field(
-        default=10.0, gt=0, le=86400, description="A run this long resets the backoff."
+        default=10.0, gt=0, le=86400, description="A run at least this long resets the delay."
     )
     max_restarts: int = Field(
-        default=5, ge=0, le=10_000, description="Restarts allowed within window_s."
+        default=5,
+        ge=0,
+        le=10_000,
+        description="More restarts than this within window_s: agent.failed, and the sandbox "
+        "is replaced.",
     )
-    window_s: float = Field(default=60.0, gt=0, le=86400)
+    window_s: float = Field(
+        default=60.0, gt=0, le=86400, description="The window max_restarts counts in, seconds."
+    )
 
 
 class BreakerSpec(BaseModel):
-    """The pool's circuit breaker on creates."""
+    """The pool's circuit breaker on creates. Two permanent errors in a row (the one that
+    opened it and the trial) put the pool in state `failed` (`pool.failed`): no more creates
+    until its spec changes or the daemon restarts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     failures: int = Field(
-        default=5, ge=1, le=1000, description="Consecutive failed creates that open it."
+        default=5,
+        ge=1,
+        le=1000,
+        description="Consecutive failed create attempts that open it (a permanent error opens "
+        "it at once).",
     )
     cooldown_s: float = Field(
-        default=30.0, gt=0, le=86400, description="Open this long before one trial create."
+        default=30.0,
+        gt=0,
+        le=86400,
+        description="Open this long, then one trial create (half-open); a success closes it.",
     )
     max_cooldown_s: float = Field(
-        default=600.0, gt=0, le=86400, description="Cooldown doubles per failed trial, to this."
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="A failed trial doubles the cooldown, up to this.",
     )
 
 
@@ -239,7 +303,8 @@ class E2BPoolSpec(BaseModel):
         default=300,
         ge=1,
         le=86400,
-        description="E2B's own timeout per sandbox; it is killed unless kept alive.",
+        description="E2B's own timeout per sandbox: E2B kills it when it runs out, unless "
+        "it is kept alive (capped at the config's e2b.max_timeout_s).",
     )
     keepalive: Literal["extend", "recycle"] = Field(
         default="extend",
@@ -251,21 +316,23 @@ class E2BPoolSpec(BaseModel):
         description="pause: ready sandboxes are paused (no billing) and resumed by the "
         "client's connect on claim.",
     )
-    allow_internet_access: bool = True
+    allow_internet_access: bool = Field(default=True, description="Passed to E2B at create.")
 
 
 class SecuritySpec(BaseModel):
-    """local: allowances in the sandbox's seccomp filter (see the README's Security)."""
+    """local: allowances in the sandbox's seccomp filter (docs/security.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     allow_syscalls: list[str] = Field(
         default_factory=list,
         max_length=64,
-        description="Denied syscalls this pool may use after all (names from the filter).",
+        description="Calls of the seccomp filter's deny list this pool may use after all "
+        "(names from the filter's table, or ptrace, vsock).",
     )
     nested_userns: bool = Field(
-        default=False, description="Allow user namespaces inside the sandbox."
+        default=False,
+        description="Allow user namespaces inside the sandbox (rootless containers).",
     )
 
     @field_validator("allow_syscalls")
@@ -282,21 +349,61 @@ class PoolSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=DNS_LABEL, description="DNS-label-like, unique in the spec.")
-    provider: Literal["local", "e2b"] = "local"
-    template: str = Field(default="base", min_length=1, max_length=200)
-    min_ready: int = Field(default=1, ge=0, le=10_000, description="Warm sandboxes kept ready.")
-    max_total: int = Field(default=10, ge=1, le=10_000, description="Hard cap, any state.")
-    cpu: float = Field(default=1.0, gt=0, le=256)
-    memory_mb: int = Field(default=512, gt=0, le=1_048_576)
-    timeout_s: int = Field(default=3600, gt=0, le=30 * 86400, description="Lifetime cap.")
+    name: str = Field(
+        pattern=DNS_LABEL, description="A DNS label (at most 63 characters), unique in the spec."
+    )
+    provider: Literal["local", "e2b"] = Field(
+        default="local",
+        description="local: sandboxes on this host. e2b: the E2B cloud (docs/e2b.md).",
+    )
+    template: str = Field(
+        default="base",
+        min_length=1,
+        max_length=200,
+        description="local: a template of the daemon config (local.templates); e2b: an E2B "
+        "template name or id.",
+    )
+    min_ready: int = Field(
+        default=1, ge=0, le=10_000, description="Warm sandboxes kept ready; at most max_total."
+    )
+    max_total: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="Hard cap on the pool's sandboxes in any state (creating, ready, claimed, "
+        "terminating).",
+    )
+    cpu: float = Field(
+        default=1.0,
+        gt=0,
+        le=256,
+        description="local: CPU quota of the whole sandbox (cgroup cpu.max / cpu.cfs_quota_us). "
+        "The cost estimate prices it (e2b: set it to the template's size).",
+    )
+    memory_mb: int = Field(
+        default=512,
+        gt=0,
+        le=1_048_576,
+        description="local: memory of the whole process tree, tmpfs writes included (cgroup "
+        "memory.max / memory.limit_in_bytes). The cost estimate prices it, like cpu.",
+    )
+    timeout_s: int = Field(
+        default=3600,
+        gt=0,
+        le=30 * 86400,
+        description="Lifetime cap of any sandbox, claimed ones too (reason timeout; the event "
+        "names the claim).",
+    )
     network: bool = Field(
         default=False,
-        description="local: egress through user-mode NAT in the sandbox's own network "
-        "namespace (never the host's loopback); false: loopback only.",
+        description="local: egress through user-mode NAT (slirp4netns) in the sandbox's own "
+        "network namespace, the host's loopback unreachable; false: only its own lo.",
     )
     pids_max: int = Field(
-        default=512, ge=8, le=4_194_304, description="local: processes and threads at once."
+        default=512,
+        ge=8,
+        le=4_194_304,
+        description="local: processes and threads of the sandbox at once (cgroup pids.max).",
     )
     disk_mb: int = Field(
         default=1024,
@@ -306,13 +413,23 @@ class PoolSpec(BaseModel):
         "memory_mb as it is written).",
     )
     security: SecuritySpec = Field(default_factory=lambda: SecuritySpec())
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment of everything run in the sandbox."
+    )
     labels: dict[
         Annotated[str, Field(pattern=LABEL_KEY)], Annotated[str, Field(max_length=253)]
-    ] = Field(default_factory=dict)
-    lease_s: int = Field(default=300, ge=1, le=30 * 86400, description="Default claim lease.")
+    ] = Field(
+        default_factory=dict,
+        description="Free-form metadata (e2b: sent as the sandbox's metadata).",
+    )
+    lease_s: int = Field(
+        default=300, ge=1, le=30 * 86400, description="Default lease of a claim, in seconds."
+    )
     max_lease_s: int = Field(
-        default=3600, ge=1, le=30 * 86400, description="Longest lease a claim or renew may ask."
+        default=3600,
+        ge=1,
+        le=30 * 86400,
+        description="The longest lease a claim or renew may ask for; at least lease_s.",
     )
     on_empty: Literal["wait", "create"] = Field(
         default="wait",
@@ -321,25 +438,46 @@ class PoolSpec(BaseModel):
     )
     reuse: Literal["never", "reset"] = Field(
         default="never",
-        description="never: a released sandbox is terminated. reset: its processes are killed, "
-        "reset_command runs, and it goes back to ready (terminated if that fails).",
+        description="never: a released sandbox is terminated. reset: from the host side, "
+        "every process in it is killed (its namespaces and tmpfs mounts go with them), it is "
+        "started afresh under the same id, reset_command runs, and it goes back to ready; it "
+        "is terminated if that fails.",
     )
-    reset_command: str = Field(default=DEFAULT_RESET, min_length=1, max_length=4096)
+    reset_command: str = Field(
+        default=DEFAULT_RESET,
+        min_length=1,
+        max_length=4096,
+        description="Shell command run by reuse: reset ($HOME is /workspace).",
+    )
     health: HealthSpec = Field(default_factory=HealthSpec)
-    run: RunSpec | None = Field(default=None, description="A supervised program (an agent).")
+    run: RunSpec | None = Field(
+        default=None,
+        description="local: a supervised program (an agent) kept running in every sandbox.",
+    )
     replace_claimed: bool = Field(
         default=False,
         description="Terminate and replace an unhealthy claimed sandbox (default: only "
         "report it, naming the claim, and leave it to its holder).",
     )
     idle_ttl_s: int | None = Field(
-        default=None, gt=0, le=30 * 86400, description="Recycle ready sandboxes older than this."
+        default=None,
+        gt=0,
+        le=30 * 86400,
+        description="Ready sandboxes older than this are recycled, oldest first, max_surge at "
+        "a time, each replacement made before the old one goes (reason idle_ttl).",
     )
     max_surge: int = Field(
-        default=10, ge=1, le=1000, description="Most creates started for the pool per tick."
+        default=10,
+        ge=1,
+        le=1000,
+        description="Most creates of the pool in flight at once: slow start lets 1 run, +1 "
+        "per create that succeeds, halved on a failed attempt, up to this. Also the batch of "
+        "a rolling replacement (idle_ttl_s, a changed build, e2b recycle).",
     )
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
-    e2b: E2BPoolSpec | None = Field(default=None, description="provider e2b: its settings.")
+    e2b: E2BPoolSpec | None = Field(
+        default=None, description="provider e2b only: how its sandboxes are made and kept warm."
+    )
     schedule: list[ScheduleWindow] = Field(
         default_factory=list,
         max_length=100,
@@ -349,7 +487,8 @@ class PoolSpec(BaseModel):
         default=60.0,
         ge=0,
         le=86400,
-        description="A window's start or end moves the sizes linearly over this many seconds.",
+        description="When a window starts or ends, the sizes move linearly to the new target "
+        "over this many seconds (0: at once).",
     )
 
     @cached_property
