@@ -1,0 +1,232 @@
+"""Fencing: a daemon writes to Redis only while it holds its leases, checked by Redis itself.
+
+A daemon acts under one or two leases (its node's, and the cloud leader's while it holds
+it). Each was taken with a token `<epoch>:<instance>`, the epoch a fresh INCR. `Fence`
+holds those (key, token) pairs and the local deadline of each (last renewal + TTL).
+
+`FencedRedis` is the client every component of an active daemon writes through:
+
+- a plain write command is sent as `EVAL <check the tokens; then run the command>`;
+- a Lua script registered on it gets a preamble that checks the tokens first (they ride
+  along as its last KEYS and ARGV and are removed before the script's own body runs), so
+  each of the store's scripts checks the epoch in the same atomic step as its writes;
+- reads, blocking reads and connection commands go straight through.
+
+A write whose token no longer matches is refused by Redis (`FENCED`) and raises
+`LeaseLost` — deliberately not a `RedisError`, which loops survive by retrying. Before
+anything is sent the local deadline is checked too: a daemon that was paused (SIGSTOP, a
+VM freeze) past its TTL knows it lost the lease without asking Redis. Either way the
+fence calls `on_lost` once, and the daemon stops acting.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+log = logging.getLogger(__name__)
+
+FENCED = "FENCED"
+
+# Removes the fence's keys and tokens from KEYS and ARGV (the caller appended them: keys
+# k1..kn at the end of KEYS, tokens t1..tn and then n at the end of ARGV) and refuses to go
+# on unless every key still holds its token.
+PREAMBLE = """
+local __n = tonumber(table.remove(ARGV))
+for __i = 1, __n do
+  local __key = table.remove(KEYS)
+  local __token = table.remove(ARGV)
+  if redis.call('GET', __key) ~= __token then
+    return redis.error_reply('FENCED ' .. __key .. ' is no longer held by ' .. __token)
+  end
+end
+"""
+_WRITE = PREAMBLE + "return redis.call(unpack(ARGV))\n"
+
+# Commands that never change data (or cannot run inside a script): sent as they are.
+PASS_THROUGH = frozenset(
+    """
+    GET MGET GETRANGE STRLEN EXISTS TYPE TTL PTTL EXPIRETIME OBJECT DUMP RANDOMKEY
+    HGET HGETALL HMGET HKEYS HVALS HLEN HEXISTS HSTRLEN HSCAN HRANDFIELD
+    SMEMBERS SISMEMBER SMISMEMBER SCARD SSCAN SRANDMEMBER SINTER SUNION SDIFF
+    LRANGE LLEN LINDEX LPOS
+    ZRANGE ZRANGEBYSCORE ZREVRANGE ZREVRANGEBYSCORE ZRANK ZREVRANK ZSCORE ZMSCORE ZCARD
+    ZCOUNT ZSCAN ZRANGEBYLEX ZLEXCOUNT
+    XRANGE XREVRANGE XLEN XREAD XINFO XPENDING
+    SCAN KEYS DBSIZE PING ECHO INFO TIME ROLE CLIENT SCRIPT HELLO AUTH SELECT COMMAND
+    MEMORY CONFIG WAIT WATCH UNWATCH MULTI EXEC DISCARD SUBSCRIBE PSUBSCRIBE
+    UNSUBSCRIBE PUNSUBSCRIBE READONLY READWRITE QUIT RESET
+    EVALSHA_RO EVAL_RO
+    """.split()
+)
+MAX_ARGS = 7000  # Lua's unpack() fails past ~8000 values: bigger writes are chunked by callers
+
+
+class LeaseLost(Exception):
+    """This daemon no longer holds a lease it acts under: it must stop acting at once.
+    Not a RedisError on purpose (loops that outlive Redis errors must not retry it)."""
+
+
+@dataclass
+class Held:
+    key: str
+    token: str
+    ttl_s: float
+    valid_until: float  # time.monotonic(): the last renewal's start + ttl_s
+
+
+class Fence:
+    """The leases a daemon acts under, and what happens when one is lost."""
+
+    def __init__(self, on_lost: Callable[[str], None] = lambda reason: None):
+        self.held: dict[str, Held] = {}
+        self.lost: str | None = None
+        self._on_lost = on_lost
+
+    def hold(self, key: str, token: str, ttl_s: float, since: float) -> None:
+        self.held[key] = Held(key, token, ttl_s, since + ttl_s)
+
+    def renewed(self, key: str, since: float) -> None:
+        held = self.held.get(key)
+        if held is not None:
+            held.valid_until = since + held.ttl_s
+
+    def check(self) -> None:
+        """Raise LeaseLost if a lease is lost or past its deadline on this host's clock."""
+        if self.lost is None:
+            now = time.monotonic()
+            for held in self.held.values():
+                if now >= held.valid_until:
+                    self.lose(f"{held.key} expired here (not renewed within {held.ttl_s}s)")
+                    break
+        if self.lost is not None:
+            raise LeaseLost(self.lost)
+
+    def lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+            log.critical("lease lost: %s; no more writes, no more actions", reason)
+            self._on_lost(reason)
+
+    def tail(self) -> tuple[list[str], list[str]]:
+        """The keys and the ARGV tail (tokens, then their count) a fenced call carries."""
+        held = list(self.held.values())
+        return [h.key for h in held], [*(h.token for h in held), str(len(held))]
+
+    def refused(self, exc: BaseException) -> bool:
+        if isinstance(exc, ResponseError) and str(exc).startswith(FENCED):
+            self.lose(str(exc))
+            return True
+        return False
+
+
+def _name(args: tuple[Any, ...]) -> str:
+    """The command as redis-py names it (its response callbacks' key), e.g. `SCRIPT LOAD`."""
+    first = args[0]
+    return (first.decode() if isinstance(first, bytes) else str(first)).upper()
+
+
+def _fenced_args(fence: Fence, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]:
+    """The command to send instead of `args`, and whether it was wrapped."""
+    name = _name(args)
+    if name.split(" ", 1)[0] in PASS_THROUGH or not fence.held:
+        return args, False
+    fence.check()
+    keys, tail = fence.tail()
+    if name in ("EVALSHA", "EVAL"):  # one of our scripts: its preamble checks the tail
+        numkeys = int(args[2])
+        own_keys, own_args = args[3 : 3 + numkeys], args[3 + numkeys :]
+        return (args[0], args[1], numkeys + len(keys), *own_keys, *keys, *own_args, *tail), False
+    if len(args) > MAX_ARGS:
+        raise ValueError(f"{name} with {len(args)} arguments: write it in chunks")
+    return ("EVAL", _WRITE, len(keys), *keys, *args, *tail), True
+
+
+class FencedPipeline(Pipeline):
+    """A pipeline whose queued writes go through the fence."""
+
+    fence: Fence
+
+    def pipeline_execute_command(self, *args: Any, **options: Any) -> Any:
+        sent, wrapped = _fenced_args(self.fence, args)
+        self._fenced_as().append(_name(args) if wrapped else None)
+        return super().pipeline_execute_command(*sent, **options)
+
+    def _fenced_as(self) -> list[str | None]:
+        """What each queued command stood for (None: sent as it was), by position."""
+        names: list[str | None] | None = getattr(self, "_names", None)
+        if names is None or len(names) > len(self.command_stack):
+            names = self._names = []  # the stack was reset since
+        return names
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        names = list(self._fenced_as())
+        stack = list(self.command_stack)
+        try:
+            results = await super().execute(raise_on_error=raise_on_error)
+        except ResponseError as exc:
+            if self.fence.refused(exc) or FENCED in str(exc):
+                self.fence.lose(str(exc))
+                raise LeaseLost(str(exc)) from None
+            raise
+        finally:
+            self._names = []
+        for result in results:
+            if isinstance(result, ResponseError) and FENCED in str(result):
+                self.fence.lose(str(result))
+                raise LeaseLost(str(result))
+        if len(names) != len(results):
+            return list(results)
+        return [
+            _parsed(self, name, result, options)
+            for name, result, (_, options) in zip(names, results, stack, strict=True)
+        ]
+
+
+def _parsed(client: Any, name: str | None, result: Any, options: dict[str, Any]) -> Any:
+    """Apply the response callback of the command a fenced EVAL stood for."""
+    if name is None or isinstance(result, Exception):
+        return result
+    callback = client.response_callbacks.get(name)
+    if callback is None:
+        return result
+    return callback(result, **{k: v for k, v in options.items() if k != "keys"})
+
+
+class FencedRedis(Redis):
+    """A client whose writes go through the fence (see the module's docstring)."""
+
+    fence: Fence
+
+    @classmethod
+    def over(cls, client: Redis, fence: Fence) -> "FencedRedis":
+        """A fenced client sharing `client`'s connection pool."""
+        fenced = cls(connection_pool=client.connection_pool)
+        fenced.fence = fence
+        return fenced
+
+    def register_script(self, script: Any) -> Any:
+        text = script.decode() if isinstance(script, bytes) else script
+        return super().register_script(PREAMBLE + text)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = FencedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.fence = self.fence
+        return pipe
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        sent, wrapped = _fenced_args(self.fence, args)
+        try:
+            result = await super().execute_command(*sent, **options)
+        except ResponseError as exc:
+            if self.fence.refused(exc):
+                raise LeaseLost(str(exc)) from None
+            raise
+        return _parsed(self, _name(args) if wrapped else None, result, options)
