@@ -128,7 +128,7 @@ class ScheduleWindow(BaseModel):
         description="Day names or ranges: [mon-fri], [sat, sun], [fri-mon]. Default: every day.",
     )
     start: time = Field(
-        alias="from", description="HH:MM or HH:MM:SS, local time; the window starts then."
+        alias="from", description="HH:MM or HH:MM:SS, local time, inclusive: the window's start."
     )
     end: time = Field(
         alias="to",

@@ -87,6 +87,26 @@ def test_the_python_names_the_docs_use_exist(doc):
     assert not missing, f"{doc.name} names what the package does not have: {missing}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", path.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_the_links_of_the_docs_resolve(doc):
+    broken = []
+    prose = SPAN.sub("", FENCE.sub("", doc.read_text()))
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if target.startswith(("http://", "https://")):
+            continue
+        name, _, anchor = target.partition("#")
+        linked = (doc.parent / name).resolve() if name else doc
+        if not linked.exists() or (anchor and anchor not in _anchors(linked)):
+            broken.append(target)
+    assert not broken, f"{doc.name} links to what is not there: {broken}"
+
+
 def test_every_test_the_security_docs_name_exists():
     sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     named = {s for s in _spans(ROOT / "docs" / "security.md") if re.fullmatch(r"test_\w+", s)}
