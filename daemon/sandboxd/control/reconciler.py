@@ -12,9 +12,9 @@ from redis.exceptions import RedisError
 from sandboxd.config import Config
 from sandboxd.control.creator import Creator
 from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan
-from sandboxd.control.replacements import Recoveries
 from sandboxd.control.recycler import Recycler
 from sandboxd.control.repair import Healer, Quarantine
+from sandboxd.control.replacements import Recoveries
 from sandboxd.control.restore import Restorer
 from sandboxd.control.schedule import Change, PoolSchedules
 from sandboxd.control.specsource import SpecSource

@@ -1,14 +1,13 @@
 """Fault injection: wrap any provider so creates fail, slow down or hang, and sandboxes die
 suddenly — for chaos tests and benchmarks. Configured per provider (`[faults.<name>]`).
 
-`inject(provider, faults)` returns a wrapper with exactly the optional capabilities
-(`providers/base.py`) of the provider it wraps: wrapping E2B keeps its concurrency cap and
+`inject(provider, faults)` returns a wrapper (`providers/wrapper.py`) with exactly the
+optional capabilities of the provider it wraps: wrapping E2B keeps its concurrency cap and
 its keepalive. `hang_once` is the reconcile loop's chaos hook (`watchdog_hang_file`), which
 only the composition root wires in when a test asks for it.
 """
 
 import asyncio
-import functools
 import logging
 import os
 import random
@@ -19,37 +18,26 @@ from typing import Any
 
 from sandboxd.config import Faults
 from sandboxd.providers.base import (
-    CAPABILITIES,
-    Capped,
     CreateError,
-    Described,
-    Extendable,
-    Metered,
     Probe,
     Provider,
-    ProviderSandbox,
 )
+from sandboxd.providers.wrapper import Wrapper, wrap
 from sandboxd.spec import HealthSpec, PoolSpec
 
 log = logging.getLogger(__name__)
 
 
-class FaultyProvider:
+class FaultyProvider(Wrapper):
     """Delegates to `inner`, injecting `faults`; `injected` counts what it did. Build it with
     `inject`, which adds the capabilities `inner` has."""
 
     def __init__(self, inner: Provider, faults: Faults):
-        self.inner = inner
+        super().__init__(inner)
         self.faults = faults
-        self.name = inner.name
-        self.gone_reason = inner.gone_reason
         self.injected: Counter[str] = Counter()
         self._random = random.Random(faults.seed)
         self._live: dict[str, dict[str, Any]] = {}  # created here and not terminated
-
-    @property
-    def isolation(self) -> str:
-        return self.inner.isolation
 
     async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
         if self.faults.create_latency_s:
@@ -63,7 +51,7 @@ class FaultyProvider:
             raise CreateError(
                 "injected create failure", retryable=self.faults.create_failure_retryable
             )
-        handle = await self.inner.create(sandbox_id, pool, revision=revision)
+        handle = await super().create(sandbox_id, pool, revision=revision)
         self._live[sandbox_id] = handle
         return handle
 
@@ -78,84 +66,21 @@ class FaultyProvider:
         self.injected["death"] += 1
         return victim
 
-    async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:
-        await self.inner.kill(sandbox_id, handle)
-
     async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
         self._live.pop(sandbox_id, None)
-        await self.inner.terminate(sandbox_id, handle)
-
-    async def reset(
-        self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec
-    ) -> dict[str, Any] | None:
-        return await self.inner.reset(sandbox_id, handle, pool)
+        await super().terminate(sandbox_id, handle)
 
     async def probe(
         self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
     ) -> Probe:
         if self.faults.probe_latency_s:
             await asyncio.sleep(self.faults.probe_latency_s)
-        return await self.inner.probe(sandbox_id, handle, health, since)
-
-    async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
-        return await self.inner.is_alive(sandbox_id, handle)
-
-    async def list_sandboxes(self) -> list[ProviderSandbox]:
-        return await self.inner.list_sandboxes()
-
-    async def cleanup_leftovers(self, keep: set[str]) -> list[str]:
-        return await self.inner.cleanup_leftovers(keep)
-
-
-class _ForwardCapped:
-    inner: Any
-
-    def headroom(self) -> int:
-        return int(self.inner.headroom())
-
-
-class _ForwardExtendable:
-    inner: Any
-
-    async def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> int:
-        return int(await self.inner.extend(sandbox_id, handle, seconds))
-
-
-class _ForwardMetered:
-    inner: Any
-
-    def usage(self, handle: dict[str, Any]) -> tuple[float, int] | None:
-        result: tuple[float, int] | None = self.inner.usage(handle)
-        return result
-
-
-class _ForwardDescribed:
-    inner: Any
-
-    def security_summary(self) -> dict[str, Any]:
-        summary: dict[str, Any] = self.inner.security_summary()
-        return summary
-
-
-_FORWARDERS: dict[type, type] = {
-    Capped: _ForwardCapped,
-    Extendable: _ForwardExtendable,
-    Metered: _ForwardMetered,
-    Described: _ForwardDescribed,
-}
-assert set(_FORWARDERS) == set(CAPABILITIES), "every optional capability is forwarded"
-
-
-@functools.cache
-def _wrapper_class(capabilities: tuple[type, ...]) -> type[FaultyProvider]:
-    mixins = tuple(_FORWARDERS[c] for c in capabilities)
-    return type("FaultyProvider", (FaultyProvider, *mixins), {})
+        return await super().probe(sandbox_id, handle, health, since)
 
 
 def inject(inner: Provider, faults: Faults) -> FaultyProvider:
     """`inner` with `faults` injected, keeping every optional capability it has."""
-    has = tuple(c for c in CAPABILITIES if isinstance(inner, c))
-    return _wrapper_class(has)(inner, faults)
+    return wrap(FaultyProvider, inner, faults)
 
 
 def hang_once(token: Path) -> Callable[[], Awaitable[None]]:

@@ -151,6 +151,7 @@ class FencedPipeline(Pipeline):
     """A pipeline whose queued writes go through the fence."""
 
     fence: Fence
+    _names: list[str | None]
 
     def pipeline_execute_command(self, *args: Any, **options: Any) -> Any:
         sent, wrapped = _fenced_args(self.fence, args)
@@ -161,7 +162,8 @@ class FencedPipeline(Pipeline):
         """What each queued command stood for (None: sent as it was), by position."""
         names: list[str | None] | None = getattr(self, "_names", None)
         if names is None or len(names) > len(self.command_stack):
-            names = self._names = []  # the stack was reset since
+            names = []  # the stack was reset since
+            self._names = names
         return names
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
