@@ -155,6 +155,8 @@ def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
     value = info.get_default(call_default_factory=True)
+    if info.default_factory is not None and not isinstance(value, list | dict | BaseModel):
+        return "derived"  # computed where the daemon runs (the host name...): see the meaning
     if value is None:
         return "unset"
     if isinstance(value, BaseModel):

@@ -133,6 +133,54 @@ def test_the_key_table_lists_every_record_field():
     assert fields == set(SandboxRecord.model_fields)
 
 
+def _modules() -> set[str]:
+    """The package's modules as paths below daemon/sandboxd/ without `.py`: those git tracks
+    (a module being written is not there yet), or every file outside a checkout."""
+    done = subprocess.run(
+        ["git", "ls-files", "daemon/sandboxd"], capture_output=True, text=True, cwd=ROOT
+    )
+    files = (
+        [ROOT / line for line in done.stdout.splitlines()]
+        if done.returncode == 0
+        else list(PACKAGE.rglob("*.py"))
+    )
+    return {
+        f.relative_to(PACKAGE).with_suffix("").as_posix()
+        for f in files
+        if f.suffix == ".py" and f.exists() and not f.name.startswith("__")
+    }
+
+
+def _layout() -> set[str]:
+    """The modules the README's Layout tree names, in the same form."""
+    section = _section((ROOT / "README.md").read_text(), "## Layout")
+    tree = re.search(r"```\n(.*?)```", section, re.DOTALL)
+    assert tree
+    named: set[str] = set()
+    top = wing = ""
+    for line in tree.group(1).splitlines()[1:]:
+        rest = line.lstrip("│├└─ ")
+        depth = len(line) - len(rest)
+        names, _, description = rest.partition("  ")
+        if not (names.endswith("/") or names.endswith(".py")):
+            names, description = "", rest  # a wing's list, continued
+        if names.endswith(".py"):
+            named |= {n.removesuffix(".py") for n in names.split()}
+            wing = ""
+            continue
+        if names:
+            top = names if depth <= 4 else top
+            wing = names if depth <= 4 else top + names
+        if wing:
+            listed = re.sub(r"\([^)]*\)", "", description).split(":")[-1]
+            named |= {wing + n.strip() for n in listed.split(",") if n.strip()}
+    return named
+
+
+def test_the_readme_layout_names_every_module():
+    assert _layout() == _modules()
+
+
 def test_the_readme_lists_every_cli_command():
     done = subprocess.run(
         [sys.executable, "-m", "sandboxd", "--help"],
