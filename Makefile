@@ -9,7 +9,7 @@ PREFIX_DIR ?= /opt/sandboxd
 
 .PHONY: run test lint format bench install-service clean host-packages
 
-# What the local sandboxes' protections need from the host (see README "Security"), and what
+# What the local sandboxes' protections need from the host (see docs/security.md), and what
 # the suite runs against. Installed with apt when missing and we are root on Debian.
 RUN_PACKAGES  := bubblewrap slirp4netns libseccomp2 util-linux
 TEST_PACKAGES := $(RUN_PACKAGES) redis-server redis-tools mosquitto mosquitto-clients bc \

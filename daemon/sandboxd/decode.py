@@ -6,7 +6,7 @@ deep, a number where a name was meant. Every value goes through here before pyda
 `json.loads` sees it, with limits on size, nesting and encoding, and a failure is a
 `BadValue` naming the reason — never a UnicodeDecodeError, RecursionError or a hang.
 
-The clients decode replies with `errors="surrogateescape"` (`redisconn.open_redis`), so
+The clients decode replies with `errors="surrogateescape"` (`store.connection.open_redis`), so
 invalid bytes reach Python as lone surrogates instead of failing inside the Redis client;
 `text()` turns them into a clear error, and `printable()` into U+FFFD for display.
 """

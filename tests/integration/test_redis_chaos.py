@@ -362,8 +362,9 @@ class RedisChaos(RuleBasedStateMachine):
 
     def _before_data_loss(self) -> None:
         """Wait until a reconcile pass has begun after the last claim or release, so the
-        daemon's journal knows them: README "When Redis loses its data" leaves a claim made
-        in the last moments before a loss (before the daemon read it) to its lease."""
+        daemon's journal knows them: "When Redis loses its data" (docs/redis.md) leaves a
+        claim made in the last moments before a loss (before the daemon read it) to its
+        lease."""
         if not self.unseen:
             return
 

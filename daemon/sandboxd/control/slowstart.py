@@ -1,6 +1,6 @@
-"""Gradual scaling: how many creates a pool may start per tick (slow start, TCP-style).
+"""Gradual scaling: how many creates a pool may have in flight (slow start, TCP-style).
 
-The batch starts at 1 and grows by one with every create that succeeds (so it doubles per
+The window starts at 1 and grows by one with every create that succeeds (so it doubles per
 round of creates), up to the pool's `max_surge`; a failure halves it. A large spec
 change or a flapping provider therefore never produces a burst of doomed creates.
 """

@@ -2,7 +2,7 @@
 schedule, why it is short), for `sandboxd status`: in `<prefix>:daemon:pools`, one hash field
 per pool, written only when that pool's facts changed since the last write. The heartbeat
 carries a summary of them, not every pool, so thousands of idle pools cost a beat almost
-nothing (see the README's "Many pools" benchmark)."""
+nothing (see "Many pools" in docs/benchmarks.md)."""
 
 import json
 import time
