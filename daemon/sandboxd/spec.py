@@ -17,7 +17,7 @@ from sandboxd.config import ENV_NAME, Config
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
 # $HOME and $TMPDIR, not /workspace and /tmp: without bubblewrap those are the host's own.
-DEFAULT_RESET = 'find "$HOME" "$TMPDIR" -mindepth 1 -delete'
+DEFAULT_RESET = 'find "$HOME" "${TMPDIR:-/tmp}" -mindepth 1 -delete'
 # The fields a sandbox is made from: changing one rolls the pool's ready sandboxes over.
 BUILD_FIELDS = (
     "provider",

@@ -10,6 +10,7 @@ that loop, for changes that must not race a request (a sandbox vanishing).
 
 import asyncio
 import contextlib
+import shutil
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -85,6 +86,7 @@ class FakeE2B:
             expiry.cancel()
             for sandbox_id in list(self.world.sandboxes):
                 self.world.remove(sandbox_id)
+            shutil.rmtree(self.world.root, ignore_errors=True)
 
     async def _expire_forever(self) -> None:
         while True:

@@ -1,13 +1,18 @@
 """envd, the agent inside every E2B sandbox, as the SDK reaches it through E2B's proxy (one
 URL for all sandboxes, routed by the `E2b-Sandbox-Id` header): GET /health, GET/POST
 /files, and the Connect-RPC `process.Process` service (the same generated service the SDK's
-client is built from, so its Connect-JSON framing is the real one). Commands run as real
-processes on this host, with the sandbox's directory as their home.
+client is built from, so its Connect-JSON framing is the real one).
+
+Commands run as real processes on this host, under bubblewrap, with E2B's view of a sandbox:
+the sandbox's own directories mounted at /home/user (HOME, the working directory) and /tmp,
+and E2B's environment (HOME, USER, E2B_SANDBOX, E2B_SANDBOX_ID, the sandbox's env; no
+TMPDIR). The files API maps those two paths the same way and serves nothing else.
 """
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,9 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from e2b_fake.state import FakeSandbox, World
+from e2b_fake.state import HOME, FakeSandbox, World
 
 PE = process_pb.ProcessEvent
+BWRAP = shutil.which("bwrap")
 
 
 def not_found(sandbox_id: str) -> JSONResponse:
@@ -48,8 +54,48 @@ def sandbox_for(world: World, headers) -> FakeSandbox | JSONResponse:
     return sandbox
 
 
+class OutsideSandbox(ValueError):
+    """A path the fake does not serve: only the sandbox's /home/user and /tmp are its own."""
+
+
 def resolve(sandbox: FakeSandbox, path: str) -> Path:
-    return Path(path) if path.startswith("/") else sandbox.workdir / path
+    """A path as the sandbox sees it (relative: to HOME) -> where it is on this host."""
+    inside = os.path.normpath(path if path.startswith("/") else f"{HOME}/{path}")
+    for mount, host in ((HOME, sandbox.home), ("/tmp", sandbox.tmp)):
+        if inside == mount or inside.startswith(mount + "/"):
+            return host / os.path.relpath(inside, mount)
+    raise OutsideSandbox(f"path '{path}' is outside the fake sandbox's {HOME} and /tmp")
+
+
+def command_env(sandbox: FakeSandbox, extra: dict[str, str]) -> dict[str, str]:
+    """E2B's environment of a command: no TMPDIR (unlike the local provider)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": HOME,
+        "USER": "user",
+        "E2B_SANDBOX": "true",
+        "E2B_SANDBOX_ID": sandbox.id,
+        **sandbox.envs,
+        **extra,
+    }
+    env.pop("TMPDIR", None)
+    return env
+
+
+def in_sandbox(sandbox: FakeSandbox, cwd: str, argv: list[str]) -> list[str]:
+    """argv under bubblewrap: the host's root, with the sandbox's /home/user and /tmp."""
+    if BWRAP is None:
+        raise RuntimeError("the fake E2B runs commands under bubblewrap: install bwrap")
+    return [
+        BWRAP,
+        "--dev-bind", "/", "/",
+        "--tmpfs", "/home",
+        "--bind", str(sandbox.home), HOME,
+        "--bind", str(sandbox.tmp), "/tmp",
+        "--die-with-parent",
+        "--chdir", cwd,
+        "--", *argv,
+    ]  # fmt: skip
 
 
 def routes(world: World) -> list[Route]:
@@ -61,7 +107,10 @@ def routes(world: World) -> list[Route]:
         found = sandbox_for(world, request.headers)
         if isinstance(found, Response):
             return found
-        path = resolve(found, request.query_params["path"])
+        try:
+            path = resolve(found, request.query_params["path"])
+        except OutsideSandbox as exc:
+            return JSONResponse({"code": 400, "message": str(exc)}, 400)
         if not path.is_file():
             return JSONResponse({"code": 404, "message": f"path '{path}' does not exist"}, 404)
         return Response(path.read_bytes(), media_type="application/octet-stream")
@@ -74,7 +123,10 @@ def routes(world: World) -> list[Route]:
         async with request.form() as form:
             for upload in form.getlist("file"):
                 target = request.query_params.get("path") or upload.filename
-                path = resolve(found, target)
+                try:
+                    path = resolve(found, target)
+                except OutsideSandbox as exc:
+                    return JSONResponse({"code": 400, "message": str(exc)}, 400)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(await upload.read())
                 written.append({"name": path.name, "type": "file", "path": str(path)})
@@ -102,13 +154,10 @@ class ProcessService:
     async def start(self, request, ctx) -> AsyncIterator[process_pb.StartResponse]:
         sandbox = self._sandbox(ctx)
         config = request.process
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **sandbox.envs, **config.envs}
-        env["HOME"] = str(sandbox.workdir)
         process = await asyncio.create_subprocess_exec(
-            config.cmd,
-            *config.args,
-            cwd=config.cwd or sandbox.workdir,
-            env=env,
+            *in_sandbox(sandbox, config.cwd or HOME, [config.cmd, *config.args]),
+            cwd=sandbox.home,
+            env=command_env(sandbox, dict(config.envs)),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

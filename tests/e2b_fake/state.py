@@ -2,8 +2,11 @@
 a ledger of every request for tests to check the daemon's manners against."""
 
 import asyncio
+import contextlib
+import os
 import secrets
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,8 +24,15 @@ class Faults:
     lose_create_responses: int = 0  # create, then answer 500 as if the response was lost
 
 
+HOME = "/home/user"  # E2B's default user and its home
+
+
 @dataclass
 class FakeSandbox:
+    """A sandbox's files are `workdir/home` (its /home/user) and `workdir/tmp` (its /tmp):
+    commands run under bubblewrap with those mounted there, so what they do to $HOME and
+    /tmp stays in the sandbox, as in E2B's VM."""
+
     id: str
     template: str
     metadata: dict[str, str]
@@ -36,10 +46,20 @@ class FakeSandbox:
     processes: dict[int, "asyncio.subprocess.Process"] = field(default_factory=dict)
     commands: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
 
+    @property
+    def home(self) -> Path:
+        return self.workdir / "home"
+
+    @property
+    def tmp(self) -> Path:
+        return self.workdir / "tmp"
+
     def signal_all(self, signum: int) -> None:
+        """To every process of every command (each command is its own process group)."""
         for process in self.processes.values():
             if process.returncode is None:
-                process.send_signal(signum)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signum)
 
     def listed(self) -> dict[str, Any]:
         return {
@@ -131,6 +151,8 @@ class World:
         sandbox_id = "i" + secrets.token_hex(9)
         workdir = self.root / sandbox_id
         workdir.mkdir()
+        (workdir / "home").mkdir()
+        (workdir / "tmp").mkdir()
         now = time.time()
         sandbox = FakeSandbox(
             id=sandbox_id,
@@ -152,9 +174,7 @@ class World:
     def remove(self, sandbox_id: str) -> FakeSandbox | None:
         sandbox = self.sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
-            for process in sandbox.processes.values():
-                if process.returncode is None:
-                    process.kill()
+            sandbox.signal_all(signal.SIGKILL)
             shutil.rmtree(sandbox.workdir, ignore_errors=True)
         return sandbox
 

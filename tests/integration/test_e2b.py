@@ -62,7 +62,7 @@ async def test_an_e2b_pool_fills_and_sandboxd_exec_runs_a_command_through_the_sd
         "--",
         "sh",
         "-c",
-        "echo hello from $(basename $HOME); exit 3",
+        "echo hello from $E2B_SANDBOX_ID; exit 3",
         env={"E2B_API_KEY": E2B_TEST_KEY, **cli_endpoints(fake_e2b)},
     )
     assert done.returncode == 3, done.stderr

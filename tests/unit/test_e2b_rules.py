@@ -19,7 +19,14 @@ from e2b.exceptions import TimeoutException as SdkTimeout
 
 from sandboxd.control.pacing import PoolPacing
 from sandboxd.control.plan import Observed, plan
-from sandboxd.providers.e2b.errors import describe, is_gone, is_retryable, is_throttle
+from sandboxd.providers.e2b.errors import (
+    COMMAND_OUTPUT_CHARS,
+    command_failure,
+    describe,
+    is_gone,
+    is_retryable,
+    is_throttle,
+)
 from sandboxd.providers.e2b.ratelimit import CreateLimiter
 from sandboxd.spec import PoolSpec, SpecError, validate_spec
 
@@ -71,6 +78,27 @@ def test_throttles_and_gone():
 def test_describe_cuts_out_the_key():
     text = describe(AuthenticationException("bad key e2b_secret given"), "e2b_secret")
     assert "e2b_secret" not in text and "AuthenticationException" in text
+
+
+def test_describe_keeps_every_line_on_one_bounded_line():
+    text = describe(
+        RuntimeError("first\nsecond secret-value\n\nthird" + "x" * 1000), "secret-value"
+    )
+    assert text.startswith("RuntimeError: first | second *** | third") and "\n" not in text
+    assert len(text) == 500
+
+
+def test_a_failed_command_says_its_exit_code_and_the_end_of_its_stderr_without_secrets():
+    from e2b import CommandExitException
+
+    stderr = "find: '': No such file or directory\n" + "y" * 5000 + "\nleaked tok3n-abcdef\nbye\n"
+    exc = CommandExitException(stderr=stderr, stdout="", exit_code=1, error="exit status 1")
+    text = command_failure("reset command", exc, "tok3n-abcdef", None, "1")
+    assert text.startswith("reset command exited 1: …") and text.endswith("leaked ***\nbye")
+    assert len(text) <= COMMAND_OUTPUT_CHARS + 30 and "tok3n" not in text
+    quiet = CommandExitException(stderr="", stdout="", exit_code=3, error=None)
+    assert command_failure("reset command", quiet) == "reset command exited 3"
+    assert command_failure("x", OSError("down")) == "OSError: down"
 
 
 def test_e2b_settings_are_only_for_e2b_pools_and_run_is_local_only():

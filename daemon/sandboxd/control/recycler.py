@@ -13,6 +13,7 @@ from sandboxd.store.events import EventPublisher
 from sandboxd.store.records import SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
+ERROR_CHARS = 2000  # of a failed reset's reason in its event (providers bound theirs too)
 
 
 class Recycler:
@@ -54,7 +55,7 @@ class Recycler:
             async with asyncio.timeout(self._reset_timeout_s):
                 fresh = await self._providers[record.provider].reset(record.id, record.handle, spec)
         except Exception as exc:  # any failure means the sandbox cannot be trusted again
-            error = str(exc) or type(exc).__name__
+            error = _bounded(str(exc) or type(exc).__name__)
             log.warning("reset failed", extra={"sandbox": record.id, "error": error})
             await self._terminator.terminate(record, "reset_failed", "resetting", error=error)
             return
@@ -72,3 +73,11 @@ class Recycler:
             from_state="resetting",
             maxlen=self._events.maxlen,
         )
+
+
+def _bounded(error: str) -> str:
+    """At most ERROR_CHARS: its start (what failed) and its end (the last words of stderr)."""
+    if len(error) <= ERROR_CHARS:
+        return error
+    head = ERROR_CHARS // 4
+    return error[:head] + " … " + error[-(ERROR_CHARS - head - 3) :]

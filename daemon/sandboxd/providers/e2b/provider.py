@@ -17,7 +17,13 @@ from e2b.exceptions import SandboxNotFoundException
 from sandboxd.config import E2BProviderConfig
 from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.e2b.connection import ENDPOINTS
-from sandboxd.providers.e2b.errors import describe, is_gone, is_retryable, is_throttle
+from sandboxd.providers.e2b.errors import (
+    command_failure,
+    describe,
+    is_gone,
+    is_retryable,
+    is_throttle,
+)
 from sandboxd.providers.e2b.ratelimit import CreateLimiter
 from sandboxd.spec import HealthSpec, PoolSpec
 
@@ -184,6 +190,10 @@ class E2BProvider:
         self._open.pop(sandbox_id, None)  # asleep: only its state is asked about from now
 
     async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
+        """Kill what the last holder left running, run the pool's reset command (as E2B's
+        default user: the sandbox has no TMPDIR), pause it again for `idle: pause`. A failure
+        says why, with the command's stderr (bounded, secrets cut out)."""
+        sandbox: AsyncSandbox | None = None
         try:
             self._open.pop(sandbox_id, None)  # a paused one must be resumed: connect anew
             sandbox = await self._connected(sandbox_id, handle)
@@ -193,7 +203,9 @@ class E2BProvider:
             if pool.e2b_settings.idle == "pause":
                 await self._pause(sandbox_id, sandbox)
         except Exception as exc:
-            raise ResetError(self._describe(exc)) from None
+            token = sandbox._envd_access_token if sandbox is not None else None
+            secrets = [self._key, token, *pool.env.values()]
+            raise ResetError(command_failure("reset command", exc, *secrets)) from None
 
     # -- health ---------------------------------------------------------------------------
 
