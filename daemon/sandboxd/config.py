@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -347,6 +348,12 @@ def unit_credential(name: str) -> str | None:
         return None
 
 
+def _default_node() -> str:
+    """The host name, cut to what a node name may be."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0])[:63]
+    return name if name[:1].isalnum() else f"n{name}"[:63]
+
+
 class Config(BaseSettings):
     """The daemon's configuration (`--config`, SANDBOXD_CONFIG or /etc/sandboxd/sandboxd.toml),
     overridden by SANDBOXD_<KEY> variables (nested: SANDBOXD_LOCAL__WORKSPACE_ROOT)."""
@@ -372,6 +379,19 @@ class Config(BaseSettings):
         default="sandboxd",
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Prefix of every Redis key and channel (docs/redis.md).",
+    )
+    node: str = Field(
+        default_factory=_default_node,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$",
+        description="This host's name among daemons sharing a Redis (default: the host name). "
+        "One daemon acts for a node at a time; another for the same node is its hot standby.",
+    )
+    lease_ttl_s: float = Field(
+        default=5.0,
+        ge=1,
+        le=300,
+        description="The node lease's time to live: a standby takes over this long after the "
+        "active daemon stops renewing it (it renews every third of it).",
     )
     reconcile_interval_s: float = Field(
         default=5.0, gt=0, description="Periodic reconcile; spec changes act at once."

@@ -1,8 +1,10 @@
 """The daemon's lifecycle: connect, adopt, reconcile, serve until told to stop, shut down."""
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from sandboxd.health.monitor import HealthMonitor
 from sandboxd.logs import redact_url
 from sandboxd.outputs import sdnotify
 from sandboxd.outputs.cost import CostMeter
-from sandboxd.outputs.heartbeat import Heartbeat
+from sandboxd.outputs.heartbeat import Heartbeat, beat_standby, identity
 from sandboxd.outputs.metrics import Metrics, MetricsServer, pool_gauges
 from sandboxd.outputs.mqtt import MqttBridge
 from sandboxd.outputs.poolfacts import PoolFacts
@@ -37,14 +39,17 @@ from sandboxd.outputs.resources import ResourceSampler
 from sandboxd.outputs.watchdog import Watchdog
 from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
 from sandboxd.providers.faults import hang_once
+from sandboxd.providers.wrapper import Guarded, wrap
 from sandboxd.reload import reload
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.connection import make_client, wait_for_redis
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.eventtail import EventTail
+from sandboxd.store.fence import Fence, FencedRedis, LeaseLost
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every, survive, why
+from sandboxd.store.ownership import Holder, Lease
 from sandboxd.store.records import STATES, PassSnapshot, SandboxRecord, SandboxStore
 from sandboxd.store.specs import SpecStore
 from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
@@ -56,6 +61,9 @@ SHUTDOWN_TERMINATE_S = 3.0
 
 # The unit's RestartPreventExitStatus: restarting cannot fix a host that lacks protections.
 EXIT_WEAK_ISOLATION = 78
+# Lost the node's lease (another daemon took over, or this one was cut off past the TTL):
+# systemd restarts it (Restart=on-failure) and it comes back as the standby.
+EXIT_LEASE_LOST = 75
 
 
 # Root tasks the daemon cannot work without: one that keeps failing ends the process (exit
@@ -118,6 +126,12 @@ class Daemon:
         self.fatal: str | None = None  # why the daemon gave up, if it did
         self.hard_stop = HardStop()
         self._owns_process = False
+        # Active or standby: the node's lease, and the fence every write goes through.
+        self.role = "starting"
+        self.lease: Lease | None = None
+        self.fence = Fence(on_lost=self._lease_lost, on_vacant=self._lease_vacant)
+        self._retake = asyncio.Event()  # a write found the lease held by nobody
+        self._identity = identity(self.instance)
 
     async def run(self, *, handle_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test);
@@ -136,6 +150,8 @@ class Daemon:
         finally:
             if handle_signals:  # whatever asyncio or the interpreter still waits for
                 self.hard_stop.arm("the daemon's end")
+        if self.fence.lost is not None:
+            return EXIT_LEASE_LOST
         return 1 if self.fatal else code
 
     def _stop_requested(self, loop: asyncio.AbstractEventLoop, signum: int) -> None:
@@ -157,6 +173,17 @@ class Daemon:
             self.hard_stop.arm(f"giving up on task {task}")
         self.stop.set()
 
+    def _lease_lost(self, reason: str) -> None:
+        """Another daemon acts for this node now: stop at once, touching nothing."""
+        self.role = "lost"
+        sdnotify.status(f"stopping: lost the lease of node {self.config.node} ({reason})")
+        if self._owns_process:
+            self.hard_stop.arm("lease lost")
+        self.stop.set()
+
+    def _lease_vacant(self, reason: str) -> None:
+        self._retake.set()
+
     async def _run(self) -> int:
         log.info(
             "sandboxd starting",
@@ -167,7 +194,7 @@ class Daemon:
             },
         )
         sdnotify.status("connecting to Redis")
-        redis = make_client(self.config)
+        redis = make_client(self.config, f"sandboxd:{self.config.node}:{self.instance}")
         try:
             if not await wait_for_redis(redis, self.config, self.stop):
                 return 0
@@ -177,10 +204,128 @@ class Daemon:
                 log.critical("refusing to start: %s", exc)
                 sdnotify.status(f"refused to start: {exc}")
                 return EXIT_WEAK_ISOLATION
-            await self._serve(redis, self.providers)
+            self.lease = Lease(
+                redis,
+                self.keys.node_lease(self.config.node),
+                self.keys.node_epoch(self.config.node),
+                self.instance,
+                self.config.lease_ttl_s,
+            )
+            if not await self._until_active(redis, self.lease):
+                return 0
+            await self._act(redis, self.lease, self.providers)
         finally:
             await redis.aclose()
         return 0
+
+    async def _until_active(self, redis: Redis, lease: Lease) -> bool:
+        """The hot standby: wait, touching nothing, until the node's lease is free, then take
+        it (a new epoch). False if told to stop first."""
+        announced = False
+        poll_s = min(1.0, lease.ttl_s / 5)
+        while not self.stop.is_set():
+            try:
+                if await lease.try_acquire():
+                    return True
+                holder = await lease.holder()
+                self.role = "standby"
+                await beat_standby(redis, self.keys, self._standby_entry(holder))
+            except RedisError as exc:
+                if not survive(exc):
+                    raise
+                log.warning("standby: Redis unavailable: %s", exc)
+                holder = None
+            if not announced:
+                held_by = f"{holder.instance} (epoch {holder.epoch})" if holder else "another"
+                log.warning(
+                    "standby: node %s is held by daemon %s; taking over when its lease ends",
+                    self.config.node,
+                    held_by,
+                    extra={"node": self.config.node, "role": "standby"},
+                )
+                sdnotify.ready(f"standby for node {self.config.node} (active: {held_by})")
+                announced = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), poll_s)
+        return False
+
+    def _standby_entry(self, holder: Holder | None) -> dict[str, Any]:
+        return {
+            **self._identity,
+            "node": self.config.node,
+            "role": "standby",
+            "epoch": 0,
+            "active_instance": holder.instance if holder else None,
+            "active_epoch": holder.epoch if holder else None,
+            "heartbeat_at": time.time(),
+        }
+
+    async def _act(self, redis: Redis, lease: Lease, providers: dict[str, Provider]) -> None:
+        """Active for the node: every write through the fence, every sandbox action behind
+        the lease's guard; the lease renewed for as long as this runs."""
+        assert lease.token is not None
+        self.fence.hold(lease.key, lease.token, lease.ttl_s, lease.since)
+        self.role = "active"
+        log.info(
+            "active for node %s at epoch %d",
+            self.config.node,
+            lease.epoch,
+            extra={"node": self.config.node, "role": "active", "epoch": lease.epoch},
+        )
+        fenced = FencedRedis.over(redis, self.fence)
+        guarded: dict[str, Provider] = {
+            n: wrap(Guarded, p, self.fence.check) for n, p in providers.items()
+        }
+        try:
+            async with asyncio.TaskGroup() as group:
+                keeper = group.create_task(self._keep_lease(lease), name="lease")
+                try:
+                    await self._serve(fenced, guarded)
+                finally:
+                    keeper.cancel()
+        except* LeaseLost:
+            pass  # the fence already stopped everything; nothing more is written
+        finally:
+            if self.fence.lost is None:
+                with contextlib.suppress(RedisError, OSError):
+                    await lease.release()  # a clean stop: the standby need not wait the TTL
+
+    async def _retake_lease(self, lease: Lease) -> str:
+        """The lease vanished while held in time: Redis lost its data. Take it again."""
+        if not await lease.try_acquire():
+            return "taken"
+        log.warning(
+            "the node's lease was gone from Redis (data lost?): taken again at epoch %d",
+            lease.epoch,
+            extra={"node": self.config.node, "epoch": lease.epoch},
+        )
+        return "renewed"
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        """Renew every third of the TTL; a refused renewal, or none for a whole TTL on this
+        host's clock, loses the lease (the fence stops the daemon)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retake.wait(), lease.ttl_s / 3)
+            self._retake.clear()
+            try:
+                async with asyncio.timeout(lease.ttl_s / 3):  # a hung connection is no excuse
+                    result = await lease.renew()
+                    if result == "vacant" and time.monotonic() < lease.since + lease.ttl_s:
+                        result = await self._retake_lease(lease)
+                if result != "renewed":
+                    why_lost = {"taken": "taken over by another daemon", "vacant": "expired"}
+                    self.fence.lose(f"{lease.key} {why_lost[result]}")
+                    return
+                self.fence.hold(lease.key, lease.token or "", lease.ttl_s, lease.since)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not isinstance(exc, TimeoutError) and not survive(exc):
+                    raise
+                log.warning("lease not renewed, %s: %s", why(exc), exc)
+            try:
+                self.fence.check()
+            except LeaseLost:
+                return
 
     async def _serve(self, redis: Redis, providers: dict[str, Provider]) -> None:
         self.isolation = {name: p.isolation for name, p in providers.items()}
@@ -281,7 +426,7 @@ class Daemon:
                 redis,
                 keys,
                 interval_s=lambda: config.heartbeat_interval_s,
-                instance=self.instance,
+                identity=self._identity,
                 facts=self._facts,
                 pools=PoolFacts(
                     keys,
@@ -338,6 +483,10 @@ class Daemon:
             "mqtt": w.bridge.stats(),
             "log_level": self.config.log_level,
             "reconcile_interval_s": self.config.reconcile_interval_s,
+            "node": self.config.node,
+            "role": self.role,
+            "epoch": self.lease.epoch if self.lease else 0,
+            "lease_ttl_s": self.config.lease_ttl_s,
         }
 
     async def _reloads(self, w: Wings) -> None:
@@ -427,6 +576,12 @@ class Daemon:
         )
 
     async def _shut_down(self, w: Wings) -> None:
+        if self.fence.lost is not None:
+            log.critical(
+                "stopped: the node's lease is lost (%s); its sandboxes are the new holder's",
+                self.fence.lost,
+            )
+            return
         sdnotify.stopping(f"stopping ({self.config.on_shutdown} sandboxes)")
         terminated = kept = 0
         try:

@@ -23,6 +23,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from sandboxd.store.events import EventPublisher
+from sandboxd.store.fence import LeaseLost
 from sandboxd.store.loops import cancelling
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ async def supervise(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if _lease_lost(exc):
+                return  # the daemon is stopping: it acts for the node no more
             error = describe(exc)
             log.error("task %s failed: %s", name, error, exc_info=exc)
         if cancelling():
@@ -86,6 +89,12 @@ async def supervise(
         except RedisError as exc:
             log.warning("task restart not published: %s", exc)
         await asyncio.sleep(delay)
+
+
+def _lease_lost(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_lease_lost(e) for e in exc.exceptions)
+    return isinstance(exc, LeaseLost)
 
 
 class HardStop:

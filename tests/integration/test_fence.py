@@ -4,8 +4,9 @@ import time
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from sandboxd.store.fence import Fence, FencedRedis, LeaseLost
+from sandboxd.store.fence import Fence, FencedRedis, LeaseLost, LeaseVacant
 
 LEASE = "fence-test:node:a:lease"
 
@@ -56,12 +57,22 @@ async def test_a_taken_over_lease_refuses_every_write_and_says_so_once(fenced, r
     assert await fenced.get(LEASE) == "8:standby"  # reads still work
 
 
-async def test_a_fenced_write_is_refused_by_redis_even_if_this_host_thinks_it_holds(fenced, redis):
-    """A write that was on its way when the lease expired is refused in Redis itself."""
-    await redis.delete(LEASE)  # expired, nobody took it yet
-    with pytest.raises(LeaseLost):
+async def test_a_write_finding_the_lease_held_by_nobody_is_refused_and_retried_later(fenced, redis):
+    """Redis lost the lease (FLUSHDB, a restart without persistence) while this host renews
+    in time: the write is refused in Redis itself, as an outage the loops retry (not a lost
+    lease), and the lease keeper is told to take the lease again."""
+    vacant: list[str] = []
+    fenced.fence._on_vacant = vacant.append
+    await redis.delete(LEASE)
+    with pytest.raises(LeaseVacant) as refused:
         await fenced.hset("fence-test:h", "a", "1")
-    assert not await redis.exists("fence-test:h")
+    assert isinstance(refused.value, RedisError)  # loops survive it
+    async with fenced.pipeline(transaction=True) as pipe:
+        pipe.set("fence-test:x", "v")
+        with pytest.raises(LeaseVacant):
+            await pipe.execute()
+    assert not await redis.exists("fence-test:h", "fence-test:x")
+    assert len(vacant) == 2 and fenced.lost == []
 
 
 async def test_past_its_local_deadline_a_daemon_stops_without_asking(fenced, redis):

@@ -1,5 +1,6 @@
 """The daemon's heartbeat key: proof of life for `status` and monitoring, with a TTL; with
-it, the per-pool facts that changed since the last beat (`<prefix>:daemon:pools`)."""
+it, the per-pool facts that changed since the last beat (`<prefix>:daemon:pools`), and this
+daemon's line in `<prefix>:daemons`, where the active daemon and its standbys are listed."""
 
 import json
 import os
@@ -15,6 +16,41 @@ from sandboxd.outputs.poolfacts import PoolFacts
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every
 
+STALE_S = 60.0  # a `<prefix>:daemons` entry not refreshed this long is removed
+ENTRY_FIELDS = ("instance", "pid", "host", "version", "started_at", "node", "role", "epoch")
+
+
+def identity(instance: str) -> dict[str, Any]:
+    """Who this daemon process is, in every heartbeat and in `daemon.started`."""
+    return {
+        "instance": instance,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "version": __version__,
+        "started_at": time.time(),
+    }
+
+
+async def beat_standby(redis: Redis, keys: Keys, entry: dict[str, Any]) -> None:
+    """A standby's line in `<prefix>:daemons` (it writes nothing else)."""
+    await redis.hset(keys.daemons, entry["instance"], json.dumps(entry))
+    await prune(redis, keys)
+
+
+async def prune(redis: Redis, keys: Keys) -> None:
+    """Remove the lines of daemons that stopped beating (killed, or their host gone)."""
+    now = time.time()
+    stale = []
+    for instance, raw in (await redis.hgetall(keys.daemons)).items():
+        try:
+            beat = float(json.loads(raw).get("heartbeat_at", 0))
+        except (ValueError, TypeError, AttributeError):
+            beat = 0.0
+        if now - beat > STALE_S:
+            stale.append(instance)
+    if stale:
+        await redis.hdel(keys.daemons, *stale)
+
 
 class Heartbeat:
     """Refreshes `<prefix>:daemon` (JSON) every interval; it expires after 3 missed beats."""
@@ -25,7 +61,7 @@ class Heartbeat:
         keys: Keys,
         *,
         interval_s: Callable[[], float],
-        instance: str,
+        identity: dict[str, Any],
         facts: Callable[[], dict[str, Any]],
         pools: PoolFacts | None = None,
     ):
@@ -34,13 +70,8 @@ class Heartbeat:
         self._interval = interval_s
         self._facts = facts
         self.pools = pools
-        self.identity: dict[str, Any] = {
-            "instance": instance,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "version": __version__,
-            "started_at": time.time(),
-        }
+        self.identity = identity
+        self._beats = 0
 
     async def beat(self) -> None:
         """One transaction: the heartbeat (a summary of the pools, not each pool) and the
@@ -48,8 +79,10 @@ class Heartbeat:
         changed, gone = self.pools.refresh() if self.pools is not None else ({}, [])
         body = {**self.identity, **self._facts(), "heartbeat_at": time.time()}
         ttl_ms = int(self._interval() * 3 * 1000)
+        entry = {k: body.get(k) for k in ENTRY_FIELDS} | {"heartbeat_at": body["heartbeat_at"]}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.daemon, json.dumps(body), px=ttl_ms)
+            pipe.hset(self._keys.daemons, self.identity["instance"], json.dumps(entry))
             if self.pools is not None:
                 self.pools.write(pipe, changed, gone)
             try:
@@ -60,9 +93,13 @@ class Heartbeat:
                 raise
         if self.pools is not None:
             self.pools.written(replies[-1])
+        self._beats += 1
+        if self._beats % 10 == 1:
+            await prune(self._redis, self._keys)
 
     async def run(self) -> None:
         await every(self._interval, self.beat, "heartbeat not written")
 
     async def clear(self) -> None:
         await self._redis.delete(self._keys.daemon, self._keys.daemon_pools)
+        await self._redis.hdel(self._keys.daemons, self.identity["instance"])

@@ -37,9 +37,12 @@ def open_redis(url: str, **kwargs: Any) -> Redis:
     return Redis.from_pool(pool)
 
 
-def make_client(config: Config) -> Redis:
-    """A client for `redis_url` (redis://, rediss://, unix://); strings decoded as UTF-8."""
+def make_client(config: Config, name: str | None = None) -> Redis:
+    """A client for `redis_url` (redis://, rediss://, unix://); strings decoded as UTF-8.
+    `name`: what `CLIENT LIST` shows for its connections."""
     kwargs: dict[str, Any] = {"health_check_interval": 10, "socket_timeout": 10}
+    if name:
+        kwargs["client_name"] = name
     password = config.resolve_redis_password()
     if password is not None:
         register_secret(password)

@@ -27,11 +27,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
-FENCED = "FENCED"
+FENCED = "FENCED"  # another daemon holds the lease now: this one lost it
+VACANT = "FENCEFREE"  # nobody holds it (Redis lost its data): retried after re-taking it
 
 # Removes the fence's keys and tokens from KEYS and ARGV (the caller appended them: keys
 # k1..kn at the end of KEYS, tokens t1..tn and then n at the end of ARGV) and refuses to go
@@ -41,8 +43,12 @@ local __n = tonumber(table.remove(ARGV))
 for __i = 1, __n do
   local __key = table.remove(KEYS)
   local __token = table.remove(ARGV)
-  if redis.call('GET', __key) ~= __token then
-    return redis.error_reply('FENCED ' .. __key .. ' is no longer held by ' .. __token)
+  local __held = redis.call('GET', __key)
+  if __held ~= __token then
+    if __held then
+      return redis.error_reply('FENCED ' .. __key .. ' is no longer held by ' .. __token)
+    end
+    return redis.error_reply('FENCEFREE ' .. __key .. ' is held by nobody')
   end
 end
 """
@@ -67,6 +73,12 @@ PASS_THROUGH = frozenset(
 MAX_ARGS = 7000  # Lua's unpack() fails past ~8000 values: bigger writes are chunked by callers
 
 
+class LeaseVacant(RedisConnectionError):
+    """A write found the lease held by nobody: Redis lost its data (FLUSHDB, a restart
+    without persistence) while this daemon was renewing in time. An outage as far as the
+    loops are concerned (they retry); the lease keeper takes the lease again at once."""
+
+
 class LeaseLost(Exception):
     """This daemon no longer holds a lease it acts under: it must stop acting at once.
     Not a RedisError on purpose (loops that outlive Redis errors must not retry it)."""
@@ -83,10 +95,15 @@ class Held:
 class Fence:
     """The leases a daemon acts under, and what happens when one is lost."""
 
-    def __init__(self, on_lost: Callable[[str], None] = lambda reason: None):
+    def __init__(
+        self,
+        on_lost: Callable[[str], None] = lambda reason: None,
+        on_vacant: Callable[[str], None] = lambda key: None,
+    ):
         self.held: dict[str, Held] = {}
         self.lost: str | None = None
         self._on_lost = on_lost
+        self._on_vacant = on_vacant
 
     def hold(self, key: str, token: str, ttl_s: float, since: float) -> None:
         self.held[key] = Held(key, token, ttl_s, since + ttl_s)
@@ -118,11 +135,16 @@ class Fence:
         held = list(self.held.values())
         return [h.key for h in held], [*(h.token for h in held), str(len(held))]
 
-    def refused(self, exc: BaseException) -> bool:
-        if isinstance(exc, ResponseError) and str(exc).startswith(FENCED):
-            self.lose(str(exc))
-            return True
-        return False
+    def refused(self, exc: BaseException) -> BaseException | None:
+        """What a refused write raises (None: `exc` is no refusal)."""
+        text = str(exc)
+        if isinstance(exc, ResponseError) and text.startswith(VACANT):
+            self._on_vacant(text)
+            return LeaseVacant(text)
+        if isinstance(exc, ResponseError) and text.startswith(FENCED):
+            self.lose(text)
+            return LeaseLost(text)
+        return None
 
 
 def _name(args: tuple[Any, ...]) -> str:
@@ -172,22 +194,29 @@ class FencedPipeline(Pipeline):
         try:
             results = await super().execute(raise_on_error=raise_on_error)
         except ResponseError as exc:
-            if self.fence.refused(exc) or FENCED in str(exc):
-                self.fence.lose(str(exc))
-                raise LeaseLost(str(exc)) from None
-            raise
+            raise _refusal(self.fence, exc) or exc from None
         finally:
             self._names = []
         for result in results:
-            if isinstance(result, ResponseError) and FENCED in str(result):
-                self.fence.lose(str(result))
-                raise LeaseLost(str(result))
+            if isinstance(result, ResponseError) and (refusal := _refusal(self.fence, result)):
+                raise refusal
         if len(names) != len(results):
             return list(results)
         return [
             _parsed(self, name, result, options)
             for name, result, (_, options) in zip(names, results, stack, strict=True)
         ]
+
+
+def _refusal(fence: Fence, exc: ResponseError) -> BaseException | None:
+    """A pipeline annotates its errors ("Command # 2 (...) of pipeline caused error: ..."):
+    find the refusal in the message."""
+    text = str(exc)
+    for marker in (VACANT, FENCED):
+        at = text.find(marker)
+        if at >= 0:
+            return fence.refused(ResponseError(text[at:].rstrip("',)")))
+    return None
 
 
 def _parsed(client: Any, name: str | None, result: Any, options: dict[str, Any]) -> Any:
@@ -228,7 +257,5 @@ class FencedRedis(Redis):
         try:
             result = await super().execute_command(*sent, **options)
         except ResponseError as exc:
-            if self.fence.refused(exc):
-                raise LeaseLost(str(exc)) from None
-            raise
+            raise _refusal(self.fence, exc) or exc from None
         return _parsed(self, _name(args) if wrapped else None, result, options)

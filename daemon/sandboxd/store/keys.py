@@ -47,6 +47,31 @@ class Keys:
         return f"{self.prefix}:daemon:pools"
 
     @property
+    def daemons(self) -> str:
+        """Hash: daemon instance -> JSON (node, role active/standby, epoch, pid, host,
+        heartbeat_at) of every daemon that has beaten lately, active or standby."""
+        return f"{self.prefix}:daemons"
+
+    def node_lease(self, node: str) -> str:
+        """`<epoch>:<instance>` of the daemon acting for `node`; expires unless renewed."""
+        return f"{self.prefix}:node:{node}:lease"
+
+    def node_epoch(self, node: str) -> str:
+        """Counter: the node's fencing epoch, incremented at every acquisition of its lease."""
+        return f"{self.prefix}:node:{node}:epoch"
+
+    @property
+    def leader(self) -> str:
+        """`<epoch>:<instance>` of the daemon managing the cloud (e2b) pools; expires unless
+        renewed."""
+        return f"{self.prefix}:leader"
+
+    @property
+    def leader_epoch(self) -> str:
+        """Counter: the cloud leader's fencing epoch."""
+        return f"{self.prefix}:leader:epoch"
+
+    @property
     def sandboxes(self) -> str:
         """Set of every sandbox id that has a record."""
         return f"{self.prefix}:sandboxes"

@@ -1,0 +1,108 @@
+"""Leases with fencing epochs: which daemon acts for a node, and which leads the cloud pools.
+
+A lease is a key holding `<epoch>:<instance>` with a TTL. It is taken only when free (the
+epoch a fresh INCR of its counter, in the same script), renewed only by its holder (compare
+and set), and given back only by its holder. The token is what `store.fence` checks on every
+write of the holder, so a daemon that lost its lease cannot write even a single key late.
+
+    standby ──(key free: take it, epoch = INCR)──▶ active ──(renewed every ttl/3)──┐
+       ▲                                               │ ◀────────────────────────────┘
+       └──── exits non-zero, systemd restarts it ◀─────┴── renewal refused, or not renewed
+                                                          within ttl on this host's clock
+
+A lease found held by nobody while its holder renews in time means Redis lost its data
+(FLUSHDB, a restart without persistence): the holder takes it again at once, with a new
+epoch and token, unless a standby was quicker (then the holder has lost it).
+"""
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local epoch = redis.call('INCR', KEYS[2])
+local token = epoch .. ':' .. ARGV[1]
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return token
+"""
+_RENEW = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if held then return 0 end
+return -1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease now (from its token)."""
+
+    epoch: int
+    instance: str
+
+    @classmethod
+    def parse(cls, token: str | None) -> "Holder | None":
+        epoch, _, instance = (token or "").partition(":")
+        return cls(int(epoch), instance) if epoch.isdigit() and instance else None
+
+
+class Lease:
+    """One lease (`key`, its epoch counter `epoch_key`) as seen by one daemon instance."""
+
+    def __init__(self, redis: Redis, key: str, epoch_key: str, instance: str, ttl_s: float):
+        self.key = key
+        self.epoch_key = epoch_key
+        self.instance = instance
+        self.ttl_s = ttl_s
+        self.token: str | None = None
+        self.since = 0.0  # time.monotonic() of the acquisition or last renewal's start
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._redis = redis
+
+    @property
+    def epoch(self) -> int:
+        holder = Holder.parse(self.token)
+        return holder.epoch if holder else 0
+
+    async def try_acquire(self) -> bool:
+        """Take the lease if it is free: a new epoch. False if someone holds it."""
+        started = time.monotonic()
+        token = await self._acquire(
+            keys=[self.key, self.epoch_key], args=[self.instance, self._ttl_ms()]
+        )
+        if not token:
+            return False
+        self.token, self.since = token, started
+        return True
+
+    async def renew(self) -> str:
+        """Extend the lease if this instance still holds it: `renewed`; `taken` (another
+        holds it) or `vacant` (nobody does: Redis lost its data, or it expired)."""
+        started = time.monotonic()
+        result = await self._renew(keys=[self.key], args=[self.token or "", self._ttl_ms()])
+        if result == 1:
+            self.since = started
+            return "renewed"
+        return "taken" if result == 0 else "vacant"
+
+    async def release(self) -> None:
+        """Give the lease back at a clean stop, so a standby need not wait out the TTL."""
+        if self.token:
+            await self._release(keys=[self.key], args=[self.token])
+
+    async def holder(self) -> Holder | None:
+        return Holder.parse(await self._redis.get(self.key))
+
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.ttl_s * 1000))
