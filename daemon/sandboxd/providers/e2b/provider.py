@@ -8,6 +8,7 @@ adoption, leak checks and liveness. The API key is read once and never logged.
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -88,7 +89,8 @@ class E2BProvider:
         return describe(exc, self._key)
 
     def _timeout(self, seconds: float) -> int:
-        return max(1, min(int(seconds), self._config.max_timeout_s))
+        """Whole seconds, rounded up (a lease's end is never cut short), capped by the plan."""
+        return max(1, min(math.ceil(seconds), self._config.max_timeout_s))
 
     # -- lifecycle ------------------------------------------------------------------------
 
