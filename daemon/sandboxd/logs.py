@@ -17,16 +17,19 @@ def register_secret(value: str | None) -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced, safe to log or show."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:{REDACTED}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with its passwords (userinfo, `sentinel_password=`) replaced, safe to log or
+    show. Works on URLs naming several hosts (redis+sentinel://h1:p1,h2:p2/...)."""
+    parts = original = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:{REDACTED}@{hosts}")
+    if "password=" in parts.query:
+        query = "&".join(
+            f"{k}={REDACTED}" if k.endswith("password") else f"{k}={v}"
+            for k, _, v in (item.partition("=") for item in parts.query.split("&"))
+        )
+        parts = parts._replace(query=query)
+    return url if parts == original else urlunsplit(parts)
 
 
 def scrub(text: str) -> str:

@@ -1,10 +1,23 @@
-"""Connecting to Redis: URL forms, password handling, waiting for it to come up."""
+"""Connecting to Redis: URL forms, password handling, waiting for it to come up.
+
+Besides redis://, rediss:// and unix://, a URL may name Redis Sentinels:
+
+    redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]
+
+The client then asks the Sentinels where the primary of `service_name` is, and again after
+a failover (a connection to a primary that became a replica is dropped and reopened), so
+the daemon, the CLI and the client library all follow a failover without a restart. The
+password is the primary's; Sentinels without a password are assumed (`sentinel_password=`
+as a query parameter if they have one).
+"""
 
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -20,21 +33,91 @@ MAX_CONNECTIONS = 64
 CONNECTION_WAIT_S = 60.0
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Connections to whatever the Sentinels name as primary, queueing like the others."""
+
+
 def open_redis(url: str, **kwargs: Any) -> Redis:
     """A client owning a bounded, queueing connection pool; strings decoded as UTF-8.
 
     Invalid bytes in a reply become lone surrogates instead of a UnicodeDecodeError inside
     the client (anyone can write anything into Redis): `decode.text` reports them, and
     writing such a string back sends the same bytes."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=CONNECTION_WAIT_S,
-        decode_responses=True,
-        encoding_errors="surrogateescape",
+    options = {
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": CONNECTION_WAIT_S,
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
         **kwargs,
+    }
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        return _via_sentinels(url, options)
+    return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
+
+
+class SentinelURL:
+    """The parts of a redis+sentinel:// URL."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("a redis+sentinel:// URL names the service: .../service_name[/db]")
+        self.service = unquote(path[0])
+        self.db = int(path[1]) if len(path) > 1 else 0
+        self.tls = parts.scheme.startswith("rediss")
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        hosts = parts.netloc.rpartition("@")[2]
+        self.sentinels = [_host_port(h) for h in hosts.split(",") if h]
+        if not self.sentinels:
+            raise ValueError("a redis+sentinel:// URL names at least one Sentinel host:port")
+        query = parse_qs(parts.query)
+        self.sentinel_password = query.get("sentinel_password", [None])[0]
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, 26379
+    return host.strip("[]"), int(port)
+
+
+def _via_sentinels(url: str, options: dict[str, Any]) -> Redis:
+    where = SentinelURL(url)
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "decode_responses": True}
+    if where.sentinel_password:
+        register_secret(where.sentinel_password)
+        sentinel_kwargs["password"] = where.sentinel_password
+    options = {"db": where.db, "ssl": where.tls, **options}
+    if where.username:
+        options.setdefault("username", where.username)
+    if where.password:
+        options.setdefault("password", where.password)
+    sentinel = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)
+    client: FollowingRedis = sentinel.master_for(
+        where.service,
+        redis_class=FollowingRedis,
+        connection_pool_class=SentinelBlockingConnectionPool,
+        **options,
     )
-    return Redis.from_pool(pool)
+    client.sentinel = sentinel
+    return client
+
+
+class FollowingRedis(Redis):
+    """A client of whatever the Sentinels name as primary; closing it closes its
+    connections to the Sentinels too."""
+
+    sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for client in self.sentinel.sentinels if self.sentinel else []:
+            await client.aclose()
 
 
 def make_client(config: Config, name: str | None = None) -> Redis:
