@@ -13,7 +13,7 @@ PREFIX_DIR ?= /opt/sandboxd
 # the suite runs against. Installed with apt when missing and we are root on Debian.
 RUN_PACKAGES  := bubblewrap slirp4netns libseccomp2 util-linux
 TEST_PACKAGES := $(RUN_PACKAGES) redis-server redis-tools mosquitto mosquitto-clients bc \
-                 systemd iproute2
+                 systemd iproute2 redis-sentinel
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
