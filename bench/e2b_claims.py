@@ -52,7 +52,7 @@ async def claimed(
     redis = Redis.from_url(url, decode_responses=True)
     total, connect = [], []
     endpoints = {"e2b": {"api_url": e2b_url, "sandbox_url": e2b_url}}
-    async with Client(redis, credentials={"e2b": KEY}, endpoints=endpoints) as client:
+    async with Client(redis, endpoints=endpoints) as client:  # no E2B key: the claim's token
         for _ in range(rounds):
             await wait_ready(redis, pool, 3)
             t0 = time.perf_counter()
@@ -65,7 +65,7 @@ async def claimed(
 
 
 async def main(rounds: int) -> None:
-    os.environ["E2B_API_KEY"] = KEY
+    os.environ["E2B_API_KEY"] = KEY  # the daemon's (and the baseline's); claimants use none
     with FakeE2B(api_key=KEY) as fake, tempfile.TemporaryDirectory() as tmp:
         baseline = await cold(fake, rounds)
         settings = {

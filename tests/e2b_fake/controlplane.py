@@ -142,11 +142,15 @@ async def connect(request: Request, world: World) -> Response:
         return error(404, f"sandbox {request.path_params['id']} not found")
     body = await request.json() if await request.body() else {}
     timeout = int(body.get("timeout") or sandbox.timeout_s)
+    if timeout > world.account.max_timeout_s:
+        return error(400, f"Timeout {timeout}s exceeds the plan's {world.account.max_timeout_s}s")
     resumed = sandbox.state == "paused"
     if resumed:
         sandbox.signal_all(signal.SIGCONT)
+        sandbox.end_at = time.time() + timeout
+    else:  # as E2B: a running sandbox's timeout is only ever lengthened by a connect
+        sandbox.end_at = max(sandbox.end_at, time.time() + timeout)
     sandbox.state = "running"
-    sandbox.end_at = time.time() + timeout
     return JSONResponse(sandbox.created(DOMAIN), 201 if resumed else 200)
 
 

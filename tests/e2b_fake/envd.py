@@ -148,7 +148,9 @@ class ProcessService:
     def _sandbox(self, ctx) -> FakeSandbox:
         found = sandbox_for(self.world, ctx.request_headers)
         if isinstance(found, Response):
-            raise ConnectError(Code.UNAVAILABLE, found.body.decode())
+            # envd refuses a wrong token itself; E2B's proxy answers for a sandbox not there
+            code = Code.UNAUTHENTICATED if found.status_code == 401 else Code.UNAVAILABLE
+            raise ConnectError(code, bytes(found.body).decode())
         return found
 
     async def start(self, request, ctx) -> AsyncIterator[process_pb.StartResponse]:

@@ -29,9 +29,7 @@ async def test_a_lease_longer_than_max_timeout_keeps_its_sandbox_for_the_whole_l
         await apply(redis, [pool])
         await wait_ready(redis, "cloud", 1)
 
-        async with Client(
-            redis, credentials={"e2b": E2B_TEST_KEY}, endpoints=client_endpoints(fake)
-        ) as client:
+        async with Client(redis, endpoints=client_endpoints(fake)) as client:
             sandbox = await client.claim("cloud")
             claimed_at = time.time()
             e2b_id = sandbox.connection_info["e2b_id"]
@@ -66,9 +64,7 @@ async def test_a_renew_reaches_e2b_within_a_second(fake_e2b, redis, embedded_dae
         return fake_e2b.world.sandboxes[e2b_id].end_at - time.time()
 
     async with (
-        Client(
-            redis, credentials={"e2b": E2B_TEST_KEY}, endpoints=client_endpoints(fake_e2b)
-        ) as client,
+        Client(redis, endpoints=client_endpoints(fake_e2b)) as client,
         client.claim("cloud") as sandbox,
     ):
         e2b_id = sandbox.connection_info["e2b_id"]

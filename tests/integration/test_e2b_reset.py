@@ -31,9 +31,7 @@ async def test_the_default_reset_command_wipes_an_e2b_sandbox_and_keeps_it(
     await apply(redis, [e2b_pool(min_ready=1, max_total=1, reuse="reset")])
     await wait_ready(redis, "cloud", 1)
 
-    async with Client(
-        redis, credentials={"e2b": E2B_TEST_KEY}, endpoints=client_endpoints(fake_e2b)
-    ) as client:
+    async with Client(redis, endpoints=client_endpoints(fake_e2b)) as client:
         async with client.claim("cloud", lease_s=60) as sandbox:
             done = await sandbox.exec(
                 'echo "$TMPDIR" && mkdir -p "$HOME/a/b" && touch "$HOME/a/b/f" "$HOME/.hidden" '
@@ -67,9 +65,7 @@ async def test_a_failed_reset_says_why_with_the_commands_stderr_bounded_and_reda
     await apply(redis, [pool])
     await wait_ready(redis, "cloud", 1)
 
-    async with Client(
-        redis, credentials={"e2b": E2B_TEST_KEY}, endpoints=client_endpoints(fake_e2b)
-    ) as client:
+    async with Client(redis, endpoints=client_endpoints(fake_e2b)) as client:
         async with client.claim("cloud", lease_s=60) as sandbox:
             assert (await sandbox.exec("echo $API_SECRET")).stdout == SECRET.encode() + b"\n"
 

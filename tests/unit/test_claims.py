@@ -438,6 +438,54 @@ def test_a_claim_stores_only_the_token_hash_and_replies_without_it(sync_redis):
     assert_refused_unchanged(sync_redis, CLAIM, keys, args, reason="lease_too_long")
 
 
+async def test_a_sandboxs_secrets_are_kept_apart_and_only_the_claim_path_returns_them(redis):
+    """A handle's `secrets` go to the record's own field (never into the handle, a view or
+    an event); a reset keeps them; the claim reply and attach give them to the holder."""
+    from sandboxd.cli.views import sandbox_row
+    from sandboxd.client import Client
+
+    claims, store = ClaimStore(redis, KEYS), SandboxStore(redis, KEYS)
+    events = EventPublisher(redis, KEYS, 1000)
+    await claims.publish_pool_settings([PoolSpec(name="p", provider="e2b", reuse="reset")])
+    record = SandboxRecord(
+        id="sb-1", pool="p", provider="e2b", state="creating", template="base",
+        spec_revision=1, instance="i",
+    )  # fmt: skip
+    await store.add(record)
+    secret = "envd-token-0123456789"
+    handle = {"e2b_id": "iabc", "secrets": {"envd_access_token": secret}}
+    assert await store.mark_ready(record, handle, events.build("sandbox.ready", pool="p"))
+    assert handle["secrets"]  # the caller's dict is left alone
+    fields = await redis.hgetall(KEYS.sandbox("sb-1"))
+    assert json.loads(fields["handle"]) == {"e2b_id": "iabc"}
+    assert json.loads(fields["secrets"]) == {"envd_access_token": secret}
+    stored = await store.get("sb-1")
+    assert stored is not None and secret not in repr(stored)
+    assert secret not in json.dumps(sandbox_row(stored))
+
+    # A reset sandbox made ready again without secrets keeps those it has.
+    await redis.hset(KEYS.sandbox("sb-1"), "state", "resetting")
+    await redis.lrem(KEYS.pool_ready("p"), 0, "sb-1")
+    assert await store.mark_ready(
+        stored, {"e2b_id": "iabc"}, events.build("sandbox.reset", pool="p"), from_state="resetting"
+    )
+    assert json.loads(await redis.hget(KEYS.sandbox("sb-1"), "secrets")) == {
+        "envd_access_token": secret
+    }
+
+    async with Client(redis, prefix=KEYS.prefix) as client:
+        sandbox = await client.claim("p", timeout_s=0)
+        assert sandbox.access_secrets() == {"envd_access_token": secret}
+        assert secret not in repr(sandbox) and "secrets" not in sandbox.connection_info
+        attached = await client.attach(sandbox.id, sandbox.claim_token)
+        assert attached.access_secrets() == {"envd_access_token": secret}
+        with pytest.raises(ClaimError):
+            await client.attach(sandbox.id, "sbt_not-the-token")
+        await client.renew(sandbox.id, sandbox.claim_token, 30)
+        await sandbox.release()
+    assert secret not in str(await redis.xrange(KEYS.events))
+
+
 async def test_the_client_checks_before_sending(redis):
     """Clear errors without a round trip; the scripts check again regardless."""
     claims = ClaimStore(redis, KEYS)

@@ -17,10 +17,11 @@ from redis.asyncio import Redis
 from sandboxd.cli.errors import EXIT_EXEC_TIMEOUT, EXIT_INVALID, EXIT_NO_SANDBOX, CliError
 from sandboxd.cli.tables import render
 from sandboxd.client.aio import ClaimTimeout, Client, Sandbox
-from sandboxd.client.connections import UnreachableSandbox
+from sandboxd.client.connections import UnreachableSandbox, check_reachable
 from sandboxd.config import Config
 from sandboxd.providers.local.agentclient import AgentError
-from sandboxd.store.claims import ClaimError
+from sandboxd.store.claims import ClaimError, PoolSettings
+from sandboxd.store.keys import Keys
 
 CLAIM_COLUMNS = [
     ("id", "ID"),
@@ -40,23 +41,15 @@ TOKEN_SOURCES = (
 
 
 def _client(config: Config, redis: Redis, owner: str | None = None) -> Client:
+    """The CLI's client: its own E2B endpoints from the config, and no E2B API key (a claim
+    hands over the envd access token of its one sandbox; the key is never read here)."""
     return Client(
         redis,
         prefix=config.key_prefix,
         owner=owner,
         event_stream_maxlen=config.event_stream_maxlen,
-        credentials=_credentials(config),
         endpoints={"e2b": config.e2b.endpoints()},
     )
-
-
-def _credentials(config: Config) -> dict[str, str]:
-    """The CLI reaches E2B sandboxes with the key the config names, like the daemon."""
-    try:
-        key = config.e2b.resolve_api_key()
-    except OSError:
-        key = None  # e.g. the daemon's credential file, unreadable to this user
-    return {"e2b": key} if key else {}
 
 
 def _cli_error(exc: ClaimError) -> CliError:
@@ -152,6 +145,8 @@ async def exec_command(args: argparse.Namespace, config: Config, redis: Redis) -
     if args.stdin and args.token == "-":
         raise CliError("-i and --token - both want stdin: use --token-file", EXIT_INVALID)
     token = claim_token(args, needed_for=f"exec --sandbox {args.sandbox}") if args.sandbox else ""
+    if args.pool:
+        await _check_pool_reachable(config, redis, args.pool)
     client = _client(config, redis, args.owner)
     stdin = sys.stdin.buffer.read() if args.stdin else None
     with _stopped_by(signal.SIGTERM, signal.SIGHUP) as stopped:
@@ -169,6 +164,22 @@ async def exec_command(args: argparse.Namespace, config: Config, redis: Redis) -
             # The claim was released on the way out, as on Ctrl-C; exit as if killed by it.
             print(f"error: stopped by {stopped[0].name}", file=sys.stderr)
             return 128 + stopped[0]
+
+
+async def _check_pool_reachable(config: Config, redis: Redis, pool: str) -> None:
+    """Refuse before claiming what this client could not reach anyway (no e2b SDK), rather
+    than claim a warm sandbox, fail, and give it back to be thrown away."""
+    raw = await redis.hget(Keys(config.key_prefix).pools, pool)
+    try:
+        provider = PoolSettings.model_validate_json(raw).provider if raw else None
+    except ValueError:
+        provider = None  # damaged settings: the claim script refuses and says so
+    if provider is None:
+        return
+    try:
+        check_reachable(provider)
+    except UnreachableSandbox as exc:
+        raise CliError(f"cannot run in pool {pool!r}: {exc}") from None
 
 
 @contextlib.contextmanager

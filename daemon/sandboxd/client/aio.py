@@ -60,7 +60,10 @@ class Sandbox:
     """A claimed sandbox. Use it as an async context manager to release it on exit.
 
     `claim_token` is the claim's secret: renew, release and attach need it. Keep it out of
-    logs and command lines; it is left out of `repr`."""
+    logs and command lines; it is left out of `repr`. `connection_info` is the record's
+    handle (for e2b: `e2b_id`, `domain`, `envd_version`); the secrets that go with it (e2b:
+    envd's access token to this one sandbox) are kept privately, for `exec`, `write` and
+    `read` (`access_secrets()` gives them, e.g. to use the e2b SDK directly)."""
 
     id: str
     pool: str
@@ -73,6 +76,12 @@ class Sandbox:
     claim_token: str = field(repr=False)
     _client: "Client" = field(repr=False)
     _connection: Connection | None = field(default=None, repr=False)
+    _secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def access_secrets(self) -> dict[str, str]:
+        """What reaches this sandbox besides `connection_info` (e2b: `envd_access_token`).
+        As secret as the claim token, and valid for as long as the sandbox lives."""
+        return dict(self._secrets)
 
     @property
     def lease_expires(self) -> datetime:
@@ -86,7 +95,7 @@ class Sandbox:
                 sandbox_id=self.id,
                 credentials=self._client.credentials,
                 endpoints=self._client.endpoints,
-                lease_expires_ms=self.lease_expires_ms,
+                secrets=self._secrets,
             )
         return self._connection
 
@@ -174,10 +183,11 @@ class Client:
         credentials: dict[str, str] | None = None,
         endpoints: dict[str, dict[str, str]] | None = None,
     ):
-        """`credentials`: provider name -> API key for reaching its sandboxes (e2b: else
-        E2B_API_KEY). `endpoints`: provider name -> its endpoints (e2b: `api_url`, `domain`,
-        `sandbox_url`; else the SDK's defaults and E2B_* variables). Both are the client's
-        own: what a sandbox record says is never used for them."""
+        """`endpoints`: provider name -> its endpoints (e2b: `domain`, `sandbox_url`; else the
+        SDK's defaults and E2B_* variables), the client's own: a record's are never used.
+        `credentials`: provider name -> a credential for reaching its sandboxes; no provider
+        needs one now (an e2b claimant reaches its sandbox with the envd access token its
+        claim returns, never with the account's API key)."""
         self._redis = redis
         self._keys = Keys(prefix)
         self._claims = ClaimStore(redis, self._keys, maxlen=event_stream_maxlen)
@@ -294,6 +304,7 @@ class Client:
             connection_info=record.handle,
             claim_token=token,
             _client=self,
+            _secrets=dict(record.secrets),
         )
 
 

@@ -1,9 +1,10 @@
 """How a client reaches a claimed sandbox, per provider.
 
-A provider's record `handle` carries what is needed; `connect` turns it into an object with
-`exec`, `write` and `read` (the AgentClient's interface). Credentials are the client's own
-(`credentials[provider]`, else the provider's usual environment variable): a handle in
-Redis never holds one.
+A provider's record `handle` (and for e2b its `secrets`, which only the claim's holder gets)
+carries what is needed; `connect` turns it into an object with `exec`, `write` and `read`
+(the AgentClient's interface). A local sandbox is reached through its agent's socket; an
+e2b sandbox through its envd, with the envd access token the claim returned: no provider
+API key is needed or used. Endpoints are the client's own, never a record's.
 """
 
 import os
@@ -74,29 +75,77 @@ def trusted_socket(path: Any, sandbox_id: str) -> str:
 
 def _e2b(target: "Target") -> Connection:
     try:
-        from sandboxd.providers.e2b.connection import E2BConnection
+        from sandboxd.providers.e2b.connection import (
+            ACCESS_TOKEN,
+            E2BConnection,
+            E2BUnreachable,
+        )
     except ImportError as exc:
         raise UnreachableSandbox(
             f"an e2b sandbox needs the e2b SDK ({exc}): pip install 'sandboxd[e2b]'"
         ) from None
-    return E2BConnection(
-        target.handle,
-        api_key=target.credential,
-        endpoints=target.endpoints,
-        lease_expires_ms=target.lease_expires_ms,
-    )
+    token = target.secrets.get(ACCESS_TOKEN)
+    try:
+        connection = E2BConnection(target.handle, access_token=token, endpoints=target.endpoints)
+    except E2BUnreachable as exc:
+        raise UnreachableSandbox(str(exc)) from None
+    return Translated(connection, E2BUnreachable)
+
+
+class Translated:
+    """A connection whose provider-specific "cannot reach it" error is `UnreachableSandbox`,
+    so callers (the CLI) catch one error for every provider."""
+
+    def __init__(self, inner: Connection, unreachable: type[BaseException]):
+        self._inner = inner
+        self._unreachable = unreachable
+
+    def __getattr__(self, name: str) -> Any:  # e.g. E2BConnection.connect_ms
+        return getattr(self._inner, name)
+
+    async def _call(self, call: Any) -> Any:
+        try:
+            return await call
+        except self._unreachable as exc:
+            raise UnreachableSandbox(str(exc)) from None
+
+    async def exec(self, command: list[str] | str, **kwargs: Any) -> ExecResult:
+        result: ExecResult = await self._call(self._inner.exec(command, **kwargs))
+        return result
+
+    async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
+        await self._call(self._inner.write(path, data, mode))
+
+    async def read(self, path: str) -> bytes:
+        data: bytes = await self._call(self._inner.read(path))
+        return data
+
+
+def check_reachable(provider: str) -> None:
+    """Raise UnreachableSandbox if this client cannot reach any sandbox of `provider` (an
+    unknown provider, the e2b SDK not installed): asked before a claim, not after it."""
+    if provider not in CONNECTORS:
+        raise UnreachableSandbox(f"no client connection for provider {provider!r}")
+    if provider == "e2b":
+        try:
+            import sandboxd.providers.e2b.connection  # noqa: F401
+        except ImportError as exc:
+            raise UnreachableSandbox(
+                f"an e2b sandbox needs the e2b SDK ({exc}): pip install 'sandboxd[e2b]'"
+            ) from None
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a client knows of a claimed sandbox: the record's id and handle (from Redis, so
-    checked before use) and the client's own credential and endpoints for its provider."""
+    """What a client knows of a claimed sandbox: the record's id, handle and secrets (from
+    Redis, so checked before use) and the client's own credential and endpoints for its
+    provider (no provider needs a credential: e2b's claimants use the claim's envd token)."""
 
     sandbox_id: str
     handle: dict[str, Any]
-    credential: str | None = None
+    credential: str | None = field(default=None, repr=False)
     endpoints: dict[str, str] = field(default_factory=dict)
-    lease_expires_ms: int = 0
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 CONNECTORS: dict[str, Callable[[Target], Connection]] = {
@@ -112,11 +161,12 @@ def connect(
     sandbox_id: str,
     credentials: dict[str, str] | None = None,
     endpoints: dict[str, dict[str, str]] | None = None,
-    lease_expires_ms: int = 0,
+    secrets: dict[str, str] | None = None,
 ) -> Connection:
-    """A connection to a claimed sandbox. Credentials and endpoints (e2b: api_url, domain,
-    sandbox_url) are the client's own, never a record's: a forged record cannot send a
-    client's key or commands anywhere but to the sandbox it names."""
+    """A connection to a claimed sandbox. `secrets`: the record's, from the claim (e2b: the
+    envd access token). Endpoints (e2b: domain, sandbox_url) are the client's own, never a
+    record's: a forged record cannot send a client's commands (or a token) anywhere but to
+    the sandbox it names."""
     factory = CONNECTORS.get(provider)
     if factory is None:
         raise UnreachableSandbox(f"no client connection for provider {provider!r}")
@@ -126,6 +176,6 @@ def connect(
             handle=handle,
             credential=(credentials or {}).get(provider),
             endpoints=dict((endpoints or {}).get(provider) or {}),
-            lease_expires_ms=lease_expires_ms,
+            secrets=dict(secrets or {}),
         )
     )

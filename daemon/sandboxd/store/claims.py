@@ -10,6 +10,13 @@ SHA-256; the record keeps only the SHA-1 of that (`claim_token_digest`, computed
 script), so reading a record (which every client may) never gives what renew and release
 ask for. Renew, release and attach must show the token again. The token itself never
 reaches Redis, an event or a log.
+
+What reaches a sandbox beyond its handle (the record's `secrets`: an E2B sandbox's envd
+access token) is handed out on the claim path only: in the claim script's reply, to the
+claimant, and by `attach` after the claim token checks out; no event, view or log carries
+it. It rests in the record, so whoever may read `<prefix>:sandbox:*` directly (the daemon's
+and the client's Redis users of config/redis-acl.conf) can read it too: it is exactly as
+secret as the client's Redis password.
 """
 
 import contextlib
@@ -17,6 +24,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -153,7 +161,9 @@ end
 # The daemon is nudged only when it has something to do: a replacement is due (ready below
 # min_ready) and allowed (members below max_total), or the pool is empty. Waking it for
 # every claim of a full pool cost more CPU than the claims themselves.
-# Returns {'ok', HGETALL of the record} | {'empty', on_empty} | {'unknown_pool'}
+# Returns {'ok', HGETALL of the record but claim_token_digest: its `secrets` (how to reach
+#       the sandbox, e.g. envd's token) for the claimant alone} | {'empty', on_empty}
+#       | {'unknown_pool'}
 #       | {'lease_too_long', max_lease_s} | {'invalid_argument', why}.
 CLAIM = (
     _NOW_MS
@@ -332,20 +342,32 @@ RELEASE = _NOW_MS + _EVENT + _CHECKS + "local FORCED = false\n" + _RELEASE
 # The same as RELEASE but ARGV 2 is who forces it (shown in the event as `forced_by`).
 FORCE_RELEASE = _NOW_MS + _EVENT + _CHECKS + "local FORCED = true\n" + _RELEASE
 
-# KEYS: 1 leases. ARGV: 1 key prefix, 2 batch size.
-# Claimed sandboxes whose lease ran out become `terminating`; returns their ids.
+# KEYS: 1 leases. ARGV: 1 key prefix, 2 batch size, 3 the caller's node, 4 the providers
+# it manages and 5 the cloud providers among them (comma-separated; 4 empty: every record).
+# Claimed sandboxes whose lease ran out become `terminating`; returns their ids. Leases of
+# sandboxes another daemon manages are left for it (looked past, up to 10 batches).
 EXPIRE = (
     _NOW_MS
     + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local limit = tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit * 10)
+local managed, cloud = {}, {}
+for name in string.gmatch(ARGV[4], '[^,]+') do managed[name] = true end
+for name in string.gmatch(ARGV[5], '[^,]+') do cloud[name] = true end
+local everything = ARGV[4] == ''
 local expired = {}
 for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[1], id)
+  if #expired >= limit then break end
   local key = ARGV[1] .. ':sandbox:' .. id
-  local r = redis.call('HMGET', key, 'state', 'lease_expires_ms')
-  if r[1] == 'claimed' and tonumber(r[2]) <= now then
-    redis.call('HSET', key, 'state', 'terminating')
-    table.insert(expired, id)
+  local r = redis.call('HMGET', key, 'state', 'lease_expires_ms', 'provider', 'node')
+  local mine = everything or (managed[r[3]] and (cloud[r[3]] or not r[4] or r[4] == ''
+    or r[4] == ARGV[3]))
+  if mine or not r[1] then
+    redis.call('ZREM', KEYS[1], id)
+    if r[1] == 'claimed' and tonumber(r[2]) <= now then
+      redis.call('HSET', key, 'state', 'terminating')
+      table.insert(expired, id)
+    end
   end
 end
 return expired
@@ -549,9 +571,20 @@ class ClaimStore:
         if _text(reply[0]) != "ok":
             raise _refusal(_text(reply[0]), reply, f"sandbox {sandbox_id}")
 
-    async def expire_due(self, batch: int = 100) -> list[str]:
-        """Daemon: claimed sandboxes whose lease ran out, now `terminating`."""
-        reply = await self._expire(keys=[self._keys.leases], args=[self._keys.prefix, batch])
+    async def expire_due(
+        self,
+        batch: int = 100,
+        *,
+        node: str = "",
+        managed: Iterable[str] = (),
+        cloud: Iterable[str] = (),
+    ) -> list[str]:
+        """Daemon: claimed sandboxes whose lease ran out, now `terminating`; only those of
+        `node` and of the `managed` providers (`cloud` ones whatever their node), if given."""
+        scope = [node, ",".join(sorted(managed)), ",".join(sorted(cloud))]
+        reply = await self._expire(
+            keys=[self._keys.leases], args=[self._keys.prefix, batch, *scope]
+        )
         return [_text(x) for x in reply]
 
     async def count_waiters(self, pools: list[str]) -> dict[str, int]:

@@ -6,6 +6,7 @@ from a ready list and the daemon that terminates never see half a change.
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
@@ -22,16 +23,21 @@ from sandboxd.store.keys import LOGS_KEPT_S, Keys
 SandboxState = Literal["creating", "ready", "claimed", "released", "resetting", "terminating"]
 STATES: tuple[SandboxState, ...] = get_args(SandboxState)
 HealthState = Literal["unknown", "healthy", "degraded", "unhealthy"]
+# The entry of a handle from a provider's create that goes to the record's `secrets`, not
+# its handle (providers name it too: they may not import the store).
+SECRETS = "secrets"
 
 # KEYS: sandbox hash, ready list, events. ARGV: id, from state, ready_at, handle,
-# available channel, stream maxlen, event fields... The event is appended in the same step,
-# so no consumer ever sees a claim of a sandbox before the event that made it ready.
+# available channel, stream maxlen, secrets ('' = keep those the record has), event
+# fields... The event is appended in the same step, so no consumer ever sees a claim of a
+# sandbox before the event that made it ready.
 _MARK_READY = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'ready', 'ready_at', ARGV[3], 'handle', ARGV[4],
   'claimant', '', 'claim_id', '', 'lease_expires_ms', 0)
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'secrets', ARGV[7]) end
 redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
 redis.call('PUBLISH', ARGV[5], ARGV[1])
 return 1
 """
@@ -112,7 +118,21 @@ class SandboxRecord(BaseModel):
         default="", description="The pool's `build_id` it was made from (a change rolls it over)."
     )
     instance: str = Field(description="The daemon instance that created it.")
+    node: str = Field(
+        default="",
+        max_length=64,
+        description="The node whose daemon manages it (local sandboxes; empty: a cloud "
+        "sandbox, managed by the cloud leader, or a record from before nodes).",
+    )
     handle: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
+    secrets: dict[str, str] = Field(
+        default_factory=dict,
+        repr=False,
+        description="What the holder of a claim needs to reach this one sandbox besides the "
+        "handle (e2b: envd's access token). Secret: clients get it only from the claim "
+        "script's reply and from attach (both need the claim token); no view, event or log "
+        "shows it. A provider's create hands it over as the handle's `secrets` entry.",
+    )
     claimant: str = Field(default="", description="Who holds the claim (client-chosen name).")
     claim_id: str = Field(default="", description="Unique per claim; guards renew/release.")
     claimed_at_ms: int = Field(default=0, description="Unix ms, Redis clock.")
@@ -146,6 +166,7 @@ class SandboxRecord(BaseModel):
     def to_hash(self) -> dict[str, str]:
         fields = self.model_dump()
         fields["handle"] = json.dumps(self.handle, separators=(",", ":"))
+        fields["secrets"] = json.dumps(self.secrets, separators=(",", ":"))
         fields["health_checks"] = json.dumps(self.health_checks, separators=(",", ":"))
         fields["spec_revision"] = str(self.spec_revision)
         return fields
@@ -161,7 +182,7 @@ class SandboxRecord(BaseModel):
             for key, value in fields.items():
                 name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
                 clean[name] = decode.text(value, field=name)
-        for name, empty in (("handle", "{}"), ("health_checks", "[]")):
+        for name, empty in (("handle", "{}"), ("health_checks", "[]"), ("secrets", "{}")):
             clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
         try:
             return cls.model_validate(clean)
@@ -203,6 +224,7 @@ class Scan:
 
     records: list["SandboxRecord"] = dataclasses.field(default_factory=list)
     corrupt: list[Corrupt] = dataclasses.field(default_factory=list)
+    others: int = 0  # usable records another daemon manages (see SandboxStore's `owns`)
 
 
 def wrong_type(exc: BaseException) -> bool:
@@ -211,9 +233,19 @@ def wrong_type(exc: BaseException) -> bool:
 
 
 class SandboxStore:
-    def __init__(self, redis: Redis, keys: Keys):
+    """Sandbox records. `owns`: which records this reader manages (a daemon sees only its
+    node's and, as the cloud leader, the cloud ones; the CLI sees all): the others are left
+    out of `scan`, `records` and `get` as if they were not there, and never written."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        owns: Callable[[SandboxRecord], bool] | None = None,
+    ):
         self._redis = redis
         self._keys = keys
+        self._owns = owns
         self._mark_ready = redis.register_script(_MARK_READY)
         self._transition = redis.register_script(_TRANSITION)
         self._read = redis.register_script(_READ)
@@ -273,6 +305,9 @@ class SandboxStore:
             corrupt = Corrupt(key, exc.reason, exc.field, sandbox_id=sandbox_id, fields=fields)
             result.corrupt.append(corrupt)
             return
+        if self._owns is not None and not self._owns(record):
+            result.others += 1
+            return
         result.records.append(record)
 
     async def sync_members(self, records: list[SandboxRecord]) -> None:
@@ -293,7 +328,10 @@ class SandboxStore:
         quarantines it)."""
         try:
             fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
-            return SandboxRecord.from_hash(fields) if fields else None
+            record = SandboxRecord.from_hash(fields) if fields else None
+            if record is not None and self._owns is not None and not self._owns(record):
+                return None
+            return record
         except decode.BadValue:
             return None
         except ResponseError as exc:
@@ -327,9 +365,13 @@ class SandboxStore:
         maxlen: int = 100_000,
     ) -> bool:
         """`from_state` -> ready, onto the pool's ready list, `event` appended, waiters woken.
+        A `secrets` entry of the handle (see `SandboxRecord.secrets`) is stored apart from
+        it; without one the record keeps the secrets it has (a reset sandbox).
 
         False if the sandbox is no longer in `from_state` (pool drained, daemon stopping).
         """
+        handle = dict(handle)
+        secrets = handle.pop(SECRETS, None)
         keys = [
             self._keys.sandbox(record.id),
             self._keys.pool_ready(record.pool),
@@ -338,6 +380,7 @@ class SandboxStore:
         handle_json = json.dumps(handle, separators=(",", ":"))
         channel = self._keys.pool_available(record.pool)
         args = [record.id, from_state, now_rfc3339(), handle_json, channel, maxlen]
+        args.append(json.dumps(secrets, separators=(",", ":")) if secrets else "")
         args += [x for pair in event.to_fields().items() for x in pair]
         return bool(await self._mark_ready(keys=keys, args=args))
 

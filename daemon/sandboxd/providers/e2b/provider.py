@@ -4,6 +4,13 @@
 Each sandbox carries metadata naming it as ours (`sandboxd` = the key prefix, plus our id,
 pool, instance and spec revision): the metadata-filtered listing is the source of truth for
 adoption, leak checks and liveness. The API key is read once and never logged.
+
+Sandboxes are created `secure`: their envd answers only requests with the sandbox's own
+access token. That token, the sandbox's id, envd domain and version are all a claimant gets
+(the handle, and the handle's `secrets` entry, which the store keeps apart from it): enough
+to run commands and move files in that one sandbox, never the account's API key, so never
+to list, create, pause, extend or kill any sandbox. Whatever needs the API (resuming a
+paused sandbox on claim, its timeout) the daemon does.
 """
 
 import asyncio
@@ -17,7 +24,7 @@ from e2b.exceptions import SandboxNotFoundException
 
 from sandboxd.config import E2BProviderConfig
 from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
-from sandboxd.providers.e2b.connection import ENDPOINTS
+from sandboxd.providers.e2b.connection import ACCESS_TOKEN, ENDPOINTS, SECRETS
 from sandboxd.providers.e2b.errors import (
     command_failure,
     describe,
@@ -82,7 +89,8 @@ class E2BProvider:
         return opts | self._endpoints()
 
     def _endpoints(self) -> dict[str, str]:
-        """Configured endpoints (a self-hosted E2B, the test server); clients get them too."""
+        """Configured endpoints (a self-hosted E2B, the test server); a client configures
+        its own (a record's would let a forged record send it elsewhere)."""
         return {n: v for n in ENDPOINTS if (v := getattr(self._config, n)) is not None}
 
     def _describe(self, exc: BaseException) -> str:
@@ -105,6 +113,7 @@ class E2BProvider:
                 metadata={**pool.labels, **self._labels(sandbox_id, pool.name, revision)},
                 envs=dict(pool.env),
                 allow_internet_access=settings.allow_internet_access,
+                secure=True,  # envd wants the sandbox's own token: claimants get only that
                 # Our id: a create retried after a lost response returns the same sandbox.
                 idempotency_key=sandbox_id,
                 **opts,
@@ -135,14 +144,21 @@ class E2BProvider:
         return CreateError(self._describe(exc), retryable=is_retryable(exc), retry_after_s=pause)
 
     def _handle(self, sandbox: AsyncSandbox, timeout_s: int, *, paused: bool) -> dict[str, Any]:
-        """What clients need to `AsyncSandbox.connect` (no tokens: they have their own key)."""
+        """What a claimant needs to reach this sandbox's envd: its id, domain and envd
+        version, and in `secrets` (stored apart, returned only to the claim's holder) its
+        envd access token. Never the API key."""
         handle: dict[str, Any] = {
             "e2b_id": sandbox.sandbox_id,
+            "domain": sandbox.sandbox_domain,
+            "envd_version": str(sandbox._envd_version),
             "timeout_s": timeout_s,
             "paused": paused,
             "isolation": "vm",
         }
-        return handle | self._endpoints()
+        token = sandbox._envd_access_token
+        if isinstance(token, str) and token:
+            handle[SECRETS] = {ACCESS_TOKEN: token}
+        return handle
 
     def _track(self, sandbox_id: str, sandbox: AsyncSandbox) -> None:
         self._open[sandbox_id] = sandbox
@@ -165,9 +181,16 @@ class E2BProvider:
         await self.terminate(sandbox_id, handle)
 
     async def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> int:
-        """Set E2B's timeout to `seconds` from now (capped by the plan); returns it."""
+        """Set E2B's timeout to `seconds` from now (capped by the plan); returns it. A
+        sandbox of an `idle: pause` pool not known to be running is resumed (`connect`, with
+        the timeout): its claimant has no API key to do it."""
         timeout = self._timeout(seconds)
         try:
+            if handle.get("paused") and sandbox_id not in self._open:
+                self._open[sandbox_id] = await AsyncSandbox.connect(
+                    handle["e2b_id"], timeout=timeout, **self._opts()
+                )
+                return timeout
             await AsyncSandbox.set_timeout(handle["e2b_id"], timeout, **self._opts())
         except Exception as exc:
             if is_gone(exc):
