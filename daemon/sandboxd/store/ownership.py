@@ -15,11 +15,13 @@ A lease found held by nobody while its holder renews in time means Redis lost it
 epoch and token, unless a standby was quicker (then the holder has lost it).
 """
 
+import re
 import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+_INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local epoch = redis.call('INCR', KEYS[2])
@@ -51,8 +53,12 @@ class Holder:
 
     @classmethod
     def parse(cls, token: str | None) -> "Holder | None":
+        """None unless `token` is what a daemon writes (it is shown in logs and in systemd's
+        STATUS, where a newline would be another field)."""
         epoch, _, instance = (token or "").partition(":")
-        return cls(int(epoch), instance) if epoch.isdigit() and instance else None
+        if not (epoch.isascii() and epoch.isdigit() and len(epoch) < 20):
+            return None
+        return cls(int(epoch), instance) if _INSTANCE.fullmatch(instance) else None
 
 
 class Lease:
