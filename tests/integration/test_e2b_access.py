@@ -148,3 +148,9 @@ async def test_an_unreachable_sandbox_is_a_one_line_error(
     assert len(done.stderr.strip().splitlines()) == 1 and "not-the-token" not in done.stderr
     assert not [e for e in await events_of(redis, "sandbox.terminated") if e["sandbox"] == forged]
     await wait_event(redis, "sandbox.claimed", sandbox=forged)  # still held: nothing burnt
+
+    # A record without a token (made before claimants got one): says so, in one line.
+    await redis.hdel(KEYS.sandbox(forged), "secrets")
+    done = exec_in(forged, token_file)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "no envd access token" in done.stderr

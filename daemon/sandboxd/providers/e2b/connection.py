@@ -155,7 +155,13 @@ class E2BConnection:
             raise self._unreachable(exc) from None
 
     def _unreachable(self, exc: BaseException) -> E2BUnreachable:
-        return E2BUnreachable(f"sandbox {self.e2b_id}: {describe(exc, self._token)}")
+        why = describe(exc, self._token)
+        if not self._token:
+            why += (
+                " (its record holds no envd access token: a sandbox made by a sandboxd from "
+                "before claimants got one; release it and claim another)"
+            )
+        return E2BUnreachable(f"sandbox {self.e2b_id}: {why}")
 
     async def exec(
         self,
