@@ -130,15 +130,15 @@ class E2BConnection:
     async def _until_resumed(self, sandbox: AsyncSandbox) -> None:
         """A paused pool's sandbox runs once the daemon has resumed it for the claim."""
         deadline = time.monotonic() + RESUME_WAIT_S
-        pause = 0.02
+        pause = 0.005
         while not await self._guard(sandbox.is_running()):
             if time.monotonic() > deadline:
                 raise E2BUnreachable(
                     f"sandbox {self.e2b_id} is still paused after {RESUME_WAIT_S:g}s (the "
                     "daemon resumes a claimed sandbox: is it running?)"
                 )
-            await asyncio.sleep(pause)  # polling E2B with backoff: no event to wait on
-            pause = min(1.0, pause * 2)
+            await asyncio.sleep(pause)  # polling envd with backoff: no event to wait on
+            pause = min(0.25, pause * 1.5)
 
     async def _guard(self, call: Any, *, command: bool = False) -> Any:
         """Await an SDK call; what means the sandbox cannot be reached becomes one line. For
