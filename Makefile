@@ -71,9 +71,11 @@ install-service:
 	test -f /etc/sandboxd/sandboxd.toml || install -m 0644 config/sandboxd.toml /etc/sandboxd/sandboxd.toml
 	install -m 0644 config/spec.example.yaml /etc/sandboxd/spec.example.yaml
 	install -m 0644 systemd/sandboxd.service /etc/systemd/system/sandboxd.service
+	install -m 0644 systemd/sandboxd@.service /etc/systemd/system/sandboxd@.service
 	ln -sf $(PREFIX_DIR)/bin/sandboxd /usr/local/bin/sandboxd
 	systemctl daemon-reload
 	@echo "installed; start with: systemctl enable --now sandboxd"
+	@echo "  (or, with a hot standby: systemctl enable --now sandboxd@a sandboxd@b)"
 
 clean:
 	rm -rf $(VENV) $(RUN) build *.egg-info

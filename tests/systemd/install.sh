@@ -1,10 +1,12 @@
-# Sourced by the lab scripts: installs the real unit the way `make install-service` does.
+# Sourced by the lab scripts: installs the real unit and its template (sandboxd@.service)
+# the way `make install-service` does.
 # Args of the caller: CHECKOUT REDIS_URL. Defines result() for `RESULT <json>` lines.
 result() { printf 'RESULT {"%s": %s}\n' "$1" "$2"; }
 json_string() { python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))'; }
 
 ln -sf "$CHECKOUT/.venv/bin/sandboxd" /usr/local/bin/sandboxd
 install -D -m 0644 "$CHECKOUT/systemd/sandboxd.service" /etc/systemd/system/sandboxd.service
+install -D -m 0644 "$CHECKOUT/systemd/sandboxd@.service" /etc/systemd/system/sandboxd@.service
 install -d -m 0700 /etc/sandboxd/credentials
 install -m 0600 /dev/null /etc/sandboxd/credentials/e2b-api-key
 install -m 0600 /dev/null /etc/sandboxd/credentials/redis-password
@@ -15,10 +17,15 @@ hidden=()
 for path in "$PYHOME" "$CHECKOUT"; do
   case $path in /root/*|/home/*|/tmp/*|/var/tmp/*) hidden+=("$path");; esac
 done
+lab_dropin() {  # lab_dropin NAME LINES...: the same drop-in for the unit and the template
+  local unit
+  for unit in sandboxd.service sandboxd@.service; do
+    mkdir -p "/etc/systemd/system/$unit.d"
+    printf '%s\n' '[Service]' "${@:2}" > "/etc/systemd/system/$unit.d/$1.conf"
+  done
+}
 if (( ${#hidden[@]} )); then
-  mkdir -p /etc/systemd/system/sandboxd.service.d
-  printf '[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths=%s\n' "${hidden[*]}" \
-    > /etc/systemd/system/sandboxd.service.d/hidden-paths.conf
+  lab_dropin hidden-paths ProtectHome=tmpfs "BindReadOnlyPaths=${hidden[*]}"
 fi
 # The lab's own /sys/fs/cgroup is a cgroup2 mount without controllers when the host is
 # cgroup v1 hybrid (the CI machine): show the service the host's v1 pids, memory and cpu
@@ -30,9 +37,7 @@ if ! grep -qsw pids /sys/fs/cgroup/cgroup.controllers && grep -qw pids /proc/cgr
     mkdir -p "$CGROUP_ROOT/$c"
     mountpoint -q "$CGROUP_ROOT/$c" || mount -t cgroup -o "$c" cgroup "$CGROUP_ROOT/$c"
   done
-  mkdir -p /etc/systemd/system/sandboxd.service.d
-  printf '[Service]\nReadWritePaths=%s\n' "$CGROUP_ROOT" \
-    > /etc/systemd/system/sandboxd.service.d/lab-cgroup-v1.conf
+  lab_dropin lab-cgroup-v1 "ReadWritePaths=$CGROUP_ROOT"
 fi
 AGENTS='^[^ ]*python3[^ ]* -I -S /opt/sandboxd/agent.py'
 write_config() {  # extra TOML lines as arguments

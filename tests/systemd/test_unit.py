@@ -106,3 +106,73 @@ async def test_reload_applies_live_and_the_watchdog_restarts_a_hung_daemon(redis
     messages = [entry["message"] for entry in journal_entries(journal)]
     assert messages.count("sandboxd ready") >= 2
     assert (results["stop_rc"], results["agents_after_stop"]) == (0, 0)
+
+
+@pytest.mark.timeout(160)
+async def test_a_killed_active_unit_is_replaced_by_its_standby_and_comes_back_as_standby(
+    redis, redis_server
+):
+    """Issue 17, case 6: sandboxd@a and sandboxd@b (one config: same node, same workspace)."""
+    await apply(redis, [{"name": "default", "min_ready": 2, "max_total": 4}])
+    results = run_lab("standby.sh", redis_server)
+    assert results["verify_rc"] == 0, results["verify_output"]
+    # the template is the unit: the same hardening, the same score
+    assert results["exposure"]["sandboxd@a"] == results["exposure"]["sandboxd"] != ""
+
+    # both units up; one daemon acts for the node, the other stands by and says so
+    assert results["start_rc"] == 0
+    assert (results["one_each_rc"], results["two_ready_rc"]) == (0, 0)
+    units = results["units_before"]
+    assert {(u["ActiveState"], u["SubState"]) for u in units.values()} == {("active", "running")}
+    assert units["standby"]["StatusText"].startswith("standby for node lab-node")
+    assert "reconciling revision" in units["active"]["StatusText"]
+    lines = results["lines_before"]
+    assert sorted(d["role"] for d in results["daemons_before"]) == ["active", "standby"]
+    assert lines["active"]["role"] == "active" and lines["standby"]["role"] == "standby"
+    assert {d["node"] for d in results["daemons_before"]} == {"lab-node"}
+    assert lines["standby"]["active_instance"] == lines["active"]["instance"]
+    assert lines["active"]["pid"] == int(units["active"]["MainPID"])
+    assert lines["standby"]["pid"] == int(units["standby"]["MainPID"])
+    ids = results["sandboxes_before"].split()
+    assert len(ids) == 2 and results["ready_before"] == results["sandboxes_before"]
+
+    # kill -9 of the active daemon: the standby takes over within the TTL and a little
+    assert results["kill_rc"] == 0 and results["takeover_rc"] == 0, results
+    assert results["takeover_s"] < 2 + 3, f"took over after {results['takeover_s']}s, TTL 2s"
+    assert results["serving_rc"] == 0
+    after = results["lines_after"]
+    assert after["other"]["role"] == "active"
+    assert after["other"]["epoch"] == results["old_epoch"] + 1
+    assert after["other"]["instance"] == lines["standby"]["instance"]  # the same process
+    other = results["units_after"]["other"]
+    assert other["MainPID"] == units["standby"]["MainPID"] and other["NRestarts"] == "0"
+    assert "reconciling revision" in other["StatusText"]
+    # the same sandboxes, adopted: same ids, same agent processes, none created twice
+    assert results["passed_rc"] == 0  # read after a whole reconcile pass of the new daemon
+    assert results["sandboxes_after"] == results["sandboxes_before"]
+    assert results["ready_after"] == results["ready_before"]
+    assert results["agents_after"] == results["agents_before"] != ""
+    events = results["events"]
+    assert (events["sandbox.creating"], events["sandbox.ready"]) == (2, 2)  # the first fill only
+    assert events["sandbox.adopted"] == 2 and "sandbox.terminated" not in events
+
+    # systemd restarted the killed unit, and it came back as the standby of the new epoch
+    assert results["restarted_rc"] == 0, results["units_after"]
+    killed = results["units_after"]["killed"]
+    assert killed["NRestarts"] == str(int(units["active"]["NRestarts"]) + 1)
+    assert (killed["ActiveState"], killed["SubState"]) == ("active", "running")
+    assert killed["MainPID"] != units["active"]["MainPID"]
+    assert killed["StatusText"].startswith("standby for node lab-node")
+    assert after["killed"]["role"] == "standby"
+    assert after["killed"]["active_instance"] == after["other"]["instance"]
+    assert sorted(d["role"] for d in results["daemons_after"]) == ["active", "standby"]
+    journal = results["journal"]
+    assert any("status=9/KILL" in m for m in journal["killed"])
+    assert any(m.startswith("active for node lab-node") for m in journal["killed"])
+    assert any(m.startswith("standby: node lab-node") for m in journal["killed"])
+    assert any(m.startswith("standby: node lab-node") for m in journal["other"])
+    took_over = f"active for node lab-node at epoch {results['old_epoch'] + 1}"
+    assert any(m.startswith(took_over) for m in journal["other"])
+
+    assert (results["stop_standby_rc"], results["stop_active_rc"]) == (0, 0)
+    assert results["agents_after_stop"] == 0
