@@ -37,7 +37,13 @@ from sandboxd.outputs.mqtt import MqttBridge
 from sandboxd.outputs.poolfacts import PoolFacts
 from sandboxd.outputs.resources import ResourceSampler
 from sandboxd.outputs.watchdog import Watchdog
-from sandboxd.providers import IsolationError, Provider, make_providers, security_summary
+from sandboxd.providers import (
+    CLOUD_PROVIDERS,
+    IsolationError,
+    Provider,
+    make_providers,
+    security_summary,
+)
 from sandboxd.providers.faults import hang_once
 from sandboxd.providers.wrapper import Guarded, wrap
 from sandboxd.reload import reload
@@ -131,6 +137,7 @@ class Daemon:
         self.lease: Lease | None = None
         self.fence = Fence(on_lost=self._lease_lost, on_vacant=self._lease_vacant)
         self._retake = asyncio.Event()  # a write found the lease held by nobody
+        self.leader_epoch = 0  # of the cloud pools' lead, while this daemon holds it
         self._identity = identity(self.instance)
 
     async def run(self, *, handle_signals: bool = True) -> int:
@@ -276,11 +283,22 @@ class Daemon:
         guarded: dict[str, Provider] = {
             n: wrap(Guarded, p, self.fence.check) for n, p in providers.items()
         }
+        # What this daemon manages: its node's providers; the cloud ones only as the leader.
+        # Every loop gets this very dict, so leading later adds the cloud providers to all.
+        managed: dict[str, Provider] = {
+            n: p for n, p in guarded.items() if n not in CLOUD_PROVIDERS
+        }
+        cloud: dict[str, Provider] = {n: p for n, p in guarded.items() if n in CLOUD_PROVIDERS}
+        leader = Lease(redis, self.keys.leader, self.keys.leader_epoch, self.instance, lease.ttl_s)
+        if cloud and await leader.try_acquire():
+            self._lead_now(leader, managed, cloud)
         try:
             async with asyncio.TaskGroup() as group:
-                keeper = group.create_task(self._keep_lease(lease), name="lease")
+                keeper = group.create_task(
+                    self._keep_leases(lease, leader, fenced, managed, cloud), name="lease"
+                )
                 try:
-                    await self._serve(fenced, guarded)
+                    await self._serve(fenced, managed)
                 finally:
                     keeper.cancel()
         except* LeaseLost:
@@ -288,7 +306,48 @@ class Daemon:
         finally:
             if self.fence.lost is None:
                 with contextlib.suppress(RedisError, OSError):
+                    await leader.release()
                     await lease.release()  # a clean stop: the standby need not wait the TTL
+
+    def _lead_now(
+        self, leader: Lease, managed: dict[str, Provider], cloud: dict[str, Provider]
+    ) -> None:
+        assert leader.token is not None
+        self.fence.hold(leader.key, leader.token, leader.ttl_s, leader.since)
+        self.leader_epoch = leader.epoch
+        managed.update(cloud)
+        log.info(
+            "leading the cloud pools (%s) at epoch %d",
+            ", ".join(sorted(cloud)),
+            leader.epoch,
+            extra={"leader_epoch": leader.epoch, "providers": sorted(cloud)},
+        )
+
+    async def _lead_later(
+        self,
+        leader: Lease,
+        redis: Redis,
+        managed: dict[str, Provider],
+        cloud: dict[str, Provider],
+    ) -> None:
+        """The cloud leader went away while this daemon serves: lead, adopting the cloud
+        sandboxes (from the providers' listings) the way a starting daemon does."""
+        self._lead_now(leader, {}, cloud)
+        w = self.wings
+        assert w is not None
+        scoped = SandboxStore(redis, self.keys, owns=lambda r: r.provider in cloud)
+        report = await adopt(scoped, cloud, w.events)
+        managed.update(cloud)
+        await w.events.publish(
+            "daemon.leading",
+            instance=self.instance,
+            node=self.config.node,
+            epoch=leader.epoch,
+            adopted=len(report.adopted),
+            dropped=len(report.dropped),
+            orphans=len(report.orphans),
+        )
+        w.reconciler.nudge()
 
     async def _retake_lease(self, lease: Lease) -> str:
         """The lease vanished while held in time: Redis lost its data. Take it again."""
@@ -301,31 +360,54 @@ class Daemon:
         )
         return "renewed"
 
-    async def _keep_lease(self, lease: Lease) -> None:
+    async def _keep_leases(
+        self,
+        lease: Lease,
+        leader: Lease,
+        redis: Redis,
+        managed: dict[str, Provider],
+        cloud: dict[str, Provider],
+    ) -> None:
         """Renew every third of the TTL; a refused renewal, or none for a whole TTL on this
-        host's clock, loses the lease (the fence stops the daemon)."""
+        host's clock, loses the lease (the fence stops the daemon). Once serving, take the
+        cloud pools' lead whenever it is free."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retake.wait(), lease.ttl_s / 3)
             self._retake.clear()
-            try:
-                async with asyncio.timeout(lease.ttl_s / 3):  # a hung connection is no excuse
-                    result = await lease.renew()
-                    if result == "vacant" and time.monotonic() < lease.since + lease.ttl_s:
-                        result = await self._retake_lease(lease)
-                if result != "renewed":
-                    why_lost = {"taken": "taken over by another daemon", "vacant": "expired"}
-                    self.fence.lose(f"{lease.key} {why_lost[result]}")
+            held = [lease, *([leader] if leader.key in self.fence.held else [])]
+            for each in held:
+                if not await self._renew(each):
                     return
-                self.fence.hold(lease.key, lease.token or "", lease.ttl_s, lease.since)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not isinstance(exc, TimeoutError) and not survive(exc):
-                    raise
-                log.warning("lease not renewed, %s: %s", why(exc), exc)
+            if cloud and leader.key not in self.fence.held and self.started.is_set():
+                try:
+                    if await leader.try_acquire():
+                        await self._lead_later(leader, redis, managed, cloud)
+                except (RedisError, OSError) as exc:
+                    if not survive(exc):
+                        raise
             try:
                 self.fence.check()
             except LeaseLost:
                 return
+
+    async def _renew(self, lease: Lease) -> bool:
+        """One renewal; False once the lease is lost."""
+        try:
+            async with asyncio.timeout(lease.ttl_s / 3):  # a hung connection is no excuse
+                result = await lease.renew()
+                if result == "vacant" and time.monotonic() < lease.since + lease.ttl_s:
+                    result = await self._retake_lease(lease)
+            if result != "renewed":
+                why_lost = {"taken": "taken over by another daemon", "vacant": "expired"}
+                self.fence.lose(f"{lease.key} {why_lost[result]}")
+                return False
+            self.fence.hold(lease.key, lease.token or "", lease.ttl_s, lease.since)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not isinstance(exc, TimeoutError) and not survive(exc):
+                raise
+            log.warning("lease %s not renewed, %s: %s", lease.key, why(exc), exc)
+        return True
 
     async def _serve(self, redis: Redis, providers: dict[str, Provider]) -> None:
         self.isolation = {name: p.isolation for name, p in providers.items()}
@@ -348,7 +430,7 @@ class Daemon:
         """Every component, in dependency order: store, control, health, outputs."""
         config, keys = self.config, self.keys
         events = EventPublisher(redis, keys, config.event_stream_maxlen)
-        store = SandboxStore(redis, keys)
+        store = SandboxStore(redis, keys, owns=self._owns(providers))
         claims = ClaimStore(redis, keys, maxlen=config.event_stream_maxlen)
         specs = SpecSource(SpecStore(redis, keys), events, config)
         terminator = Terminator(store, providers, events)
@@ -389,6 +471,9 @@ class Daemon:
             events=events,
             terminator=terminator,
             interval_s=lambda: config.lease_check_interval_s,
+            node=config.node,
+            providers=providers,
+            cloud=CLOUD_PROVIDERS,
         )
         janitor = Janitor(
             store=store,
@@ -440,6 +525,18 @@ class Daemon:
             ),
         )
 
+    def _owns(self, providers: dict[str, Provider]) -> Callable[[SandboxRecord], bool]:
+        """The records this daemon manages: its node's sandboxes (and those recorded before
+        nodes), and the cloud ones while it leads them (`providers` grows when it does)."""
+        node = self.config.node
+
+        def owns(record: SandboxRecord) -> bool:
+            if record.provider not in providers:
+                return False
+            return record.provider in CLOUD_PROVIDERS or record.node in ("", node)
+
+        return owns
+
     def _observe_pass(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
         self.last_pass = PassSnapshot(records, specs)
         if self.wings is not None:
@@ -486,6 +583,8 @@ class Daemon:
             "node": self.config.node,
             "role": self.role,
             "epoch": self.lease.epoch if self.lease else 0,
+            "leader": self.leader_epoch > 0,
+            "leader_epoch": self.leader_epoch,
             "lease_ttl_s": self.config.lease_ttl_s,
         }
 
@@ -564,8 +663,11 @@ class Daemon:
             adopted=len(report.adopted),
             dropped=len(report.dropped),
             orphans=len(report.orphans),
+            node=self.config.node,
+            epoch=self.lease.epoch if self.lease else 0,
+            leader_epoch=self.leader_epoch,
         )
-        sdnotify.ready(f"reconciling revision {revision}")
+        sdnotify.ready(f"active for node {self.config.node}, reconciling revision {revision}")
         log.info(
             "sandboxd ready",
             extra={

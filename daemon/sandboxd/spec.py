@@ -506,7 +506,7 @@ class PoolSpec(BaseModel):
     def recycle_after_s(self) -> float | None:
         """Ready sandboxes older than this are replaced: idle_ttl_s, and for E2B pools
         that recycle instead of extending, half of E2B's timeout."""
-        ttl = self.idle_ttl_s
+        ttl: float | None = self.idle_ttl_s
         settings = self.e2b_settings
         if self.provider == "e2b" and settings.keepalive == "recycle" and settings.idle == "run":
             half = settings.timeout_s / 2

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from sandboxd.store.fence import PASS_THROUGH
 from sandboxd.store.records import SandboxStore
 
-from conftest import free_port, sandbox_processes
-from helpers import KEYS, apply, eventually, wait_ready
+from conftest import E2B_TEST_KEY, free_port, sandbox_processes
+from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli")
 TTL = 2.0
@@ -68,7 +68,7 @@ def ha_daemon(daemon_factory):
 
 
 async def test_two_daemons_started_together_one_is_active_the_other_a_standby(
-    redis, daemon_factory
+    redis, redis_server, daemon_factory
 ):
     first, second = ha_daemon(daemon_factory), ha_daemon(daemon_factory)
     first.start()
@@ -89,6 +89,16 @@ async def test_two_daemons_started_together_one_is_active_the_other_a_standby(
     messages = [line["message"] for line in waiting.logs()]
     assert any(m.startswith("standby: node") for m in messages)
     assert "sandboxd ready" not in messages  # it adopted, created and published nothing
+
+    shown = json.loads(cli(redis_server, "status", "-o", "json").stdout)["daemons"]
+    assert sorted((d["role"], d["epoch"]) for d in shown) == [
+        ("active", leader["epoch"]),
+        ("standby", 0),
+    ]
+    text = cli(redis_server, "status").stdout
+    node_line = next(line for line in text.splitlines() if line.startswith("node "))
+    assert f"active {leader['instance']}" in node_line and f"epoch {leader['epoch']}" in node_line
+    assert f"standby {standby['instance']}" in node_line
 
 
 async def test_a_killed_active_daemon_is_replaced_by_its_standby_with_the_same_sandboxes(
@@ -269,4 +279,40 @@ async def test_a_daemon_cut_from_redis_is_replaced_and_its_late_writes_are_refus
     assert code == EXIT_LEASE_LOST
     assert unfenced_writes(commands, old["instance"], addrs, token) == []
     await converged(redis, second.workspace)
+    assert second.proc.poll() is None
+
+
+async def test_a_killed_cloud_leader_is_followed_by_a_daemon_that_adopts_its_e2b_sandboxes(
+    redis, daemon_factory, fake_e2b
+):
+    """Cloud pools are not tied to a host: one daemon among all nodes leads them. Two nodes;
+    the leader is killed; the other node's daemon takes the lead and adopts the E2B
+    sandboxes from E2B's listing, creating none twice."""
+
+    def node(name: str):
+        daemon = daemon_factory(
+            node=name,
+            lease_ttl_s=TTL,
+            e2b={"api_url": fake_e2b.url, "sandbox_url": fake_e2b.url, "list_interval_s": 0.5},
+        )
+        daemon.env["E2B_API_KEY"] = E2B_TEST_KEY
+        return daemon
+
+    first = node("a").start()
+    await apply(redis, [{"name": "cloud", "provider": "e2b", "min_ready": 2, "max_total": 4}])
+    ids = set(await wait_ready(redis, "cloud", 2))
+    second = node("b").start()
+
+    async def both_active():
+        found = {d["node"]: d for d in (await daemons(redis)).values() if d["role"] == "active"}
+        return found if set(found) == {"a", "b"} else None
+
+    roles = await eventually(both_active, what="a daemon active for each node")
+    assert await redis.get(KEYS.leader) == f"{roles['a']['epoch']}:{roles['a']['instance']}"
+    first.signal(signal.SIGKILL)
+    leading = await wait_event(redis, "daemon.leading", timeout=20)
+    assert leading["data"]["node"] == "b" and leading["data"]["adopted"] == 2
+    assert set(await wait_ready(redis, "cloud", 2)) == ids
+    assert len(fake_e2b.ours()) == 2  # nothing created twice
+    assert not await events_of(redis, "sandbox.terminated")
     assert second.proc.poll() is None

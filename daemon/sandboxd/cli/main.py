@@ -300,6 +300,7 @@ def _status_text(status: dict[str, Any]) -> str:
     """The dashboard: daemon, host, endpoints, spec, then one line per pool."""
     daemon = status["daemon"]
     head = _daemon_lines(daemon) if daemon["alive"] else ["daemon:    NOT RUNNING (no heartbeat)"]
+    head += _node_lines(status.get("daemons") or [])
     revision = status["revision_in_force"]
     stored = status["revision_stored"]
     spec_line = f"spec:      revision {revision if revision is not None else '-'} in force"
@@ -339,6 +340,19 @@ def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
         bridge = f"{state}, {mqtt['published']} published, {mqtt['dropped']} dropped"
     lines.append(f"outputs:   metrics {daemon.get('metrics_listen') or 'off'}  mqtt {bridge}")
     return lines
+
+
+def _node_lines(daemons: list[dict[str, Any]]) -> list[str]:
+    """Per node: the active daemon (its epoch) and its standbys."""
+    by_node: dict[str, list[str]] = {}
+    for d in daemons:
+        role = d["role"] or "?"
+        epoch = f", epoch {d['epoch']}" if role == "active" and d["epoch"] else ""
+        by_node.setdefault(d["node"] or "?", []).append(
+            f"{role} {d['instance']} (pid {d['pid']} on {d['host']}{epoch}, "
+            f"heartbeat {d['age_s']}s ago)"
+        )
+    return [f"node {node}: " + "; ".join(found) for node, found in sorted(by_node.items())]
 
 
 def _security_lines(security: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from sandboxd import decode
 from sandboxd.spec import SpecDocument
 from sandboxd.store.keys import Keys
 from sandboxd.store.records import STATES, SandboxRecord, SandboxStore
@@ -106,6 +107,18 @@ class StateView:
                 out[name] = facts
         return out
 
+    async def daemons(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Every daemon that beat in the last minute, active or standby (`<prefix>:daemons`),
+        by node, the active one first. Lines that are not what a daemon writes are left out
+        (anyone may write into Redis)."""
+        now = time.time() if now is None else now
+        found = []
+        for raw in (await self._redis.hgetall(self._keys.daemons)).values():
+            line = _daemon_line(raw, now)
+            if line is not None:
+                found.append(line)
+        return sorted(found, key=lambda d: (d["node"], d["role"] != "active", d["instance"]))
+
     async def status(self) -> dict[str, Any]:
         """The heartbeat (with its summary of the pools), each pool's facts from
         `<prefix>:daemon:pools` as `daemon.pools`, the spec read and parsed once."""
@@ -124,7 +137,34 @@ class StateView:
             revision_stored = stored_revision(stored) or None
         return {
             "daemon": {"alive": daemon is not None, **(daemon or {})},
+            "daemons": await self.daemons(),
             "revision_in_force": active.revision if active else None,
             "revision_stored": revision_stored,
             "pools": await self.pools(active),
         }
+
+
+_DAEMON_TEXT = ("instance", "node", "role", "host", "version")
+_DAEMON_NUMBERS = ("pid", "epoch", "heartbeat_at", "started_at", "active_epoch")
+
+
+def _daemon_line(raw: str, now: float) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    line: dict[str, Any] = {}
+    for name in _DAEMON_TEXT:
+        value = data.get(name, "")
+        line[name] = decode.printable(value)[:100] if isinstance(value, str) else ""
+    for name in _DAEMON_NUMBERS:
+        value = data.get(name)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+        line[name] = value if ok else None
+    beat = line["heartbeat_at"]
+    if not line["instance"] or beat is None or now - beat > 60:
+        return None
+    line["age_s"] = round(max(0.0, now - beat), 1)
+    return line

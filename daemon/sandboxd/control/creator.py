@@ -20,7 +20,7 @@ from sandboxd.config import Config
 from sandboxd.control.breaker import Transition
 from sandboxd.control.pacing import PoolPacing
 from sandboxd.control.replacements import Pending, Recoveries
-from sandboxd.providers import Provider
+from sandboxd.providers import CLOUD_PROVIDERS, Provider
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.loops import survive, why
@@ -91,6 +91,7 @@ class Creator:
             spec_revision=revision,
             build=spec.build_id,
             instance=self._instance,
+            node="" if spec.provider in CLOUD_PROVIDERS else self._config.node,
             replaces=recovery.old if recovery else "",
         )
         self.inflight.add(record.id)

@@ -2,7 +2,8 @@
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -24,19 +25,27 @@ class LeaseKeeper:
         events: EventPublisher,
         terminator: Terminator,
         interval_s: Callable[[], float],
+        node: str = "",
+        providers: Mapping[str, object] | None = None,
+        cloud: Iterable[str] = (),
     ):
         self._claims = claims
         self._store = store
         self._events = events
         self._terminator = terminator
         self._interval_s = interval_s
+        # Whose leases this daemon expires: its node's and, while it leads them, the cloud
+        # providers' (`providers` is the daemon's live dict of what it manages).
+        self._node = node
+        self._providers = providers
+        self._cloud = frozenset(cloud)
 
     async def run(self) -> None:
         """Every interval: expired leases -> `sandbox.lease_expired`, then terminated."""
         async with asyncio.TaskGroup() as group:
             while True:
                 try:
-                    expired = await self._claims.expire_due()
+                    expired = await self._claims.expire_due(**self._scope())
                 except RedisError as exc:
                     if not survive(exc):
                         raise
@@ -48,6 +57,12 @@ class LeaseKeeper:
                 if cancelling():  # a cancel the Redis client swallowed mid-command
                     raise asyncio.CancelledError
                 await asyncio.sleep(self._interval_s())
+
+    def _scope(self) -> dict[str, Any]:
+        if self._providers is None:
+            return {}
+        managed = set(self._providers)
+        return {"node": self._node, "managed": managed, "cloud": managed & self._cloud}
 
     async def _expire(self, sandbox_id: str) -> None:
         try:

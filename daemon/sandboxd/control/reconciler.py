@@ -182,15 +182,19 @@ class Reconciler:
             await self._restorer.check()
             generation = self._restorer.restored
         spec = await self._specs.refresh()
-        pools, changes = self.schedules.apply(list(spec.pools) if spec else [])
+        every_pool, changes = self.schedules.apply(list(spec.pools) if spec else [])
+        # The pools this daemon manages: those of its providers (a cloud provider only while
+        # this daemon leads the cloud pools; see daemon.py).
+        pools = [p for p in every_pool if p.provider in self._providers]
         self.pools = pools
         for change in changes:
-            await self._announce(change)
+            if change.pool in {p.name for p in pools}:
+                await self._announce(change)
         tick = time.monotonic() >= self._tick_due
         if tick:
             self._tick_due = time.monotonic() + self._config.reconcile_interval_s
         if tick or self._specs.revision != self._published_revision:
-            await self._claims.publish_pool_settings(pools)
+            await self._claims.publish_pool_settings(every_pool)
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
         if (

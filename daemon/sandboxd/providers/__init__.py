@@ -30,6 +30,10 @@ from sandboxd.providers.base import (
 
 log = logging.getLogger(__name__)
 
+# Providers whose sandboxes are not tied to a host: one daemon among all nodes (the cloud
+# leader) manages their pools; a local sandbox is managed by its node's daemon.
+CLOUD_PROVIDERS = frozenset({"e2b"})
+
 
 def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
     from sandboxd.providers.faults import inject
@@ -91,6 +95,7 @@ async def list_all(providers: dict[str, Provider]) -> Listing:
 
 
 __all__ = [
+    "CLOUD_PROVIDERS",
     "CreateError",
     "IsolationError",
     "Listing",

@@ -20,7 +20,13 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "the daemon is up and has done its first reconcile",
         "instance, pid, host, version, started_at, isolation, security, revision, adopted, "
         "dropped (records closed: sandbox gone or half made), orphans (unrecorded sandboxes "
-        "of ours, terminated)",
+        "of ours, terminated), node, epoch (of the node's lease), leader_epoch (of the cloud "
+        "pools' lead; 0: not leading)",
+    ),
+    "daemon.leading": (
+        "this daemon took over the cloud (e2b) pools from a leader that went away, adopting "
+        "their sandboxes from the provider's listing",
+        "instance, node, epoch (the lead's), adopted, dropped, orphans",
     ),
     "daemon.stopping": (
         "the daemon is shutting down",
