@@ -6,6 +6,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -364,7 +365,9 @@ class Config(BaseSettings):
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="redis://, rediss:// (TLS) or unix://, with user:password@ if needed.",
+        description="redis://, rediss:// (TLS) or unix://, with user:password@ if needed; or "
+        "redis+sentinel://host:port[,host:port...]/service_name[/db] to follow Sentinel "
+        "failovers (docs/ha.md).",
     )
     redis_password: SecretStr | None = Field(
         default=None, description="Overrides any password in redis_url; never logged."
@@ -385,6 +388,18 @@ class Config(BaseSettings):
         pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$",
         description="This host's name among daemons sharing a Redis (default: the host name). "
         "One daemon acts for a node at a time; another for the same node is its hot standby.",
+    )
+    claim_durability: Literal["acknowledged", "replicated"] = Field(
+        default="acknowledged",
+        description="For the CLI's claims: acknowledged (by the Redis primary) or replicated "
+        "(also by a replica, within claim_replication_timeout_ms, else given back: a Redis "
+        "failover cannot lose such a claim; docs/ha.md).",
+    )
+    claim_replication_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60_000,
+        description="How long a replicated claim waits for a replica's acknowledgement.",
     )
     lease_ttl_s: float = Field(
         default=5.0,
@@ -496,8 +511,19 @@ class Config(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+        if not url.startswith(schemes):
+            raise ValueError(
+                "must start with redis://, rediss://, unix:// or redis+sentinel:// "
+                "(host:port,host:port/service_name/db)"
+            )
+        if url.startswith(schemes[3:]):
+            path = [part for part in urlsplit(url).path.split("/") if part]
+            if not path or not urlsplit(url).netloc.rpartition("@")[2]:
+                raise ValueError(
+                    "redis+sentinel:// names Sentinels and a service: "
+                    "redis+sentinel://host:port[,host:port...]/service_name[/db]"
+                )
         return url
 
     @field_validator("log_level", mode="before")

@@ -232,3 +232,30 @@ async def test_sync_client(redis, redis_server, daemon_factory):
     sandbox_id, out, claimant = await asyncio.to_thread(use_it)
     assert (out, claimant) == (b"hello", "sync")
     await wait_event(redis, "sandbox.released", sandbox=sandbox_id)
+
+
+async def test_a_replicated_claim_that_no_replica_acknowledges_is_given_back(
+    redis, redis_server, daemon_factory
+):
+    """claim_durability = replicated against a Redis without replicas: the claim is refused
+    as not_replicated (client and CLI), and the sandbox is not left claimed."""
+    daemon_factory().start()
+    await apply(redis, [{"name": "default", "min_ready": 1}])
+    await wait_ready(redis, "default", 1)
+    client = Client.from_url(redis_server, claim_durability="replicated", replication_timeout_ms=50)
+    try:
+        with pytest.raises(ClaimError) as refused:
+            await client.claim("default", timeout_s=0)
+    finally:
+        await client.aclose()
+    assert refused.value.reason == "not_replicated"
+    given_back = (await events_of(redis, "sandbox.released"))[0]["sandbox"]
+    assert await redis.hget(KEYS.sandbox(given_back), "state") != "claimed"
+
+    await wait_ready(redis, "default", 1)
+    env = {"SANDBOXD_CLAIM_DURABILITY": "replicated", "SANDBOXD_CLAIM_REPLICATION_TIMEOUT_MS": "50"}
+    shown = await asyncio.to_thread(cli, redis_server, "claim", "default", env=env)
+    assert shown.returncode == 1 and "reached no Redis replica" in shown.stderr
+    assert "Traceback" not in shown.stderr
+    with pytest.raises(ValueError, match="acknowledged or replicated"):
+        Client(redis, claim_durability="maybe")

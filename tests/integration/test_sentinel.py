@@ -2,9 +2,12 @@
 loopback ports; the primary killed with SIGKILL; clients following the failover through a
 redis+sentinel:// URL."""
 
+import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,11 +15,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from sandboxd.client import ClaimError, Client
 from sandboxd.store.connection import open_redis
 from sandboxd.store.localredis import find_redis_server, wait_until_answering
+from sandboxd.store.records import SandboxStore
 
-from conftest import free_port
-from helpers import eventually
+from conftest import free_port, sandbox_processes
+from helpers import KEYS, apply, eventually, wait_ready
 
 SERVICE = "sbx"
 pytestmark = pytest.mark.skipif(
@@ -26,11 +31,13 @@ pytestmark = pytest.mark.skipif(
 
 @dataclass
 class Replicated:
-    """A primary, one replica and one Sentinel (quorum 1) watching them."""
+    """A primary, two replicas and one Sentinel (quorum 1) watching them: after a failover
+    one replica is the primary and the other replicates from it."""
 
     directory: Path
     primary: int = field(default_factory=free_port)
     replica: int = field(default_factory=free_port)
+    second_replica: int = field(default_factory=free_port)
     sentinel: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -61,6 +68,15 @@ class Replicated:
     def start(self) -> "Replicated":
         self._server("primary", self.primary)
         self._server("replica", self.replica, "--replicaof", "127.0.0.1", str(self.primary))
+        self._server(
+            "replica2",
+            self.second_replica,
+            "--replicaof",
+            "127.0.0.1",
+            str(self.primary),
+            "--replica-priority",
+            "200",  # the first replica is the one promoted
+        )
         conf = self.directory / "sentinel.conf"
         conf.write_text(
             f"port {self.sentinel}\nbind 127.0.0.1\ndir {self.directory}\n"
@@ -83,12 +99,15 @@ class Replicated:
             await sentinel.aclose()
 
     async def replicas_in_sync(self) -> bool:
-        replica = Redis(port=self.replica, decode_responses=True)
-        try:
-            info = await replica.info("replication")
-            return info.get("master_link_status") == "up"
-        finally:
-            await replica.aclose()
+        for port in (self.replica, self.second_replica):
+            replica = Redis(port=port, decode_responses=True)
+            try:
+                info = await replica.info("replication")
+            finally:
+                await replica.aclose()
+            if info.get("master_link_status") != "up":
+                return False
+        return True
 
     def kill_primary(self) -> None:
         self.procs["primary"].kill()
@@ -116,7 +135,7 @@ async def test_a_client_of_a_sentinel_url_follows_a_failover(replicated):
     client = open_redis(replicated.url, socket_timeout=5)
     try:
         assert await client.set("k", "before")
-        assert await client.wait(1, 1000) == 1
+        assert await client.wait(1, 1000) >= 1
         replicated.kill_primary()
         killed = time.monotonic()
 
@@ -137,3 +156,83 @@ async def test_a_client_of_a_sentinel_url_follows_a_failover(replicated):
         assert took < 20, f"the client followed the failover after {took:.1f}s"
     finally:
         await client.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_twice(
+    replicated, daemon_factory
+):
+    """The daemon, and clients claiming with claim_durability = replicated, all through the
+    Sentinel URL; the primary is SIGKILLed in the middle of the storm."""
+    await eventually(replicated.replicas_in_sync, what="the replica to sync")
+    # A lease longer than a failover (~2.5 s here): the daemon rides it out instead of
+    # restarting (which systemd would do, and it would adopt its sandboxes again).
+    daemon = daemon_factory(redis_url=replicated.url, lease_ttl_s=8).start()
+    # Short leases: a release the old primary took but never replicated leaves its sandbox
+    # claimed on the new one until its lease runs out (docs/ha.md).
+    pool = {"name": "storm", "min_ready": 4, "max_total": 10, "lease_s": 5}
+    admin = open_redis(replicated.url, socket_timeout=5)
+    await apply(admin, [pool])
+    await wait_ready(admin, "storm", 4, timeout=60)
+    held: dict[str, str] = {}  # sandbox id -> the claim holding it now
+    doubles: list[str] = []
+    outcomes: list[tuple[float, str]] = []
+    failed_over = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def claimant(n: int) -> None:
+        client = Client.from_url(
+            replicated.url, claim_durability="replicated", replication_timeout_ms=500
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    sandbox = await client.claim("storm", lease_s=5, timeout_s=1)
+                except (ClaimError, RedisError, OSError) as exc:
+                    outcomes.append((time.monotonic(), type(exc).__name__))
+                    await asyncio.sleep(0.05)
+                    continue
+                if sandbox.id in held:
+                    doubles.append(sandbox.id)
+                held[sandbox.id] = sandbox.claim_id
+                outcomes.append((time.monotonic(), "claimed"))
+                await asyncio.sleep(0.05)
+                del held[sandbox.id]
+                with contextlib.suppress(ClaimError, RedisError, OSError):
+                    await sandbox.release()
+        finally:
+            await client.aclose()
+
+    async def killer() -> None:
+        await asyncio.sleep(1.5)
+        replicated.kill_primary()
+
+        async def promoted():
+            return await replicated.primary_port() == replicated.replica
+
+        await eventually(promoted, timeout=30, what="the Sentinel's failover")
+        failed_over.set()
+        await asyncio.sleep(5)  # the storm goes on against the new primary
+        stop.set()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for n in range(6):
+                group.create_task(claimant(n))
+            group.create_task(killer())
+        after = [t for t, what in outcomes if what == "claimed"]
+        assert doubles == []
+        failures = Counter(what for _, what in outcomes if what != "claimed")
+        assert after and max(after) > min(t for t, _ in outcomes) + 5, f"stopped: {failures}"
+
+        async def converged():
+            records = await SandboxStore(admin, KEYS).records()
+            ready = await admin.lrange(KEYS.pool_ready("storm"), 0, -1)
+            live = {p.pid for p in sandbox_processes(daemon.workspace)}
+            pids = {int(r.handle.get("pid", 0)) for r in records}
+            return len(ready) == 4 and pids == live and len(records) == len(ready)
+
+        await eventually(converged, timeout=60, what="the pool back at min_ready")
+        assert daemon.proc.poll() is None
+    finally:
+        await admin.aclose()

@@ -49,6 +49,8 @@ def _client(config: Config, redis: Redis, owner: str | None = None) -> Client:
         owner=owner,
         event_stream_maxlen=config.event_stream_maxlen,
         endpoints={"e2b": config.e2b.endpoints()},
+        claim_durability=config.claim_durability,
+        replication_timeout_ms=config.claim_replication_timeout_ms,
     )
 
 

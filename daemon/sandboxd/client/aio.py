@@ -17,9 +17,10 @@ import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from sandboxd.client.connections import Connection, connect
 from sandboxd.providers.base import ExecResult, OutputCallback
@@ -182,8 +183,14 @@ class Client:
         owns_redis: bool = False,
         credentials: dict[str, str] | None = None,
         endpoints: dict[str, dict[str, str]] | None = None,
+        claim_durability: Literal["acknowledged", "replicated"] = "acknowledged",
+        replication_timeout_ms: int = 1000,
     ):
-        """`endpoints`: provider name -> its endpoints (e2b: `domain`, `sandbox_url`; else the
+        """`claim_durability`: `replicated` waits after each claim until at least one Redis
+        replica has it (`WAIT 1 replication_timeout_ms` on the claim's own connection), and
+        gives the claim back and raises ClaimError `not_replicated` if none has: a Redis
+        failover then cannot lose a claim this client handed out (docs/ha.md).
+        `endpoints`: provider name -> its endpoints (e2b: `domain`, `sandbox_url`; else the
         SDK's defaults and E2B_* variables), the client's own: a record's are never used.
         `credentials`: provider name -> a credential for reaching its sandboxes; no provider
         needs one now (an e2b claimant reaches its sandbox with the envd access token its
@@ -196,6 +203,11 @@ class Client:
         self._owns_redis = owns_redis
         self.credentials = credentials or {}
         self.endpoints = endpoints or {}
+        if claim_durability not in ("acknowledged", "replicated"):
+            raise ValueError(f"claim_durability {claim_durability!r}: acknowledged or replicated")
+        self.claim_durability = claim_durability
+        self.replication_timeout_ms = max(1, int(replication_timeout_ms))
+        self._event_stream_maxlen = event_stream_maxlen
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "Client":
@@ -262,13 +274,40 @@ class Client:
         wait_s = self.default_wait_s if timeout_s is None else max(0.0, timeout_s)
         check_lease(lease_s)  # before any waiting: a clear error at once
         check_claimant(owner or self.owner)
-        attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s)
+        if self.claim_durability == "acknowledged":
+            attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s)
+            return self._handle(await self._claimed(attempt), attempt.token)
+        async with self._redis.client() as connection:  # WAIT counts this connection's writes
+            claims = ClaimStore(connection, self._keys, maxlen=self._event_stream_maxlen)
+            attempt = _Attempt(claims, pool, owner or self.owner, lease_s, wait_s)
+            record = await self._claimed(attempt)
+            try:
+                replicas = await connection.wait(1, self.replication_timeout_ms)
+            except BaseException:
+                await asyncio.shield(self._give_back(record.id, attempt.token))
+                raise
+        if replicas < 1:
+            await asyncio.shield(self._give_back(record.id, attempt.token))
+            raise ClaimError(
+                "not_replicated",
+                f"the claim of {record.id} reached no Redis replica within "
+                f"{self.replication_timeout_ms} ms (claim_durability = replicated): given back",
+            )
+        return self._handle(record, attempt.token)
+
+    async def _claimed(self, attempt: "_Attempt") -> SandboxRecord:
         record = await attempt.once()
-        if record is None and wait_s > 0:
+        if record is None and attempt.wait_s > 0:
             record = await self._wait(attempt)
         if record is None:
-            raise ClaimTimeout("timeout", f"no ready sandbox in pool {pool!r} within {wait_s:g}s")
-        return self._handle(record, attempt.token)
+            raise ClaimTimeout(
+                "timeout", f"no ready sandbox in pool {attempt.pool!r} within {attempt.wait_s:g}s"
+            )
+        return record
+
+    async def _give_back(self, sandbox_id: str, token: str) -> None:
+        with contextlib.suppress(ClaimError, RedisError, OSError):
+            await self._claims.release(sandbox_id, token)
 
     async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
         """Try again each time the pool announces a ready sandbox, until the deadline.
