@@ -58,7 +58,7 @@ format: $(STAMP)
 	$(BIN)/ruff format daemon tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/create.py && $(BIN)/python bench/claim.py
+	$(BIN)/python -m bench.create && $(BIN)/python -m bench.claim
 
 ## install-service: package into $(PREFIX_DIR), config into /etc/sandboxd, the unit into systemd
 install-service:

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from redis.asyncio import Redis
+from tests.support import wait_ready
 
-from common import cold_creates, line, running_daemon, wait_ready
+from bench.common import cold_creates, line, running_daemon
 from sandboxd.client import ClaimTimeout, Client, Sandbox
 from sandboxd.spec import PoolSpec, Spec
 from sandboxd.store.events import Event
@@ -56,7 +57,9 @@ async def timed_claim(client: Client, pool: str, samples: list[float]) -> Sandbo
 
 async def release_all(sandboxes: list[Sandbox], redis: Redis, pool: str, size: int) -> None:
     await asyncio.gather(*(s.release() for s in sandboxes))
-    await wait_ready(redis, pool, size)  # reset by the daemon, ready again
+    await wait_ready(
+        redis, pool, size, timeout=600, interval=0.002
+    )  # reset by the daemon, ready again
 
 
 async def single_client(url: str, redis: Redis, size: int, rounds: int) -> list[float]:
@@ -146,7 +149,7 @@ async def clients_in_processes(
         rates.append(len(held) / (max(end for end, _, _ in done) - t0))
         for sandbox_id, token in held:
             await releaser.release(sandbox_id, token)
-        await wait_ready(redis, "warm", size)
+        await wait_ready(redis, "warm", size, timeout=600, interval=0.002)
     return rates
 
 
@@ -155,7 +158,7 @@ async def replenish_delays(url: str, redis: Redis, n: int) -> list[float]:
     out = []
     async with Client.from_url(url) as client:
         for _ in range(n):
-            await wait_ready(redis, "fresh", 2)
+            await wait_ready(redis, "fresh", 2, timeout=600, interval=0.002)
             last_id = (await redis.xrevrange(KEYS.events, count=1))[0][0]
             t0 = time.perf_counter()
             sandbox = await client.claim("fresh", timeout_s=0)
@@ -193,7 +196,7 @@ async def main() -> None:
                 ]
             )
             await SpecStore(redis, KEYS).apply(spec)
-            await wait_ready(redis, "warm", args.pool)
+            await wait_ready(redis, "warm", args.pool, timeout=600, interval=0.002)
             ping = await pings(redis, 2000)
             single = await single_client(url, redis, args.pool, args.rounds)
             many, rates = await concurrent_clients(url, redis, args.pool, args.rounds, args.clients)

@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from redis.asyncio import Redis
+from tests.support import free_port
 
 from sandboxd.config import LocalProviderConfig
 from sandboxd.providers.local.provider import LocalProvider
@@ -45,17 +45,11 @@ async def cold_creates(n: int, root: Path, **config) -> tuple[list[float], str]:
     return out, provider.isolation
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def running_daemon(root: Path, **settings: str) -> AsyncIterator[str]:
     """A private redis-server and the real daemon (env SANDBOXD_<NAME>=value); yields the URL
     once the daemon's heartbeat is there."""
-    port = _free_port()
+    port = free_port()
     redis_proc = start(find_redis_server(), port, root / "redis", daemonize=False)
     wait_until_answering("127.0.0.1", port)
     url = f"redis://127.0.0.1:{port}/0"
@@ -80,8 +74,3 @@ async def running_daemon(root: Path, **settings: str) -> AsyncIterator[str]:
         daemon.wait(30)
         redis_proc.terminate()
         redis_proc.wait(10)
-
-
-async def wait_ready(redis: Redis, pool: str, count: int) -> None:
-    while await redis.llen(Keys().pool_ready(pool)) < count:
-        await asyncio.sleep(0.002)

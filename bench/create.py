@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from redis.asyncio import Redis
+from tests.support import wait_ready
 
-from common import cold_creates, line, running_daemon, wait_ready
+from bench.common import cold_creates, line, running_daemon
 from sandboxd.spec import PoolSpec, Spec
 from sandboxd.store.keys import Keys
 from sandboxd.store.specs import SpecStore
@@ -42,7 +43,7 @@ async def apply_to_ready(count: int, root: Path) -> float:
             await SpecStore(redis, Keys()).apply(
                 Spec(pools=[PoolSpec(name="bench", min_ready=count, max_total=count)])
             )
-            await wait_ready(redis, "bench", count)
+            await wait_ready(redis, "bench", count, timeout=600, interval=0.002)
             return (time.perf_counter() - t0) * 1000
         finally:
             await redis.aclose()

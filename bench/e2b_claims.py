@@ -21,11 +21,10 @@ from pathlib import Path
 
 from e2b import AsyncSandbox
 from redis.asyncio import Redis
+from tests.e2b_fake import FakeE2B
+from tests.support import wait_ready
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-
-from common import line, running_daemon, wait_ready
-from e2b_fake import FakeE2B
+from bench.common import line, running_daemon
 from sandboxd.client import Client
 from sandboxd.spec import Spec
 from sandboxd.store.keys import Keys
@@ -54,7 +53,7 @@ async def claimed(
     endpoints = {"e2b": {"api_url": e2b_url, "sandbox_url": e2b_url}}
     async with Client(redis, endpoints=endpoints) as client:  # no E2B key: the claim's token
         for _ in range(rounds):
-            await wait_ready(redis, pool, 3)
+            await wait_ready(redis, pool, 3, timeout=600, interval=0.002)
             t0 = time.perf_counter()
             async with client.claim(pool, lease_s=60) as sandbox:
                 await sandbox.exec("true")

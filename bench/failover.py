@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
+from tests.support import free_port
 
-from common import _free_port, line, pct
+from bench.common import line, pct
 from sandboxd.client import ClaimTimeout, Client, Sandbox
 from sandboxd.config import LocalProviderConfig
 from sandboxd.providers.local.provider import LocalProvider
@@ -277,7 +278,7 @@ async def main() -> None:
         parser.error("--rounds and --clean-rounds need at least 1 each")
     every = args.claim_every or (args.ttl + 2) / 3
     root = Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
-    port = _free_port()
+    port = free_port()
     redis_proc = private_redis(port, root / "redis")
     daemons: Daemons | None = None
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 from redis.asyncio import Redis
 
-from common import line, running_daemon
+from bench.common import line, running_daemon
 from sandboxd.cli.views import StateView
 from sandboxd.spec import Spec
 from sandboxd.store.keys import Keys

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from redis.asyncio import Redis
+from tests.support import free_port, wait_ready
 
-from common import _free_port, cold_creates, line, running_daemon, wait_ready
-from fastfake import FastFakeProvider
+from bench.common import cold_creates, line, running_daemon
+from bench.fastfake import FastFakeProvider
 from sandboxd.config import Config, Faults
 from sandboxd.daemon import Daemon
 from sandboxd.providers.faults import inject
@@ -55,7 +56,7 @@ async def deaths(redis: Redis, rounds: int) -> tuple[list[float], list[float]]:
     detect, replace = [], []
     store = SandboxStore(redis, KEYS)
     for _ in range(rounds):
-        await wait_ready(redis, "deaths", 4)
+        await wait_ready(redis, "deaths", 4, timeout=600, interval=0.002)
         victim = (await redis.lrange(KEYS.pool_ready("deaths"), 0, 0))[0]
         last = (await redis.xrevrange(KEYS.events, count=1))[0][0]
         pid = (await store.get(victim)).handle["pid"]
@@ -73,7 +74,7 @@ async def unhealthy(redis: Redis, rounds: int) -> list[float]:
     out = []
     store = SandboxStore(redis, KEYS)
     for _ in range(rounds):
-        await wait_ready(redis, "probed", 2)
+        await wait_ready(redis, "probed", 2, timeout=600, interval=0.002)
         ids = await redis.lrange(KEYS.pool_ready("probed"), 0, -1)
         records = [await store.get(i) for i in ids]
         victim = next((r for r in records if r and r.health == "healthy"), None)
@@ -156,7 +157,7 @@ async def probing(redis_url: str, count: int, interval_s: float, seconds: float)
             }
         ]
         await SpecStore(redis, KEYS).apply(Spec.model_validate({"pools": pools}))
-        await wait_ready(redis, "many", count)
+        await wait_ready(redis, "many", count, timeout=600, interval=0.002)
         probes_before = daemon.wings.monitor.probes
         daemon.wings.reconciler.pass_seconds.clear()
         stop, lag = asyncio.Event(), []
@@ -173,7 +174,7 @@ async def probing(redis_url: str, count: int, interval_s: float, seconds: float)
 
 
 async def probe_cost(args, root: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = start(find_redis_server(), port, root / "redis-probe", daemonize=False)
     wait_until_answering("127.0.0.1", port)
     url = f"redis://127.0.0.1:{port}/0"

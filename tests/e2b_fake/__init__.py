@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import uvicorn
 from starlette.applications import Starlette
 
-from e2b_fake import controlplane, envd
-from e2b_fake.state import Account, FakeSandbox, World
+from tests.e2b_fake import controlplane, envd
+from tests.e2b_fake.state import Account, FakeSandbox, World
 
 T = TypeVar("T")
 EXPIRY_TICK_S = 0.05

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from e2b_fake.state import World
+from tests.e2b_fake.state import World
 
 DEFAULT_TIMEOUT_S = 300
 DOMAIN = "fake.e2b.local"

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from e2b_fake.state import HOME, FakeSandbox, World
+from tests.e2b_fake.state import HOME, FakeSandbox, World
 
 PE = process_pb.ProcessEvent
 BWRAP = shutil.which("bwrap")

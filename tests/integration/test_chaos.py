@@ -7,9 +7,16 @@ import json
 import signal
 
 from sandboxd.store.records import SandboxStore
-
-from conftest import sandbox_processes
-from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 FAST_BREAKER = {"failures": 3, "cooldown_s": 0.5, "max_cooldown_s": 1.0}
 

@@ -18,8 +18,7 @@ from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimError, ClaimStore, token_digest, token_sha256
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.records import SandboxRecord, SandboxStore
-
-from helpers import KEYS, apply, cli, events_of, wait_event, wait_ready
+from tests.support import KEYS, apply, cli, events_of, wait_event, wait_ready
 
 
 async def seed(redis: Redis, *ids: str, pool: str = "p", max_lease_s: int = 600) -> None:

@@ -17,9 +17,15 @@ import pytest
 
 from sandboxd.client import ClaimTimeout, Client
 from sandboxd.providers.local.agentclient import AgentError
-
-from conftest import sandbox_processes
-from helpers import KEYS, apply, events_of, eventually, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    events_of,
+    eventually,
+    sample_totals,
+    sandbox_processes,
+    wait_ready,
+)
 
 CLIENTS = 16
 CLAIMS_PER_CLIENT = 160  # 2,560 claims in all
@@ -67,18 +73,6 @@ async def use(sandbox, i: int) -> None:
         assert (result.exit_code, result.stdout) == (0, sandbox.claim_id.encode())
 
 
-async def sample_totals(redis, peaks: dict[str, int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        ids = await redis.smembers(KEYS.sandboxes)
-        async with redis.pipeline(transaction=False) as pipe:
-            for sandbox_id in ids:
-                pipe.hget(KEYS.sandbox(sandbox_id), "pool")
-            pools = await pipe.execute()
-        for name in POOLS:
-            peaks[name] = max(peaks.get(name, 0), pools.count(name))
-        await asyncio.sleep(0.005)
-
-
 def assert_never_held_twice(held: list[Held]) -> None:
     by_sandbox: dict[str, list[Held]] = defaultdict(list)
     for h in held:
@@ -115,7 +109,7 @@ async def test_sixteen_clients_thousands_of_claims(redis, redis_server, daemon_f
     peaks: dict[str, int] = {}
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as group:
-        sampler = group.create_task(sample_totals(redis, peaks, stop))
+        sampler = group.create_task(sample_totals(redis, stop, peaks))
         async with asyncio.TaskGroup() as clients:
             for number in range(CLIENTS):
                 clients.create_task(one_client(redis_server, number, held, timeouts))

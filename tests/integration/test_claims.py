@@ -12,9 +12,17 @@ import pytest
 
 from sandboxd.client import ClaimError, ClaimTimeout, Client
 from sandboxd.client.sync import SyncClient
-
-from conftest import sandbox_processes
-from helpers import KEYS, apply, cli, events_of, eventually, ready_ids, wait_event, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    ready_ids,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 
 @pytest.fixture

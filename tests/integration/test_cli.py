@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import KEYS, apply, cli, wait_event, wait_ready
+from tests.support import KEYS, apply, cli, wait_event, wait_ready
 
 EVENT_FIELDS = {"id", "type", "time", "pool", "sandbox", "data"}
 

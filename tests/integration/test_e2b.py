@@ -6,9 +6,16 @@ import time
 
 from sandboxd.client import Client
 from sandboxd.store.records import SandboxRecord, SandboxStore
-
-from conftest import E2B_TEST_KEY
-from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+from tests.support import (
+    E2B_TEST_KEY,
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    wait_event,
+    wait_ready,
+)
 
 
 def e2b_pool(name: str = "cloud", **extra) -> dict:
@@ -219,7 +226,7 @@ def _max_in_window(times: list[float], window: float) -> int:
 
 
 async def test_429_storms_and_503s_converge_at_the_configured_rate(redis, embedded_daemon):
-    from e2b_fake import FakeE2B
+    from tests.e2b_fake import FakeE2B
 
     # The account allows 4 creates/s; the daemon is configured for 2/s, burst 2.
     with FakeE2B(api_key=E2B_TEST_KEY, creates_per_s=4, burst=4) as fake:

@@ -11,10 +11,9 @@ from e2b.exceptions import AuthenticationException
 
 from sandboxd.client import Client
 from sandboxd.store.records import SandboxStore
+from tests.support import E2B_TEST_KEY, KEYS, apply, cli, events_of, wait_event, wait_ready
 
 from .test_e2b import cli_endpoints, client_endpoints, e2b_pool, e2b_settings
-from conftest import E2B_TEST_KEY
-from helpers import KEYS, apply, cli, events_of, wait_event, wait_ready
 
 pytestmark = pytest.mark.timeout(90)
 

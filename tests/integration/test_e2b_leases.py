@@ -7,10 +7,9 @@ config, so a lease three times as long takes seconds, not hours."""
 import time
 
 from sandboxd.client import Client
+from tests.support import E2B_TEST_KEY, apply, events_of, eventually, wait_event, wait_ready
 
 from .test_e2b import client_endpoints, e2b_pool, e2b_settings
-from conftest import E2B_TEST_KEY
-from helpers import apply, events_of, eventually, wait_event, wait_ready
 
 CAP_S = 3
 
@@ -18,7 +17,7 @@ CAP_S = 3
 async def test_a_lease_longer_than_max_timeout_keeps_its_sandbox_for_the_whole_lease(
     redis, embedded_daemon
 ):
-    from e2b_fake import FakeE2B
+    from tests.e2b_fake import FakeE2B
 
     with FakeE2B(api_key=E2B_TEST_KEY, max_timeout_s=CAP_S) as fake:
         daemon = await embedded_daemon(e2b=e2b_settings(fake, api_key=E2B_TEST_KEY))

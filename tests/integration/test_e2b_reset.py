@@ -2,10 +2,9 @@
 E2B's environment (HOME=/home/user, a private /tmp, no TMPDIR)."""
 
 from sandboxd.client import Client
+from tests.support import E2B_TEST_KEY, apply, events_of, eventually, wait_event, wait_ready
 
 from .test_e2b import client_endpoints, e2b_pool, e2b_settings
-from conftest import E2B_TEST_KEY
-from helpers import apply, events_of, eventually, wait_event, wait_ready
 
 SECRET = "pool-secret-value-0123456789"
 

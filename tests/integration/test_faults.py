@@ -11,9 +11,7 @@ from sandboxd.providers.base import CAPABILITIES, Capped, Extendable, Metered
 from sandboxd.providers.faults import FaultyProvider
 from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
-
-from conftest import E2B_TEST_KEY, sandbox_processes
-from helpers import apply, events_of, eventually, wait_ready
+from tests.support import E2B_TEST_KEY, apply, events_of, eventually, sandbox_processes, wait_ready
 
 POOL = PoolSpec(name="p")
 

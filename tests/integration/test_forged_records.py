@@ -7,8 +7,7 @@ import subprocess
 import psutil
 
 from sandboxd.store.records import SandboxRecord, SandboxStore
-
-from helpers import KEYS, apply, cli, wait_event, wait_ready
+from tests.support import KEYS, apply, cli, wait_event, wait_ready
 
 
 async def test_a_forged_record_is_closed_without_touching_what_it_names(

@@ -20,9 +20,18 @@ from redis.asyncio import Redis
 
 from sandboxd.store.fence import PASS_THROUGH
 from sandboxd.store.records import SandboxStore
-
-from conftest import E2B_TEST_KEY, free_port, sandbox_processes
-from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+from tests.support import (
+    E2B_TEST_KEY,
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    free_port,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli")
 TTL = 2.0

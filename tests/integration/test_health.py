@@ -3,8 +3,7 @@
 from sandboxd.client import Client
 from sandboxd.providers.local.agentclient import AgentClient
 from sandboxd.store.records import SandboxStore
-
-from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+from tests.support import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
 
 PROBED = {"probed": {"setup": 'touch "$HOME/ok"'}}
 

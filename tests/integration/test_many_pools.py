@@ -9,8 +9,7 @@ import json
 from redis.asyncio import Redis
 
 from sandboxd.cli.views import StateView
-
-from helpers import KEYS, apply, eventually
+from tests.support import KEYS, apply, eventually
 
 POOLS = 2000
 WRITES = {"set", "hset", "hdel", "del", "hsetnx", "hincrbyfloat", "unlink", "rename"}

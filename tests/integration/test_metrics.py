@@ -7,9 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandboxd.client import Client
 from sandboxd.config import AlertThresholds
-
-from conftest import free_port
-from helpers import apply, events_of, eventually, wait_event, wait_ready
+from tests.support import apply, events_of, eventually, free_port, wait_event, wait_ready
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

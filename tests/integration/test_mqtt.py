@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.client import Client
-
-from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
+from tests.support import KEYS, apply, events_of, eventually, wait_event, wait_ready
 
 pytestmark = pytest.mark.timeout(90)
 

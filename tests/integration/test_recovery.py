@@ -4,9 +4,15 @@ import os
 import signal
 
 from sandboxd.store.records import SandboxStore
-
-from conftest import sandbox_processes
-from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    events_of,
+    eventually,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 
 async def record_pids(redis) -> dict[str, int]:

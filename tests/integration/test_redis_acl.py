@@ -26,9 +26,7 @@ from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.localredis import answers, find_redis_server
 from sandboxd.store.records import SandboxRecord, SandboxStore
-
-from conftest import free_port
-from helpers import KEYS, apply, cli, events_of, wait_event, wait_ready
+from tests.support import KEYS, apply, cli, events_of, free_port, wait_event, wait_ready
 
 ACL_FILE = Path(__file__).parents[2] / "config" / "redis-acl.conf"
 

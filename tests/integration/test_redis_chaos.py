@@ -72,9 +72,15 @@ from sandboxd.client import ClaimError, Client, Sandbox
 from sandboxd.store.connection import open_redis
 from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
 from sandboxd.store.records import SandboxRecord, SandboxStore
-
-from conftest import DaemonProcess, _toml, free_port, sandbox_processes
-from helpers import KEYS, apply, eventually
+from tests.support import (
+    KEYS,
+    DaemonProcess,
+    apply,
+    eventually,
+    free_port,
+    sandbox_processes,
+    toml_config,
+)
 
 # Read at import: the autouse fixture of conftest removes SANDBOXD_* from the environment.
 SOAK = os.environ.get("SANDBOXD_SOAK") == "1"
@@ -255,7 +261,7 @@ class RedisChaos(RuleBasedStateMachine):
             "state_dir": str(self.short / "state"),  # the daemon's journal, this example's own
         }
         path = self.dir / "sandboxd.toml"
-        path.write_text(_toml(config, {"workspace_root": str(workspace)}))
+        path.write_text(toml_config(config, {"workspace_root": str(workspace)}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
         self.daemon = DaemonProcess(path, workspace, env, log_path=self.dir / "daemon.log")
         self.daemon.start()

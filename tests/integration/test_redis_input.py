@@ -15,9 +15,16 @@ import pytest
 from redis.asyncio import Redis
 
 from sandboxd.client import Client
-
-from conftest import sandbox_processes
-from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 DEEP = "[" * 1000 + "]" * 1000  # a 2 KB value
 

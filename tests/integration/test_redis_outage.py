@@ -6,9 +6,16 @@ from redis.asyncio import Redis
 
 from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
 from sandboxd.store.records import SandboxStore
-
-from conftest import free_port, sandbox_processes
-from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    events_of,
+    eventually,
+    free_port,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 
 async def test_waits_for_redis_then_serves_and_survives_a_restart(daemon_factory, tmp_path):

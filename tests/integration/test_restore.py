@@ -12,9 +12,15 @@ from redis.asyncio import Redis
 from sandboxd.client import Client
 from sandboxd.store.localredis import find_redis_server, start, wait_until_answering
 from sandboxd.store.records import SandboxStore
-
-from conftest import free_port, sandbox_processes
-from helpers import KEYS, apply, eventually, wait_event, wait_ready
+from tests.support import (
+    KEYS,
+    apply,
+    eventually,
+    free_port,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 
 async def claimed_pair(redis: Redis) -> tuple[Client, list]:

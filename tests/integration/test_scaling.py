@@ -2,32 +2,23 @@
 
 import asyncio
 
-from helpers import KEYS, apply, events_of, eventually, wait_event, wait_ready
-
-
-async def sample_totals(redis, pool: str, seen: list[int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        records = [
-            await redis.hget(KEYS.sandbox(i), "pool") for i in await redis.smembers(KEYS.sandboxes)
-        ]
-        seen.append(sum(1 for p in records if p == pool))
-        await asyncio.sleep(0.005)
+from tests.support import KEYS, apply, events_of, eventually, sample_totals, wait_event, wait_ready
 
 
 async def test_scale_up_and_down_never_exceeds_max_total(redis, daemon_factory):
     daemon = daemon_factory(max_concurrent_creates=3).start()
     await apply(redis, [{"name": "default", "min_ready": 2, "max_total": 8}])
     await wait_ready(redis, "default", 2)
-    seen: list[int] = []
+    peaks: dict[str, int] = {}
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as group:
-        group.create_task(sample_totals(redis, "default", seen, stop))
+        sampler = group.create_task(sample_totals(redis, stop, peaks))
         await apply(redis, [{"name": "default", "min_ready": 8, "max_total": 8}])
         await wait_ready(redis, "default", 8)
         await apply(redis, [{"name": "default", "min_ready": 1, "max_total": 8}])
         await wait_ready(redis, "default", 1)
         stop.set()
-    assert max(seen) <= 8 and len(seen) > 10  # sampled throughout, never over the cap
+    assert peaks["default"] <= 8 and sampler.result() > 10  # sampled throughout, never over
     scaled = await events_of(redis, "pool.scaled")
     assert any(e["data"]["terminating"] == 7 for e in scaled)
 

@@ -3,7 +3,7 @@
 import json
 from datetime import UTC, datetime, timedelta
 
-from helpers import apply, cli, eventually, wait_event, wait_ready
+from tests.support import apply, cli, eventually, wait_event, wait_ready
 
 
 class Clock:

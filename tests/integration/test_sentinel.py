@@ -19,9 +19,7 @@ from sandboxd.client import ClaimError, Client
 from sandboxd.store.connection import open_redis
 from sandboxd.store.localredis import find_redis_server, wait_until_answering
 from sandboxd.store.records import SandboxStore
-
-from conftest import free_port, sandbox_processes
-from helpers import KEYS, apply, eventually, wait_ready
+from tests.support import KEYS, apply, eventually, free_port, sandbox_processes, wait_ready
 
 SERVICE = "sbx"
 pytestmark = pytest.mark.skipif(

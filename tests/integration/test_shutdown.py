@@ -2,8 +2,7 @@
 
 import signal
 
-from conftest import sandbox_processes
-from helpers import KEYS, apply, events_of, wait_event, wait_ready
+from tests.support import KEYS, apply, events_of, sandbox_processes, wait_event, wait_ready
 
 
 async def test_sigterm_terminates_every_sandbox(redis, daemon_factory):

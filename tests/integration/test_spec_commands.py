@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import apply, cli, eventually, ready_ids, wait_event, wait_ready
+from tests.support import apply, cli, eventually, ready_ids, wait_event, wait_ready
 
 
 async def test_rollback_restores_an_earlier_revision_and_the_pools_follow(

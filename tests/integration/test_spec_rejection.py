@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
+from tests.support import KEYS, apply, cli, events_of, eventually, wait_event, wait_ready
 
 INVALID = {
     "pools:\n  - name: default\n    min_ready: -1\n": "pools[0](default).min_ready",

@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from helpers import apply
+from tests.support import apply
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT.parent / "shared" / "tools" / "systemd-lab"

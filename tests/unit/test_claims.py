@@ -38,8 +38,7 @@ from sandboxd.store.claims import (
 )
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.records import SandboxRecord, SandboxStore
-
-from helpers import KEYS
+from tests.support import KEYS
 
 OPS = st.lists(
     st.one_of(

@@ -1,4 +1,4 @@
-"""Test helpers: polling with a deadline (never sleeping as synchronisation)."""
+"""Waiting on Redis with a deadline (never sleeping as synchronisation), specs, the CLI."""
 
 import asyncio
 import subprocess
@@ -48,12 +48,17 @@ async def ready_ids(redis: Redis, pool: str) -> list[str]:
     return await redis.lrange(KEYS.pool_ready(pool), 0, -1)
 
 
-async def wait_ready(redis: Redis, pool: str, count: int, timeout: float = 30.0) -> list[str]:
+async def wait_ready(
+    redis: Redis, pool: str, count: int, timeout: float = 30.0, interval: float = 0.02
+) -> list[str]:
+    """The pool's ready ids once there are exactly `count` (benchmarks poll faster)."""
+
     async def probe():
         ids = await ready_ids(redis, pool)
         return ids if len(ids) == count else None
 
-    return await eventually(probe, timeout=timeout, what=f"{count} ready in pool {pool}")
+    what = f"{count} ready in pool {pool}"
+    return await eventually(probe, timeout=timeout, interval=interval, what=what)
 
 
 async def events_of(redis: Redis, *types: str) -> list[dict]:
@@ -84,3 +89,20 @@ def cli(
         text=True,
         timeout=30,
     )
+
+
+async def sample_totals(redis: Redis, stop: asyncio.Event, peaks: dict[str, int]) -> int:
+    """Until `stop`: the most sandboxes of each pool seen at once, into `peaks`; returns how
+    many samples were taken (a cap like max_total is checked against them)."""
+    samples = 0
+    while not stop.is_set():
+        ids = await redis.smembers(KEYS.sandboxes)
+        async with redis.pipeline(transaction=False) as pipe:
+            for sandbox_id in ids:
+                pipe.hget(KEYS.sandbox(sandbox_id), "pool")
+            pools = await pipe.execute()
+        for name in {p for p in pools if p}:
+            peaks[name] = max(peaks.get(name, 0), pools.count(name))
+        samples += 1
+        await asyncio.sleep(0.005)
+    return samples

@@ -1,0 +1,1 @@
+"""The suite: unit, integration (real Redis, sandboxes, daemons), systemd lab."""

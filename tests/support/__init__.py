@@ -1,0 +1,42 @@
+"""What the tests share (fixtures are in tests/conftest.py): waiting on Redis with a
+deadline, the CLI, the real daemon as a process, a test's sandboxes, free ports."""
+
+from tests.support.processes import (
+    E2B_TEST_KEY,
+    Broker,
+    DaemonProcess,
+    free_port,
+    sandbox_processes,
+    toml_config,
+)
+from tests.support.waiting import (
+    KEYS,
+    PREFIX,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    ready_ids,
+    sample_totals,
+    wait_event,
+    wait_ready,
+)
+
+__all__ = [
+    "E2B_TEST_KEY",
+    "KEYS",
+    "PREFIX",
+    "Broker",
+    "DaemonProcess",
+    "apply",
+    "cli",
+    "events_of",
+    "eventually",
+    "free_port",
+    "ready_ids",
+    "sample_totals",
+    "sandbox_processes",
+    "toml_config",
+    "wait_event",
+    "wait_ready",
+]
