@@ -217,6 +217,7 @@ class Daemon:
                 self.keys.node_epoch(self.config.node),
                 self.instance,
                 self.config.lease_ttl_s,
+                released=self.keys.node_released(self.config.node),
             )
             if not await self._until_active(redis, self.lease):
                 return 0
@@ -228,13 +229,21 @@ class Daemon:
     async def _until_active(self, redis: Redis, lease: Lease) -> bool:
         """The hot standby: wait, touching nothing, until the node's lease is free, then take
         it (a new epoch). False if told to stop first."""
+        async with redis.pubsub() as released:
+            with contextlib.suppress(RedisError, OSError):
+                await released.subscribe(lease.released)
+            return await self._stand_by(redis, lease, released)
+
+    async def _stand_by(self, redis: Redis, lease: Lease, released: Any) -> bool:
         announced = False
         poll_s = min(1.0, lease.ttl_s / 5)
         while not self.stop.is_set():
+            wait_s = poll_s
             try:
                 if await lease.try_acquire():
                     return True
-                holder = await lease.holder()
+                holder, left_s = await lease.holder()
+                wait_s = min(poll_s, left_s + 0.005)  # look again the moment it runs out
                 self.role = "standby"
                 await beat_standby(redis, self.keys, self._standby_entry(holder))
             except RedisError as exc:
@@ -252,9 +261,22 @@ class Daemon:
                 )
                 sdnotify.ready(f"standby for node {self.config.node} (active: {held_by})")
                 announced = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), poll_s)
+            await self._until_released(released, wait_s)
         return False
+
+    async def _until_released(self, released: Any, wait_s: float) -> None:
+        """Wait `wait_s`, less if the active daemon announces a release or we must stop."""
+        deadline = time.monotonic() + wait_s
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await released.get_message(
+                    ignore_subscribe_messages=True, timeout=min(left, 0.2)
+                )
+            except (RedisError, OSError):
+                message = None
+                await asyncio.sleep(min(left, 0.2))
+            if message is not None:
+                return
 
     def _standby_entry(self, holder: Holder | None) -> dict[str, Any]:
         return {

@@ -60,6 +60,11 @@ class Keys:
         """Counter: the node's fencing epoch, incremented at every acquisition of its lease."""
         return f"{self.prefix}:node:{node}:epoch"
 
+    def node_released(self, node: str) -> str:
+        """Pub/sub channel: the node's lease was given back (a clean stop): standbys take it
+        at once instead of at their next look."""
+        return f"{self.prefix}:node:{node}:released"
+
     @property
     def leader(self) -> str:
         """`<epoch>:<instance>` of the daemon managing the cloud (e2b) pools; expires unless

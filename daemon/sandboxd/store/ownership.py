@@ -39,8 +39,10 @@ if held then return 0 end
 return -1
 """
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[1]) end
+return 1
 """
 
 
@@ -64,8 +66,17 @@ class Holder:
 class Lease:
     """One lease (`key`, its epoch counter `epoch_key`) as seen by one daemon instance."""
 
-    def __init__(self, redis: Redis, key: str, epoch_key: str, instance: str, ttl_s: float):
+    def __init__(
+        self,
+        redis: Redis,
+        key: str,
+        epoch_key: str,
+        instance: str,
+        ttl_s: float,
+        released: str = "",
+    ):
         self.key = key
+        self.released = released  # the channel a release is announced on ('' = none)
         self.epoch_key = epoch_key
         self.instance = instance
         self.ttl_s = ttl_s
@@ -105,10 +116,15 @@ class Lease:
     async def release(self) -> None:
         """Give the lease back at a clean stop, so a standby need not wait out the TTL."""
         if self.token:
-            await self._release(keys=[self.key], args=[self.token])
+            await self._release(keys=[self.key], args=[self.token, self.released])
 
-    async def holder(self) -> Holder | None:
-        return Holder.parse(await self._redis.get(self.key))
+    async def holder(self) -> tuple[Holder | None, float]:
+        """Who holds the lease, and for how many more seconds (0: nobody)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.key)
+            pipe.pttl(self.key)
+            token, left_ms = await pipe.execute()
+        return Holder.parse(token), max(0.0, (left_ms or 0) / 1000)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl_s * 1000))
