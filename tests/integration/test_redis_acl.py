@@ -191,6 +191,12 @@ async def _events(acl_redis: AclRedis) -> list[dict]:
         ("UNLINK", "sandboxd:sandbox:sb-1"),
         ("SREM", "sandboxd:sandboxes", "sb-1"),
         ("RPUSH", "sandboxd:pool:p:ready", "sb-9"),
+        ("SET", "sandboxd:node:vm:lease", "9:forged"),  # would make the active daemon step down
+        ("DEL", "sandboxd:node:vm:lease"),
+        ("INCR", "sandboxd:node:vm:epoch"),
+        ("SET", "sandboxd:leader", "9:forged"),
+        ("HSET", "sandboxd:daemons", "forged", "{}"),
+        ("PUBLISH", "sandboxd:node:vm:released", "x"),
         ("HGETALL", "other:secret"),
         ("GET", "elsewhere"),
         ("HSET", "elsewhere", "a", "b"),
