@@ -376,7 +376,8 @@ class Daemon:
         if not await lease.try_acquire():
             return "taken"
         log.warning(
-            "the node's lease was gone from Redis (data lost?): taken again at epoch %d",
+            "lease %s was gone from Redis (data lost?): taken again at epoch %d",
+            lease.key,
             lease.epoch,
             extra={"node": self.config.node, "epoch": lease.epoch},
         )

@@ -249,7 +249,8 @@ async def test_429_storms_and_503s_converge_at_the_configured_rate(redis, embedd
         # The daemon itself never set off the account's rate limit.
         assert fake.ledger.rate_limited == 0
         ok_times = [t for t, status in creates if status == 201]
-        assert _max_in_window(ok_times, 1.0) <= 3  # 2/s plus the bucket's burst edge
+        # A bucket of 2 refilled at 2/s allows at most 2 + 2 creates in any 1 s window.
+        assert _max_in_window(ok_times, 1.0) <= 4
 
         # 503s (no capacity) are retried the same way.
         fake.faults.create_errors = [(503, "no capacity", {})]

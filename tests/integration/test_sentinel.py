@@ -7,7 +7,6 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +155,7 @@ async def test_a_client_of_a_sentinel_url_follows_a_failover(replicated):
         await client.aclose()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_twice(
     replicated, daemon_factory
 ):
@@ -210,18 +209,22 @@ async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_t
 
         await eventually(promoted, timeout=30, what="the Sentinel's failover")
         failed_over.set()
-        await asyncio.sleep(5)  # the storm goes on against the new primary
-        stop.set()
+        since = time.monotonic()
+
+        async def claims_again():  # the storm goes on against the new primary
+            return sum(1 for at, what in outcomes if what == "claimed" and at > since) >= 20
+
+        try:
+            await eventually(claims_again, timeout=60, what="20 claims after the failover")
+        finally:
+            stop.set()
 
     try:
         async with asyncio.TaskGroup() as group:
             for n in range(6):
                 group.create_task(claimant(n))
             group.create_task(killer())
-        after = [t for t, what in outcomes if what == "claimed"]
         assert doubles == []
-        failures = Counter(what for _, what in outcomes if what != "claimed")
-        assert after and max(after) > min(t for t, _ in outcomes) + 5, f"stopped: {failures}"
 
         async def converged():
             records = await SandboxStore(admin, KEYS).records()

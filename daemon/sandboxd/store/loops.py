@@ -29,6 +29,8 @@ def why(exc: BaseException) -> str:
     wanted is bad data (repaired by the reconciler), not an outage."""
     if "WRONGTYPE" in str(exc):
         return "a key holds the wrong type"
+    if str(exc).startswith("FENCEFREE"):  # store.fence.LeaseVacant
+        return "Redis lost the lease with its data (it is being taken again)"
     return "Redis unavailable"
 
 
