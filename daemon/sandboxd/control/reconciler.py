@@ -24,7 +24,7 @@ from sandboxd.providers.base import Capped
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import EventPublisher
-from sandboxd.store.loops import cancelling, survive
+from sandboxd.store.loops import cancelling, survive, why
 from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, wrong_type
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Reconciler:
                 return
             if not survive(exc):
                 raise
-            log.warning("reconcile pass failed, Redis unavailable: %s", exc)
+            log.warning("reconcile pass failed, %s: %s", why(exc), exc)
 
     async def _wrong_type(self, exc: RedisError) -> None:
         """A key of ours holds another type (not an outage): replace it, pass again."""
