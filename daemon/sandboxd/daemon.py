@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -67,6 +68,7 @@ SHUTDOWN_TERMINATE_S = 3.0
 
 # The unit's RestartPreventExitStatus: restarting cannot fix a host that lacks protections.
 EXIT_WEAK_ISOLATION = 78
+EXIT_WRONG_NODE = 78  # the node is served from another host or registry (see _cannot_stand_in)
 # Lost the node's lease (another daemon took over, or this one was cut off past the TTL):
 # systemd restarts it (Restart=on-failure) and it comes back as the standby.
 EXIT_LEASE_LOST = 75
@@ -138,7 +140,8 @@ class Daemon:
         self.fence = Fence(on_lost=self._lease_lost, on_vacant=self._lease_vacant)
         self._retake = asyncio.Event()  # a write found the lease held by nobody
         self.leader_epoch = 0  # of the cloud pools' lead, while this daemon holds it
-        self._identity = identity(self.instance)
+        self._identity = identity(self.instance, config.local.workspace_root)
+        self.wrong_node: str | None = None  # this daemon cannot stand in for the active one
 
     async def run(self, *, handle_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test);
@@ -220,7 +223,7 @@ class Daemon:
                 released=self.keys.node_released(self.config.node),
             )
             if not await self._until_active(redis, self.lease):
-                return 0
+                return EXIT_WRONG_NODE if self.wrong_node else 0
             await self._act(redis, self.lease, self.providers)
         finally:
             await redis.aclose()
@@ -244,6 +247,8 @@ class Daemon:
                     return True
                 holder, left_s = await lease.holder()
                 wait_s = min(poll_s, left_s + 0.005)  # look again the moment it runs out
+                if holder is not None and await self._cannot_stand_in(redis, holder):
+                    return False
                 self.role = "standby"
                 await beat_standby(redis, self.keys, self._standby_entry(holder))
             except RedisError as exc:
@@ -277,6 +282,26 @@ class Daemon:
                 await asyncio.sleep(min(left, 0.2))
             if message is not None:
                 return
+
+    async def _cannot_stand_in(self, redis: Redis, holder: Holder) -> bool:
+        """The active daemon of this node runs on another host or keeps its sandboxes in
+        another registry (a `make run` beside the service): taking over would orphan its
+        sandboxes. Refuse to be its standby (exit 78: a restart cannot fix a config)."""
+        try:
+            line = json.loads(await redis.hget(self.keys.daemons, holder.instance) or "{}")
+        except (ValueError, TypeError):
+            return False
+        theirs = line.get("workspace") if isinstance(line, dict) else None
+        if not isinstance(theirs, str) or theirs == self._identity["workspace"]:
+            return False
+        self.wrong_node = (
+            f"node {self.config.node} is served by daemon {holder.instance} on another host or "
+            "with another local.workspace_root: this daemon cannot be its standby; give it a "
+            "node of its own (config `node`)"
+        )
+        log.critical("refusing to start: %s", self.wrong_node)
+        sdnotify.status(f"refused to start: {self.wrong_node}")
+        return True
 
     def _standby_entry(self, holder: Holder | None) -> dict[str, Any]:
         return {

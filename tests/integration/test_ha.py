@@ -325,3 +325,19 @@ async def test_a_killed_cloud_leader_is_followed_by_a_daemon_that_adopts_its_e2b
     assert len(fake_e2b.ours()) == 2  # nothing created twice
     assert not await events_of(redis, "sandbox.terminated")
     assert second.proc.poll() is None
+
+
+async def test_a_daemon_with_another_registry_refuses_to_stand_in_for_the_node(
+    redis, daemon_factory, tmp_path
+):
+    """A `make run` beside the service: same node, another workspace_root. Taking over would
+    orphan the service's sandboxes, so it refuses (exit 78, which systemd does not restart)."""
+    ha_daemon(daemon_factory).start()
+    await apply(redis, [POOL])
+    ids = set(await wait_ready(redis, "ha", 2))
+    other = daemon_factory(lease_ttl_s=TTL, local={"workspace_root": str(tmp_path / "other")})
+    other.start()
+    assert await asyncio.to_thread(other.wait, 20) == 78
+    said = [line["message"] for line in other.logs()]
+    assert any("cannot be its standby" in m for m in said)
+    assert set(await redis.lrange(KEYS.pool_ready("ha"), 0, -1)) == ids

@@ -2,11 +2,13 @@
 it, the per-pool facts that changed since the last beat (`<prefix>:daemon:pools`), and this
 daemon's line in `<prefix>:daemons`, where the active daemon and its standbys are listed."""
 
+import hashlib
 import json
 import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -17,17 +19,32 @@ from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every
 
 STALE_S = 60.0  # a `<prefix>:daemons` entry not refreshed this long is removed
-ENTRY_FIELDS = ("instance", "pid", "host", "version", "started_at", "node", "role", "epoch")
+ENTRY_FIELDS = (
+    "instance",
+    "pid",
+    "host",
+    "version",
+    "started_at",
+    "workspace",
+    "node",
+    "role",
+    "epoch",
+)
 
 
-def identity(instance: str) -> dict[str, Any]:
-    """Who this daemon process is, in every heartbeat and in `daemon.started`."""
+def identity(instance: str, workspace_root: Path) -> dict[str, Any]:
+    """Who this daemon process is, in every heartbeat and in `daemon.started`. `workspace`
+    names its host and local registry (a digest, not the path): daemons that may stand in
+    for each other share it."""
+    host = socket.gethostname()
+    where = hashlib.sha256(f"{host}\0{workspace_root}".encode()).hexdigest()[:16]
     return {
         "instance": instance,
         "pid": os.getpid(),
-        "host": socket.gethostname(),
+        "host": host,
         "version": __version__,
         "started_at": time.time(),
+        "workspace": where,
     }
 
 
