@@ -1,11 +1,8 @@
 """The daemon's lifecycle: connect, adopt, reconcile, serve until told to stop, shut down."""
 
 import asyncio
-import contextlib
-import json
 import logging
 import signal
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -29,10 +26,11 @@ from sandboxd.control.schedule import PoolSchedules
 from sandboxd.control.specsource import SpecSource
 from sandboxd.control.terminator import Terminator
 from sandboxd.health.monitor import HealthMonitor
+from sandboxd.leadership import Leadership
 from sandboxd.logs import redact_url
 from sandboxd.outputs import sdnotify
 from sandboxd.outputs.cost import CostMeter
-from sandboxd.outputs.heartbeat import Heartbeat, beat_standby, identity
+from sandboxd.outputs.heartbeat import Heartbeat, identity
 from sandboxd.outputs.metrics import Metrics, MetricsServer, pool_gauges
 from sandboxd.outputs.mqtt import MqttBridge
 from sandboxd.outputs.poolfacts import PoolFacts
@@ -53,10 +51,9 @@ from sandboxd.store.claims import ClaimStore
 from sandboxd.store.connection import make_client, wait_for_redis
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.eventtail import EventTail
-from sandboxd.store.fence import Fence, FencedRedis, LeaseLost
+from sandboxd.store.fence import FencedRedis, LeaseLost
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every, survive, why
-from sandboxd.store.ownership import Holder, Lease
 from sandboxd.store.records import STATES, PassSnapshot, SandboxRecord, SandboxStore
 from sandboxd.store.specs import SpecStore
 from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
@@ -134,14 +131,10 @@ class Daemon:
         self.fatal: str | None = None  # why the daemon gave up, if it did
         self.hard_stop = HardStop()
         self._owns_process = False
-        # Active or standby: the node's lease, and the fence every write goes through.
-        self.role = "starting"
-        self.lease: Lease | None = None
-        self.fence = Fence(on_lost=self._lease_lost, on_vacant=self._lease_vacant)
-        self._retake = asyncio.Event()  # a write found the lease held by nobody
-        self.leader_epoch = 0  # of the cloud pools' lead, while this daemon holds it
         self._identity = identity(self.instance, config.local.workspace_root)
-        self.wrong_node: str | None = None  # this daemon cannot stand in for the active one
+        # Active or standby: the leases, and the fence every write goes through (made with
+        # the Redis client, at start).
+        self.leadership: Leadership | None = None
 
     async def run(self, *, handle_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT (or `stop` is set, e.g. by an embedding test);
@@ -160,7 +153,7 @@ class Daemon:
         finally:
             if handle_signals:  # whatever asyncio or the interpreter still waits for
                 self.hard_stop.arm("the daemon's end")
-        if self.fence.lost is not None:
+        if self.leadership is not None and self.leadership.fence.lost is not None:
             return EXIT_LEASE_LOST
         return 1 if self.fatal else code
 
@@ -185,14 +178,12 @@ class Daemon:
 
     def _lease_lost(self, reason: str) -> None:
         """Another daemon acts for this node now: stop at once, touching nothing."""
-        self.role = "lost"
+        if self.leadership is not None:
+            self.leadership.role = "lost"
         sdnotify.status(f"stopping: lost the lease of node {self.config.node} ({reason})")
         if self._owns_process:
             self.hard_stop.arm("lease lost")
         self.stop.set()
-
-    def _lease_vacant(self, reason: str) -> None:
-        self._retake.set()
 
     async def _run(self) -> int:
         log.info(
@@ -214,121 +205,31 @@ class Daemon:
                 log.critical("refusing to start: %s", exc)
                 sdnotify.status(f"refused to start: {exc}")
                 return EXIT_WEAK_ISOLATION
-            self.lease = Lease(
+            self.leadership = leadership = Leadership(
                 redis,
-                self.keys.node_lease(self.config.node),
-                self.keys.node_epoch(self.config.node),
-                self.instance,
-                self.config.lease_ttl_s,
-                released=self.keys.node_released(self.config.node),
+                self.config,
+                instance=self.instance,
+                identity=self._identity,
+                stop=self.stop,
+                on_lost=self._lease_lost,
             )
-            if not await self._until_active(redis, self.lease):
-                return EXIT_WRONG_NODE if self.wrong_node else 0
-            await self._act(redis, self.lease, self.providers)
+            if not await leadership.until_active():
+                return EXIT_WRONG_NODE if leadership.wrong_node else 0
+            await self._act(redis, leadership, self.providers)
         finally:
             await redis.aclose()
         return 0
 
-    async def _until_active(self, redis: Redis, lease: Lease) -> bool:
-        """The hot standby: wait, touching nothing, until the node's lease is free, then take
-        it (a new epoch). False if told to stop first."""
-        async with redis.pubsub() as released:
-            with contextlib.suppress(RedisError, OSError):
-                await released.subscribe(lease.released)
-            return await self._stand_by(redis, lease, released)
-
-    async def _stand_by(self, redis: Redis, lease: Lease, released: Any) -> bool:
-        announced = False
-        poll_s = min(1.0, lease.ttl_s / 5)
-        while not self.stop.is_set():
-            wait_s = poll_s
-            try:
-                if await lease.try_acquire():
-                    return True
-                holder, left_s = await lease.holder()
-                wait_s = min(poll_s, left_s + 0.005)  # look again the moment it runs out
-                if holder is not None and await self._cannot_stand_in(redis, holder):
-                    return False
-                self.role = "standby"
-                await beat_standby(redis, self.keys, self._standby_entry(holder))
-            except RedisError as exc:
-                if not survive(exc):
-                    raise
-                log.warning("standby: Redis unavailable: %s", exc)
-                holder = None
-            if not announced:
-                held_by = f"{holder.instance} (epoch {holder.epoch})" if holder else "another"
-                log.warning(
-                    "standby: node %s is held by daemon %s; taking over when its lease ends",
-                    self.config.node,
-                    held_by,
-                    extra={"node": self.config.node, "role": "standby"},
-                )
-                sdnotify.ready(f"standby for node {self.config.node} (active: {held_by})")
-                announced = True
-            await self._until_released(released, wait_s)
-        return False
-
-    async def _until_released(self, released: Any, wait_s: float) -> None:
-        """Wait `wait_s`, less if the active daemon announces a release or we must stop."""
-        deadline = time.monotonic() + wait_s
-        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
-            try:
-                message = await released.get_message(
-                    ignore_subscribe_messages=True, timeout=min(left, 0.2)
-                )
-            except (RedisError, OSError):
-                message = None
-                await asyncio.sleep(min(left, 0.2))
-            if message is not None:
-                return
-
-    async def _cannot_stand_in(self, redis: Redis, holder: Holder) -> bool:
-        """The active daemon of this node runs on another host or keeps its sandboxes in
-        another registry (a `make run` beside the service): taking over would orphan its
-        sandboxes. Refuse to be its standby (exit 78: a restart cannot fix a config)."""
-        try:
-            line = json.loads(await redis.hget(self.keys.daemons, holder.instance) or "{}")
-        except (ValueError, TypeError):
-            return False
-        theirs = line.get("workspace") if isinstance(line, dict) else None
-        if not isinstance(theirs, str) or theirs == self._identity["workspace"]:
-            return False
-        self.wrong_node = (
-            f"node {self.config.node} is served by daemon {holder.instance} on another host or "
-            "with another local.workspace_root: this daemon cannot be its standby; give it a "
-            "node of its own (config `node`)"
-        )
-        log.critical("refusing to start: %s", self.wrong_node)
-        sdnotify.status(f"refused to start: {self.wrong_node}")
-        return True
-
-    def _standby_entry(self, holder: Holder | None) -> dict[str, Any]:
-        return {
-            **self._identity,
-            "node": self.config.node,
-            "role": "standby",
-            "epoch": 0,
-            "active_instance": holder.instance if holder else None,
-            "active_epoch": holder.epoch if holder else None,
-            "heartbeat_at": time.time(),
-        }
-
-    async def _act(self, redis: Redis, lease: Lease, providers: dict[str, Provider]) -> None:
+    async def _act(
+        self, redis: Redis, leadership: Leadership, providers: dict[str, Provider]
+    ) -> None:
         """Active for the node: every write through the fence, every sandbox action behind
-        the lease's guard; the lease renewed for as long as this runs."""
-        assert lease.token is not None
-        self.fence.hold(lease.key, lease.token, lease.ttl_s, lease.since)
-        self.role = "active"
-        log.info(
-            "active for node %s at epoch %d",
-            self.config.node,
-            lease.epoch,
-            extra={"node": self.config.node, "role": "active", "epoch": lease.epoch},
-        )
-        fenced = FencedRedis.over(redis, self.fence)
+        the lease's guard; the leases kept for as long as this runs."""
+        leadership.activate()
+        fence = leadership.fence
+        fenced = FencedRedis.over(redis, fence)
         guarded: dict[str, Provider] = {
-            n: wrap(Guarded, p, self.fence.check) for n, p in providers.items()
+            n: wrap(Guarded, p, fence.check) for n, p in providers.items()
         }
         # What this daemon manages: its node's providers; the cloud ones only as the leader.
         # Every loop gets this very dict, so leading later adds the cloud providers to all.
@@ -336,13 +237,16 @@ class Daemon:
             n: p for n, p in guarded.items() if n not in CLOUD_PROVIDERS
         }
         cloud: dict[str, Provider] = {n: p for n, p in guarded.items() if n in CLOUD_PROVIDERS}
-        leader = Lease(redis, self.keys.leader, self.keys.leader_epoch, self.instance, lease.ttl_s)
-        if cloud and await leader.try_acquire():
-            self._lead_now(leader, managed, cloud)
+        if cloud and await leadership.try_lead():
+            managed.update(cloud)
         try:
             async with asyncio.TaskGroup() as group:
                 keeper = group.create_task(
-                    self._keep_leases(lease, leader, fenced, managed, cloud), name="lease"
+                    leadership.keep(
+                        may_lead=lambda: bool(cloud) and self.started.is_set(),
+                        on_lead=lambda: self._lead_later(fenced, managed, cloud),
+                    ),
+                    name="lease",
                 )
                 try:
                     await self._serve(fenced, managed)
@@ -351,37 +255,15 @@ class Daemon:
         except* LeaseLost:
             pass  # the fence already stopped everything; nothing more is written
         finally:
-            if self.fence.lost is None:
-                with contextlib.suppress(RedisError, OSError):
-                    await leader.release()
-                    await lease.release()  # a clean stop: the standby need not wait the TTL
-
-    def _lead_now(
-        self, leader: Lease, managed: dict[str, Provider], cloud: dict[str, Provider]
-    ) -> None:
-        assert leader.token is not None
-        self.fence.hold(leader.key, leader.token, leader.ttl_s, leader.since)
-        self.leader_epoch = leader.epoch
-        managed.update(cloud)
-        log.info(
-            "leading the cloud pools (%s) at epoch %d",
-            ", ".join(sorted(cloud)),
-            leader.epoch,
-            extra={"leader_epoch": leader.epoch, "providers": sorted(cloud)},
-        )
+            await leadership.release()
 
     async def _lead_later(
-        self,
-        leader: Lease,
-        redis: Redis,
-        managed: dict[str, Provider],
-        cloud: dict[str, Provider],
+        self, redis: Redis, managed: dict[str, Provider], cloud: dict[str, Provider]
     ) -> None:
         """The cloud leader went away while this daemon serves: lead, adopting the cloud
         sandboxes (from the providers' listings) the way a starting daemon does."""
-        self._lead_now(leader, {}, cloud)
-        w = self.wings
-        assert w is not None
+        w, leadership = self.wings, self.leadership
+        assert w is not None and leadership is not None
         scoped = SandboxStore(redis, self.keys, owns=lambda r: r.provider in cloud)
         report = await adopt(scoped, cloud, w.events)
         managed.update(cloud)
@@ -389,73 +271,12 @@ class Daemon:
             "daemon.leading",
             instance=self.instance,
             node=self.config.node,
-            epoch=leader.epoch,
+            epoch=leadership.leader_epoch,
             adopted=len(report.adopted),
             dropped=len(report.dropped),
             orphans=len(report.orphans),
         )
         w.reconciler.nudge()
-
-    async def _retake_lease(self, lease: Lease) -> str:
-        """The lease vanished while held in time: Redis lost its data. Take it again."""
-        if not await lease.try_acquire():
-            return "taken"
-        log.warning(
-            "lease %s was gone from Redis (data lost?): taken again at epoch %d",
-            lease.key,
-            lease.epoch,
-            extra={"node": self.config.node, "epoch": lease.epoch},
-        )
-        return "renewed"
-
-    async def _keep_leases(
-        self,
-        lease: Lease,
-        leader: Lease,
-        redis: Redis,
-        managed: dict[str, Provider],
-        cloud: dict[str, Provider],
-    ) -> None:
-        """Renew every third of the TTL; a refused renewal, or none for a whole TTL on this
-        host's clock, loses the lease (the fence stops the daemon). Once serving, take the
-        cloud pools' lead whenever it is free."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retake.wait(), lease.ttl_s / 3)
-            self._retake.clear()
-            held = [lease, *([leader] if leader.key in self.fence.held else [])]
-            for each in held:
-                if not await self._renew(each):
-                    return
-            if cloud and leader.key not in self.fence.held and self.started.is_set():
-                try:
-                    if await leader.try_acquire():
-                        await self._lead_later(leader, redis, managed, cloud)
-                except (RedisError, OSError) as exc:
-                    if not survive(exc):
-                        raise
-            try:
-                self.fence.check()
-            except LeaseLost:
-                return
-
-    async def _renew(self, lease: Lease) -> bool:
-        """One renewal; False once the lease is lost."""
-        try:
-            async with asyncio.timeout(lease.ttl_s / 3):  # a hung connection is no excuse
-                result = await lease.renew()
-                if result == "vacant" and time.monotonic() < lease.since + lease.ttl_s:
-                    result = await self._retake_lease(lease)
-            if result != "renewed":
-                why_lost = {"taken": "taken over by another daemon", "vacant": "expired"}
-                self.fence.lose(f"{lease.key} {why_lost[result]}")
-                return False
-            self.fence.hold(lease.key, lease.token or "", lease.ttl_s, lease.since)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if not isinstance(exc, TimeoutError) and not survive(exc):
-                raise
-            log.warning("lease %s not renewed, %s: %s", lease.key, why(exc), exc)
-        return True
 
     async def _serve(self, redis: Redis, providers: dict[str, Provider]) -> None:
         self.isolation = {name: p.isolation for name, p in providers.items()}
@@ -629,10 +450,10 @@ class Daemon:
             "log_level": self.config.log_level,
             "reconcile_interval_s": self.config.reconcile_interval_s,
             "node": self.config.node,
-            "role": self.role,
-            "epoch": self.lease.epoch if self.lease else 0,
-            "leader": self.leader_epoch > 0,
-            "leader_epoch": self.leader_epoch,
+            "role": self.leadership.role if self.leadership else "starting",
+            "epoch": self.leadership.node.epoch if self.leadership else 0,
+            "leader": bool(self.leadership and self.leadership.leading),
+            "leader_epoch": self.leadership.leader_epoch if self.leadership else 0,
             "lease_ttl_s": self.config.lease_ttl_s,
         }
 
@@ -712,8 +533,8 @@ class Daemon:
             dropped=len(report.dropped),
             orphans=len(report.orphans),
             node=self.config.node,
-            epoch=self.lease.epoch if self.lease else 0,
-            leader_epoch=self.leader_epoch,
+            epoch=self.leadership.node.epoch if self.leadership else 0,
+            leader_epoch=self.leadership.leader_epoch if self.leadership else 0,
         )
         sdnotify.ready(f"active for node {self.config.node}, reconciling revision {revision}")
         log.info(
@@ -726,10 +547,10 @@ class Daemon:
         )
 
     async def _shut_down(self, w: Wings) -> None:
-        if self.fence.lost is not None:
+        lost = self.leadership.fence.lost if self.leadership else None
+        if lost is not None:
             log.critical(
-                "stopped: the node's lease is lost (%s); its sandboxes are the new holder's",
-                self.fence.lost,
+                "stopped: the node's lease is lost (%s); its sandboxes are the new holder's", lost
             )
             return
         sdnotify.stopping(f"stopping ({self.config.on_shutdown} sandboxes)")

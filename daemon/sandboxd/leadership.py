@@ -1,0 +1,254 @@
+"""Which daemon acts: the hot standby's wait, the leases kept while active, the cloud lead.
+
+A daemon acts for its node only while it holds the node's lease (`store/ownership.py`), and
+manages the cloud (e2b) pools only while it holds the leader lease too. `Leadership` owns
+both leases and the `Fence` every write of the active daemon goes through (`store/fence.py`):
+
+- `until_active`: the standby. It writes nothing but its line in `<prefix>:daemons`, looks
+  at the lease when its time to live runs out or when a clean stop announces a release, and
+  refuses to stand in for a daemon that keeps its sandboxes in another registry;
+- `activate` / `try_lead`: take what was acquired into the fence;
+- `keep`: renew every third of the TTL (each attempt bounded), take a lease again when Redis
+  lost it while it was held in time, and take the cloud lead when it is free (`on_lead` then
+  adopts the cloud sandboxes). A refused renewal, or none for a whole TTL on this host's
+  clock, loses the lease: the fence tells the daemon, which stops acting at once.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sandboxd.config import Config
+from sandboxd.outputs import sdnotify
+from sandboxd.outputs.heartbeat import beat_standby
+from sandboxd.store.fence import Fence, LeaseLost
+from sandboxd.store.keys import Keys
+from sandboxd.store.loops import survive, why
+from sandboxd.store.ownership import Holder, Lease
+
+log = logging.getLogger(__name__)
+
+
+class Leadership:
+    def __init__(
+        self,
+        redis: Redis,
+        config: Config,
+        *,
+        instance: str,
+        identity: dict[str, Any],
+        stop: asyncio.Event,
+        on_lost: Callable[[str], None],
+    ):
+        self._redis = redis  # unfenced: the leases check themselves
+        self._config = config
+        self._keys = keys = Keys(config.key_prefix)
+        self._identity = identity
+        self._stop = stop
+        node = config.node
+        ttl = config.lease_ttl_s
+        released = keys.node_released(node)
+        self.node = Lease(
+            redis, keys.node_lease(node), keys.node_epoch(node), instance, ttl, released
+        )
+        self.leader = Lease(redis, keys.leader, keys.leader_epoch, instance, ttl)
+        self.fence = Fence(on_lost=on_lost, on_vacant=lambda reason: self._retake.set())
+        self._retake = asyncio.Event()  # a write found a lease held by nobody
+        self.role = "starting"
+        self.leader_epoch = 0  # of the cloud lead, while this daemon holds it
+        self.wrong_node: str | None = None  # why this daemon cannot stand in, if it cannot
+
+    # -- the standby ------------------------------------------------------------------------
+
+    async def until_active(self) -> bool:
+        """Wait, touching nothing, until the node's lease is free, then take it (a new
+        epoch). False if told to stop first, or if this daemon cannot stand in."""
+        async with self._redis.pubsub() as released:
+            with contextlib.suppress(RedisError, OSError):
+                await released.subscribe(self.node.released)
+            return await self._stand_by(released)
+
+    async def _stand_by(self, released: Any) -> bool:
+        announced = False
+        poll_s = min(1.0, self.node.ttl_s / 5)
+        node = self._config.node
+        while not self._stop.is_set():
+            wait_s = poll_s
+            try:
+                if await self.node.try_acquire():
+                    return True
+                holder, left_s = await self.node.holder()
+                wait_s = min(poll_s, left_s + 0.005)  # look again the moment it runs out
+                if holder is not None and await self._cannot_stand_in(holder):
+                    return False
+                self.role = "standby"
+                await beat_standby(self._redis, self._keys, self._standby_entry(holder))
+            except RedisError as exc:
+                if not survive(exc):
+                    raise
+                log.warning("standby: %s: %s", why(exc), exc)
+                holder = None
+            if not announced:
+                held_by = f"{holder.instance} (epoch {holder.epoch})" if holder else "another"
+                log.warning(
+                    "standby: node %s is held by daemon %s; taking over when its lease ends",
+                    node,
+                    held_by,
+                    extra={"node": node, "role": "standby"},
+                )
+                sdnotify.ready(f"standby for node {node} (active: {held_by})")
+                announced = True
+            await self._until_released(released, wait_s)
+        return False
+
+    async def _until_released(self, released: Any, wait_s: float) -> None:
+        """Wait `wait_s`, less if the active daemon announces a release or we must stop."""
+        deadline = time.monotonic() + wait_s
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await released.get_message(
+                    ignore_subscribe_messages=True, timeout=min(left, 0.2)
+                )
+            except (RedisError, OSError):
+                message = None
+                await asyncio.sleep(min(left, 0.2))
+            if message is not None:
+                return
+
+    async def _cannot_stand_in(self, holder: Holder) -> bool:
+        """The active daemon of this node runs on another host or keeps its sandboxes in
+        another registry (a `make run` beside the service): taking over would orphan its
+        sandboxes. Refuse to be its standby (exit 78: a restart cannot fix a config)."""
+        try:
+            raw = await self._redis.hget(self._keys.daemons, holder.instance)
+            line = json.loads(raw or "{}")
+        except (ValueError, TypeError):
+            return False
+        theirs = line.get("workspace") if isinstance(line, dict) else None
+        if not isinstance(theirs, str) or theirs == self._identity["workspace"]:
+            return False
+        self.wrong_node = (
+            f"node {self._config.node} is served by daemon {holder.instance} on another host "
+            "or with another local.workspace_root: this daemon cannot be its standby; give it "
+            "a node of its own (config `node`)"
+        )
+        log.critical("refusing to start: %s", self.wrong_node)
+        sdnotify.status(f"refused to start: {self.wrong_node}")
+        return True
+
+    def _standby_entry(self, holder: Holder | None) -> dict[str, Any]:
+        return {
+            **self._identity,
+            "node": self._config.node,
+            "role": "standby",
+            "epoch": 0,
+            "active_instance": holder.instance if holder else None,
+            "active_epoch": holder.epoch if holder else None,
+            "heartbeat_at": time.time(),
+        }
+
+    # -- active -----------------------------------------------------------------------------
+
+    def activate(self) -> None:
+        """The node's lease was taken: every write from now on carries its token."""
+        lease = self.node
+        assert lease.token is not None
+        self.fence.hold(lease.key, lease.token, lease.ttl_s, lease.since)
+        self.role = "active"
+        log.info(
+            "active for node %s at epoch %d",
+            self._config.node,
+            lease.epoch,
+            extra={"node": self._config.node, "role": "active", "epoch": lease.epoch},
+        )
+
+    async def try_lead(self) -> bool:
+        """Take the cloud lead if it is free (and hold it in the fence)."""
+        if not await self.leader.try_acquire():
+            return False
+        assert self.leader.token is not None
+        self.fence.hold(self.leader.key, self.leader.token, self.leader.ttl_s, self.leader.since)
+        self.leader_epoch = self.leader.epoch
+        log.info(
+            "leading the cloud pools at epoch %d",
+            self.leader.epoch,
+            extra={"leader_epoch": self.leader.epoch},
+        )
+        return True
+
+    @property
+    def leading(self) -> bool:
+        return self.leader.key in self.fence.held
+
+    async def keep(
+        self,
+        *,
+        may_lead: Callable[[], bool],
+        on_lead: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Renew the leases held; take the cloud lead when it is free and `may_lead()`
+        (then `on_lead` adopts the cloud pools). Returns once a lease is lost."""
+        ttl = self.node.ttl_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retake.wait(), ttl / 3)
+            self._retake.clear()
+            for lease in [self.node, *([self.leader] if self.leading else [])]:
+                if not await self._renew(lease):
+                    return
+            if not self.leading and may_lead():
+                try:
+                    if await self.try_lead():
+                        await on_lead()
+                except (RedisError, OSError) as exc:
+                    if not survive(exc):
+                        raise
+            try:
+                self.fence.check()
+            except LeaseLost:
+                return
+
+    async def _renew(self, lease: Lease) -> bool:
+        """One renewal; False once the lease is lost."""
+        try:
+            async with asyncio.timeout(lease.ttl_s / 3):  # a hung connection is no excuse
+                result = await lease.renew()
+                if result == "vacant" and time.monotonic() < lease.since + lease.ttl_s:
+                    result = await self._retake_lease(lease)
+            if result != "renewed":
+                why_lost = {"taken": "taken over by another daemon", "vacant": "expired"}
+                self.fence.lose(f"{lease.key} {why_lost[result]}")
+                return False
+            self.fence.hold(lease.key, lease.token or "", lease.ttl_s, lease.since)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not isinstance(exc, TimeoutError) and not survive(exc):
+                raise
+            log.warning("lease %s not renewed, %s: %s", lease.key, why(exc), exc)
+        return True
+
+    async def _retake_lease(self, lease: Lease) -> str:
+        """The lease vanished while held in time: Redis lost its data. Take it again."""
+        if not await lease.try_acquire():
+            return "taken"
+        log.warning(
+            "lease %s was gone from Redis (data lost?): taken again at epoch %d",
+            lease.key,
+            lease.epoch,
+            extra={"node": self._config.node, "epoch": lease.epoch},
+        )
+        return "renewed"
+
+    async def release(self) -> None:
+        """A clean stop: give both leases back (the standby need not wait for the TTL)."""
+        if self.fence.lost is None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.leader.release()
+            with contextlib.suppress(RedisError, OSError):
+                await self.node.release()
