@@ -18,7 +18,7 @@ TEST_PACKAGES := $(RUN_PACKAGES) redis-server redis-tools mosquitto mosquitto-cl
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,local-redis,e2b,mqtt]'
+	$(BIN)/pip install --quiet -e '.[dev,local-redis,e2b,mqtt,api]'
 	touch $(STAMP)
 
 ## run: venv, a local Redis if none answers, the example spec, the daemon in the foreground

@@ -480,6 +480,17 @@ class Config(BaseSettings):
         description="host:port of the Prometheus endpoint /metrics, e.g. 127.0.0.1:9464; "
         "unset: off.",
     )
+    api_listen: str = Field(
+        default="127.0.0.1:3000",
+        pattern=r"^[^:]*:\d+$",
+        description="host:port `sandboxd api` (E2B's REST API, see docs/api.md) listens on.",
+    )
+    api_tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) for `sandboxd api`; with api_tls_key it serves "
+        "HTTPS. Unset: plain HTTP (keep it on loopback or behind a TLS proxy).",
+    )
+    api_tls_key: Path | None = Field(default=None, description="PEM private key of api_tls_cert.")
     sample_interval_s: float = Field(
         default=5.0, gt=0, description="How often host and sandbox resources and cost are sampled."
     )

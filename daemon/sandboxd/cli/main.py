@@ -12,6 +12,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from sandboxd.cli import apikeys as apikey_commands
 from sandboxd.cli import claims as claim_commands
 from sandboxd.cli import specs as spec_commands
 from sandboxd.cli.errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     logs.add_argument("--count", "-n", type=int, default=100, help="how many past lines")
     _claim_commands(command)
+    command("api", "serve E2B's REST API on api_listen (docs/api.md)")
+    apikey_commands.add_parsers(command("apikey", "API keys of `sandboxd api`"), common)
     return parser
 
 
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     if args.command == "run":
         return _run_daemon(config, resolve_config_path(getattr(args, "config", None)))
+    if args.command == "api":
+        return _run_api(config)
     try:
         return asyncio.run(_client_command(args, config))
     except CliError as exc:
@@ -200,6 +205,13 @@ def _run_daemon(config: Config, config_path: Path | None) -> int:
     return asyncio.run(Daemon(config, config_path=config_path).run())
 
 
+def _run_api(config: Config) -> int:
+    from sandboxd.api.server import serve
+
+    setup_logging(config.log_level)
+    return serve(config)
+
+
 async def _client_command(args: argparse.Namespace, config: Config) -> int:
     commands: dict[str, Callable[..., Coroutine[Any, Any, int]]] = {
         "apply": _apply,
@@ -213,6 +225,7 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
         "release": claim_commands.release,
         "renew": claim_commands.renew,
         "exec": claim_commands.exec_command,
+        "apikey": apikey_commands.apikey_command,
     }
     redis = make_client(config)
     try:

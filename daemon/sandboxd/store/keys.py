@@ -127,6 +127,32 @@ class Keys:
         restarts."""
         return f"{self.prefix}:pool:{pool}:cost"
 
+    @property
+    def apikeys(self) -> str:
+        """Hash: API key name -> JSON (name, sha256 of the secret, pools, max_sandboxes,
+        created_at) of each key `sandboxd apikey create` issued for `sandboxd api`. The
+        secret itself is never stored."""
+        return f"{self.prefix}:apikeys"
+
+    @property
+    def apikey_hashes(self) -> str:
+        """Hash: sha256 (hex) of an API key's secret -> the key's name (the lookup of
+        `X-API-KEY`)."""
+        return f"{self.prefix}:apikeys:sha256"
+
+    def api_sandbox(self, sandbox_id: str) -> str:
+        """Hash: what `sandboxd api` needs of a sandbox it handed out under E2B's id
+        `sandbox_id` (sandboxd id, claim id, API key name, template, metadata, started_at)
+        and the claim's secret `claim_token`: as secret as a record's `secrets` (never in an
+        event, a view or a log). Expires a minute after the claim's lease."""
+        return f"{self.prefix}:api:sandbox:{sandbox_id}"
+
+    def api_key_sandboxes(self, name: str) -> str:
+        """Sorted set: the E2B ids of the sandboxes an API key holds (score 0), and its
+        creates in flight (`pending:<id>`, score: the unix ms they lapse at), counted
+        against its `max_sandboxes`."""
+        return f"{self.prefix}:api:key:{name}:sandboxes"
+
 
 SPEC_HISTORY_LEN = 20
 LOGS_KEPT_S = 3600

@@ -1,0 +1,405 @@
+"""E2B's control plane (the REST API the `e2b` SDK calls) on top of `sandboxd.client`.
+
+Every create is a warm claim of the pool named by `templateID`; the answer carries what the
+claim returned for an e2b pool (the real E2B sandbox's id, envd version, envd access
+token), so the SDK then talks to that sandbox's envd directly. Errors have E2B's shape
+(`{"code", "message"}`) and status, which the SDK turns into its exceptions: 401
+AuthenticationException, 404 NotFoundException, 429 RateLimitException. Refusals that
+retrying cannot change carry `Should-Retry: false`, so the SDK does not retry them.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandboxd.api.registry import Entry, Registry
+from sandboxd.client import ClaimError, ClaimTimeout, Client
+from sandboxd.store.apikeys import ApiKey, ApiKeyStore
+from sandboxd.store.claims import PoolSettings
+from sandboxd.store.keys import Keys
+
+log = logging.getLogger("sandboxd.api")
+
+DEFAULT_WAIT_S = 30.0  # the longest a create waits for a ready sandbox of an empty pool
+E2B_DOMAINS = ("e2b.app", "e2b.dev")
+MAX_METADATA = 64
+MAX_METADATA_BYTES = 8192
+CLIENT_ID = "sandboxd"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, retry: bool | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry = retry
+
+    def response(self) -> JSONResponse:
+        headers = {} if self.retry is None else {"Should-Retry": str(self.retry).lower()}
+        return JSONResponse(
+            {"code": self.status, "message": self.message}, self.status, headers=headers
+        )
+
+
+@dataclass
+class Settings:
+    """What the app needs: Redis, the key prefix, how long a create may wait, and the
+    E2B domain to name in answers (None: the record's when it is one of E2B's)."""
+
+    redis: Redis
+    prefix: str = "sandboxd"
+    wait_s: float = DEFAULT_WAIT_S
+    domain: str | None = None
+    client_kwargs: dict[str, Any] | None = None
+
+
+class Api:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.redis = settings.redis
+        self.keys = Keys(settings.prefix)
+        self.apikeys = ApiKeyStore(self.redis, self.keys)
+        self.registry = Registry(self.redis, self.keys)
+        self.client = Client(self.redis, prefix=settings.prefix, **(settings.client_kwargs or {}))
+
+    async def authenticate(self, request: Request) -> ApiKey:
+        key = await self.apikeys.authenticate(request.headers.get("x-api-key"))
+        if key is None:
+            raise ApiError(401, "Invalid API key (issued by `sandboxd apikey create`)")
+        return key
+
+    async def pool(self, name: str) -> PoolSettings | None:
+        raw = await self.redis.hget(self.keys.pools, name) if 0 < len(name) <= 100 else None
+        if raw is None:
+            return None
+        try:
+            return PoolSettings.model_validate_json(raw)
+        except ValidationError:
+            return None
+
+    # -- create -------------------------------------------------------------------------
+
+    async def create(self, request: Request, key: ApiKey) -> Response:
+        body = await _json_object(request)
+        template = body.get("templateID")
+        if not isinstance(template, str) or not template:
+            raise ApiError(400, "templateID (a pool's name) is required")
+        metadata = _metadata(body.get("metadata"))
+        env_vars = body.get("envVars") or {}
+        settings = await self.pool(template)
+        if settings is None:
+            raise ApiError(404, f"template '{template}' not found (no sandboxd pool of that name)")
+        if not key.may_use(template):
+            raise ApiError(403, f"API key '{key.name}' may not use pool '{template}'")
+        if settings.provider != "e2b":
+            raise ApiError(
+                400,
+                f"pool '{template}' is a {settings.provider} pool: only e2b pools are served "
+                "through the E2B API yet (local pools need sandboxd's envd, not built yet)",
+            )
+        if env_vars:
+            raise ApiError(
+                400,
+                "envVars at create are not applied to e2b pools' warm sandboxes yet: pass "
+                "envs to commands.run instead",
+            )
+        lease_s = _lease(body.get("timeout"), settings)
+        reservation = await self.registry.reserve(
+            key.name, key.max_sandboxes, hold_s=self.settings.wait_s + 30
+        )
+        if reservation is None:
+            raise ApiError(
+                429,
+                f"API key '{key.name}' holds its maximum of {key.max_sandboxes} sandboxes",
+                retry=False,
+            )
+        try:
+            return await self._claim(key, template, settings, lease_s, metadata, reservation)
+        except BaseException:
+            await asyncio.shield(self.registry.unreserve(key.name, reservation))
+            raise
+
+    async def _claim(
+        self,
+        key: ApiKey,
+        template: str,
+        settings: PoolSettings,
+        lease_s: int,
+        metadata: dict[str, str],
+        reservation: str,
+    ) -> Response:
+        try:
+            sandbox = await self.client.claim(
+                template, lease_s=lease_s, timeout_s=self.settings.wait_s, owner=key.name
+            )
+        except ClaimTimeout:
+            raise ApiError(
+                503,
+                f"no ready sandbox in pool '{template}' within {self.settings.wait_s:g}s "
+                f"(on_empty: {settings.on_empty}); try again later",
+                retry=False,
+            ) from None
+        except ClaimError as exc:
+            raise _claim_refusal(exc) from None
+        info = sandbox.connection_info
+        e2b_id = str(info.get("e2b_id") or "")
+        if not e2b_id:  # a record without its E2B id: give it back, say so
+            await self.client.release(sandbox.id, sandbox.claim_token)
+            raise ApiError(500, f"sandbox {sandbox.id} of pool '{template}' has no E2B id")
+        entry = Entry(
+            e2b_id=e2b_id,
+            sandbox=sandbox.id,
+            claim_id=sandbox.claim_id,
+            key=key.name,
+            pool=template,
+            template=template,
+            started_at=_iso(time.time()),
+            envd_version=str(info.get("envd_version") or ""),
+            domain=self._domain(info.get("domain")),
+            metadata=metadata,
+            claim_token=sandbox.claim_token,
+        )
+        try:
+            await self.registry.add(entry, sandbox.lease_s, reservation)
+        except BaseException:
+            await asyncio.shield(self.client.release(sandbox.id, sandbox.claim_token))
+            raise
+        log.info(
+            "claimed %s (%s) of pool %s for key %s",
+            sandbox.id,
+            e2b_id,
+            template,
+            key.name,
+            extra={"sandbox": sandbox.id, "pool": template, "api_key": key.name},
+        )
+        created = {
+            "templateID": template,
+            "sandboxID": e2b_id,
+            "clientID": CLIENT_ID,
+            "envdVersion": entry.envd_version,
+        }
+        token = sandbox.access_secrets().get("envd_access_token")
+        if token:
+            created["envdAccessToken"] = token
+        if entry.domain:
+            created["domain"] = entry.domain
+        return JSONResponse(created, 201)
+
+    def _domain(self, recorded: object) -> str:
+        """The configured domain, else the record's if it is one of E2B's; else none (the
+        SDK then uses its own E2B_DOMAIN / E2B_SANDBOX_URL): a record never sends a client
+        anywhere else."""
+        if self.settings.domain:
+            return self.settings.domain
+        if isinstance(recorded, str) and any(
+            recorded == d or recorded.endswith("." + d) for d in E2B_DOMAINS
+        ):
+            return recorded
+        return ""
+
+    # -- one sandbox --------------------------------------------------------------------
+
+    async def mine(self, request: Request, key: ApiKey) -> Entry:
+        e2b_id = request.path_params["id"]
+        entry = await self.registry.get(e2b_id)
+        if entry is None or entry.key != key.name:  # another key's is as good as gone
+            raise ApiError(404, f"sandbox '{e2b_id}' not found")
+        return entry
+
+    async def detail(self, request: Request, key: ApiKey) -> Response:
+        entry = await self.mine(request, key)
+        return JSONResponse(_listed(entry) | ({"domain": entry.domain} if entry.domain else {}))
+
+    async def kill(self, request: Request, key: ApiKey) -> Response:
+        entry = await self.mine(request, key)
+        try:
+            await self.client.release(entry.sandbox, entry.claim_token)
+        except ClaimError as exc:
+            if exc.reason not in ("not_claimed", "not_yours", "expired"):
+                raise _claim_refusal(exc) from None
+        await self.registry.remove(entry)
+        log.info("released %s (%s) for key %s", entry.sandbox, entry.e2b_id, key.name)
+        return Response(status_code=204)
+
+    async def set_timeout(self, request: Request, key: ApiKey) -> Response:
+        body = await _json_object(request)
+        return await self._renew(request, key, body.get("timeout"))
+
+    async def refresh(self, request: Request, key: ApiKey) -> Response:
+        body = await _json_object(request) if await request.body() else {}
+        return await self._renew(request, key, body.get("duration"))
+
+    async def _renew(self, request: Request, key: ApiKey, seconds: object) -> Response:
+        entry = await self.mine(request, key)
+        settings = await self.pool(entry.pool)
+        lease_s = _lease(seconds, settings) if settings and seconds else None
+        try:
+            await self.client.renew(entry.sandbox, entry.claim_token, lease_s)
+        except ClaimError as exc:
+            if exc.reason in ("not_claimed", "not_yours", "expired"):
+                raise ApiError(404, f"sandbox '{entry.e2b_id}' not found") from None
+            raise _claim_refusal(exc) from None
+        await self.registry.extend(entry, lease_s or (settings.lease_s if settings else 300))
+        return Response(status_code=204)
+
+    # -- lists --------------------------------------------------------------------------
+
+    async def list_v1(self, request: Request, key: ApiKey) -> Response:
+        entries = await self._filtered(request, key)
+        return JSONResponse([_listed(e) for e in entries])
+
+    async def list_v2(self, request: Request, key: ApiKey) -> Response:
+        params = request.query_params
+        states = {s for s in (params.get("state") or "running,paused").split(",") if s}
+        entries = await self._filtered(request, key) if "running" in states else []
+        if params.get("order") == "desc":
+            entries.reverse()
+        try:
+            start = int(params.get("nextToken") or 0)
+            limit = int(params.get("limit") or 100)
+        except ValueError:
+            raise ApiError(400, "nextToken and limit must be integers") from None
+        if start < 0 or not 1 <= limit <= 1000:
+            raise ApiError(400, "limit must be from 1 to 1000, nextToken 0 or more")
+        page = entries[start : start + limit]
+        more = start + limit < len(entries)
+        headers = {"X-Next-Token": str(start + limit)} if more else {}
+        return JSONResponse([_listed(e) for e in page], headers=headers)
+
+    async def _filtered(self, request: Request, key: ApiKey) -> list[Entry]:
+        wanted = _metadata_query(request.query_params.get("metadata", ""))
+        template = request.query_params.get("template")
+        entries = [
+            e
+            for e in await self.registry.live(key.name)
+            if all(e.metadata.get(k) == v for k, v in wanted.items())
+            and (not template or e.template == template)
+        ]
+        return sorted(entries, key=lambda e: (e.started_at, e.e2b_id))
+
+
+def _listed(entry: Entry) -> dict[str, Any]:
+    end = entry.lease_expires_ms / 1000 if entry.lease_expires_ms else time.time()
+    return {
+        "templateID": entry.template,
+        "alias": entry.template,
+        "sandboxID": entry.e2b_id,
+        "clientID": CLIENT_ID,
+        "startedAt": entry.started_at,
+        "endAt": _iso(end),
+        "cpuCount": 0,
+        "memoryMB": 0,
+        "diskSizeMB": 0,
+        "state": "running",
+        "envdVersion": entry.envd_version,
+        "metadata": entry.metadata,
+    }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _lease(seconds: object, settings: PoolSettings) -> int:
+    """E2B's timeout as the claim's lease: the pool's default when absent, capped by its
+    max_lease_s."""
+    if seconds is None:
+        return settings.lease_s
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+        raise ApiError(400, f"timeout must be a whole number of seconds, 1 or more: {seconds!r}")
+    return min(seconds, settings.max_lease_s)
+
+
+def _metadata(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ApiError(400, "metadata must be an object of strings")
+    if len(value) > MAX_METADATA or len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise ApiError(400, f"metadata: at most {MAX_METADATA} entries, {MAX_METADATA_BYTES} bytes")
+    return dict(value)
+
+
+def _metadata_query(text: str) -> dict[str, str]:
+    """The SDK's `metadata` query: a URL-encoded form of URL-quoted keys and values."""
+    return {unquote(k): unquote(v) for k, v in parse_qsl(text, keep_blank_values=True)}
+
+
+def _claim_refusal(exc: ClaimError) -> ApiError:
+    status = {"unknown_pool": 404, "lease_too_long": 400, "invalid_argument": 400}.get(
+        exc.reason, 500
+    )
+    return ApiError(status, str(exc), retry=False if status == 500 else None)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+Handler = Callable[[Api, Request, ApiKey], Awaitable[Response]]
+
+
+def create_app(settings: Settings, *, close_redis: bool = False) -> Starlette:
+    """The ASGI app. `close_redis`: close `settings.redis` when the app shuts down."""
+    api = Api(settings)
+
+    def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            try:
+                key = await api.authenticate(request)
+                return await handler(api, request, key)
+            except ApiError as exc:
+                return exc.response()
+            except RedisError as exc:
+                log.warning("Redis: %s", type(exc).__name__)
+                return ApiError(503, "sandboxd cannot reach Redis", retry=True).response()
+
+        return run
+
+    def route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, endpoint(handler), methods=[method])
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close_redis:
+                await settings.redis.aclose()
+
+    return Starlette(
+        routes=[
+            route("/sandboxes", Api.create, "POST"),
+            route("/v2/sandboxes", Api.create, "POST"),
+            route("/sandboxes", Api.list_v1, "GET"),
+            route("/v2/sandboxes", Api.list_v2, "GET"),
+            route("/sandboxes/{id}", Api.detail, "GET"),
+            route("/sandboxes/{id}", Api.kill, "DELETE"),
+            route("/sandboxes/{id}/timeout", Api.set_timeout, "POST"),
+            route("/sandboxes/{id}/refreshes", Api.refresh, "POST"),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,153 @@
+"""What the API server remembers of the sandboxes it handed out, in Redis (so several API
+servers can share it): E2B's sandbox id -> the sandboxd sandbox, its claim and the claim's
+secret token, the API key holding it, its template and metadata; and per key the set of
+E2B ids it holds plus its creates in flight (its quota).
+
+An entry outlives its claim by at most a minute (a TTL of the lease plus 60 s, renewed with
+the lease); an entry whose claim has ended (released elsewhere, lease expired, the sandbox
+gone) is dropped whenever the key's sandboxes are listed or counted.
+"""
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sandboxd.store.keys import Keys
+
+GRACE_S = 60
+
+
+@dataclass
+class Entry:
+    e2b_id: str
+    sandbox: str
+    claim_id: str
+    key: str
+    pool: str
+    template: str
+    started_at: str
+    envd_version: str
+    domain: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    claim_token: str = field(default="", repr=False)
+    lease_expires_ms: int = 0  # the record's, read with the entry (not stored here)
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "sandbox": self.sandbox,
+            "claim_id": self.claim_id,
+            "key": self.key,
+            "pool": self.pool,
+            "template": self.template,
+            "started_at": self.started_at,
+            "envd_version": self.envd_version,
+            "domain": self.domain,
+            "metadata": json.dumps(self.metadata),
+            "claim_token": self.claim_token,
+        }
+
+    @classmethod
+    def from_hash(cls, e2b_id: str, fields: dict[str, Any]) -> "Entry | None":
+        try:
+            metadata = json.loads(fields.get("metadata") or "{}")
+            if not isinstance(metadata, dict):
+                return None
+            return cls(
+                e2b_id=e2b_id,
+                sandbox=str(fields["sandbox"]),
+                claim_id=str(fields["claim_id"]),
+                key=str(fields["key"]),
+                pool=str(fields.get("pool", "")),
+                template=str(fields.get("template", "")),
+                started_at=str(fields.get("started_at", "")),
+                envd_version=str(fields.get("envd_version", "")),
+                domain=str(fields.get("domain", "")),
+                metadata={str(k): str(v) for k, v in metadata.items()},
+                claim_token=str(fields.get("claim_token", "")),
+            )
+        except (KeyError, ValueError, TypeError):
+            return None
+
+
+class Registry:
+    def __init__(self, redis: Redis, keys: Keys):
+        self._redis = redis
+        self._keys = keys
+
+    async def reserve(self, key: str, limit: int | None, hold_s: float) -> str | None:
+        """Count a create in flight against the key's quota; None if that is over `limit`.
+        The reservation lapses by itself after `hold_s` (an API server that died)."""
+        if limit is None:
+            return ""
+        await self.live(key)  # drops ended claims and lapsed reservations
+        member = f"pending:{uuid.uuid4().hex}"
+        zset = self._keys.api_key_sandboxes(key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(zset, {member: int((time.time() + hold_s) * 1000)})
+            pipe.zcard(zset)
+            _, count = await pipe.execute()
+        if count > limit:  # two racing creates may both be refused: never both let in
+            await self._redis.zrem(zset, member)
+            return None
+        return member
+
+    async def unreserve(self, key: str, reservation: str) -> None:
+        if reservation:
+            await self._redis.zrem(self._keys.api_key_sandboxes(key), reservation)
+
+    async def add(self, entry: Entry, lease_s: int, reservation: str) -> None:
+        zset = self._keys.api_key_sandboxes(entry.key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.api_sandbox(entry.e2b_id), mapping=entry.to_hash())
+            pipe.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)
+            pipe.zadd(zset, {entry.e2b_id: 0})
+            if reservation:
+                pipe.zrem(zset, reservation)
+            await pipe.execute()
+
+    async def extend(self, entry: Entry, lease_s: int) -> None:
+        await self._redis.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)
+
+    async def get(self, e2b_id: str) -> Entry | None:
+        if not e2b_id or len(e2b_id) > 200:
+            return None
+        fields = await self._redis.hgetall(self._keys.api_sandbox(e2b_id))
+        entry = Entry.from_hash(e2b_id, fields) if fields else None
+        if entry is None:
+            return None
+        state, claim_id, expires = await self._redis.hmget(
+            self._keys.sandbox(entry.sandbox), ["state", "claim_id", "lease_expires_ms"]
+        )
+        if state != "claimed" or claim_id != entry.claim_id:
+            return None
+        entry.lease_expires_ms = int(expires) if (expires or "").isdigit() else 0
+        return entry
+
+    async def remove(self, entry: Entry) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._keys.api_sandbox(entry.e2b_id))
+            pipe.zrem(self._keys.api_key_sandboxes(entry.key), entry.e2b_id)
+            await pipe.execute()
+
+    async def live(self, key: str) -> list[Entry]:
+        """The key's sandboxes whose claims still hold; forgets the others."""
+        zset = self._keys.api_key_sandboxes(key)
+        await self._redis.zremrangebyscore(zset, 1, int(time.time() * 1000))
+        found, ended, foreign = [], [], []
+        for member in await self._redis.zrangebyscore(zset, 0, 0):
+            entry = await self.get(member)
+            if entry is None:
+                ended.append(member)
+            elif entry.key != key:
+                foreign.append(member)
+            else:
+                found.append(entry)
+        if ended or foreign:
+            await self._redis.zrem(zset, *ended, *foreign)
+        if ended:  # the claim is over: its token opens nothing, forget it
+            await self._redis.delete(*(self._keys.api_sandbox(m) for m in ended))
+        return found

@@ -1,0 +1,51 @@
+"""`sandboxd api`: the app on uvicorn, listening on `api_listen` (HTTPS with
+`api_tls_cert`/`api_tls_key`), a thin client of Redis like the CLI."""
+
+import logging
+
+import uvicorn
+from starlette.applications import Starlette
+
+from sandboxd.api.app import Settings, create_app
+from sandboxd.config import Config
+from sandboxd.store.connection import make_client
+
+log = logging.getLogger("sandboxd.api")
+
+
+def app_for(config: Config) -> Starlette:
+    settings = Settings(
+        redis=make_client(config, name="sandboxd-api"),
+        prefix=config.key_prefix,
+        domain=config.e2b.domain,
+        client_kwargs={
+            "event_stream_maxlen": config.event_stream_maxlen,
+            "claim_durability": config.claim_durability,
+            "replication_timeout_ms": config.claim_replication_timeout_ms,
+        },
+    )
+    return create_app(settings, close_redis=True)
+
+
+def serve(config: Config) -> int:
+    """Run until SIGINT/SIGTERM; the exit code."""
+    if (config.api_tls_cert is None) != (config.api_tls_key is None):
+        log.error("api_tls_cert and api_tls_key go together: set both or neither")
+        return 2
+    host, _, port = config.api_listen.rpartition(":")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app_for(config),
+            host=host or "127.0.0.1",
+            port=int(port),
+            ssl_certfile=str(config.api_tls_cert) if config.api_tls_cert else None,
+            ssl_keyfile=str(config.api_tls_key) if config.api_tls_key else None,
+            log_config=None,  # sandboxd's own JSON logging, secrets scrubbed
+            access_log=True,
+            lifespan="on",
+        )
+    )
+    scheme = "https" if config.api_tls_cert else "http"
+    log.info("E2B API on %s://%s", scheme, config.api_listen)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,115 @@
+"""API keys of `sandboxd api` (E2B's REST API): issued, listed and revoked by the CLI
+(`sandboxd apikey`), checked by the API server on every request (`X-API-KEY`).
+
+A key is a name (the owner of the claims made with it), the pools it may claim from (none:
+all) and how many sandboxes it may hold at once. Its secret (`sbk_` and 256 random bits) is
+shown once, at `create`; Redis keeps only its SHA-256 (`<prefix>:apikeys`,
+`<prefix>:apikeys:sha256`), so reading Redis never gives a working key.
+"""
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, Field, ValidationError
+from redis.asyncio import Redis
+
+from sandboxd.store.keys import Keys
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+POOL = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+SECRET_PREFIX = "sbk_"
+
+
+class ApiKeyError(ValueError):
+    """A refused `apikey` command: a bad name, a name in use, an unknown key."""
+
+
+class ApiKey(BaseModel):
+    name: str = Field(pattern=NAME.pattern)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
+    pools: list[str] = Field(default_factory=list, description="Empty: every pool.")
+    max_sandboxes: int | None = Field(default=None, ge=0)
+    created_at: str = ""
+
+    def may_use(self, pool: str) -> bool:
+        return not self.pools or pool in self.pools
+
+
+def secret_sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class ApiKeyStore:
+    def __init__(self, redis: Redis, keys: Keys):
+        self._redis = redis
+        self._keys = keys
+
+    async def create(
+        self, name: str, *, pools: list[str] | None = None, max_sandboxes: int | None = None
+    ) -> str:
+        """Issue a key; returns its secret (the only time it exists outside the caller)."""
+        if not NAME.match(name):
+            raise ApiKeyError(f"key name {name!r}: 1-64 characters of [A-Za-z0-9_.-]")
+        bad = [p for p in pools or [] if not POOL.match(p)]
+        if bad:
+            raise ApiKeyError(f"pool names {bad}: 1-100 characters of [A-Za-z0-9_.:-]")
+        if max_sandboxes is not None and max_sandboxes < 0:
+            raise ApiKeyError("--max-sandboxes must be 0 or more")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            name=name,
+            sha256=secret_sha256(secret),
+            pools=sorted(set(pools or [])),
+            max_sandboxes=max_sandboxes,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        if not await self._redis.hsetnx(self._keys.apikeys, name, key.model_dump_json()):
+            raise ApiKeyError(f"a key named {name!r} exists (revoke it first)")
+        await self._redis.hset(self._keys.apikey_hashes, key.sha256, name)
+        return secret
+
+    async def list(self) -> list[ApiKey]:
+        found = []
+        for raw in (await self._redis.hgetall(self._keys.apikeys)).values():
+            key = _parse(raw)
+            if key is not None:
+                found.append(key)
+        return sorted(found, key=lambda k: k.name)
+
+    async def revoke(self, name: str) -> None:
+        raw = await self._redis.hget(self._keys.apikeys, name)
+        if raw is None:
+            raise ApiKeyError(f"no key named {name!r}")
+        key = _parse(raw)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._keys.apikeys, name)
+            if key is not None:
+                pipe.hdel(self._keys.apikey_hashes, key.sha256)
+            await pipe.execute()
+
+    async def authenticate(self, secret: str | None) -> ApiKey | None:
+        """The key whose secret this is; None for anything else (no key, a revoked one)."""
+        if not secret or len(secret) > 200:
+            return None
+        digest = secret_sha256(secret)
+        name = await self._redis.hget(self._keys.apikey_hashes, digest)
+        if name is None:
+            return None
+        key = _parse(await self._redis.hget(self._keys.apikeys, name))
+        if key is None or not hmac.compare_digest(key.sha256, digest):
+            return None
+        return key
+
+
+def _parse(raw: str | bytes | None) -> ApiKey | None:
+    """A stored key, or None when what Redis holds is not one (anyone may write there)."""
+    if raw is None:
+        return None
+    try:
+        return ApiKey.model_validate(json.loads(raw))
+    except (ValueError, TypeError, ValidationError):
+        return None
