@@ -1,0 +1,46 @@
+"""`sandboxd api` in-process (no daemon): an empty pool is a bounded wait then a clear 503,
+never a hang; keys are stored hashed and refused once revoked."""
+
+import json
+import time
+
+import httpx
+
+from sandboxd.api.app import Settings, create_app
+from sandboxd.store.apikeys import ApiKeyStore
+from tests.support import KEYS, PREFIX
+
+POOL = {
+    "provider": "e2b",
+    "min_ready": 1,
+    "max_total": 2,
+    "lease_s": 60,
+    "max_lease_s": 600,
+    "on_empty": "wait",
+    "reuse": "never",
+}
+
+
+async def test_an_empty_pool_is_a_bounded_wait_then_a_clear_error(redis):
+    await redis.hset(KEYS.pools, "cloud", json.dumps(POOL))
+    store = ApiKeyStore(redis, KEYS)
+    secret = await store.create("carol", max_sandboxes=3)
+    stored = json.dumps(await redis.hgetall(KEYS.apikeys))
+    assert secret not in stored and "carol" in stored
+
+    app = create_app(Settings(redis=redis, prefix=PREFIX, wait_s=0.5))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        headers = {"X-API-KEY": secret}
+        started = time.monotonic()
+        done = await http.post("/v2/sandboxes", json={"templateID": "cloud"}, headers=headers)
+        assert 0.4 < time.monotonic() - started < 5
+        assert done.status_code == 503 and done.headers["should-retry"] == "false"
+        assert "no ready sandbox in pool 'cloud' within 0.5s" in done.json()["message"]
+        assert done.json()["code"] == 503
+        # The create in flight no longer counts against the key.
+        assert await redis.zcard(KEYS.api_key_sandboxes("carol")) == 0
+
+        await store.revoke("carol")
+        done = await http.get("/v2/sandboxes", headers=headers)
+        assert done.status_code == 401 and done.json()["code"] == 401
