@@ -31,9 +31,17 @@ from sandboxd.outputs.heartbeat import beat_standby
 from sandboxd.store.fence import Fence, LeaseLost
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import survive, why
-from sandboxd.store.ownership import Holder, Lease
+from sandboxd.store.ownership import Holder, Lease, Seen
 
 log = logging.getLogger(__name__)
+MISMATCH_S = 5.0  # how long the active daemon's registry must differ before a standby refuses
+
+
+def _once(said: set[str], level: int, message: str) -> None:
+    """Log `message` once per standby (a standby looks several times a second)."""
+    if message not in said:
+        said.add(message)
+        log.log(level, message)
 
 
 class Leadership:
@@ -76,26 +84,50 @@ class Leadership:
             return await self._stand_by(released)
 
     async def _stand_by(self, released: Any) -> bool:
-        announced = False
         poll_s = min(1.0, self.node.ttl_s / 5)
         node = self._config.node
+        said: set[str] = set()  # what this standby has logged (each thing once)
+        free_at = 0.0  # monotonic: when the lease last seen would have run out
+        announced = False  # a clean stop announced its release: take it at once
+        last_beat = 0.0
+        mismatch_since: float | None = None
         while not self._stop.is_set():
             wait_s = poll_s
+            now = time.monotonic()
             try:
-                if await self.node.try_acquire():
+                # A lease that vanished before it would have run out (FLUSHDB, a failover
+                # that lost it, a forged DEL) is not taken until it would have: by then its
+                # holder has taken it again, or its own clock has stopped it.
+                if (announced or now >= free_at) and await self.node.try_acquire():
                     return True
-                holder, left_s = await self.node.holder()
-                wait_s = min(poll_s, left_s + 0.005)  # look again the moment it runs out
+                announced = False
+                seen = await self.node.look()
+                holder = seen.holder
+                if seen.present and seen.left_s is not None:
+                    free_at = time.monotonic() + seen.left_s
+                    wait_s = min(poll_s, seen.left_s + 0.005)  # look again as it runs out
+                elif not seen.present and free_at > time.monotonic():
+                    wait_s = min(poll_s, free_at - time.monotonic() + 0.005)
+                self._suspect(seen, said)
                 if holder is not None and await self._cannot_stand_in(holder):
-                    return False
+                    if mismatch_since is None:
+                        mismatch_since = time.monotonic()
+                    elif time.monotonic() - mismatch_since >= MISMATCH_S:
+                        self._refuse(holder)
+                        return False
+                else:
+                    mismatch_since = None
                 self.role = "standby"
-                await beat_standby(self._redis, self._keys, self._standby_entry(holder))
+                if time.monotonic() - last_beat >= self._config.heartbeat_interval_s:
+                    await beat_standby(self._redis, self._keys, self._standby_entry(holder))
+                    last_beat = time.monotonic()
             except RedisError as exc:
                 if not survive(exc):
                     raise
-                log.warning("standby: %s: %s", why(exc), exc)
+                _once(said, logging.WARNING, f"standby: {why(exc)}: {exc}")
                 holder = None
-            if not announced:
+            if "standing by" not in said:
+                said.add("standing by")
                 held_by = f"{holder.instance} (epoch {holder.epoch})" if holder else "another"
                 log.warning(
                     "standby: node %s is held by daemon %s; taking over when its lease ends",
@@ -104,12 +136,41 @@ class Leadership:
                     extra={"node": node, "role": "standby"},
                 )
                 sdnotify.ready(f"standby for node {node} (active: {held_by})")
-                announced = True
-            await self._until_released(released, wait_s)
+            announced = await self._until_released(released, wait_s)
         return False
 
-    async def _until_released(self, released: Any, wait_s: float) -> None:
-        """Wait `wait_s`, less if the active daemon announces a release or we must stop."""
+    def _suspect(self, seen: Seen, said: set[str]) -> None:
+        """A lease no daemon would write (no time to live, a longer one than leases have,
+        a value that is no daemon's token): the node is unmanaged until someone removes it.
+        Nothing acts on a guess; it is said loudly, once."""
+        if not seen.present:
+            return
+        key = self.node.key
+        if seen.left_s is None:
+            _once(
+                said,
+                logging.ERROR,
+                f"{key} has no time to live: a forged lease? Nothing "
+                "manages the node until it is removed (DEL it if no daemon holds it)",
+            )
+        elif seen.left_s > self.node.ttl_s * 2:
+            _once(
+                said,
+                logging.ERROR,
+                f"{key} lives {seen.left_s:.0f}s, longer than any lease "
+                f"({self.node.ttl_s:g}s): a forged lease or another lease_ttl_s?",
+            )
+        elif seen.holder is None:
+            _once(
+                said,
+                logging.ERROR,
+                f"{key} holds no daemon's token (a forged lease?): "
+                "the node is unmanaged until it runs out",
+            )
+
+    async def _until_released(self, released: Any, wait_s: float) -> bool:
+        """Wait `wait_s`, less if the active daemon announces a release (True) or we must
+        stop."""
         deadline = time.monotonic() + wait_s
         while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
             try:
@@ -120,20 +181,24 @@ class Leadership:
                 message = None
                 await asyncio.sleep(min(left, 0.2))
             if message is not None:
-                return
+                return True
+        return False
 
     async def _cannot_stand_in(self, holder: Holder) -> bool:
-        """The active daemon of this node runs on another host or keeps its sandboxes in
-        another registry (a `make run` beside the service): taking over would orphan its
-        sandboxes. Refuse to be its standby (exit 78: a restart cannot fix a config)."""
+        """Does the active daemon of this node run on another host, or keep its sandboxes in
+        another registry (a `make run` beside the service)? Taking over would orphan its
+        sandboxes. (Only a mismatch that lasts MISMATCH_S counts: its own heartbeats rewrite
+        its line, so a forged one does not.)"""
         try:
             raw = await self._redis.hget(self._keys.daemons, holder.instance)
             line = json.loads(raw or "{}")
         except (ValueError, TypeError):
             return False
         theirs = line.get("workspace") if isinstance(line, dict) else None
-        if not isinstance(theirs, str) or theirs == self._identity["workspace"]:
-            return False
+        return isinstance(theirs, str) and theirs != self._identity["workspace"]
+
+    def _refuse(self, holder: Holder) -> None:
+        """Refuse to be the standby (exit 78: a restart cannot fix a config)."""
         self.wrong_node = (
             f"node {self._config.node} is served by daemon {holder.instance} on another host "
             "or with another local.workspace_root: this daemon cannot be its standby; give it "
@@ -141,7 +206,6 @@ class Leadership:
         )
         log.critical("refusing to start: %s", self.wrong_node)
         sdnotify.status(f"refused to start: {self.wrong_node}")
-        return True
 
     def _standby_entry(self, holder: Holder | None) -> dict[str, Any]:
         return {

@@ -341,3 +341,58 @@ async def test_a_daemon_with_another_registry_refuses_to_stand_in_for_the_node(
     said = [line["message"] for line in other.logs()]
     assert any("cannot be its standby" in m for m in said)
     assert set(await redis.lrange(KEYS.pool_ready("ha"), 0, -1)) == ids
+
+
+async def standby_and_active(redis, daemon_factory):
+    first = ha_daemon(daemon_factory).start()
+    await apply(redis, [POOL])
+    await wait_ready(redis, "ha", 2)
+    old = await eventually(lambda: active(redis), what="the first daemon active")
+    second = ha_daemon(daemon_factory).start()
+
+    async def standing_by():
+        return any(d["role"] == "standby" for d in (await daemons(redis)).values())
+
+    await eventually(standing_by, what="the second daemon to stand by")
+    return first, second, old
+
+
+async def test_a_flushdb_leaves_the_active_daemon_active(redis, daemon_factory):
+    """The lease vanishes before it would run out: its holder takes it again at once; the
+    standby does not take it before it would have run out, so the two never act at once."""
+    first, second, old = await standby_and_active(redis, daemon_factory)
+    await redis.flushdb()
+    back = await eventually(lambda: active(redis), timeout=15, what="an active daemon again")
+    assert back["instance"] == old["instance"]
+    await converged(redis, first.workspace)
+    assert first.proc.poll() is None and second.proc.poll() is None
+    assert any("taken again" in line.get("message", "") for line in first.logs())
+
+
+async def test_a_forged_lease_stops_the_holder_and_the_standby_says_so(
+    redis, daemon_factory, redis_server, tmp_path
+):
+    """A lease no daemon wrote (no time to live): the active daemon's writes are refused and
+    it exits; the standby does not take it, does not spin on it, and says so once."""
+    first, second, old = await standby_and_active(redis, daemon_factory)
+    standby = next(d for d in (await daemons(redis)).values() if d["role"] == "standby")
+    port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+    monitor = Monitor(port, tmp_path / "mon")
+    await asyncio.sleep(0.2)
+    await redis.set(KEYS.node_lease(old["node"]), "99:forged")
+    assert await asyncio.to_thread(first.wait, 15) == EXIT_LEASE_LOST
+
+    async def said_so():
+        return any("no time to live" in line.get("message", "") for line in second.logs())
+
+    await eventually(said_so, what="the standby to say the lease looks forged")
+    await asyncio.sleep(2)  # let a spinning standby show itself in MONITOR
+    commands = monitor.stop()
+    standby_beats = [
+        args for _, args in commands if args[:3] == ["HSET", KEYS.daemons, standby["instance"]]
+    ]
+    assert len(standby_beats) < 20, f"the standby spun: {len(standby_beats)} beats"
+    said = [line["message"] for line in second.logs()]
+    assert sum("no time to live" in m for m in said) == 1
+    assert second.proc.poll() is None
+    assert len(sandbox_processes(second.workspace)) == 2  # nobody touched them

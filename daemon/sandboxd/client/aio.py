@@ -39,6 +39,7 @@ from sandboxd.store.records import SandboxRecord
 DEFAULT_WAIT_S = 30.0
 # Pub/sub messages can be lost (reconnects), so a waiter also retries at this interval.
 RECHECK_S = 1.0
+GIVE_BACK_ATTEMPTS = 6  # ~3 s with backoff: long enough to follow a Sentinel failover
 
 __all__ = ["ClaimError", "ClaimTimeout", "Client", "ExecResult", "Sandbox"]
 
@@ -287,11 +288,16 @@ class Client:
                 await asyncio.shield(self._give_back(record.id, attempt.token))
                 raise
         if replicas < 1:
-            await asyncio.shield(self._give_back(record.id, attempt.token))
+            given_back = await asyncio.shield(self._give_back(record.id, attempt.token))
             raise ClaimError(
                 "not_replicated",
                 f"the claim of {record.id} reached no Redis replica within "
-                f"{self.replication_timeout_ms} ms (claim_durability = replicated): given back",
+                f"{self.replication_timeout_ms} ms (claim_durability = replicated): "
+                + (
+                    "given back"
+                    if given_back
+                    else "could not be given back; it ends with its lease"
+                ),
             )
         return self._handle(record, attempt.token)
 
@@ -305,9 +311,19 @@ class Client:
             )
         return record
 
-    async def _give_back(self, sandbox_id: str, token: str) -> None:
-        with contextlib.suppress(ClaimError, RedisError, OSError):
-            await self._claims.release(sandbox_id, token)
+    async def _give_back(self, sandbox_id: str, token: str) -> bool:
+        """Release a claim nobody will hold; retried for a few seconds, since it is needed
+        just when the primary failed (the pool follows a failover). False if it could not
+        be given back: then the claim ends with its lease."""
+        for attempt in range(GIVE_BACK_ATTEMPTS):
+            try:
+                await self._claims.release(sandbox_id, token)
+                return True
+            except ClaimError:
+                return True  # not claimed (any more) by this token: nothing to give back
+            except (RedisError, OSError):
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        return False
 
     async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
         """Try again each time the pool announces a ready sandbox, until the deadline.

@@ -49,9 +49,9 @@ def identity(instance: str, workspace_root: Path) -> dict[str, Any]:
 
 
 async def beat_standby(redis: Redis, keys: Keys, entry: dict[str, Any]) -> None:
-    """A standby's line in `<prefix>:daemons` (it writes nothing else)."""
+    """A standby's line in `<prefix>:daemons`: it writes nothing else (the active daemon
+    prunes the lines of daemons that stopped beating)."""
     await redis.hset(keys.daemons, entry["instance"], json.dumps(entry))
-    await prune(redis, keys)
 
 
 async def prune(redis: Redis, keys: Keys) -> None:

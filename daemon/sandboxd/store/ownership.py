@@ -63,6 +63,16 @@ class Holder:
         return cls(int(epoch), instance) if _INSTANCE.fullmatch(instance) else None
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One look at a lease: who holds it (None: nobody, or not a daemon's token), whether
+    the key exists at all, and its time to live (None: it has none, so it never runs out)."""
+
+    holder: Holder | None
+    present: bool
+    left_s: float | None
+
+
 class Lease:
     """One lease (`key`, its epoch counter `epoch_key`) as seen by one daemon instance."""
 
@@ -118,13 +128,17 @@ class Lease:
         if self.token:
             await self._release(keys=[self.key], args=[self.token, self.released])
 
-    async def holder(self) -> tuple[Holder | None, float]:
-        """Who holds the lease, and for how many more seconds (0: nobody)."""
+    async def look(self) -> "Seen":
+        """The lease as it is now (anything may be in Redis: a forged value, another type,
+        no time to live)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self.key)
             pipe.pttl(self.key)
-            token, left_ms = await pipe.execute()
-        return Holder.parse(token), max(0.0, (left_ms or 0) / 1000)
+            token, left_ms = await pipe.execute(raise_on_error=False)
+        if not isinstance(left_ms, int) or left_ms == -2:
+            return Seen(None, present=False, left_s=0.0)
+        holder = Holder.parse(token) if isinstance(token, str) else None
+        return Seen(holder, present=True, left_s=left_ms / 1000 if left_ms >= 0 else None)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl_s * 1000))
