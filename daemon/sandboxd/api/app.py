@@ -11,11 +11,13 @@ retrying cannot change carry `Should-Retry: false`, so the SDK does not retry th
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -26,6 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client import ClaimError, ClaimTimeout, Client
@@ -33,12 +36,21 @@ from sandboxd.store.apikeys import ApiKey, ApiKeyStore
 from sandboxd.store.claims import PoolSettings
 from sandboxd.store.keys import Keys
 
+try:  # envd for local sandboxes needs the e2b package's envd messages (connect-python)
+    from sandboxd.api import envd
+    from sandboxd.api.envd import ENVD_VERSION, token_digest
+except ImportError:  # pragma: no cover - the api extra without e2b: e2b pools only
+    envd = None  # type: ignore[assignment]
+    ENVD_VERSION = ""
+
 log = logging.getLogger("sandboxd.api")
 
 DEFAULT_WAIT_S = 30.0  # the longest a create waits for a ready sandbox of an empty pool
 E2B_DOMAINS = ("e2b.app", "e2b.dev")
 MAX_METADATA = 64
 MAX_METADATA_BYTES = 8192
+MAX_ENV_VARS = 256
+MAX_ENV_BYTES = 64 * 1024
 CLIENT_ID = "sandboxd"
 
 
@@ -58,14 +70,17 @@ class ApiError(Exception):
 
 @dataclass
 class Settings:
-    """What the app needs: Redis, the key prefix, how long a create may wait, and the
-    E2B domain to name in answers (None: the record's when it is one of E2B's)."""
+    """What the app needs: Redis, the key prefix, how long a create may wait, the E2B
+    domain to name in answers (None: the record's when it is one of E2B's), and the local
+    provider's registry (`local.workspace_root`), where local sandboxes' agents listen
+    (None: local pools are not served)."""
 
     redis: Redis
     prefix: str = "sandboxd"
     wait_s: float = DEFAULT_WAIT_S
     domain: str | None = None
     client_kwargs: dict[str, Any] | None = None
+    local_root: Path | None = None
 
 
 class Api:
@@ -106,13 +121,20 @@ class Api:
             raise ApiError(404, f"template '{template}' not found (no sandboxd pool of that name)")
         if not key.may_use(template):
             raise ApiError(403, f"API key '{key.name}' may not use pool '{template}'")
-        if settings.provider != "e2b":
+        if settings.provider == "local":
+            if not self._serves_local():
+                raise ApiError(
+                    400,
+                    f"pool '{template}' is a local pool: this sandboxd api serves no envd for "
+                    "local sandboxes (it must run on their host, with local.workspace_root "
+                    "and the e2b package)",
+                )
+            env_vars = _env_vars(env_vars)
+        elif settings.provider != "e2b":
             raise ApiError(
-                400,
-                f"pool '{template}' is a {settings.provider} pool: only e2b pools are served "
-                "through the E2B API yet (local pools need sandboxd's envd, not built yet)",
+                400, f"pool '{template}' is a {settings.provider} pool: not served by the E2B API"
             )
-        if env_vars:
+        elif env_vars:
             raise ApiError(
                 400,
                 "envVars at create are not applied to e2b pools' warm sandboxes yet: pass "
@@ -129,7 +151,9 @@ class Api:
                 retry=False,
             )
         try:
-            return await self._claim(key, template, settings, lease_s, metadata, reservation)
+            return await self._claim(
+                key, template, settings, lease_s, metadata, reservation, env_vars
+            )
         except BaseException:
             await asyncio.shield(self.registry.unreserve(key.name, reservation))
             raise
@@ -142,6 +166,7 @@ class Api:
         lease_s: int,
         metadata: dict[str, str],
         reservation: str,
+        env_vars: dict[str, str],
     ) -> Response:
         try:
             sandbox = await self.client.claim(
@@ -157,7 +182,10 @@ class Api:
         except ClaimError as exc:
             raise _claim_refusal(exc) from None
         info = sandbox.connection_info
-        e2b_id = str(info.get("e2b_id") or "")
+        local = settings.provider == "local"
+        # A local sandbox's E2B id is its own; envd is this server's, its token made here.
+        e2b_id = sandbox.id if local else str(info.get("e2b_id") or "")
+        envd_token = secrets.token_urlsafe(32) if local else ""
         if not e2b_id:  # a record without its E2B id: give it back, say so
             await self.client.release(sandbox.id, sandbox.claim_token)
             raise ApiError(500, f"sandbox {sandbox.id} of pool '{template}' has no E2B id")
@@ -169,10 +197,13 @@ class Api:
             pool=template,
             template=template,
             started_at=_iso(time.time()),
-            envd_version=str(info.get("envd_version") or ""),
-            domain=self._domain(info.get("domain")),
+            envd_version=ENVD_VERSION if local else str(info.get("envd_version") or ""),
+            domain=self._domain(None if local else info.get("domain")),
             metadata=metadata,
             claim_token=sandbox.claim_token,
+            provider=settings.provider,
+            envd_token_sha256=token_digest(envd_token) if local else "",
+            env_vars=env_vars,
         )
         try:
             await self.registry.add(entry, sandbox.lease_s, reservation)
@@ -193,7 +224,7 @@ class Api:
             "clientID": CLIENT_ID,
             "envdVersion": entry.envd_version,
         }
-        token = sandbox.access_secrets().get("envd_access_token")
+        token = envd_token or sandbox.access_secrets().get("envd_access_token")
         if token:
             created["envdAccessToken"] = token
         if entry.domain:
@@ -211,6 +242,12 @@ class Api:
         ):
             return recorded
         return ""
+
+    def _serves_local(self) -> bool:
+        """envd for local sandboxes: the e2b package's messages, and the local registry
+        here (an API server on another host cannot reach their agents)."""
+        root = self.settings.local_root
+        return envd is not None and root is not None and root.is_dir()
 
     # -- one sandbox --------------------------------------------------------------------
 
@@ -337,6 +374,17 @@ def _metadata(value: object) -> dict[str, str]:
     return dict(value)
 
 
+def _env_vars(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and "\0" not in k + v and isinstance(v, str)
+        for k, v in value.items()
+    ):
+        raise ApiError(400, "envVars must be an object of strings (names without '=')")
+    if len(value) > MAX_ENV_VARS or len(json.dumps(value)) > MAX_ENV_BYTES:
+        raise ApiError(400, f"envVars: at most {MAX_ENV_VARS} entries, {MAX_ENV_BYTES} bytes")
+    return dict(value)
+
+
 def _metadata_query(text: str) -> dict[str, str]:
     """The SDK's `metadata` query: a URL-encoded form of URL-quoted keys and values."""
     return {unquote(k): unquote(v) for k, v in parse_qsl(text, keep_blank_values=True)}
@@ -362,9 +410,17 @@ async def _json_object(request: Request) -> dict[str, Any]:
 Handler = Callable[[Api, Request, ApiKey], Awaitable[Response]]
 
 
-def create_app(settings: Settings, *, close_redis: bool = False) -> Starlette:
-    """The ASGI app. `close_redis`: close `settings.redis` when the app shuts down."""
+def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
+    """The ASGI app: E2B's control plane, and envd for local sandboxes when
+    `settings.local_root` is set. `close_redis`: close `settings.redis` when the app shuts
+    down."""
     api = Api(settings)
+    envd_routes: list[Route] = []
+    rpc: dict[str, ASGIApp] = {}
+    if envd is not None and settings.local_root is not None:
+        served = envd.Envd(api.registry, settings.local_root)
+        envd_routes = envd.routes(served)
+        rpc = envd.rpc_apps(served)
 
     def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
@@ -390,7 +446,7 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> Starlette:
             if close_redis:
                 await settings.redis.aclose()
 
-    return Starlette(
+    control = Starlette(
         routes=[
             route("/sandboxes", Api.create, "POST"),
             route("/v2/sandboxes", Api.create, "POST"),
@@ -400,6 +456,18 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> Starlette:
             route("/sandboxes/{id}", Api.kill, "DELETE"),
             route("/sandboxes/{id}/timeout", Api.set_timeout, "POST"),
             route("/sandboxes/{id}/refreshes", Api.refresh, "POST"),
+            *envd_routes,
         ],
         lifespan=lifespan,
     )
+    if not rpc:
+        return control
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for prefix, service in rpc.items():
+                if scope["path"].startswith(prefix):
+                    return await service(scope, receive, send)
+        return await control(scope, receive, send)
+
+    return app

@@ -34,6 +34,11 @@ class Entry:
     domain: str
     metadata: dict[str, str] = field(default_factory=dict)
     claim_token: str = field(default="", repr=False)
+    provider: str = "e2b"
+    # A local sandbox's: the SHA-256 of the claim's envd access token (the token itself is
+    # only in the create's answer), and the claim's envVars, which go with every command.
+    envd_token_sha256: str = field(default="", repr=False)
+    env_vars: dict[str, str] = field(default_factory=dict, repr=False)
     lease_expires_ms: int = 0  # the record's, read with the entry (not stored here)
 
     def to_hash(self) -> dict[str, str]:
@@ -48,13 +53,17 @@ class Entry:
             "domain": self.domain,
             "metadata": json.dumps(self.metadata),
             "claim_token": self.claim_token,
+            "provider": self.provider,
+            "envd_token_sha256": self.envd_token_sha256,
+            "env_vars": json.dumps(self.env_vars),
         }
 
     @classmethod
     def from_hash(cls, e2b_id: str, fields: dict[str, Any]) -> "Entry | None":
         try:
             metadata = json.loads(fields.get("metadata") or "{}")
-            if not isinstance(metadata, dict):
+            env_vars = json.loads(fields.get("env_vars") or "{}")
+            if not isinstance(metadata, dict) or not isinstance(env_vars, dict):
                 return None
             return cls(
                 e2b_id=e2b_id,
@@ -68,6 +77,9 @@ class Entry:
                 domain=str(fields.get("domain", "")),
                 metadata={str(k): str(v) for k, v in metadata.items()},
                 claim_token=str(fields.get("claim_token", "")),
+                provider=str(fields.get("provider") or "e2b"),
+                envd_token_sha256=str(fields.get("envd_token_sha256", "")),
+                env_vars={str(k): str(v) for k, v in env_vars.items()},
             )
         except (KeyError, ValueError, TypeError):
             return None

@@ -4,7 +4,7 @@
 import logging
 
 import uvicorn
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from sandboxd.api.app import Settings, create_app
 from sandboxd.config import Config
@@ -13,11 +13,12 @@ from sandboxd.store.connection import make_client
 log = logging.getLogger("sandboxd.api")
 
 
-def app_for(config: Config) -> Starlette:
+def app_for(config: Config) -> ASGIApp:
     settings = Settings(
         redis=make_client(config, name="sandboxd-api"),
         prefix=config.key_prefix,
         domain=config.e2b.domain,
+        local_root=config.local.workspace_root,
         client_kwargs={
             "event_stream_maxlen": config.event_stream_maxlen,
             "claim_durability": config.claim_durability,

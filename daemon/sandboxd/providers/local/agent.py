@@ -5,11 +5,24 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
 
   {"op": "ping"}                               -> {"ok": true, "pid": 1, "uptime_s": 1.2}
   {"op": "exec", "argv": [...] | "shell": "...", "env": {}, "cwd": "/workspace", "timeout": 5,
-   "stdin": "<base64>"}                        -> {"event": "started", "pid": N},
+   "stdin": "<base64>" | "stdin_open": true, "tag": "..."}
+                                               -> {"event": "started", "pid": N},
                                                   {"event": "stdout"|"stderr", "data": "<b64>"}*,
                                                   {"event": "exit", "code": 0, "timed_out": false}
-  {"op": "write", "path": p, "data": "<b64>"}  -> {"ok": true, "size": N}
+  {"op": "procs"}                              -> {"ok": true, "procs": [{"pid", "argv", "cwd",
+                                                   "tag"}]}  (the running exec'd commands)
+  {"op": "signal", "pid": N, "signal": 9|15}   -> {"ok": true}  (exec'd commands only)
+  {"op": "input", "pid": N, "data": "<b64>"}   -> {"ok": true}  (an exec with stdin_open)
+  {"op": "close_stdin", "pid": N}              -> {"ok": true}
+  {"op": "write", "path": p, "data": "<b64>"}  -> {"ok": true, "size": N, "path": absolute}
   {"op": "read", "path": p}                    -> {"ok": true, "data": "<b64>"}
+  {"op": "stat", "path": p}                    -> {"ok": true, "entry": Entry}
+  {"op": "list", "path": p, "depth": 1}        -> {"ok": true, "entries": [Entry]}
+  {"op": "mkdir", "path": p}                   -> {"ok": true, "entry": Entry}
+  {"op": "move", "path": p, "to": q}           -> {"ok": true, "entry": Entry}
+  {"op": "remove", "path": p}                  -> {"ok": true}
+     Entry: {"name", "type": file|dir|symlink|other, "path", "size", "mode", "permissions",
+             "owner", "group", "mtime", "symlink_target", "is_symlink"}
   {"op": "reset"}                              -> {"ok": true, "killed": N}  (all but the agent;
                                                   the supervised program is stopped first)
   {"op": "supervise", "run": {...RunSpec}}     -> {"ok": true}  (replaces any program running)
@@ -18,7 +31,9 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
                                                    "check": {"exit_code", "output", "timed_out"}
                                                             | null,
                                                    "program": Supervisor.status(since) | null}
-Errors: {"ok": false, "error": "..."}. One request per connection.
+Errors: {"ok": false, "error": "...", "kind": not_found|exists|not_dir|is_dir|denied|invalid|
+other}. One request per connection. Paths are the sandbox's own (relative: to HOME): the agent
+runs inside the sandbox, so bubblewrap's view is the only file system it can name.
 """
 
 import argparse
@@ -26,13 +41,18 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import errno
+import grp
 import importlib.machinery
 import importlib.util
 import json
 import os
+import pwd
 import resource
+import shutil
 import signal
 import socket
+import stat
 import time
 from typing import Any
 
@@ -53,6 +73,7 @@ supervisor: Any = None  # the supervisor module, loaded by main()
 MAX_LINE = 64 * 1024 * 1024
 STARTED = time.monotonic()
 RUNNING: set[int] = set()  # pids of exec'd commands; asyncio's child watcher reaps those
+PROCS: dict[int, dict] = {}  # exec'd commands by pid: {"proc", "argv", "cwd", "tag"}
 CHECK_OUTPUT_CHARS = 500
 
 
@@ -92,14 +113,21 @@ async def _exec(request: dict, base_env: dict, writer: asyncio.StreamWriter) -> 
     env = {**base_env, **(request.get("env") or {})}
     cwd = request.get("cwd") or base_env.get("HOME", "/")
     stdin = base64.b64decode(request["stdin"]) if request.get("stdin") else None
+    keep_open = bool(request.get("stdin_open")) and stdin is None
     if request.get("shell") is not None:
         argv = ["/bin/sh", "-c", request["shell"]]
     else:
-        argv = list(request["argv"])
+        argv = [str(a) for a in request["argv"]]
+    if not argv or not all(isinstance(v, str) for v in env.values()):
+        await _send(
+            writer, {"ok": False, "error": "argv and env must be strings", "kind": "invalid"}
+        )
+        return
+    piped = stdin is not None or keep_open
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
@@ -107,14 +135,17 @@ async def _exec(request: dict, base_env: dict, writer: asyncio.StreamWriter) -> 
             start_new_session=True,
         )
     except OSError as exc:
-        await _send(writer, {"ok": False, "error": f"cannot start {argv[0]!r}: {exc.strerror}"})
+        error = f"cannot start {argv[0]!r}: {exc.strerror}"
+        await _send(writer, {"ok": False, "error": error, "kind": _kind(exc)})
         return
     RUNNING.add(proc.pid)
+    PROCS[proc.pid] = {"proc": proc, "argv": argv, "cwd": cwd, "tag": request.get("tag")}
     try:
         await _send(writer, {"event": "started", "pid": proc.pid})
         await _run(proc, stdin, request.get("timeout"), writer)
     finally:
         RUNNING.discard(proc.pid)
+        PROCS.pop(proc.pid, None)
 
 
 async def _run(proc, stdin: bytes | None, timeout: float | None, writer) -> None:
@@ -143,9 +174,155 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> int:
     return await proc.wait()
 
 
-def _path(request: dict, base_env: dict) -> str:
+def _path(request: dict, base_env: dict, field: str = "path") -> str:
     """Relative paths are in the sandbox's home, which is /workspace under bubblewrap."""
-    return os.path.join(base_env.get("HOME", "/"), request["path"])
+    path = request[field]
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError(f"{field}: a non-empty path is required")
+    return os.path.normpath(os.path.join(base_env.get("HOME", "/"), path))
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return {
+            errno.ENOENT: "not_found",
+            errno.EEXIST: "exists",
+            errno.ENOTEMPTY: "exists",
+            errno.ENOTDIR: "not_dir",
+            errno.EISDIR: "is_dir",
+            errno.EACCES: "denied",
+            errno.EPERM: "denied",
+            errno.EROFS: "denied",
+            errno.ESRCH: "not_found",
+        }.get(exc.errno or 0, "other")
+    return "invalid" if isinstance(exc, (ValueError, KeyError, TypeError)) else "other"
+
+
+def _name(table, ident: int) -> str:
+    try:
+        return table(ident)[0]
+    except (KeyError, OSError):
+        return str(ident)
+
+
+def _entry(path: str) -> dict:
+    """What envd says of a path: a symlink's own entry names its target's type."""
+    info = os.lstat(path)
+    is_link = stat.S_ISLNK(info.st_mode)
+    target = None
+    if is_link:
+        target = os.readlink(path)
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+    kind = (
+        "dir"
+        if stat.S_ISDIR(info.st_mode)
+        else "file"
+        if stat.S_ISREG(info.st_mode)
+        else "symlink"
+        if stat.S_ISLNK(info.st_mode)
+        else "other"
+    )
+    return {
+        "name": os.path.basename(path) or "/",
+        "type": kind,
+        "path": path,
+        "size": info.st_size,
+        "mode": stat.S_IMODE(info.st_mode),
+        "permissions": stat.filemode(info.st_mode),
+        "owner": _name(pwd.getpwuid, info.st_uid),
+        "group": _name(grp.getgrgid, info.st_gid),
+        "mtime": info.st_mtime,
+        "symlink_target": target,
+        "is_symlink": is_link,
+    }
+
+
+MAX_ENTRIES = 100_000
+
+
+def _list(request: dict, base_env: dict) -> dict:
+    root = _path(request, base_env)
+    depth = max(1, int(request.get("depth") or 1))
+    if not os.path.isdir(root):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+    entries: list[dict] = []
+    level = [root]
+    for _ in range(depth):
+        below = []
+        for directory in level:
+            with os.scandir(directory) as found:
+                names = sorted(e.name for e in found)
+            for name in names:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    entries.append(_entry(path))
+                    if entries[-1]["type"] == "dir" and not entries[-1]["is_symlink"]:
+                        below.append(path)
+                if len(entries) >= MAX_ENTRIES:
+                    return {"ok": True, "entries": entries, "truncated": True}
+        level = below
+    return {"ok": True, "entries": entries}
+
+
+def _mkdir(request: dict, base_env: dict) -> dict:
+    path = _path(request, base_env)
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "already exists", path)
+    os.makedirs(path)
+    return {"ok": True, "entry": _entry(path)}
+
+
+def _move(request: dict, base_env: dict) -> dict:
+    source, target = _path(request, base_env), _path(request, base_env, "to")
+    os.lstat(source)  # not found before any directory is made
+    os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
+    os.rename(source, target)
+    return {"ok": True, "entry": _entry(target)}
+
+
+def _remove(request: dict, base_env: dict) -> dict:
+    path = _path(request, base_env)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+    return {"ok": True}
+
+
+def _exec_proc(request: dict) -> dict:
+    pid = request["pid"]
+    if not isinstance(pid, int) or pid not in PROCS:
+        raise ProcessLookupError(errno.ESRCH, f"no command with pid {pid!r}")
+    return PROCS[pid]
+
+
+def _signal(request: dict) -> dict:
+    proc = _exec_proc(request)["proc"]
+    signum = signal.SIGTERM if request.get("signal") == signal.SIGTERM else signal.SIGKILL
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+    return {"ok": True}
+
+
+async def _input(request: dict) -> dict:
+    proc = _exec_proc(request)["proc"]
+    if proc.stdin is None or proc.stdin.is_closing():
+        raise ValueError("the command's stdin is not open (start it with stdin)")
+    if request.get("op") == "close_stdin":
+        proc.stdin.close()
+    else:
+        proc.stdin.write(base64.b64decode(request.get("data") or ""))
+        await proc.stdin.drain()
+    return {"ok": True}
+
+
+def _procs() -> dict:
+    listed = [
+        {"pid": pid, "argv": p["argv"], "cwd": p["cwd"], "tag": p["tag"]}
+        for pid, p in sorted(PROCS.items())
+    ]
+    return {"ok": True, "procs": listed}
 
 
 def _write(request: dict, base_env: dict) -> dict:
@@ -156,7 +333,7 @@ def _write(request: dict, base_env: dict) -> dict:
         handle.write(data)
     if request.get("mode") is not None:
         os.chmod(path, int(request["mode"]))
-    return {"ok": True, "size": len(data)}
+    return {"ok": True, "size": len(data), "path": path}
 
 
 def _read(request: dict, base_env: dict) -> dict:
@@ -224,6 +401,17 @@ async def _capture(shell: str, base_env: dict, timeout: float) -> dict:
         RUNNING.discard(proc.pid)
 
 
+FILE_OPS = {
+    "write": _write,
+    "read": _read,
+    "stat": lambda request, base_env: {"ok": True, "entry": _entry(_path(request, base_env))},
+    "list": _list,
+    "mkdir": _mkdir,
+    "move": _move,
+    "remove": _remove,
+}
+
+
 def _other_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
 
@@ -246,13 +434,20 @@ def _handler(base_env: dict):
                 await _send(writer, {"ok": True})
             elif op == "health":
                 await _send(writer, await _health(request, base_env))
-            elif op in ("write", "read"):
-                await _send(writer, (_write if op == "write" else _read)(request, base_env))
+            elif op in FILE_OPS:
+                await _send(writer, FILE_OPS[op](request, base_env))
+            elif op == "procs":
+                await _send(writer, _procs())
+            elif op == "signal":
+                await _send(writer, _signal(request))
+            elif op in ("input", "close_stdin"):
+                await _send(writer, await _input(request))
             else:
                 await _send(writer, {"ok": False, "error": f"unknown op {op!r}"})
         except (OSError, ValueError, KeyError, TypeError) as exc:
+            error = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": _kind(exc)}
             with contextlib.suppress(OSError):
-                await _send(writer, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                await _send(writer, error)
         finally:
             writer.close()
             with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from sandboxd.providers.base import ExecResult, OutputCallback
@@ -11,7 +12,19 @@ MAX_LINE = 64 * 1024 * 1024
 
 
 class AgentError(RuntimeError):
-    """The agent is unreachable or refused a request."""
+    """The agent is unreachable or refused a request. `kind`: what went wrong, as the agent
+    says (not_found, exists, not_dir, is_dir, denied, invalid, other; unreachable)."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _refused(reply: dict[str, Any], default: str) -> AgentError:
+    kind = reply.get("kind")
+    return AgentError(
+        str(reply.get("error") or default), kind if isinstance(kind, str) else "other"
+    )
 
 
 class AgentClient:
@@ -22,7 +35,9 @@ class AgentClient:
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE)
         except OSError as exc:
-            raise AgentError(f"agent unreachable at {self.socket_path}: {exc}") from exc
+            raise AgentError(
+                f"agent unreachable at {self.socket_path}: {exc}", "unreachable"
+            ) from exc
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
         return reader, writer
@@ -34,7 +49,7 @@ class AgentClient:
         finally:
             writer.close()
         if not reply.get("ok"):
-            raise AgentError(reply.get("error", "agent refused the request"))
+            raise _refused(reply, "agent refused the request")
         return reply
 
     async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
@@ -56,10 +71,84 @@ class AgentClient:
         )
 
     async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
-        await self._call({"op": "write", "path": path, "data": _b64(data), "mode": mode})
+        await self.put(path, data, mode)
+
+    async def put(self, path: str, data: bytes, mode: int | None = None) -> str:
+        """Write the file (its directories made); the absolute path written, as the sandbox
+        sees it."""
+        reply = await self._call({"op": "write", "path": path, "data": _b64(data), "mode": mode})
+        return str(reply.get("path") or path)
 
     async def read(self, path: str) -> bytes:
         return base64.b64decode((await self._call({"op": "read", "path": path}))["data"])
+
+    # -- the file system as the sandbox sees it (see agent.py for an entry's fields) --------
+
+    async def stat(self, path: str) -> dict[str, Any]:
+        return dict((await self._call({"op": "stat", "path": path}))["entry"])
+
+    async def listdir(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
+        return list((await self._call({"op": "list", "path": path, "depth": depth}))["entries"])
+
+    async def mkdir(self, path: str) -> dict[str, Any]:
+        return dict((await self._call({"op": "mkdir", "path": path}))["entry"])
+
+    async def move(self, path: str, to: str) -> dict[str, Any]:
+        return dict((await self._call({"op": "move", "path": path, "to": to}))["entry"])
+
+    async def remove(self, path: str) -> None:
+        await self._call({"op": "remove", "path": path})
+
+    # -- the commands exec'd through the agent -----------------------------------------------
+
+    async def procs(self) -> list[dict[str, Any]]:
+        """The running exec'd commands: pid, argv, cwd, tag."""
+        return list((await self._call({"op": "procs"}))["procs"])
+
+    async def signal(self, pid: int, signum: int) -> None:
+        """SIGTERM (15) or SIGKILL (anything else) to an exec'd command's process group."""
+        await self._call({"op": "signal", "pid": pid, "signal": signum})
+
+    async def send_input(self, pid: int, data: bytes) -> None:
+        await self._call({"op": "input", "pid": pid, "data": _b64(data)})
+
+    async def close_stdin(self, pid: int) -> None:
+        await self._call({"op": "close_stdin", "pid": pid})
+
+    async def stream(
+        self,
+        command: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin_open: bool = False,
+        tag: str | None = None,
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Run a command, yielding ("started", pid), ("stdout" | "stderr", bytes)…, then
+        ("exit", (code, timed_out)). Closing the iterator early kills the command (the agent
+        sees its connection go). `stdin_open`: keep stdin open for `send_input`."""
+        request: dict[str, Any] = {"op": "exec", "env": env or {}, "cwd": cwd, "timeout": timeout}
+        request["shell" if isinstance(command, str) else "argv"] = command
+        request["stdin_open"] = stdin_open
+        if tag is not None:
+            request["tag"] = tag
+        reader, writer = await self._open(request)
+        try:
+            while True:
+                message = await _read_message(reader)
+                if message.get("ok") is False:
+                    raise _refused(message, "exec failed")
+                event = message.get("event")
+                if event == "started":
+                    yield "started", int(message["pid"])
+                elif event in ("stdout", "stderr"):
+                    yield event, base64.b64decode(message["data"])
+                elif event == "exit":
+                    yield "exit", (message["code"], bool(message.get("timed_out")))
+                    return
+        finally:
+            writer.close()
 
     async def exec(
         self,
@@ -92,7 +181,7 @@ async def _collect(
     while True:
         message = await _read_message(reader)
         if message.get("ok") is False:
-            raise AgentError(message.get("error", "exec failed"))
+            raise _refused(message, "exec failed")
         event = message.get("event")
         if event in out:
             chunk = base64.b64decode(message["data"])

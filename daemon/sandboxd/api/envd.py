@@ -1,0 +1,407 @@
+"""envd's API for local sandboxes: what the `e2b` SDK calls once it holds a sandbox
+(`commands`, `files`), served by `sandboxd api` and carried to the sandbox's agent.
+
+Routing is E2B's: with `E2B_SANDBOX_URL` the SDK sends every envd call to one URL with the
+sandbox's id in `E2b-Sandbox-Id` (and the port, envd's 49983, in `E2b-Sandbox-Port`); with a
+wildcard domain the host name is `<port>-<sandbox id>.<domain>`. Every call must carry the
+claim's envd access token (`X-Access-Token`), which the API made at create and keeps only as
+its SHA-256; a sandbox that is not a live claim of a local pool is E2B's proxy's 502, a
+wrong token envd's 401.
+
+The agent is reached through `<local.workspace_root>/<sandbox id>/agent.sock` only — the
+path is made from this server's configuration and the id, checked by `trusted_socket`, never
+read from a record. Paths are resolved by the agent inside the sandbox, so a call names
+nothing but the sandbox's own file system view.
+
+Served: process.Process Start (streamed start, stdout/stderr data, end), List, SendSignal,
+SendInput, CloseStdin; filesystem.Filesystem Stat, ListDir, MakeDir, Move, Remove;
+GET /files (download), POST /files (multipart upload), GET /health. Not served (Connect's
+`unimplemented`): process Connect, Update, StreamInput and PTYs; the file system watchers.
+"""
+
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from e2b.envd.filesystem import filesystem_pb
+from e2b.envd.filesystem.filesystem_connect import Filesystem, FilesystemASGIApplication
+from e2b.envd.process import process_pb
+from e2b.envd.process.process_connect import Process, ProcessASGIApplication
+from protobuf import Oneof
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandboxd.api.registry import Entry, Registry
+from sandboxd.client.connections import UnreachableSandbox, trusted_socket
+from sandboxd.providers.local.agentclient import AgentClient, AgentError
+
+log = logging.getLogger("sandboxd.api")
+
+# The envd version the SDK is told: 0.4.0+ sends no default user; 0.5.2+ may close stdin;
+# below 0.5.7 uploads are multipart (no octet-stream, no gzip), below 0.6.2 no file metadata.
+ENVD_VERSION = "0.5.2"
+ENVD_PORT = 49983
+MAX_UPLOAD = 32 * 1024 * 1024  # one file: the agent's JSON line carries it in base64
+PE = process_pb.ProcessEvent
+FILE_TYPES = {
+    "file": filesystem_pb.FileType.FILE,
+    "dir": filesystem_pb.FileType.DIRECTORY,
+    "symlink": filesystem_pb.FileType.SYMLINK,
+}
+CODES = {
+    "not_found": Code.NOT_FOUND,
+    "exists": Code.ALREADY_EXISTS,
+    "not_dir": Code.INVALID_ARGUMENT,
+    "is_dir": Code.INVALID_ARGUMENT,
+    "invalid": Code.INVALID_ARGUMENT,
+    "denied": Code.PERMISSION_DENIED,
+    "unreachable": Code.UNAVAILABLE,
+}
+STATUSES = {"not_found": 404, "is_dir": 400, "not_dir": 400, "invalid": 400, "denied": 403}
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Refused(Exception):
+    """An envd call refused before it reached an agent: HTTP status and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"code": self.status, "message": self.message}, self.status)
+
+    def connect_error(self) -> ConnectError:
+        code = {401: Code.UNAUTHENTICATED, 502: Code.UNAVAILABLE}.get(self.status, Code.INTERNAL)
+        return ConnectError(code, self.message)
+
+
+@dataclass
+class Target:
+    entry: Entry
+    agent: AgentClient
+
+
+class Envd:
+    """Finds the sandbox an envd call is for, and checks its access token."""
+
+    def __init__(self, registry: Registry, local_root: Path | None):
+        self.registry = registry
+        self.local_root = local_root
+
+    async def target(self, headers: Mapping[str, str]) -> Target:
+        sandbox_id = _sandbox_id(headers)
+        port = headers.get("e2b-sandbox-port")
+        if port and port != str(ENVD_PORT):
+            raise Refused(502, f"port {port} of sandbox {sandbox_id} is not served by sandboxd")
+        try:
+            entry = await self.registry.get(sandbox_id) if sandbox_id else None
+        except RedisError:
+            raise Refused(502, "sandboxd cannot reach Redis") from None
+        if entry is None or entry.provider != "local" or not entry.envd_token_sha256:
+            raise Refused(502, f"The sandbox {sandbox_id} was not found")
+        token = headers.get("x-access-token") or ""
+        if not hmac.compare_digest(token_digest(token), entry.envd_token_sha256):
+            raise Refused(401, "invalid access token")
+        if self.local_root is None:
+            raise Refused(502, "this sandboxd api has no local.workspace_root")
+        path = str(self.local_root / entry.sandbox / "agent.sock")
+        try:
+            return Target(entry, AgentClient(trusted_socket(path, entry.sandbox)))
+        except UnreachableSandbox as exc:
+            log.warning("sandbox %s: %s", entry.sandbox, exc, extra={"sandbox": entry.sandbox})
+            raise Refused(502, f"The sandbox {sandbox_id} is not reachable") from None
+
+
+def _sandbox_id(headers: Mapping[str, str]) -> str:
+    """`E2b-Sandbox-Id`, else the host name's first label `<port>-<sandbox id>`."""
+    found = headers.get("e2b-sandbox-id")
+    if found:
+        return found
+    label = (headers.get("host") or "").split(":")[0].split(".")[0]
+    port, _, sandbox_id = label.partition("-")
+    return sandbox_id if port.isdigit() else ""
+
+
+def _failed(exc: AgentError) -> ConnectError:
+    return ConnectError(CODES.get(exc.kind, Code.INTERNAL), str(exc))
+
+
+async def _target(envd: Envd, ctx: Any) -> Target:
+    try:
+        return await envd.target(ctx.request_headers)
+    except Refused as exc:
+        raise exc.connect_error() from None
+
+
+class ProcessService(Process):
+    """process.Process, carried to the sandbox's agent."""
+
+    def __init__(self, envd: Envd):
+        self.envd = envd
+
+    async def start(self, request: Any, ctx: Any) -> AsyncIterator[process_pb.StartResponse]:
+        target = await _target(self.envd, ctx)
+        if request.pty is not None:
+            raise ConnectError(Code.UNIMPLEMENTED, "PTYs are not served by sandboxd")
+        config = request.process or process_pb.ProcessConfig()
+        if not config.cmd:
+            raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
+        # The claim's envVars (late binding: the warm sandbox stays warm), then the call's.
+        env = {**target.entry.env_vars, **dict(config.envs)}
+        stream = target.agent.stream(
+            [config.cmd, *config.args],
+            env=env,
+            cwd=config.cwd or None,
+            stdin_open=bool(request.stdin),
+            tag=request.tag if request.tag else None,
+        )
+        try:
+            async for event, value in stream:
+                if event == "started":
+                    yield _event(Oneof("start", PE.StartEvent(pid=value)))
+                elif event in ("stdout", "stderr"):
+                    output: Any = Oneof(event, value)
+                    yield _event(Oneof("data", PE.DataEvent(output=output)))
+                else:
+                    code, timed_out = value
+                    end = PE.EndEvent(
+                        exit_code=code,
+                        exited=True,
+                        status=f"exit status {code}",
+                        error="timed out" if timed_out else None,
+                    )
+                    yield _event(Oneof("end", end))
+        except AgentError as exc:
+            raise _failed(exc) from None
+        finally:
+            await stream.aclose()  # an early end (the client went away) kills the command
+
+    async def list(self, request: Any, ctx: Any) -> process_pb.ListResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            procs = await target.agent.procs()
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return process_pb.ListResponse(
+            processes=[
+                process_pb.ProcessInfo(
+                    config=process_pb.ProcessConfig(
+                        cmd=p["argv"][0], args=p["argv"][1:], cwd=p.get("cwd") or None
+                    ),
+                    pid=p["pid"],
+                    tag=p.get("tag") or None,
+                )
+                for p in procs
+            ]
+        )
+
+    async def _pid(self, target: Target, selector: Any) -> int:
+        if selector is None or selector.selector is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a process selector is required")
+        if selector.selector.field == "pid":
+            return int(selector.selector.value)
+        for p in await target.agent.procs():
+            if p.get("tag") == selector.selector.value:
+                return int(p["pid"])
+        raise ConnectError(Code.NOT_FOUND, f"no process tagged {selector.selector.value!r}")
+
+    async def send_signal(self, request: Any, ctx: Any) -> process_pb.SendSignalResponse:
+        target = await _target(self.envd, ctx)
+        signum = 15 if request.signal == process_pb.Signal.SIGTERM else 9
+        try:
+            await target.agent.signal(await self._pid(target, request.process), signum)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return process_pb.SendSignalResponse()
+
+    async def send_input(self, request: Any, ctx: Any) -> process_pb.SendInputResponse:
+        target = await _target(self.envd, ctx)
+        given = request.input.input if request.input is not None else None
+        if given is None or given.field != "stdin":
+            raise ConnectError(Code.UNIMPLEMENTED, "only stdin input is served (no PTYs)")
+        try:
+            await target.agent.send_input(await self._pid(target, request.process), given.value)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return process_pb.SendInputResponse()
+
+    async def close_stdin(self, request: Any, ctx: Any) -> process_pb.CloseStdinResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            await target.agent.close_stdin(await self._pid(target, request.process))
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return process_pb.CloseStdinResponse()
+
+    async def connect(self, request: Any, ctx: Any) -> AsyncIterator[Any]:
+        raise ConnectError(Code.UNIMPLEMENTED, "reconnecting to a process is not served yet")
+        yield  # pragma: no cover - a server stream
+
+    async def update(self, request: Any, ctx: Any) -> Any:
+        raise ConnectError(Code.UNIMPLEMENTED, "PTYs are not served by sandboxd")
+
+    async def stream_input(self, request: Any, ctx: Any) -> Any:
+        raise ConnectError(Code.UNIMPLEMENTED, "streamed input is not served yet: send_stdin")
+
+
+def _event(event: Oneof) -> process_pb.StartResponse:
+    return process_pb.StartResponse(event=PE(event=event))
+
+
+def _entry(found: dict[str, Any]) -> filesystem_pb.EntryInfo:
+    mtime = float(found.get("mtime") or 0)
+    return filesystem_pb.EntryInfo(
+        name=str(found["name"]),
+        type=FILE_TYPES.get(found.get("type", ""), filesystem_pb.FileType.UNSPECIFIED),
+        path=str(found["path"]),
+        size=int(found.get("size") or 0),
+        mode=int(found.get("mode") or 0),
+        permissions=str(found.get("permissions") or ""),
+        owner=str(found.get("owner") or ""),
+        group=str(found.get("group") or ""),
+        modified_time=Timestamp(seconds=int(mtime), nanos=int((mtime % 1) * 1e9)),
+        symlink_target=found.get("symlink_target"),
+        is_symlink=bool(found.get("is_symlink")),
+    )
+
+
+class FilesystemService(Filesystem):
+    """filesystem.Filesystem, carried to the sandbox's agent (no watchers)."""
+
+    def __init__(self, envd: Envd):
+        self.envd = envd
+
+    async def stat(self, request: Any, ctx: Any) -> filesystem_pb.StatResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            return filesystem_pb.StatResponse(entry=_entry(await target.agent.stat(request.path)))
+        except AgentError as exc:
+            raise _failed(exc) from None
+
+    async def list_dir(self, request: Any, ctx: Any) -> filesystem_pb.ListDirResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            found = await target.agent.listdir(request.path, max(1, request.depth or 1))
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return filesystem_pb.ListDirResponse(entries=[_entry(e) for e in found])
+
+    async def make_dir(self, request: Any, ctx: Any) -> filesystem_pb.MakeDirResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            return filesystem_pb.MakeDirResponse(
+                entry=_entry(await target.agent.mkdir(request.path))
+            )
+        except AgentError as exc:
+            raise _failed(exc) from None
+
+    async def move(self, request: Any, ctx: Any) -> filesystem_pb.MoveResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            moved = await target.agent.move(request.source, request.destination)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return filesystem_pb.MoveResponse(entry=_entry(moved))
+
+    async def remove(self, request: Any, ctx: Any) -> filesystem_pb.RemoveResponse:
+        target = await _target(self.envd, ctx)
+        try:
+            await target.agent.remove(request.path)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return filesystem_pb.RemoveResponse()
+
+    async def watch_dir(self, request: Any, ctx: Any) -> AsyncIterator[Any]:
+        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+        yield  # pragma: no cover - a server stream
+
+    async def create_watcher(self, request: Any, ctx: Any) -> Any:
+        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+
+    async def get_watcher_events(self, request: Any, ctx: Any) -> Any:
+        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+
+    async def remove_watcher(self, request: Any, ctx: Any) -> Any:
+        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+
+
+def _http_failure(exc: AgentError) -> JSONResponse:
+    status = STATUSES.get(exc.kind, 502 if exc.kind == "unreachable" else 500)
+    return JSONResponse({"code": status, "message": str(exc)}, status)
+
+
+def routes(envd: Envd) -> list[Route]:
+    """GET /health, GET /files (download), POST /files (multipart upload)."""
+
+    async def health(request: Request) -> Response:
+        try:
+            await envd.target(request.headers)
+        except Refused as exc:
+            return exc.response()
+        return Response(status_code=204)
+
+    async def read_file(request: Request) -> Response:
+        try:
+            target = await envd.target(request.headers)
+        except Refused as exc:
+            return exc.response()
+        path = request.query_params.get("path")
+        if not path:
+            return JSONResponse({"code": 400, "message": "path is required"}, 400)
+        try:
+            data = await target.agent.read(path)
+        except AgentError as exc:
+            return _http_failure(exc)
+        return Response(data, media_type="application/octet-stream")
+
+    async def write_file(request: Request) -> Response:
+        try:
+            target = await envd.target(request.headers)
+        except Refused as exc:
+            return exc.response()
+        written = []
+        async with request.form(max_files=100, max_part_size=MAX_UPLOAD) as form:
+            for upload in form.getlist("file"):
+                if isinstance(upload, str):
+                    continue
+                path = request.query_params.get("path") or upload.filename
+                if not path:
+                    return JSONResponse({"code": 400, "message": "path is required"}, 400)
+                data = await upload.read(MAX_UPLOAD + 1)
+                if len(data) > MAX_UPLOAD:
+                    message = f"a file of sandboxd's envd is at most {MAX_UPLOAD} bytes"
+                    return JSONResponse({"code": 413, "message": message}, 413)
+                try:
+                    where = await target.agent.put(path, data)
+                except AgentError as exc:
+                    return _http_failure(exc)
+                written.append({"name": where.rsplit("/", 1)[-1], "type": "file", "path": where})
+        return JSONResponse(written)
+
+    return [
+        Route("/health", health, methods=["GET"]),
+        Route("/files", read_file, methods=["GET"]),
+        Route("/files", write_file, methods=["POST"]),
+    ]
+
+
+def rpc_apps(envd: Envd) -> dict[str, Any]:
+    """The Connect-RPC apps by their path prefix."""
+    return {
+        "/process.Process/": ProcessASGIApplication(ProcessService(envd)),
+        "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(envd)),
+    }
