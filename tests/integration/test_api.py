@@ -88,7 +88,10 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
     assert [k["name"] for k in json.loads(listed.stdout)] == ["alice", "bob"]
     assert alice not in listed.stdout and bob not in listed.stdout
 
-    with ApiServer(redis_server, tmp_path / "api.log") as api:
+    # This API server cannot reach the local sandboxes' registry (another host, say): a
+    # local pool is refused in one clear line (test_api_local.py serves one).
+    no_registry = {"SANDBOXD_LOCAL__WORKSPACE_ROOT": str(tmp_path / "no-registry-here")}
+    with ApiServer(redis_server, tmp_path / "api.log", **no_registry) as api:
         # The program's whole environment: where sandboxd is, where envd is, sandboxd's key.
         monkeypatch.setenv("E2B_API_URL", api.url)
         monkeypatch.setenv("E2B_SANDBOX_URL", fake_e2b.url)
