@@ -130,10 +130,9 @@ async def test_a_backlog_over_the_bound_drops_the_oldest_and_says_so(
     ids = subscriber.ids()
     assert [i for i in ids if i in produced] == [i for i in produced if i in ids]  # in order
     skipped = [i for i in everything[: everything.index(dropped["id"])] if i not in ids]
-    # At least once: an event the broker took just as it went away may be in the backlog
-    # (its acknowledgement lost) and dropped there, yet have reached the subscriber.
+    # At least once: events of the batch the broker took just as it went away may be in the
+    # backlog (the cursor had not moved) and dropped there, yet have reached the subscriber.
     assert dropped["data"]["dropped"] >= len(skipped) > 0
-    assert dropped["data"]["dropped"] <= len(skipped) + 1
     assert daemon.wings.bridge.dropped == dropped["data"]["dropped"]
 
 
