@@ -22,12 +22,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## run: venv, a local Redis if none answers, the example spec, the daemon in the foreground
+## and `sandboxd api` (E2B's REST API on api_listen, 127.0.0.1:3000) beside it
 run: export SANDBOXD_REDIS_URL ?= $(REDIS_URL)
 run: $(STAMP)
 	@$(MAKE) --no-print-directory host-packages PACKAGES="$(RUN_PACKAGES)"
 	$(BIN)/python -m sandboxd.store.localredis ensure --url $(SANDBOXD_REDIS_URL) --dir $(RUN)/redis
 	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes $(BIN)/sandboxd --config config/sandboxd.toml apply -f config/spec.example.yaml
-	SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes exec $(BIN)/sandboxd --config config/sandboxd.toml run
+	$(BIN)/sandboxd --config config/sandboxd.toml api & api=$$!; trap 'kill $$api 2>/dev/null' EXIT; \
+	  SANDBOXD_LOCAL__WORKSPACE_ROOT=$(CURDIR)/$(RUN)/sandboxes $(BIN)/sandboxd --config config/sandboxd.toml run
 
 ## test: the whole suite (unit, integration with real redis-server and sandboxes, systemd)
 test: $(STAMP)
@@ -63,7 +65,7 @@ bench: $(STAMP)
 ## install-service: package into $(PREFIX_DIR), config into /etc/sandboxd, the unit into systemd
 install-service:
 	$(PYTHON) -m venv $(PREFIX_DIR)
-	$(PREFIX_DIR)/bin/pip install --quiet .
+	$(PREFIX_DIR)/bin/pip install --quiet '.[api]'
 	install -d -m 0755 /etc/sandboxd /var/lib/sandboxd
 	install -d -m 0700 /etc/sandboxd/credentials
 	for c in e2b-api-key redis-password; do \
@@ -72,10 +74,12 @@ install-service:
 	install -m 0644 config/spec.example.yaml /etc/sandboxd/spec.example.yaml
 	install -m 0644 systemd/sandboxd.service /etc/systemd/system/sandboxd.service
 	install -m 0644 systemd/sandboxd@.service /etc/systemd/system/sandboxd@.service
+	install -m 0644 systemd/sandboxd-api.service /etc/systemd/system/sandboxd-api.service
 	ln -sf $(PREFIX_DIR)/bin/sandboxd /usr/local/bin/sandboxd
 	systemctl daemon-reload
 	@echo "installed; start with: systemctl enable --now sandboxd"
 	@echo "  (or, with a hot standby: systemctl enable --now sandboxd@a sandboxd@b)"
+	@echo "  E2B's API for E2B SDK programs: systemctl enable --now sandboxd-api"
 
 clean:
 	rm -rf $(VENV) $(RUN) build *.egg-info
