@@ -26,7 +26,16 @@ from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.localredis import answers, find_redis_server
 from sandboxd.store.records import SandboxRecord, SandboxStore
-from tests.support import KEYS, apply, cli, events_of, free_port, wait_event, wait_ready
+from tests.support import (
+    E2B_TEST_KEY,
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    free_port,
+    wait_event,
+    wait_ready,
+)
 
 ACL_FILE = Path(__file__).parents[2] / "config" / "redis-acl.conf"
 
@@ -37,6 +46,7 @@ class AclRedis:
     daemon_password: str
     client_password: str
     admin_password: str
+    api_password: str
     proc: subprocess.Popen
 
     def url(self, user: str, password: str | None = None) -> str:
@@ -44,6 +54,7 @@ class AclRedis:
             "sandboxd-daemon": self.daemon_password,
             "sandboxd-client": self.client_password,
             "test-admin": self.admin_password,
+            "sandboxd-api": self.api_password,
         }[user]
         return f"redis://{user}:{password or secret}@127.0.0.1:{self.port}/0"
 
@@ -63,9 +74,13 @@ class AclRedis:
             return admin.acl_log()
 
 
-def acl_text(daemon_password: str, client_password: str) -> str:
-    """The shipped file with the two password hashes filled in, as an operator does."""
+def acl_text(daemon_password: str, client_password: str, api_password: str) -> str:
+    """The shipped file with the two password hashes filled in, as an operator does, and the
+    API server's user (shipped off) turned on with its own."""
     text = ACL_FILE.read_text()
+    api_hash = hashlib.sha256(api_password.encode()).hexdigest()
+    assert "user sandboxd-api off " in text
+    text = text.replace("user sandboxd-api off ", f"user sandboxd-api on #{api_hash} ")
     for placeholder, password in (
         ("#DAEMON_PASSWORD_SHA256", daemon_password),
         ("#CLIENT_PASSWORD_SHA256", client_password),
@@ -83,12 +98,12 @@ def acl_redis(tmp_path: Path) -> Iterator[AclRedis]:
     version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     if " v=6." in version or " v=5." in version:
         pytest.skip(f"the ACL file needs Redis 7 (selectors, %R~/%W~): {version}")
-    passwords = [secrets.token_hex(16) for _ in range(3)]
+    passwords = [secrets.token_hex(16) for _ in range(4)]
     directory = tmp_path / "acl-redis"
     directory.mkdir()
     aclfile = directory / "users.acl"
     admin = f"user test-admin on #{hashlib.sha256(passwords[2].encode()).hexdigest()} ~* &* +@all"
-    aclfile.write_text(acl_text(passwords[0], passwords[1]) + admin + "\n")
+    aclfile.write_text(acl_text(passwords[0], passwords[1], passwords[3]) + admin + "\n")
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     argv += ["no", "--dir", str(directory), "--logfile", str(directory / "redis.log")]
@@ -101,7 +116,7 @@ def acl_redis(tmp_path: Path) -> Iterator[AclRedis]:
                 log = (directory / "redis.log").read_text(errors="replace")[-2000:]
                 pytest.fail(f"redis-server with the ACL file did not start:\n{log}")
             time.sleep(0.02)
-        yield AclRedis(port, *passwords, proc)
+        yield AclRedis(port, *passwords, proc=proc)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -273,3 +288,51 @@ async def test_the_cli_with_a_user_in_the_url_and_the_password_in_a_file(acl_red
         cli, acl_redis.url("sandboxd-client", "wrong-pw"), "get", "pools"
     )
     assert wrong.returncode != 0 and "wrong-pw" not in wrong.stderr + wrong.stdout
+
+
+async def test_sandboxd_api_on_its_own_user_creates_runs_and_kills(
+    acl_redis, daemon_factory, fake_e2b, monkeypatch, tmp_path
+):
+    """`sandboxd api` with the `sandboxd-api` user: the e2b SDK creates a sandbox of an e2b
+    pool (a claim, the registry entry, the key's quota), runs a command, lists, and kills
+    it; ACL LOG stays empty, and the user cannot touch the keys or the spec."""
+    from e2b import Sandbox
+
+    from tests.integration.test_api import ApiServer, new_key
+    from tests.integration.test_e2b import e2b_pool, e2b_settings
+
+    daemon = daemon_factory(redis_url=acl_redis.daemon_url, e2b=e2b_settings(fake_e2b))
+    daemon.env["E2B_API_KEY"] = E2B_TEST_KEY
+    daemon.start()
+    async with Client.from_url(acl_redis.daemon_url) as operator:
+        await apply(operator._redis, [e2b_pool(min_ready=1, max_total=3)])
+        await wait_ready(operator._redis, "cloud", 1, timeout=60)
+        key = await asyncio.to_thread(
+            new_key, acl_redis.daemon_url, "acl", "--max-sandboxes", "2"
+        )  # the operator's CLI issues keys
+        with ApiServer(acl_redis.url("sandboxd-api"), tmp_path / "api.log") as api:
+            for name in ("E2B_API_KEY", "E2B_DOMAIN"):
+                monkeypatch.delenv(name, raising=False)
+            opts = {"api_key": key, "api_url": api.url, "sandbox_url": fake_e2b.url}
+            sandbox = await asyncio.to_thread(Sandbox.create, "cloud", **opts)
+            done = await asyncio.to_thread(sandbox.commands.run, "echo $((6*7))")
+            assert done.stdout == "42\n"
+            listed = await asyncio.to_thread(lambda: Sandbox.list(**opts).next_items())
+            assert [s.sandbox_id for s in listed] == [sandbox.sandbox_id]
+            await asyncio.to_thread(sandbox.kill)
+            assert await asyncio.to_thread(lambda: Sandbox.list(**opts).next_items()) == []
+        await wait_event(operator._redis, "sandbox.released")
+    assert acl_redis.denials() == [], acl_redis.denials()
+    assert acl_redis.api_password not in (tmp_path / "api.log").read_text()
+
+    with SyncRedis.from_url(acl_redis.url("sandboxd-api")) as api_user:
+        for command in (
+            ("HSET", "sandboxd:apikeys", "forged", "{}"),
+            ("HSET", "sandboxd:apikeys:sha256", "0" * 64, "acl"),
+            ("DEL", "sandboxd:apikeys"),
+            ("SET", "sandboxd:spec", "{}"),
+            ("HSET", "sandboxd:pools", "p", "{}"),
+            ("FLUSHDB",),
+        ):
+            with pytest.raises(NoPermissionError):
+                api_user.execute_command(*command)
