@@ -44,3 +44,21 @@ async def test_an_empty_pool_is_a_bounded_wait_then_a_clear_error(redis):
         await store.revoke("carol")
         done = await http.get("/v2/sandboxes", headers=headers)
         assert done.status_code == 401 and done.json()["code"] == 401
+
+
+async def test_malformed_creates_are_a_400_never_a_500(redis):
+    """Found from outside: an env value of another type and JSON nested past what a parser
+    follows each made an unhandled exception (a 500 and a traceback in the log)."""
+    await redis.hset(KEYS.pools, "cloud", json.dumps(POOL))
+    secret = await ApiKeyStore(redis, KEYS).create("dave")
+    app = create_app(Settings(redis=redis, prefix=PREFIX, wait_s=0.1))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        headers = {"X-API-KEY": secret, "content-type": "application/json"}
+        for body in (
+            json.dumps({"templateID": "cloud", "envVars": {"A": 1}}),
+            json.dumps({"templateID": "cloud", "envVars": {"A": None}}),
+            "[" * 100_000 + "]" * 100_000,
+        ):
+            done = await http.post("/v2/sandboxes", content=body, headers=headers)
+            assert done.status_code == 400, (body[:40], done.status_code, done.text[:200])

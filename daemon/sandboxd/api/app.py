@@ -376,7 +376,7 @@ def _metadata(value: object) -> dict[str, str]:
 
 def _env_vars(value: object) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and k and "=" not in k and "\0" not in k + v and isinstance(v, str)
+        isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
         for k, v in value.items()
     ):
         raise ApiError(400, "envVars must be an object of strings (names without '=')")
@@ -400,7 +400,7 @@ def _claim_refusal(exc: ClaimError) -> ApiError:
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what a parser follows
         raise ApiError(400, "the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")

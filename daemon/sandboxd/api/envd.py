@@ -51,6 +51,7 @@ log = logging.getLogger("sandboxd.api")
 ENVD_VERSION = "0.5.2"
 ENVD_PORT = 49983
 MAX_UPLOAD = 32 * 1024 * 1024  # one file: the agent's JSON line carries it in base64
+MAX_LIST_DEPTH = 64  # ListDir: the SDK asks for 1 or a few; a huge depth would busy the agent
 PE = process_pb.ProcessEvent
 FILE_TYPES = {
     "file": filesystem_pb.FileType.FILE,
@@ -295,7 +296,8 @@ class FilesystemService(Filesystem):
     async def list_dir(self, request: Any, ctx: Any) -> filesystem_pb.ListDirResponse:
         target = await _target(self.envd, ctx)
         try:
-            found = await target.agent.listdir(request.path, max(1, request.depth or 1))
+            depth = min(MAX_LIST_DEPTH, max(1, request.depth or 1))
+            found = await target.agent.listdir(request.path, depth)
         except AgentError as exc:
             raise _failed(exc) from None
         return filesystem_pb.ListDirResponse(entries=[_entry(e) for e in found])
@@ -374,7 +376,9 @@ def routes(envd: Envd) -> list[Route]:
         except Refused as exc:
             return exc.response()
         written = []
-        async with request.form(max_files=100, max_part_size=MAX_UPLOAD) as form:
+        # Only file parts are wanted: Starlette keeps other fields in memory (max_part_size
+        # bounds each, max_fields their number), so allow next to none of them.
+        async with request.form(max_files=100, max_fields=4, max_part_size=4096) as form:
             for upload in form.getlist("file"):
                 if isinstance(upload, str):
                     continue

@@ -243,7 +243,7 @@ MAX_ENTRIES = 100_000
 
 def _list(request: dict, base_env: dict) -> dict:
     root = _path(request, base_env)
-    depth = max(1, int(request.get("depth") or 1))
+    depth = min(64, max(1, int(request.get("depth") or 1)))
     if not os.path.isdir(root):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
     entries: list[dict] = []
@@ -262,6 +262,8 @@ def _list(request: dict, base_env: dict) -> dict:
                 if len(entries) >= MAX_ENTRIES:
                     return {"ok": True, "entries": entries, "truncated": True}
         level = below
+        if not level:
+            break
     return {"ok": True, "entries": entries}
 
 
