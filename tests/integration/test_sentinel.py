@@ -227,8 +227,11 @@ async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_t
         assert doubles == []
 
         async def converged():
-            records = await SandboxStore(admin, KEYS).records()
-            ready = await admin.lrange(KEYS.pool_ready("storm"), 0, -1)
+            try:
+                records = await SandboxStore(admin, KEYS).records()
+                ready = await admin.lrange(KEYS.pool_ready("storm"), 0, -1)
+            except (RedisError, OSError):  # the Sentinel may still be settling: look again
+                return False
             live = {p.pid for p in sandbox_processes(daemon.workspace)}
             pids = {int(r.handle.get("pid", 0)) for r in records}
             return len(ready) == 4 and pids == live and len(records) == len(ready)
