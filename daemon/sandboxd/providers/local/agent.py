@@ -72,7 +72,27 @@ supervisor: Any = None  # the supervisor module, loaded by main()
 
 MAX_LINE = 64 * 1024 * 1024
 STARTED = time.monotonic()
-RUNNING: set[int] = set()  # pids of exec'd commands; asyncio's child watcher reaps those
+
+
+class Children(set):
+    """Pids of the processes this agent started: asyncio's child watcher reaps those, so the
+    orphan reaper must leave them alone. A child that exits before its pid is added here would
+    look like an orphan, and reaping it would make asyncio report exit code 255; so while any
+    start is in flight (`starting()`), the orphan reaper waits for the next round.
+    """
+
+    in_flight = 0
+
+    @contextlib.contextmanager
+    def starting(self):
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+RUNNING = Children()
 PROCS: dict[int, dict] = {}  # exec'd commands by pid: {"proc", "argv", "cwd", "tag"}
 CHECK_OUTPUT_CHARS = 500
 
@@ -125,20 +145,21 @@ async def _exec(request: dict, base_env: dict, writer: asyncio.StreamWriter) -> 
         return
     piped = stdin is not None or keep_open
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        with RUNNING.starting():
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+            RUNNING.add(proc.pid)
     except OSError as exc:
         error = f"cannot start {argv[0]!r}: {exc.strerror}"
         await _send(writer, {"ok": False, "error": error, "kind": _kind(exc)})
         return
-    RUNNING.add(proc.pid)
     PROCS[proc.pid] = {"proc": proc, "argv": argv, "cwd": cwd, "tag": request.get("tag")}
     try:
         await _send(writer, {"event": "started", "pid": proc.pid})
@@ -356,7 +377,7 @@ async def _reset() -> dict:
         # Wait until they are gone, zombies reaped too (`ps` would still list those).
         deadline = time.monotonic() + 5.0
         while set(_other_pids()) - RUNNING and time.monotonic() < deadline:
-            _reap_orphans(set(RUNNING))
+            _reap_orphans(RUNNING)
             await asyncio.sleep(0.002)
         return {"ok": True, "killed": len(others)}
     groups = set(RUNNING)
@@ -377,18 +398,19 @@ async def _health(request: dict, base_env: dict) -> dict:
 
 
 async def _capture(shell: str, base_env: dict, timeout: float) -> dict:
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh",
-        "-c",
-        shell,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=base_env,
-        cwd=base_env.get("HOME", "/"),
-        start_new_session=True,
-    )
-    RUNNING.add(proc.pid)
+    with RUNNING.starting():
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            shell,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=base_env,
+            cwd=base_env.get("HOME", "/"),
+            start_new_session=True,
+        )
+        RUNNING.add(proc.pid)
     try:
         async with asyncio.timeout(timeout):
             output, _ = await proc.communicate()
@@ -458,8 +480,10 @@ def _handler(base_env: dict):
     return handle
 
 
-def _reap_orphans(own: set[int]) -> None:
+def _reap_orphans(own: Children) -> None:
     """As PID 1 we inherit orphaned grandchildren; reap the zombies that are not ours."""
+    if own.in_flight:
+        return
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in own:
             continue
@@ -476,7 +500,7 @@ def _reap_orphans(own: set[int]) -> None:
 async def _reaper() -> None:
     while True:
         await asyncio.sleep(1.0)
-        _reap_orphans(set(RUNNING))
+        _reap_orphans(RUNNING)
 
 
 def _apply_limits(memory_mb: int | None) -> None:

@@ -22,8 +22,8 @@ MAX_LINE_CHARS = 4096
 
 
 class Supervisor:
-    def __init__(self, run: dict, env: dict, cwd: str, owned: set):
-        self.owned = owned  # pids the agent's orphan reaper must leave to asyncio
+    def __init__(self, run: dict, env: dict, cwd: str, owned):
+        self.owned = owned  # the agent's Children: pids its orphan reaper leaves to asyncio
         self.run = run
         self.env = env
         self.cwd = cwd
@@ -104,22 +104,23 @@ class Supervisor:
 
     async def _run_once(self) -> int:
         try:
-            proc = self._proc = await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "-c",
-                self.run["command"],
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
+            with self.owned.starting():
+                proc = self._proc = await asyncio.create_subprocess_exec(
+                    "/bin/sh",
+                    "-c",
+                    self.run["command"],
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )
+                self.owned.add(proc.pid)
         except OSError as exc:
             self._line(f"cannot start: {exc}")
             return 127
         self.pid = proc.pid
-        self.owned.add(self.pid)
         self.state = "running"
         self._emit("agent.started", pid=self.pid, restarts=self.restarts)
         assert proc.stdout is not None  # stdout=PIPE
