@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 
+UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
 SCRIPT = textwrap.dedent(
     """
     import os
@@ -52,8 +53,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare (util-linux)")
 def test_the_reaper_leaves_a_child_being_started_to_asyncio():
     done = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
-        + [sys.executable, "-c", SCRIPT],
+        [*UNSHARE, sys.executable, "-c", SCRIPT],
         capture_output=True,
         text=True,
         timeout=30,
