@@ -155,7 +155,10 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
 
         # Kill releases: an ordinary claim's end.
         sandbox.kill()
-        await wait_event(redis, "sandbox.released", sandbox=mapping["sandbox"])
+        # The claim's events say it was made through the API, by the key's name.
+        for type_ in ("sandbox.claimed", "sandbox.released"):
+            event = await wait_event(redis, type_, sandbox=mapping["sandbox"], via="api")
+            assert event["data"]["claimant"] == "alice"
         await other.kill()
         assert await AsyncSandbox.list().next_items() == []
         await wait_ready(redis, "cloud", 3)

@@ -227,7 +227,7 @@ def claim_call(**change: Any) -> tuple[list[Any], list[Any]]:
     args = {
         "prefix": KEYS.prefix, "pool": "p", "claimant": "c", "claim_id": "k1", "lease_s": "",
         "event_id": "e1", "time": "2025-01-02T03:04:05.678Z", "maxlen": "1000",
-        "wait_ms": "5000", "nudge": KEYS.nudge, "token_sha256": token_sha256("mine"),
+        "wait_ms": "5000", "nudge": KEYS.nudge, "token_sha256": token_sha256("mine"), "via": "",
     }  # fmt: skip
     return keys, list((args | change).values())
 
@@ -312,6 +312,7 @@ def sync_redis(redis_server: str) -> Iterator[SyncRedis]:
         st.fixed_dictionaries({"token_sha256": BAD_HASHES}),
         st.fixed_dictionaries({"claim_id": BAD_IDENTS}),
         st.fixed_dictionaries({"event_id": BAD_IDENTS}),
+        st.fixed_dictionaries({"via": BAD_IDENTS}).filter(lambda c: c["via"] not in ("", b"")),
         st.fixed_dictionaries({"time": st.one_of(st.just(""), st.text(max_size=50))}).filter(
             lambda c: (
                 not re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+[Z\d:+-]*", c["time"])

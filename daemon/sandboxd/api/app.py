@@ -170,7 +170,11 @@ class Api:
     ) -> Response:
         try:
             sandbox = await self.client.claim(
-                template, lease_s=lease_s, timeout_s=self.settings.wait_s, owner=key.name
+                template,
+                lease_s=lease_s,
+                timeout_s=self.settings.wait_s,
+                owner=key.name,
+                via="api",
             )
         except ClaimTimeout:
             raise ApiError(

@@ -231,12 +231,18 @@ class Client:
         lease_s: int | None = None,
         timeout_s: float | None = None,
         owner: str | None = None,
+        *,
+        via: str = "",
     ) -> ClaimRequest:
         """Take the oldest ready sandbox of `pool`, waiting up to `timeout_s` (default
         `default_wait_s`; 0 = do not wait) for one. Raises ClaimTimeout, or ClaimError
         for an unknown pool, a lease over the pool's `max_lease_s` or an invalid argument
-        (`reason` "invalid_argument"). The Sandbox's `claim_token` proves the claim later."""
-        return ClaimRequest(self, pool=pool, lease_s=lease_s, timeout_s=timeout_s, owner=owner)
+        (`reason` "invalid_argument"). The Sandbox's `claim_token` proves the claim later.
+        `via` says in the record and the claim's events how it was made (`sandboxd api`
+        says `api`); like `owner`, it is the claimant's word."""
+        return ClaimRequest(
+            self, pool=pool, lease_s=lease_s, timeout_s=timeout_s, owner=owner, via=via
+        )
 
     async def renew(self, sandbox_id: str, token: str, lease_s: int | None = None) -> int:
         """Extend the lease of the claim whose `claim_token` this is; the new deadline (ms)."""
@@ -270,17 +276,22 @@ class Client:
         return self._handle(record, token)
 
     async def _claim(
-        self, pool: str, lease_s: int | None, timeout_s: float | None, owner: str | None
+        self,
+        pool: str,
+        lease_s: int | None,
+        timeout_s: float | None,
+        owner: str | None,
+        via: str = "",
     ) -> Sandbox:
         wait_s = self.default_wait_s if timeout_s is None else max(0.0, timeout_s)
         check_lease(lease_s)  # before any waiting: a clear error at once
         check_claimant(owner or self.owner)
         if self.claim_durability == "acknowledged":
-            attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s)
+            attempt = _Attempt(self._claims, pool, owner or self.owner, lease_s, wait_s, via)
             return self._handle(await self._claimed(attempt), attempt.token)
         async with self._redis.client() as connection:  # WAIT counts this connection's writes
             claims = ClaimStore(connection, self._keys, maxlen=self._event_stream_maxlen)
-            attempt = _Attempt(claims, pool, owner or self.owner, lease_s, wait_s)
+            attempt = _Attempt(claims, pool, owner or self.owner, lease_s, wait_s, via)
             record = await self._claimed(attempt)
             try:
                 replicas = await connection.wait(1, self.replication_timeout_ms)
@@ -368,9 +379,16 @@ class _Attempt:
     down."""
 
     def __init__(
-        self, claims: ClaimStore, pool: str, owner: str, lease_s: int | None, wait_s: float
+        self,
+        claims: ClaimStore,
+        pool: str,
+        owner: str,
+        lease_s: int | None,
+        wait_s: float,
+        via: str = "",
     ):
         self._claims = claims
+        self.via = via
         self.pool = pool
         self.owner = owner
         self.lease_s = lease_s
@@ -392,6 +410,7 @@ class _Attempt:
                 token=self.token,
                 lease_s=self.lease_s,
                 wait_ms=max(0, left_ms),
+                via=self.via,
             )
         )
         try:

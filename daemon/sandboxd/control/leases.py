@@ -76,6 +76,7 @@ class LeaseKeeper:
                 claimant=record.claimant,
                 claim_id=record.claim_id,
                 lease_expires_ms=record.lease_expires_ms,
+                **({"via": record.claim_via} if record.claim_via else {}),
             )
             await self._terminator.finish(record, "lease_expired", "claimed")
         except Exception as exc:  # the reconciler closes what is left on a later pass

@@ -157,7 +157,8 @@ end
 # script, and a client has none to those (config/redis-acl.conf).
 # ARGV: 1 key prefix, 2 pool, 3 claimant, 4 claim id, 5 lease_s ('' = pool default),
 #       6 event id, 7 event time, 8 stream maxlen, 9 wait_ms (0 = not waiting), 10 nudge
-#       channel, 11 SHA-256 (hex) of the claim token.
+#       channel, 11 SHA-256 (hex) of the claim token, 12 how the claim is made ('' or e.g.
+#       'api': the record's claim_via, named in the claim's events).
 # The daemon is nudged only when it has something to do: a replacement is due (ready below
 # min_ready) and allowed (members below max_total), or the pool is empty. Waking it for
 # every claim of a full pool cost more CPU than the claims themselves.
@@ -171,7 +172,7 @@ CLAIM = (
     + _CHECKS
     + """
 local function check()
-  if #KEYS ~= 4 or #ARGV ~= 11 then return 'expected 4 keys and 11 arguments' end
+  if #KEYS ~= 4 or #ARGV ~= 12 then return 'expected 4 keys and 12 arguments' end
   local p, pool = ARGV[1], ARGV[2]
   if not ident(p, 200) then return 'key prefix must be 1-200 characters of [A-Za-z0-9_.:-]' end
   if not ident(pool, 100) then return 'pool must be 1-100 characters of [A-Za-z0-9_.:-]' end
@@ -194,6 +195,9 @@ local function check()
     return 'wait_ms must be an integer from 0 to ' .. MAX_WAIT_MS
   end
   if not sha256hex(ARGV[11]) then return BAD_HASH end
+  if ARGV[12] ~= '' and not ident(ARGV[12], 16) then
+    return 'via must be empty or 1-16 characters of [A-Za-z0-9_.:-]'
+  end
   return nil
 end
 local why = check()
@@ -235,12 +239,13 @@ while true do
     local expires = now + lease_s * 1000
     redis.call('HSET', key, 'state', 'claimed', 'claimant', ARGV[3], 'claim_id', ARGV[4],
       'claim_token_digest', redis.sha1hex(ARGV[11]), 'claimed_at_ms', now, 'lease_s', lease_s,
-      'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires)
+      'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires, 'claim_via', ARGV[12])
     redis.call('HSET', key, 'uses', (tonumber(redis.call('HGET', key, 'uses')) or 0) + 1)
     redis.call('ZADD', KEYS[2], expires, id)
     redis.call('ZREM', KEYS[4], ARGV[4])
     event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
-      {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires})
+      {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires,
+       via = ARGV[12] ~= '' and ARGV[12] or nil})
     if redis.call('LLEN', KEYS[1]) < pool.min_ready
         and redis.call('SCARD', ARGV[1] .. ':pool:' .. ARGV[2] .. ':members') < pool.max_total then
       redis.call('PUBLISH', ARGV[10], ARGV[2])
@@ -319,7 +324,7 @@ if why then return bad(why) end
 local damaged = wrong_type({[KEYS[1]] = 'hash', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream'})
 if damaged then return {'corrupt', damaged} end
 local r = redis.call('HMGET', KEYS[1], 'state', 'claim_id', 'claimant', 'claimed_at_ms', 'pool',
-  'claim_token_digest')
+  'claim_token_digest', 'claim_via')
 if r[1] ~= 'claimed' then return {'not_claimed', r[1] or 'gone'} end
 if not FORCED and r[6] ~= redis.sha1hex(ARGV[2]) then return {'not_yours'} end
 redis.call('HSET', KEYS[1], 'state', 'released')
@@ -327,6 +332,7 @@ redis.call('HDEL', KEYS[1], 'claim_token_digest')
 redis.call('ZREM', KEYS[2], ARGV[1])
 local data = {claimant = r[3], claim_id = r[2], held_ms = now - tonumber(r[4]), forced = FORCED}
 if FORCED then data.forced_by = ARGV[2] end
+if r[7] and r[7] ~= '' then data.via = r[7] end
 event(KEYS[3], ARGV[5], ARGV[3], 'sandbox.released', ARGV[4], r[5], ARGV[1], data)
 redis.call('PUBLISH', ARGV[6], r[5])
 return {'ok'}
@@ -507,6 +513,7 @@ class ClaimStore:
         token: str,
         lease_s: int | None = None,
         wait_ms: int = 0,
+        via: str = "",
     ) -> ClaimOutcome:
         """One atomic attempt; `wait_ms` > 0 registers a waiter if the pool is empty.
         `token` is the claim's secret (see `new_claim_token`); only its hash is sent."""
@@ -521,7 +528,7 @@ class ClaimStore:
         ]
         wait_ms = min(max(0, int(wait_ms)), MAX_WAIT_MS)
         args: list[Any] = [self._keys.prefix, pool, claimant, claim_id, _opt(lease_s)]
-        args += [*self._event_args(), wait_ms, self._keys.nudge, token_sha256(token)]
+        args += [*self._event_args(), wait_ms, self._keys.nudge, token_sha256(token), via]
         reply = await self._claim(keys=keys, args=args)
         status = _text(reply[0])
         if status == "ok":

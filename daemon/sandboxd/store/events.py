@@ -52,7 +52,8 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     ),
     "sandbox.claimed": (
         "a client claimed a ready sandbox (appended by the claim script itself)",
-        "claimant, claim_id, lease_s, lease_expires_ms",
+        "claimant, claim_id, lease_s, lease_expires_ms, via (`api`: made through "
+        "`sandboxd api`, whose key name is the claimant; absent for the client library)",
     ),
     "sandbox.lease_renewed": (
         "the holder extended its lease",
@@ -60,11 +61,11 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     ),
     "sandbox.released": (
         "the holder gave the sandbox back (or an operator forced it)",
-        "claimant, claim_id, held_ms, forced, forced_by",
+        "claimant, claim_id, held_ms, forced, forced_by, via",
     ),
     "sandbox.lease_expired": (
         "a claim's lease ran out; the sandbox is terminated next",
-        "claimant, claim_id, lease_expires_ms",
+        "claimant, claim_id, lease_expires_ms, via",
     ),
     "sandbox.reset": (
         "a released sandbox of a `reuse: reset` pool was wiped and is ready again",

@@ -34,7 +34,7 @@ SECRETS = "secrets"
 _MARK_READY = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'ready', 'ready_at', ARGV[3], 'handle', ARGV[4],
-  'claimant', '', 'claim_id', '', 'lease_expires_ms', 0)
+  'claimant', '', 'claim_id', '', 'claim_via', '', 'lease_expires_ms', 0)
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'secrets', ARGV[7]) end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
@@ -135,6 +135,11 @@ class SandboxRecord(BaseModel):
     )
     claimant: str = Field(default="", description="Who holds the claim (client-chosen name).")
     claim_id: str = Field(default="", description="Unique per claim; guards renew/release.")
+    claim_via: str = Field(
+        default="",
+        description="How the claim was made: `api` for a create through `sandboxd api` (E2B's "
+        "API), empty for the client library and the CLI.",
+    )
     claimed_at_ms: int = Field(default=0, description="Unix ms, Redis clock.")
     lease_s: int = Field(default=0, description="The claim's lease; renew extends by this.")
     max_lease_s: int = 0
