@@ -15,6 +15,7 @@ from sandboxd import decode
 from sandboxd.config import ENV_NAME, Config
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+TEMPLATE_ALIAS = r"^[a-z0-9][a-z0-9._-]{0,99}$"  # an E2B template's name or id
 LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"
 # $HOME and $TMPDIR, not /workspace and /tmp: without bubblewrap those are the host's own.
 DEFAULT_RESET = 'find "$HOME" "${TMPDIR:-/tmp}" -mindepth 1 -delete'
@@ -483,6 +484,14 @@ class PoolSpec(BaseModel):
         max_length=100,
         description="Windows overriding min_ready/max_total while active (first match wins).",
     )
+    e2b_alias: list[Annotated[str, Field(pattern=TEMPLATE_ALIAS)]] = Field(
+        default_factory=list,
+        max_length=20,
+        description="More names by which `sandboxd api` (E2B's API) finds this pool: a "
+        "`Sandbox.create(template)` of one of them claims from it, so programs written for "
+        "E2B's template names (`base`, `code-interpreter-v1`) need no change. Unique across "
+        "the spec, pool names included.",
+    )
     schedule_ramp_s: float = Field(
         default=60.0,
         ge=0,
@@ -561,6 +570,15 @@ class Spec(BaseModel):
             if pool.name in seen:
                 raise ValueError(f"pool name {pool.name!r} is used more than once")
             seen.add(pool.name)
+        named: dict[str, str] = {pool.name: pool.name for pool in pools}
+        for pool in pools:
+            for alias in pool.e2b_alias:
+                other = named.setdefault(alias, pool.name)
+                if other != pool.name:
+                    raise ValueError(
+                        f"e2b_alias {alias!r} of pool {pool.name!r} already names pool "
+                        f"{other!r}: a template name must find one pool"
+                    )
         return pools
 
     def pool(self, name: str) -> PoolSpec | None:

@@ -80,7 +80,8 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
     daemon.env["E2B_API_KEY"] = E2B_TEST_KEY  # the daemon's own, nobody else's
     daemon.start()
     local = {"name": "default", "min_ready": 0, "max_total": 1}
-    await apply(redis, [e2b_pool(min_ready=3, max_total=5, max_lease_s=600), local])
+    cloud = e2b_pool(min_ready=3, max_total=5, max_lease_s=600, e2b_alias=["base"])
+    await apply(redis, [cloud, local])
     await wait_ready(redis, "cloud", 3)
     alice = new_key(redis_server, "alice")
     bob = new_key(redis_server, "bob", "--pools", "cloud", "--max-sandboxes", "1")
@@ -117,7 +118,8 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
         record = await redis.hgetall(KEYS.sandbox(mapping["sandbox"]))
         assert 500_000 < int(record["lease_expires_ms"]) - time.time() * 1000 <= 600_000
 
-        other = await AsyncSandbox.create("cloud", metadata={"job": "b"})
+        # E2B's default template, `base`, is an alias of the pool: `create()` as it stands.
+        other = await AsyncSandbox.create(metadata={"job": "b"})
         assert other.sandbox_id in warm and other.sandbox_id != sandbox.sandbox_id
         assert (await other.commands.run("echo $((6*7))")).stdout == "42\n"
         tokens.append((await redis.hgetall(KEYS.api_sandbox(other.sandbox_id)))["claim_token"])

@@ -65,6 +65,25 @@ def test_duplicate_names_rejected():
     assert "used more than once" in problem
 
 
+@pytest.mark.parametrize(
+    "pools, clash",
+    [
+        ("[{name: a, e2b_alias: [b]}, {name: b}]", "'b' of pool 'a' already names pool 'b'"),
+        ("[{name: a, e2b_alias: [x]}, {name: b, e2b_alias: [x]}]", "'x' of pool 'b'"),
+    ],
+)
+def test_an_e2b_alias_names_one_pool(pools, clash):
+    (problem,) = problems(f"pools: {pools}\n")
+    assert clash in problem and "a template name must find one pool" in problem
+
+
+def test_e2b_aliases_are_template_names():
+    spec = parse_spec("pools: [{name: a, e2b_alias: [base, a, code-interpreter-v1]}]\n")
+    assert spec.pool("a").e2b_alias == ["base", "a", "code-interpreter-v1"]
+    (problem,) = problems("pools: [{name: a, e2b_alias: ['Base Image']}]\n")
+    assert problem.startswith("pools[0](a).e2b_alias[0]:")
+
+
 @pytest.mark.parametrize("name", ["A", "-a", "a-", "a_b", "", "a" * 64, "a.b"])
 def test_names_must_be_dns_labels(name):
     (problem,) = problems(f"pools:\n  - name: '{name}'\n")

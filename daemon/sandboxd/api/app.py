@@ -99,13 +99,24 @@ class Api:
         return key
 
     async def pool(self, name: str) -> PoolSettings | None:
-        raw = await self.redis.hget(self.keys.pools, name) if 0 < len(name) <= 100 else None
-        if raw is None:
+        if not 0 < len(name) <= 100:
             return None
-        try:
-            return PoolSettings.model_validate_json(raw)
-        except ValidationError:
+        raw = await self.redis.hget(self.keys.pools, name)
+        return _settings(raw) if raw is not None else None
+
+    async def template(self, name: str) -> tuple[str, PoolSettings] | None:
+        """The pool a `templateID` names: the pool of that name, else the one whose
+        `e2b_alias` lists it (the spec keeps aliases unique)."""
+        settings = await self.pool(name)
+        if settings is not None:
+            return name, settings
+        if not 0 < len(name) <= 100:
             return None
+        for pool, raw in (await self.redis.hgetall(self.keys.pools)).items():
+            found = _settings(raw)
+            if found is not None and name in found.e2b_alias:
+                return pool, found
+        return None
 
     # -- create -------------------------------------------------------------------------
 
@@ -116,23 +127,26 @@ class Api:
             raise ApiError(400, "templateID (a pool's name) is required")
         metadata = _metadata(body.get("metadata"))
         env_vars = body.get("envVars") or {}
-        settings = await self.pool(template)
-        if settings is None:
-            raise ApiError(404, f"template '{template}' not found (no sandboxd pool of that name)")
-        if not key.may_use(template):
-            raise ApiError(403, f"API key '{key.name}' may not use pool '{template}'")
+        found = await self.template(template)
+        if found is None:
+            raise ApiError(
+                404, f"template '{template}' not found (no sandboxd pool of that name or alias)"
+            )
+        pool, settings = found
+        if not key.may_use(pool):
+            raise ApiError(403, f"API key '{key.name}' may not use pool '{pool}'")
         if settings.provider == "local":
             if not self._serves_local():
                 raise ApiError(
                     400,
-                    f"pool '{template}' is a local pool: this sandboxd api serves no envd for "
+                    f"pool '{pool}' is a local pool: this sandboxd api serves no envd for "
                     "local sandboxes (it must run on their host, with local.workspace_root "
                     "and the e2b package)",
                 )
             env_vars = _env_vars(env_vars)
         elif settings.provider != "e2b":
             raise ApiError(
-                400, f"pool '{template}' is a {settings.provider} pool: not served by the E2B API"
+                400, f"pool '{pool}' is a {settings.provider} pool: not served by the E2B API"
             )
         elif env_vars:
             raise ApiError(
@@ -152,7 +166,7 @@ class Api:
             )
         try:
             return await self._claim(
-                key, template, settings, lease_s, metadata, reservation, env_vars
+                key, pool, template, settings, lease_s, metadata, reservation, env_vars
             )
         except BaseException:
             await asyncio.shield(self.registry.unreserve(key.name, reservation))
@@ -161,6 +175,7 @@ class Api:
     async def _claim(
         self,
         key: ApiKey,
+        pool: str,
         template: str,
         settings: PoolSettings,
         lease_s: int,
@@ -170,7 +185,7 @@ class Api:
     ) -> Response:
         try:
             sandbox = await self.client.claim(
-                template,
+                pool,
                 lease_s=lease_s,
                 timeout_s=self.settings.wait_s,
                 owner=key.name,
@@ -179,7 +194,7 @@ class Api:
         except ClaimTimeout:
             raise ApiError(
                 503,
-                f"no ready sandbox in pool '{template}' within {self.settings.wait_s:g}s "
+                f"no ready sandbox in pool '{pool}' within {self.settings.wait_s:g}s "
                 f"(on_empty: {settings.on_empty}); try again later",
                 retry=False,
             ) from None
@@ -192,13 +207,13 @@ class Api:
         envd_token = secrets.token_urlsafe(32) if local else ""
         if not e2b_id:  # a record without its E2B id: give it back, say so
             await self.client.release(sandbox.id, sandbox.claim_token)
-            raise ApiError(500, f"sandbox {sandbox.id} of pool '{template}' has no E2B id")
+            raise ApiError(500, f"sandbox {sandbox.id} of pool '{pool}' has no E2B id")
         entry = Entry(
             e2b_id=e2b_id,
             sandbox=sandbox.id,
             claim_id=sandbox.claim_id,
             key=key.name,
-            pool=template,
+            pool=pool,
             template=template,
             started_at=_iso(time.time()),
             envd_version=ENVD_VERSION if local else str(info.get("envd_version") or ""),
@@ -218,12 +233,12 @@ class Api:
             "claimed %s (%s) of pool %s for key %s",
             sandbox.id,
             e2b_id,
-            template,
+            pool,
             key.name,
-            extra={"sandbox": sandbox.id, "pool": template, "api_key": key.name},
+            extra={"sandbox": sandbox.id, "pool": pool, "api_key": key.name},
         )
         created = {
-            "templateID": template,
+            "templateID": pool,
             "sandboxID": e2b_id,
             "clientID": CLIENT_ID,
             "envdVersion": entry.envd_version,
@@ -329,15 +344,22 @@ class Api:
             e
             for e in await self.registry.live(key.name)
             if all(e.metadata.get(k) == v for k, v in wanted.items())
-            and (not template or e.template == template)
+            and (not template or template in (e.template, e.pool))
         ]
         return sorted(entries, key=lambda e: (e.started_at, e.e2b_id))
+
+
+def _settings(raw: str) -> PoolSettings | None:
+    try:
+        return PoolSettings.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 def _listed(entry: Entry) -> dict[str, Any]:
     end = entry.lease_expires_ms / 1000 if entry.lease_expires_ms else time.time()
     return {
-        "templateID": entry.template,
+        "templateID": entry.pool,
         "alias": entry.template,
         "sandboxID": entry.e2b_id,
         "clientID": CLIENT_ID,

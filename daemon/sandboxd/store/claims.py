@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from sandboxd.spec import PoolSpec
@@ -404,6 +404,7 @@ class PoolSettings(BaseModel):
     max_lease_s: int
     on_empty: Literal["wait", "create"]
     reuse: Literal["never", "reset"]
+    e2b_alias: list[str] = Field(default_factory=list)  # sandboxd api's template names
 
     @classmethod
     def of(cls, pool: PoolSpec) -> "PoolSettings":
