@@ -143,6 +143,20 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
             Sandbox.create("default", api_key=bob)
         bobs.kill()
 
+        # Carol may create one sandbox every 5 s: a second create at once is a 429.
+        carol = new_key(redis_server, "carol", "--creates-per-s", "0.2")
+        carols = Sandbox.create("cloud", api_key=carol)
+        with pytest.raises(RateLimitException, match="0.2 sandboxes a second"):
+            Sandbox.create("cloud", api_key=carol)
+        held = (await redis.hgetall(KEYS.api_sandbox(carols.sandbox_id)))["sandbox"]
+        # Revoking her key ends the claims made with it, not just the key.
+        revoked = cli(redis_server, "apikey", "revoke", "carol")
+        assert "ended the 1 claim(s)" in revoked.stdout, revoked.stderr
+        await wait_event(redis, "sandbox.released", sandbox=held, claimant="carol", via="api")
+        assert not await redis.exists(KEYS.api_sandbox(carols.sandbox_id))  # its token gone
+        with pytest.raises(AuthenticationException):
+            Sandbox.list(api_key=carol).next_items()
+
         # Refusals, in E2B's shapes.
         with pytest.raises(SandboxException, match="template 'nope' not found") as unknown:
             Sandbox.create("nope")

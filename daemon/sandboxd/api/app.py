@@ -11,6 +11,7 @@ retrying cannot change carry `Should-Retry: false`, so the SDK does not retry th
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,14 +56,23 @@ CLIENT_ID = "sandboxd"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, retry: bool | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry = retry
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
         headers = {} if self.retry is None else {"Should-Retry": str(self.retry).lower()}
+        headers |= self.headers
         return JSONResponse(
             {"code": self.status, "message": self.message}, self.status, headers=headers
         )
@@ -155,6 +165,15 @@ class Api:
                 "envs to commands.run instead",
             )
         lease_s = _lease(body.get("timeout"), settings)
+        wait_s = await self.apikeys.take_create(key)
+        if wait_s:
+            raise ApiError(
+                429,
+                f"API key '{key.name}' may create {key.creates_per_s:g} sandboxes a second: "
+                f"try again in {wait_s:g}s",
+                retry=False,  # the program decides (the SDK would wait and retry)
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
         reservation = await self.registry.reserve(
             key.name, key.max_sandboxes, hold_s=self.settings.wait_s + 30
         )

@@ -12,6 +12,12 @@ from sandboxd.store.connection import make_client
 
 log = logging.getLogger("sandboxd.api")
 
+# An idle keep-alive connection is closed by the client first: the SDK's pool (reqwest)
+# drops idle connections after 90 s, so a server closing them sooner (uvicorn's default is
+# 5 s) races a client reusing one, and the request dies with "connection reset".
+KEEP_ALIVE_S = 120
+MAX_CONNECTIONS = 4096  # beyond this, new connections get 503 at once
+
 
 def app_for(config: Config) -> ASGIApp:
     settings = Settings(
@@ -44,6 +50,8 @@ def serve(config: Config) -> int:
             log_config=None,  # sandboxd's own JSON logging, secrets scrubbed
             access_log=True,
             lifespan="on",
+            timeout_keep_alive=KEEP_ALIVE_S,
+            limit_concurrency=MAX_CONNECTIONS,
         )
     )
     scheme = "https" if config.api_tls_cert else "http"

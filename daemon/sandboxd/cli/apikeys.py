@@ -10,12 +10,14 @@ from sandboxd.cli.errors import EXIT_INVALID, CliError
 from sandboxd.cli.tables import render
 from sandboxd.config import Config
 from sandboxd.store.apikeys import ApiKeyError, ApiKeyStore
+from sandboxd.store.claims import ClaimStore
 from sandboxd.store.keys import Keys
 
 COLUMNS = [
     ("name", "NAME"),
     ("pools", "POOLS"),
     ("max_sandboxes", "MAX_SANDBOXES"),
+    ("creates_per_s", "CREATES_PER_S"),
     ("created_at", "CREATED_AT"),
 ]
 
@@ -30,6 +32,12 @@ def add_parsers(apikey: argparse.ArgumentParser, common: argparse.ArgumentParser
     create.add_argument(
         "--max-sandboxes", type=int, help="sandboxes it may hold at once (default: no limit)"
     )
+    create.add_argument(
+        "--creates-per-s",
+        type=float,
+        help="creates it may make a second, in bursts of up to a second's worth (default: no "
+        "limit); more are refused with 429",
+    )
     listing = sub.add_parser("list", help="the keys (never their secrets)", parents=[common])
     listing.add_argument("-o", "--output", choices=["table", "json"], default="table")
     revoke = sub.add_parser("revoke", help="delete a key", parents=[common])
@@ -37,11 +45,17 @@ def add_parsers(apikey: argparse.ArgumentParser, common: argparse.ArgumentParser
 
 
 async def apikey_command(args: argparse.Namespace, config: Config, redis: Redis) -> int:
-    store = ApiKeyStore(redis, Keys(config.key_prefix))
+    prefix = Keys(config.key_prefix)
+    store = ApiKeyStore(redis, prefix)
     try:
         if args.apikey_command == "create":
             pools = [p.strip() for p in (args.pools or "").split(",") if p.strip()]
-            secret = await store.create(args.name, pools=pools, max_sandboxes=args.max_sandboxes)
+            secret = await store.create(
+                args.name,
+                pools=pools,
+                max_sandboxes=args.max_sandboxes,
+                creates_per_s=args.creates_per_s,
+            )
             print(
                 f"API key {args.name!r} created; its secret, shown this once (use it as "
                 "E2B_API_KEY against `sandboxd api`):",
@@ -56,8 +70,9 @@ async def apikey_command(args: argparse.Namespace, config: Config, redis: Redis)
                 rows = [k | {"pools": ",".join(k["pools"]) or "(all)"} for k in keys]
                 print(render(rows, COLUMNS))
         else:
-            await store.revoke(args.name)
-            print(f"revoked {args.name!r}")
+            claims = ClaimStore(redis, prefix, maxlen=config.event_stream_maxlen)
+            ended = await store.revoke(args.name, claims)
+            print(f"revoked {args.name!r}; ended the {ended} claim(s) made with it")
     except ApiKeyError as exc:
         raise CliError(str(exc), EXIT_INVALID) from None
     return 0

@@ -2,7 +2,9 @@
 (`sandboxd apikey`), checked by the API server on every request (`X-API-KEY`).
 
 A key is a name (the owner of the claims made with it), the pools it may claim from (none:
-all) and how many sandboxes it may hold at once. Its secret (`sbk_` and 256 random bits) is
+all), how many sandboxes it may hold at once and how many creates it may make a second (a
+token bucket in Redis, so every API server counts the same creates; bursts of up to one
+second's worth). Its secret (`sbk_` and 256 random bits) is
 shown once, at `create`; Redis keeps only its SHA-256 (`<prefix>:apikeys`,
 `<prefix>:apikeys:sha256`), so reading Redis never gives a working key.
 """
@@ -17,11 +19,32 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 
+from sandboxd.store.claims import ClaimError, ClaimStore
 from sandboxd.store.keys import Keys
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 POOL = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 SECRET_PREFIX = "sbk_"
+MAX_CREATES_PER_S = 100_000.0
+
+# KEYS: 1 the key's bucket. ARGV: 1 creates per second, 2 burst. Takes one create: '0', or
+# the milliseconds until one is allowed. Redis's clock, so every API server agrees.
+TAKE_CREATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then redis.call('DEL', KEYS[1]) end
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(b[1]), tonumber(b[2])
+if not tokens or not at or tokens ~= tokens or tokens > burst or at > now then
+  tokens, at = burst, now
+end
+tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+if tokens < 1 then return tostring(math.ceil((1 - tokens) * 1000 / rate)) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return '0'
+"""
 
 
 class ApiKeyError(ValueError):
@@ -33,6 +56,7 @@ class ApiKey(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
     pools: list[str] = Field(default_factory=list, description="Empty: every pool.")
     max_sandboxes: int | None = Field(default=None, ge=0)
+    creates_per_s: float | None = Field(default=None, gt=0, le=MAX_CREATES_PER_S)
     created_at: str = ""
 
     def may_use(self, pool: str) -> bool:
@@ -47,9 +71,15 @@ class ApiKeyStore:
     def __init__(self, redis: Redis, keys: Keys):
         self._redis = redis
         self._keys = keys
+        self._take_create = redis.register_script(TAKE_CREATE)
 
     async def create(
-        self, name: str, *, pools: list[str] | None = None, max_sandboxes: int | None = None
+        self,
+        name: str,
+        *,
+        pools: list[str] | None = None,
+        max_sandboxes: int | None = None,
+        creates_per_s: float | None = None,
     ) -> str:
         """Issue a key; returns its secret (the only time it exists outside the caller)."""
         if not NAME.match(name):
@@ -59,12 +89,15 @@ class ApiKeyStore:
             raise ApiKeyError(f"pool names {bad}: 1-100 characters of [A-Za-z0-9_.:-]")
         if max_sandboxes is not None and max_sandboxes < 0:
             raise ApiKeyError("--max-sandboxes must be 0 or more")
+        if creates_per_s is not None and not 0 < creates_per_s <= MAX_CREATES_PER_S:
+            raise ApiKeyError(f"--creates-per-s must be above 0, at most {MAX_CREATES_PER_S:g}")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(
             name=name,
             sha256=secret_sha256(secret),
             pools=sorted(set(pools or [])),
             max_sandboxes=max_sandboxes,
+            creates_per_s=creates_per_s,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         if not await self._redis.hsetnx(self._keys.apikeys, name, key.model_dump_json()):
@@ -80,7 +113,9 @@ class ApiKeyStore:
                 found.append(key)
         return sorted(found, key=lambda k: k.name)
 
-    async def revoke(self, name: str) -> None:
+    async def revoke(self, name: str, claims: ClaimStore) -> int:
+        """Delete the key, then end the claims made with it (each with its own claim token,
+        so a sandbox claimed again since by someone else is not touched); how many ended."""
         raw = await self._redis.hget(self._keys.apikeys, name)
         if raw is None:
             raise ApiKeyError(f"no key named {name!r}")
@@ -90,6 +125,30 @@ class ApiKeyStore:
             if key is not None:
                 pipe.hdel(self._keys.apikey_hashes, key.sha256)
             await pipe.execute()
+        ended = 0
+        held = self._keys.api_key_sandboxes(name)
+        for e2b_id in await self._redis.zrange(held, 0, -1):
+            entry = self._keys.api_sandbox(e2b_id)
+            sandbox, token, owner = await self._redis.hmget(entry, "sandbox", "claim_token", "key")
+            if sandbox and token and owner == name:
+                try:
+                    await claims.release(sandbox, token)
+                    ended += 1
+                except (ClaimError, ValueError):
+                    pass  # over already, or not a claim of this key's: nothing to end
+                await self._redis.delete(entry)
+        await self._redis.delete(held, self._keys.api_key_creates(name))
+        return ended
+
+    async def take_create(self, key: ApiKey) -> float:
+        """Count one create against the key's `creates_per_s`: 0 when allowed, else the
+        seconds until one is."""
+        if key.creates_per_s is None:
+            return 0.0
+        burst = max(1.0, key.creates_per_s)
+        bucket = self._keys.api_key_creates(key.name)
+        wait_ms = await self._take_create(keys=[bucket], args=[key.creates_per_s, burst])
+        return int(wait_ms) / 1000
 
     async def authenticate(self, secret: str | None) -> ApiKey | None:
         """The key whose secret this is; None for anything else (no key, a revoked one)."""

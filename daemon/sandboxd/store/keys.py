@@ -153,6 +153,11 @@ class Keys:
         against its `max_sandboxes`."""
         return f"{self.prefix}:api:key:{name}:sandboxes"
 
+    def api_key_creates(self, name: str) -> str:
+        """Hash: an API key's token bucket of creates (`tokens`, `at` unix ms), for its
+        `creates_per_s`; expires once full again."""
+        return f"{self.prefix}:api:key:{name}:creates"
+
 
 SPEC_HISTORY_LEN = 20
 LOGS_KEPT_S = 3600
