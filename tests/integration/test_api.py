@@ -146,7 +146,7 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
         # Carol may create one sandbox every 5 s: a second create at once is a 429.
         carol = new_key(redis_server, "carol", "--creates-per-s", "0.2")
         carols = Sandbox.create("cloud", api_key=carol)
-        with pytest.raises(RateLimitException, match="0.2 sandboxes a second"):
+        with pytest.raises(RateLimitException, match=r"0\.2 sandboxes a second"):
             Sandbox.create("cloud", api_key=carol)
         held = (await redis.hgetall(KEYS.api_sandbox(carols.sandbox_id)))["sandbox"]
         # Revoking her key ends the claims made with it, not just the key.
