@@ -2,13 +2,15 @@
 `E2B_API_URL` and `E2B_SANDBOX_URL` both at sandboxd, gets a warm local sandbox and runs
 commands and file calls in it, each carried to the sandbox's agent."""
 
+import contextlib
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
-from e2b import AsyncSandbox, Sandbox
+from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import (
     NotFoundException,
     SandboxException,
@@ -20,6 +22,17 @@ from tests.support import KEYS, apply, cli, wait_event, wait_ready
 from .test_api import ApiServer, new_key
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def in_sandbox(sandbox_id: str, cmdline: list[str]) -> list[psutil.Process]:
+    """The host's view of the processes of one local sandbox running `cmdline`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(OSError):
+            cgroup = Path(f"/proc/{proc.pid}/cgroup").read_text()
+            if proc.info["cmdline"] == cmdline and f"sandbox-{sandbox_id}" in cgroup:
+                found.append(proc)
+    return found
 
 
 def envd_get(url: str, path: str, sandbox_id: str, token: str) -> int:
@@ -125,6 +138,31 @@ async def test_the_e2b_sdk_runs_commands_and_files_in_a_warm_local_sandbox(
         # Another key's sandbox: not listed, not killed, not reachable with its own token.
         assert Sandbox.list(api_key=bob).next_items() == []
         assert Sandbox.kill(sandbox.sandbox_id, api_key=bob) is False
+
+        # Pause stops every process of the sandbox (its claim goes on); envd is refused
+        # until connect, from any program holding the key, continues them.
+        sandbox.commands.run("sleep 300", background=True)
+        (sleep,) = in_sandbox(sandbox.sandbox_id, ["sleep", "300"])
+        assert sandbox.pause() is True
+        assert sleep.status() == psutil.STATUS_STOPPED
+        assert Sandbox.pause(sandbox.sandbox_id) is False  # already paused: E2B's 409
+        assert [
+            s.sandbox_id
+            for s in Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+        ] == [sandbox.sandbox_id]
+        assert envd_get(api.url, "/health", sandbox.sandbox_id, token) == 502
+        with pytest.raises(SandboxException):
+            sandbox.commands.run("true")
+        again = Sandbox.connect(sandbox.sandbox_id, timeout=200)  # a fresh handle: same token
+        assert again._envd_access_token == token
+        assert sleep.status() != psutil.STATUS_STOPPED
+        assert again.commands.run("echo back").stdout == "back\n"
+        assert Sandbox.connect(sandbox.sandbox_id).sandbox_id == sandbox.sandbox_id  # running
+        with pytest.raises(NotFoundException):
+            Sandbox.connect(sandbox.sandbox_id, api_key=bob)
+        with pytest.raises(SandboxException):
+            Sandbox.pause(sandbox.sandbox_id, api_key=bob)
+        assert sleep.status() != psutil.STATUS_STOPPED
 
         # Kill releases; the pool refills; the token opens nothing any more.
         sandbox.kill()

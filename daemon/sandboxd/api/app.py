@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -39,7 +38,8 @@ from sandboxd.store.keys import Keys
 
 try:  # envd for local sandboxes needs the e2b package's envd messages (connect-python)
     from sandboxd.api import envd
-    from sandboxd.api.envd import ENVD_VERSION, token_digest
+    from sandboxd.api.envd import ENVD_VERSION, Refused, envd_token, token_digest
+    from sandboxd.providers.local.agentclient import AgentError
 except ImportError:  # pragma: no cover - the api extra without e2b: e2b pools only
     envd = None  # type: ignore[assignment]
     ENVD_VERSION = ""
@@ -101,6 +101,11 @@ class Api:
         self.apikeys = ApiKeyStore(self.redis, self.keys)
         self.registry = Registry(self.redis, self.keys)
         self.client = Client(self.redis, prefix=settings.prefix, **(settings.client_kwargs or {}))
+        self.envd = (
+            envd.Envd(self.registry, settings.local_root)
+            if envd is not None and settings.local_root is not None
+            else None
+        )
 
     async def authenticate(self, request: Request) -> ApiKey:
         key = await self.apikeys.authenticate(request.headers.get("x-api-key"))
@@ -223,7 +228,6 @@ class Api:
         local = settings.provider == "local"
         # A local sandbox's E2B id is its own; envd is this server's, its token made here.
         e2b_id = sandbox.id if local else str(info.get("e2b_id") or "")
-        envd_token = secrets.token_urlsafe(32) if local else ""
         if not e2b_id:  # a record without its E2B id: give it back, say so
             await self.client.release(sandbox.id, sandbox.claim_token)
             raise ApiError(500, f"sandbox {sandbox.id} of pool '{pool}' has no E2B id")
@@ -240,7 +244,7 @@ class Api:
             metadata=metadata,
             claim_token=sandbox.claim_token,
             provider=settings.provider,
-            envd_token_sha256=token_digest(envd_token) if local else "",
+            envd_token_sha256=token_digest(envd_token(sandbox.claim_token)) if local else "",
             env_vars=env_vars,
         )
         try:
@@ -256,18 +260,27 @@ class Api:
             key.name,
             extra={"sandbox": sandbox.id, "pool": pool, "api_key": key.name},
         )
-        created = {
-            "templateID": pool,
-            "sandboxID": e2b_id,
+        return JSONResponse(self._answer(entry, sandbox.access_secrets()), 201)
+
+    def _answer(self, entry: Entry, access: dict[str, str]) -> dict[str, Any]:
+        """E2B's Sandbox (the answer to create and connect): what the SDK needs to reach
+        the sandbox's envd, its access token included."""
+        answer = {
+            "templateID": entry.pool,
+            "sandboxID": entry.e2b_id,
             "clientID": CLIENT_ID,
             "envdVersion": entry.envd_version,
         }
-        token = envd_token or sandbox.access_secrets().get("envd_access_token")
+        token = (
+            envd_token(entry.claim_token)
+            if entry.provider == "local"
+            else access.get("envd_access_token")
+        )
         if token:
-            created["envdAccessToken"] = token
+            answer["envdAccessToken"] = token
         if entry.domain:
-            created["domain"] = entry.domain
-        return JSONResponse(created, 201)
+            answer["domain"] = entry.domain
+        return answer
 
     def _domain(self, recorded: object) -> str:
         """The configured domain, else the record's if it is one of E2B's; else none (the
@@ -311,6 +324,69 @@ class Api:
         log.info("released %s (%s) for key %s", entry.sandbox, entry.e2b_id, key.name)
         return Response(status_code=204)
 
+    # -- pause, resume, connect -----------------------------------------------------------
+
+    async def pause(self, request: Request, key: ApiKey) -> Response:
+        """A local sandbox's pause stops its processes (SIGSTOP); its claim and lease go on.
+        envd calls are refused until `connect` (or `resume`) continues them."""
+        entry = await self.mine(request, key)
+        if entry.provider != "local":
+            raise ApiError(
+                400,
+                f"sandbox '{entry.e2b_id}' is of the e2b pool '{entry.pool}': pausing a claimed "
+                "E2B sandbox through sandboxd is not served (the pool's `e2b.idle: pause` "
+                "pauses its idle ready sandboxes); kill it to give it back",
+                retry=False,
+            )
+        if entry.paused:
+            raise ApiError(409, f"sandbox '{entry.e2b_id}' is already paused")
+        await self._freeze(entry, True)
+        log.info("paused %s (%s) for key %s", entry.sandbox, entry.e2b_id, key.name)
+        return Response(status_code=204)
+
+    async def resume(self, request: Request, key: ApiKey) -> Response:
+        """The SDK's older `resume`: 409 for a sandbox that is not paused."""
+        entry = await self.mine(request, key)
+        body = await _json_object(request) if await request.body() else {}
+        if not entry.paused:
+            raise ApiError(409, f"sandbox '{entry.e2b_id}' is already running")
+        return await self._reconnect(entry, key, body.get("timeout"))
+
+    async def connect(self, request: Request, key: ApiKey) -> Response:
+        """`Sandbox.connect(id)`: the sandbox again (200), resumed first if paused (201);
+        `timeout` renews the lease."""
+        entry = await self.mine(request, key)
+        body = await _json_object(request) if await request.body() else {}
+        return await self._reconnect(entry, key, body.get("timeout"))
+
+    async def _reconnect(self, entry: Entry, key: ApiKey, timeout: object) -> Response:
+        resumed = entry.paused
+        if resumed:
+            await self._freeze(entry, False)
+            log.info("resumed %s (%s) for key %s", entry.sandbox, entry.e2b_id, key.name)
+        if timeout is not None:
+            await self._renew_entry(entry, timeout)
+        access: dict[str, str] = {}
+        if entry.provider != "local":
+            try:
+                held = await self.client.attach(entry.sandbox, entry.claim_token)
+            except ClaimError:
+                raise ApiError(404, f"sandbox '{entry.e2b_id}' not found") from None
+            access = held.access_secrets()
+        return JSONResponse(self._answer(entry, access), 201 if resumed else 200)
+
+    async def _freeze(self, entry: Entry, stop: bool) -> None:
+        if self.envd is None:
+            raise ApiError(400, "this sandboxd api serves no local sandboxes")
+        try:
+            agent = self.envd.agent(entry)
+            await (agent.freeze() if stop else agent.thaw())
+        except Refused as exc:
+            raise ApiError(exc.status, exc.message) from None
+        except AgentError as exc:
+            raise ApiError(502, f"sandbox '{entry.e2b_id}': {exc}") from None
+        await self.registry.set_paused(entry, stop)
+
     async def set_timeout(self, request: Request, key: ApiKey) -> Response:
         body = await _json_object(request)
         return await self._renew(request, key, body.get("timeout"))
@@ -320,7 +396,10 @@ class Api:
         return await self._renew(request, key, body.get("duration"))
 
     async def _renew(self, request: Request, key: ApiKey, seconds: object) -> Response:
-        entry = await self.mine(request, key)
+        await self._renew_entry(await self.mine(request, key), seconds)
+        return Response(status_code=204)
+
+    async def _renew_entry(self, entry: Entry, seconds: object) -> None:
         settings = await self.pool(entry.pool)
         lease_s = _lease(seconds, settings) if settings and seconds else None
         try:
@@ -330,7 +409,6 @@ class Api:
                 raise ApiError(404, f"sandbox '{entry.e2b_id}' not found") from None
             raise _claim_refusal(exc) from None
         await self.registry.extend(entry, lease_s or (settings.lease_s if settings else 300))
-        return Response(status_code=204)
 
     # -- lists --------------------------------------------------------------------------
 
@@ -340,8 +418,9 @@ class Api:
 
     async def list_v2(self, request: Request, key: ApiKey) -> Response:
         params = request.query_params
-        states = {s for s in (params.get("state") or "running,paused").split(",") if s}
-        entries = await self._filtered(request, key) if "running" in states else []
+        given = ",".join(params.getlist("state")) or "running,paused"  # repeated or a,b
+        states = {s for s in given.split(",") if s}
+        entries = [e for e in await self._filtered(request, key) if _state(e) in states]
         if params.get("order") == "desc":
             entries.reverse()
         try:
@@ -368,6 +447,10 @@ class Api:
         return sorted(entries, key=lambda e: (e.started_at, e.e2b_id))
 
 
+def _state(entry: Entry) -> str:
+    return "paused" if entry.paused else "running"
+
+
 def _settings(raw: str) -> PoolSettings | None:
     try:
         return PoolSettings.model_validate_json(raw)
@@ -387,7 +470,7 @@ def _listed(entry: Entry) -> dict[str, Any]:
         "cpuCount": 0,
         "memoryMB": 0,
         "diskSizeMB": 0,
-        "state": "running",
+        "state": _state(entry),
         "envdVersion": entry.envd_version,
         "metadata": entry.metadata,
     }
@@ -462,10 +545,9 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
     api = Api(settings)
     envd_routes: list[Route] = []
     rpc: dict[str, ASGIApp] = {}
-    if envd is not None and settings.local_root is not None:
-        served = envd.Envd(api.registry, settings.local_root)
-        envd_routes = envd.routes(served)
-        rpc = envd.rpc_apps(served)
+    if envd is not None and api.envd is not None:
+        envd_routes = envd.routes(api.envd)
+        rpc = envd.rpc_apps(api.envd)
 
     def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
@@ -501,6 +583,10 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
             route("/sandboxes/{id}", Api.kill, "DELETE"),
             route("/sandboxes/{id}/timeout", Api.set_timeout, "POST"),
             route("/sandboxes/{id}/refreshes", Api.refresh, "POST"),
+            route("/sandboxes/{id}/pause", Api.pause, "POST"),
+            route("/sandboxes/{id}/resume", Api.resume, "POST"),
+            route("/sandboxes/{id}/connect", Api.connect, "POST"),
+            route("/v2/sandboxes/{id}/connect", Api.connect, "POST"),
             *envd_routes,
         ],
         lifespan=lifespan,

@@ -74,6 +74,14 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def envd_token(claim_token: str) -> str:
+    """A local claim's envd access token, derived from its claim token (256 random bits,
+    kept by the API's registry anyway): so `connect` can hand the same token out again
+    without any more secrets stored, and it ends with the claim."""
+    mac = hmac.new(claim_token.encode(), b"sandboxd envd access token", hashlib.sha256)
+    return "sbe_" + mac.hexdigest()
+
+
 class Refused(Exception):
     """An envd call refused before it reached an agent: HTTP status and message."""
 
@@ -117,14 +125,20 @@ class Envd:
         token = headers.get("x-access-token") or ""
         if not hmac.compare_digest(token_digest(token), entry.envd_token_sha256):
             raise Refused(401, "invalid access token")
+        if entry.paused:
+            raise Refused(502, f"The sandbox {sandbox_id} is paused: connect to it to resume")
+        return Target(entry, self.agent(entry))
+
+    def agent(self, entry: Entry) -> AgentClient:
+        """The agent of a local claim's sandbox, by this server's registry path."""
         if self.local_root is None:
             raise Refused(502, "this sandboxd api has no local.workspace_root")
         path = str(self.local_root / entry.sandbox / "agent.sock")
         try:
-            return Target(entry, AgentClient(trusted_socket(path, entry.sandbox)))
+            return AgentClient(trusted_socket(path, entry.sandbox))
         except UnreachableSandbox as exc:
             log.warning("sandbox %s: %s", entry.sandbox, exc, extra={"sandbox": entry.sandbox})
-            raise Refused(502, f"The sandbox {sandbox_id} is not reachable") from None
+            raise Refused(502, f"The sandbox {entry.e2b_id} is not reachable") from None
 
 
 def _sandbox_id(headers: Mapping[str, str]) -> str:

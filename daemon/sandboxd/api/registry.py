@@ -39,6 +39,7 @@ class Entry:
     # only in the create's answer), and the claim's envVars, which go with every command.
     envd_token_sha256: str = field(default="", repr=False)
     env_vars: dict[str, str] = field(default_factory=dict, repr=False)
+    paused: bool = False  # a local sandbox's processes stopped (E2B's pause)
     lease_expires_ms: int = 0  # the record's, read with the entry (not stored here)
 
     def to_hash(self) -> dict[str, str]:
@@ -56,6 +57,7 @@ class Entry:
             "provider": self.provider,
             "envd_token_sha256": self.envd_token_sha256,
             "env_vars": json.dumps(self.env_vars),
+            "paused": "1" if self.paused else "",
         }
 
     @classmethod
@@ -80,6 +82,7 @@ class Entry:
                 provider=str(fields.get("provider") or "e2b"),
                 envd_token_sha256=str(fields.get("envd_token_sha256", "")),
                 env_vars={str(k): str(v) for k, v in env_vars.items()},
+                paused=fields.get("paused") == "1",
             )
         except (KeyError, ValueError, TypeError):
             return None
@@ -120,6 +123,12 @@ class Registry:
             if reservation:
                 pipe.zrem(zset, reservation)
             await pipe.execute()
+
+    async def set_paused(self, entry: Entry, paused: bool) -> None:
+        await self._redis.hset(
+            self._keys.api_sandbox(entry.e2b_id), "paused", "1" if paused else ""
+        )
+        entry.paused = paused
 
     async def extend(self, entry: Entry, lease_s: int) -> None:
         await self._redis.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)

@@ -26,6 +26,8 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
   {"op": "reset"}                              -> {"ok": true, "killed": N}  (all but the agent;
                                                   the supervised program is stopped first)
   {"op": "supervise", "run": {...RunSpec}}     -> {"ok": true}  (replaces any program running)
+  {"op": "freeze"} / {"op": "thaw"}            -> {"ok": true, "processes": N}  (SIGSTOP /
+                                                  SIGCONT to every process but the agent)
   {"op": "health", "shell": cmd|null, "timeout": s, "since": seq}
                                                -> {"ok": true, "uptime_s": s,
                                                    "check": {"exit_code", "output", "timed_out"}
@@ -387,6 +389,22 @@ async def _reset() -> dict:
     return {"ok": True, "killed": len(groups)}
 
 
+def _freeze(signum: int) -> dict:
+    """Stop (SIGSTOP) or continue (SIGCONT) every process of the sandbox but the agent: a
+    local sandbox's pause. As the namespace's PID 1, kill(-1) reaches exactly those; without
+    a PID namespace, the exec'd commands' sessions."""
+    if os.getpid() == 1:
+        others = _other_pids()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signum)
+        return {"ok": True, "processes": len(others)}
+    groups = set(RUNNING)
+    for pid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signum)
+    return {"ok": True, "processes": len(groups)}
+
+
 async def _health(request: dict, base_env: dict) -> dict:
     check = None
     if request.get("shell"):
@@ -462,6 +480,8 @@ def _handler(base_env: dict):
                 await _send(writer, FILE_OPS[op](request, base_env))
             elif op == "procs":
                 await _send(writer, _procs())
+            elif op in ("freeze", "thaw"):
+                await _send(writer, _freeze(signal.SIGSTOP if op == "freeze" else signal.SIGCONT))
             elif op == "signal":
                 await _send(writer, _signal(request))
             elif op in ("input", "close_stdin"):

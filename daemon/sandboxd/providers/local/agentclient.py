@@ -60,6 +60,14 @@ class AgentClient:
         """Kill every process in the sandbox but the agent; returns how many were killed."""
         return int((await self._call({"op": "reset"}))["killed"])
 
+    async def freeze(self) -> int:
+        """Stop every process of the sandbox but the agent (SIGSTOP); how many."""
+        return int((await self._call({"op": "freeze"}))["processes"])
+
+    async def thaw(self) -> int:
+        """Continue them (SIGCONT); how many."""
+        return int((await self._call({"op": "thaw"}))["processes"])
+
     async def supervise(self, run: dict[str, Any] | None) -> None:
         """Keep `run` (a RunSpec as a dict) running in the sandbox; None stops it."""
         await self._call({"op": "supervise", "run": run})
