@@ -8,6 +8,7 @@ import httpx
 
 from sandboxd.api.app import Settings, create_app
 from sandboxd.store.apikeys import ApiKeyStore
+from sandboxd.store.claims import ClaimStore
 from tests.support import KEYS, PREFIX
 
 POOL = {
@@ -41,7 +42,7 @@ async def test_an_empty_pool_is_a_bounded_wait_then_a_clear_error(redis):
         # The create in flight no longer counts against the key.
         assert await redis.zcard(KEYS.api_key_sandboxes("carol")) == 0
 
-        await store.revoke("carol")
+        assert await store.revoke("carol", ClaimStore(redis, KEYS)) == 0
         done = await http.get("/v2/sandboxes", headers=headers)
         assert done.status_code == 401 and done.json()["code"] == 401
 
@@ -62,3 +63,17 @@ async def test_malformed_creates_are_a_400_never_a_500(redis):
         ):
             done = await http.post("/v2/sandboxes", content=body, headers=headers)
             assert done.status_code == 400, (body[:40], done.status_code, done.text[:200])
+
+
+async def test_an_e2b_pool_that_resets_for_the_next_claimant_is_not_served(redis):
+    """E2B's envd token of a sandbox never changes: with reuse: reset, one tenant's token
+    would reach the next tenant's sandbox."""
+    await redis.hset(KEYS.pools, "shared", json.dumps(POOL | {"reuse": "reset"}))
+    secret = await ApiKeyStore(redis, KEYS).create("erin")
+    app = create_app(Settings(redis=redis, prefix=PREFIX, wait_s=0.1))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        done = await http.post(
+            "/v2/sandboxes", json={"templateID": "shared"}, headers={"X-API-KEY": secret}
+        )
+    assert done.status_code == 400 and "reuse: reset" in done.json()["message"]

@@ -163,6 +163,14 @@ class Api:
             raise ApiError(
                 400, f"pool '{pool}' is a {settings.provider} pool: not served by the E2B API"
             )
+        elif settings.reuse == "reset":
+            raise ApiError(
+                400,
+                f"pool '{pool}' is an e2b pool with reuse: reset: an E2B sandbox's envd token "
+                "never changes, so one claimant could reach the next one's sandbox; the API "
+                "serves e2b pools with reuse: never only",
+                retry=False,
+            )
         elif env_vars:
             raise ApiError(
                 400,
