@@ -9,6 +9,7 @@ import signal
 from sandboxd.store.records import SandboxStore
 from tests.support import (
     KEYS,
+    SOAK,
     apply,
     cli,
     events_of,
@@ -95,21 +96,21 @@ async def test_b_a_failing_provider_opens_the_breaker_and_the_pool_heals_after(
     await eventually(reported_closed, what="the heartbeat to report the breaker closed")
 
 
-async def test_c_random_kills_for_30_s_all_replaced_never_over_max_total(redis, embedded_daemon):
+async def test_c_random_kills_all_replaced_never_over_max_total(redis, embedded_daemon):
     daemon = await embedded_daemon(faults={"local": {"seed": 5}})
     await apply(redis, [{"name": "p", "min_ready": 5, "max_total": 6}])
     await wait_ready(redis, "p", 5)
     provider = daemon.providers["local"]
     killed, most = [], 0
     loop = asyncio.get_running_loop()
-    end = loop.time() + 30
+    end = loop.time() + (300 if SOAK else 10)  # 10 s: about 65 kills
     while loop.time() < end:
         victim = await provider.kill_random()
         if victim:
             killed.append(victim)
         most = max(most, await redis.scard(KEYS.pool_members("p")))
-        await asyncio.sleep(0.3)  # the chaos' pace, not a synchronisation
-    assert len(killed) > 50 and most <= 6
+        await asyncio.sleep(0.15)  # the chaos' pace, not a synchronisation
+    assert len(killed) > 40 and most <= 6
 
     async def healed():
         ids = await redis.lrange(KEYS.pool_ready("p"), 0, -1)

@@ -3,6 +3,7 @@ loopback ports; the primary killed with SIGKILL; clients following the failover 
 redis+sentinel:// URL."""
 
 import asyncio
+import collections
 import contextlib
 import shutil
 import subprocess
@@ -164,7 +165,8 @@ async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_t
     await eventually(replicated.replicas_in_sync, what="the replica to sync")
     # A lease longer than a failover (~2.5 s here): the daemon rides it out instead of
     # restarting (which systemd would do, and it would adopt its sandboxes again).
-    daemon = daemon_factory(redis_url=replicated.url, lease_ttl_s=8).start()
+    # 20 s: on a loaded machine a failover and the reconnect after it took longer than 8.
+    daemon = daemon_factory(redis_url=replicated.url, lease_ttl_s=20).start()
     # Short leases: a release the old primary took but never replicated leaves its sandbox
     # claimed on the new one until its lease runs out (docs/ha.md).
     pool = {"name": "storm", "min_ready": 4, "max_total": 10, "lease_s": 5}
@@ -212,10 +214,14 @@ async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_t
         since = time.monotonic()
 
         async def claims_again():  # the storm goes on against the new primary
+            assert daemon.proc.poll() is None, f"the daemon exited: {daemon.proc.returncode}"
             return sum(1 for at, what in outcomes if what == "claimed" and at > since) >= 20
 
         try:
             await eventually(claims_again, timeout=60, what="20 claims after the failover")
+        except AssertionError as exc:  # say what the claims met meanwhile
+            met = collections.Counter(what for at, what in outcomes if at > since)
+            raise AssertionError(f"{exc}; since the failover: {dict(met)}") from None
         finally:
             stop.set()
 

@@ -1,6 +1,8 @@
 """What the tests share (fixtures are in tests/conftest.py): waiting on Redis with a
 deadline, the CLI, the real daemon as a process, a test's sandboxes, free ports."""
 
+import os
+
 from tests.support.processes import (
     E2B_TEST_KEY,
     Broker,
@@ -22,10 +24,14 @@ from tests.support.waiting import (
     wait_ready,
 )
 
+# The long soak versions of the stress and chaos tests: SANDBOXD_SOAK=1 make test.
+SOAK = os.environ.get("SANDBOXD_SOAK") == "1"
+
 __all__ = [
     "E2B_TEST_KEY",
     "KEYS",
     "PREFIX",
+    "SOAK",
     "Broker",
     "DaemonProcess",
     "apply",
