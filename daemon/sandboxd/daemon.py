@@ -392,8 +392,14 @@ class Daemon:
             retention=Retention(
                 redis=redis, keys=keys, config=config, events=events, mqtt_cursor=bridge.held
             ),
+            # Unfenced, on the same connections: XREADGROUP BLOCK cannot run inside the
+            # fence's script, and all webhooks write is their group's progress and dead
+            # letters (a daemon that lost its lease stops at once; delivery is at least once).
             webhooks=Webhooks(
-                redis=redis, keys=keys, configs=config.webhooks, consumer=config.node
+                redis=Redis(connection_pool=redis.connection_pool),
+                keys=keys,
+                configs=config.webhooks,
+                consumer=config.node,
             ),
             watchdog=Watchdog(reconciler.stuck_for),
             heartbeat=Heartbeat(

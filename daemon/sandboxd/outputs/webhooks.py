@@ -43,6 +43,8 @@ from sandboxd.store.keys import Keys
 from sandboxd.store.loops import survive
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: one journal line per delivery. Failures are ours to log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 BATCH = 100
 BLOCK_MS = 1000
 CLAIM_IDLE_S = 60.0
