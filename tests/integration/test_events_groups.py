@@ -3,6 +3,7 @@
 trims; past the hard bound `events.dropped` says what a group lost)."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -70,7 +71,7 @@ async def test_a_consumer_killed_mid_batch_loses_nothing(redis, redis_server, tm
             if not _lines(out, 120):  # (the group exists from its first line on)
                 return False
             pending = await redis.xpending_range(KEYS.events, "billing", "-", "+", 100, "a")
-            return len(pending) == 30
+            return len(pending) == 50
 
         await eventually(stuck_in_its_121st, timeout=20, what="consumer a to handle 120 events")
         os.kill(proc.pid, signal.SIGKILL)
@@ -84,7 +85,9 @@ async def test_a_consumer_killed_mid_batch_loses_nothing(redis, redis_server, tm
         p["message_id"]
         for p in await redis.xpending_range(KEYS.events, "billing", "-", "+", 1000, "a")
     ]
-    assert len(pending_at_a) == 30  # 121..150: read, not acknowledged (one in its handler)
+    # 101..150: its third batch, read; 101..120 handled, acknowledged with the batch (never:
+    # killed first), 121 in its handler, the rest waiting
+    assert len(pending_at_a) == 50
     later = await publish(redis, 100)  # the stream goes on meanwhile
 
     seen_by_b: list[tuple[str, str]] = []  # (stream id, event id)
@@ -92,18 +95,20 @@ async def test_a_consumer_killed_mid_batch_loses_nothing(redis, redis_server, tm
 
     async def consume_b() -> None:
         async with Client.from_url(redis_server, prefix=PREFIX) as client:
-            async for event in client.events("billing", "b", claim_idle_s=0.3, count=50):
-                seen_by_b.append((event.stream_id, event.id))
-                if expected <= set(handled_by_a) | {i for _, i in seen_by_b}:
-                    return
+            events = client.events("billing", "b", claim_idle_s=0.3, count=50)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    seen_by_b.append((event.stream_id, event.id))
+                    if expected <= set(handled_by_a) | {i for _, i in seen_by_b}:
+                        return
 
     await asyncio.wait_for(consume_b(), 20)
     # every event id reached the group, a's unacknowledged entries went to b
     assert set(handled_by_a) | {i for _, i in seen_by_b} == expected
     assert set(first + later) <= expected
     assert set(pending_at_a) <= {s for s, _ in seen_by_b}
-    # b acknowledged each once its loop went on to the next: only the one it left the
-    # loop in (`return`) is still pending, delivered again to whoever reads next
+    # b acknowledged each once its handler returned: only the one it left the loop in
+    # (`return`) is still pending, delivered again to whoever reads next
     pending = await redis.xpending_range(KEYS.events, "billing", "-", "+", 100)
     assert [(p["message_id"], p["consumer"]) for p in pending] == [(seen_by_b[-1][0], "b")]
 
@@ -118,10 +123,12 @@ async def _read(redis_server: str, group: str, wanted: set[str], timeout: float)
 
     async def go() -> None:
         async with Client.from_url(redis_server, prefix=PREFIX) as client:
-            async for event in client.events(group, "c1", pools=["p1", "p2"], block_ms=200):
-                seen.add(event.id)
-                if wanted <= seen:
-                    return
+            events = client.events(group, "c1", pools=["p1", "p2"], block_ms=200)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    seen.add(event.id)
+                    if wanted <= seen:
+                        return
 
     try:
         await asyncio.wait_for(go(), timeout)

@@ -8,6 +8,7 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,6 +52,7 @@ class Receiver:
     port: int = field(default_factory=free_port)
     fail_ids: set[str] = field(default_factory=set)
     deliveries: list[Delivery] = field(default_factory=list)
+    on_delivery: Callable[[Delivery], None] | None = None  # called in the server's thread
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -67,8 +69,11 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 status = 500 if headers.get("webhook-id") in receiver.fail_ids else 200
+                delivery = Delivery(headers, body, status, time.time())
                 with receiver._lock:
-                    receiver.deliveries.append(Delivery(headers, body, status, time.time()))
+                    receiver.deliveries.append(delivery)
+                if receiver.on_delivery is not None:
+                    receiver.on_delivery(delivery)
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()

@@ -270,8 +270,10 @@ class Client:
         limit: int | None = None,
     ) -> AsyncIterator[Event]:
         """Events of the stream through consumer group `group` as `consumer`, at least
-        once: each is acknowledged only once the loop body for it returned (an exception
-        or `break` leaves it pending, delivered again). Pending entries of consumers idle
+        once: each is acknowledged only after the loop body for it returned (those of a
+        batch in one XACK before the next read, or when the iterator is closed: use
+        `contextlib.aclosing` to leave early); an exception or `break` leaves the one
+        being handled pending, delivered again. Pending entries of consumers idle
         for `claim_idle_s` are taken over; a lost connection is retried and reading
         resumes where it was. `types` (shell patterns like `sandbox.*`) and `pools` filter
         (the rest is acknowledged unseen). A group that does not exist is created at

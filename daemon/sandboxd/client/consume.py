@@ -3,8 +3,12 @@
     async for event in client.events("billing", "billing-1", types=["sandbox.*"]):
         await bill(event)          # acknowledged once this returns; dedupe by event.id
 
-An entry is acknowledged (`XACK`) only when the loop asks for the next one, that is after
-the caller's code for it returned: an exception or a `break` leaves it pending. Pending
+An entry is acknowledged (`XACK`) only after the caller's code for it returned: the ones
+handled are acknowledged together before the next read (or when the iterator is closed),
+so a consumer killed meanwhile has them delivered again (at least once; dedupe by
+`event.id`); an exception or a `break` leaves the event being handled pending. Close the
+iterator (`contextlib.aclosing`) when leaving the loop early, so the acknowledgements of
+what was handled are sent at once. Pending
 entries of a consumer that went away (killed, hung) are taken over by the others with
 `XAUTOCLAIM` once idle for `claim_idle_s`; a consumer that starts again first reads its own
 pending entries (`XREADGROUP ... 0`); a lost connection is retried with jittered backoff
@@ -13,6 +17,7 @@ filters leave out are acknowledged without being handed over.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -56,39 +61,44 @@ async def read_group(
     if create:
         await _retrying(lambda: ensure_group(redis, stream, group, start))
     handed = 0
-    while limit is None or handed < limit:
-        if limit is not None:  # read no more than will be handed over
-            reader.count = max(1, min(count, limit - handed))
-        try:
-            batch = await reader.next_batch()
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc) or not create:
-                raise
-            # The group (or the whole stream: FLUSHDB) is gone: begin again with what the
-            # stream holds now.
-            log.warning("consumer group %s is gone from %s: created again", group, stream)
-            await ensure_group(redis, stream, group, "0")
-            reader.restart()
-            continue
-        except TRANSIENT as exc:
-            await reader.backoff(exc)
-            continue
-        skipped = []
-        for entry_id, fields in batch:
-            event = parse_entry(entry_id, fields) if fields else None
-            if event is None or not wanted(event):
-                skipped.append(entry_id)
+    done: list[str] = []  # handled (the caller's code returned) or skipped: to acknowledge
+    try:
+        while limit is None or handed < limit:
+            if done:  # acknowledged in one XACK before reading on
+                await reader.ack(done)
+                done = []
+            if limit is not None:  # read no more than will be handed over
+                reader.count = max(1, min(count, limit - handed))
+            try:
+                batch = await reader.next_batch()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc) or not create:
+                    raise
+                # The group (or the whole stream: FLUSHDB) is gone: begin again with what
+                # the stream holds now.
+                log.warning("consumer group %s is gone from %s: created again", group, stream)
+                await ensure_group(redis, stream, group, "0")
+                reader.restart()
                 continue
-            if skipped:
-                await reader.ack(skipped)
-                skipped = []
-            if limit is not None and handed >= limit:
-                break  # not handed over: left pending, read again by this consumer
-            yield event
-            await reader.ack([entry_id])
-            handed += 1
-        if skipped:
-            await reader.ack(skipped)
+            except TRANSIENT as exc:
+                await reader.backoff(exc)
+                continue
+            for entry_id, fields in batch:
+                event = parse_entry(entry_id, fields) if fields else None
+                if event is None or not wanted(event):
+                    done.append(entry_id)
+                    continue
+                if limit is not None and handed >= limit:
+                    break  # not handed over: left pending, read again by this consumer
+                yield event
+                done.append(entry_id)
+                handed += 1
+    finally:
+        # Left by `break`, `aclose` or an exception of the caller: what was handled is
+        # acknowledged; the event being handled is not (it stays pending).
+        if done:
+            with contextlib.suppress(*TRANSIENT):
+                await reader.ack(done)
 
 
 async def _retrying(make: Callable[[], Awaitable[object]]) -> None:

@@ -166,6 +166,7 @@ class WebhookSender:
         self.failed_attempts = 0
         self.dead = 0
         self.last_error = ""
+        self._failing = False  # logged when deliveries start and stop failing, not per try
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -262,6 +263,12 @@ class WebhookSender:
                         attempts.note(exc)
                         self.failed_attempts += 1
                         self.last_error = exc.reason
+                        if not self._failing:
+                            self._failing = True
+                            log.warning(
+                                "webhook deliveries failing, retrying with backoff",
+                                extra={"webhook": self.config.name, "reason": exc.reason},
+                            )
                         raise
         except _Retryable as exc:
             return False, exc.reason, attempts.tries
@@ -270,6 +277,9 @@ class WebhookSender:
             self.last_error = str(exc)
             return False, str(exc), attempts.tries + 1
         self.delivered += 1
+        if self._failing:
+            self._failing = False
+            log.info("webhook deliveries succeed again", extra={"webhook": self.config.name})
         return True, "", attempts.tries + 1
 
     async def _post(self, http: httpx.AsyncClient, msg_id: str, body: bytes) -> None:

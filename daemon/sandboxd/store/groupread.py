@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sandboxd.store.events import Event
+from sandboxd.store.loops import cancelling
 
 log = logging.getLogger(__name__)
 BACKOFF_MAX_S = 5.0
@@ -96,6 +97,8 @@ class GroupReader:
         reply = await self._redis.xreadgroup(
             self._group, self._consumer, {self._stream: cursor}, count=self.count, block=block
         )
+        if cancelling():  # a cancel the Redis client swallowed while it blocked
+            raise asyncio.CancelledError
         return [(i, f) for _, entries in reply or [] for i, f in entries]
 
     async def ack(self, ids: list[str]) -> None:
