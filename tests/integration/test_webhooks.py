@@ -143,8 +143,12 @@ async def test_signed_in_order_retried_dead_lettered_redelivered_secret_kept(
         assert status.returncode == 0
         heartbeat = json.loads(status.stdout)
         assert heartbeat["daemon"]["webhooks"]["audit"]["delivered"] >= 55
+        text = sandboxd(redis_server, "status").stdout
+        assert "webhook:   audit -> http://127.0.0.1" in text
+        assert "consumer:  webhook.audit: lag " in text
         places = {
             "status": status.stdout,
+            "status text": text,
             "stream": json.dumps(await redis.xrange(KEYS.events)),
             "dead": json.dumps(await redis.xrange(KEYS.webhook_dead("audit"))),
             "heartbeat": await redis.get(KEYS.daemon) or "",

@@ -382,6 +382,25 @@ def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
         state = "connected" if mqtt["connected"] else "DISCONNECTED"
         bridge = f"{state}, {mqtt['published']} published, {mqtt['dropped']} dropped"
     lines.append(f"outputs:   metrics {daemon.get('metrics_listen') or 'off'}  mqtt {bridge}")
+    lines += _consumer_lines(daemon)
+    return lines
+
+
+def _consumer_lines(daemon: dict[str, Any]) -> list[str]:
+    """Registered consumer groups and webhooks, one line each (the heartbeat's; every group:
+    `sandboxd consumers list`)."""
+    lines = []
+    for name, group in sorted((daemon.get("consumers") or {}).items()):
+        lag = "?" if group.get("lag") is None else group["lag"]
+        state = "" if group.get("exists", True) else "  (no such group on the stream)"
+        lost = f", LOST {group['lost']}" if group.get("lost") else ""
+        lines.append(f"consumer:  {name}: lag {lag}, pending {group.get('pending')}{lost}{state}")
+    for name, hook in sorted((daemon.get("webhooks") or {}).items()):
+        lines.append(
+            f"webhook:   {name} -> {hook.get('url')}: {hook.get('delivered')} delivered, "
+            f"{hook.get('dead')} dead"
+            + (f", last error {hook['last_error']}" if hook.get("last_error") else "")
+        )
     return lines
 
 
