@@ -137,3 +137,16 @@ async def test_an_unreachable_receiver_is_retried_for_unreachable_s_not_attempts
 
 def _refuse() -> httpx.Response:
     raise httpx.ConnectError("refused")
+
+
+async def test_a_dead_letter_key_of_another_type_is_replaced_not_a_crash_loop():
+    webhook_sender = sender(lambda r: httpx.Response(500))
+    redis = webhook_sender._redis
+    dead, queued = Keys("t").webhook_dead("audit"), Keys("t").webhook_redeliver("audit")
+    await redis.set(dead, "someone's string")
+    await redis.set(queued, "another")
+    event = Event(type="pool.scaled", pool="p")
+    await webhook_sender._bury("1-1", event, "HTTP 500", 3, ack=False)
+    [(_, fields)] = await redis.xrange(dead)
+    assert fields["id"] == event.id and fields["reason"] == "HTTP 500"
+    assert await redis.type(queued) == "none"

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from sandboxd import __version__
@@ -210,6 +210,8 @@ class WebhookSender:
                         await self.prepare()  # the group (or the stream) was deleted
                         reader.restart()
                         continue
+                    if "WRONGTYPE" in str(exc) and await self._repair():
+                        continue
                     if not isinstance(exc, TRANSIENT) or not survive(exc):
                         raise
                     await reader.backoff(exc)
@@ -319,16 +321,38 @@ class WebhookSender:
             "attempts": str(tries),
             "failed_at": str(int(time.time() * 1000)),
         }
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self._keys.webhook_dead(self.config.name),
-                fields,
-                maxlen=DEAD_MAXLEN,
-                approximate=True,
-            )
-            if ack:
-                pipe.xack(self._keys.events, self.group, entry_id)
-            await pipe.execute()
+        for attempt in range(2):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.xadd(
+                        self._keys.webhook_dead(self.config.name),
+                        fields,
+                        maxlen=DEAD_MAXLEN,
+                        approximate=True,
+                    )
+                    if ack:
+                        pipe.xack(self._keys.events, self.group, entry_id)
+                    await pipe.execute()
+                return
+            except ResponseError as exc:
+                if "WRONGTYPE" not in str(exc) or attempt or not await self._repair():
+                    raise
+
+    async def _repair(self) -> bool:
+        """Someone wrote a key of the webhook's of another type: deleted (its dead letters
+        or queued redeliveries with it), reported. False when none of ours was wrong."""
+        repaired = False
+        name = self.config.name
+        for key, kind in (
+            (self._keys.webhook_dead(name), "stream"),
+            (self._keys.webhook_redeliver(name), "list"),
+        ):
+            found = await self._redis.type(key)
+            if found not in ("none", kind):
+                log.error("%s holds a %s, not a %s: deleted", key, found, kind)
+                await self._redis.delete(key)
+                repaired = True
+        return repaired
 
     async def _redeliveries(self, http: httpx.AsyncClient) -> None:
         """Dead entries queued by `sandboxd webhooks redeliver`: sent again (in the order
