@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -502,8 +503,9 @@ async def _group_events(args: argparse.Namespace, config: Config, redis) -> int:
         claim_idle_s=args.claim_idle,
         limit=args.count,
     )
-    async for event in events:
-        _print_event(event.stream_id, event.to_fields(), args.output)
+    async with contextlib.aclosing(events):  # what was printed is acknowledged, even on ^C
+        async for event in events:
+            _print_event(event.stream_id, event.to_fields(), args.output)
     return 0
 
 

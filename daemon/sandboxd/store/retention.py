@@ -65,7 +65,11 @@ end
 if n_soft == 0 and age_cut == '' then return {0} end
 local want = chunk
 if age_cut == '' then want = math.min(n_soft, chunk) end
-local page = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', want)
+local last = '+'
+if n_hard == 0 and age_cut == '' and floor ~= '' then
+  last = '(' .. floor  -- nothing forced: only what nobody needs is looked at
+end
+local page = redis.call('XRANGE', KEYS[1], '-', last, 'COUNT', want)
 local removed, by_len, by_age = 0, false, false
 for i, entry in ipairs(page) do
   local id = entry[1]
