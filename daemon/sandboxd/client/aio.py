@@ -14,7 +14,7 @@ import getpass
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterable
+from collections.abc import AsyncGenerator, Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -268,7 +268,7 @@ class Client:
         start: str = "$",
         create: bool = True,
         limit: int | None = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Events of the stream through consumer group `group` as `consumer`, at least
         once: each is acknowledged only after the loop body for it returned (those of a
         batch in one XACK before the next read, or when the iterator is closed: use

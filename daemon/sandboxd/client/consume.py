@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -49,7 +49,7 @@ async def read_group(
     start: str = "$",
     create: bool = True,
     limit: int | None = None,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """The iterator behind `Client.events` (see the module's docstring); it ends after
     `limit` events handed over and acknowledged, if given."""
     check_group(group)
