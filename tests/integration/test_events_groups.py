@@ -229,3 +229,46 @@ async def test_group_cli_refuses_bad_input_and_reads_with_a_group(redis, redis_s
     assert (await redis.xpending(KEYS.events, "ops"))["pending"] == 0
     listing = sandboxd(redis_server, "consumers", "list", "-o", "json")
     assert listing.returncode == 0 and "bad name" not in listing.stdout
+
+
+async def test_a_consumer_resumes_after_its_connections_are_killed(redis, redis_server):
+    from redis.asyncio import Redis
+
+    seen: list[str] = []
+    ids = await publish(redis, 10)
+    consumer = Redis.from_url(redis_server, decode_responses=True, client_name="consumer-x")
+    client = Client(consumer, prefix=PREFIX)
+
+    async def consume() -> None:
+        events = client.events("resume", "c1", start="0", block_ms=200, count=5)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                seen.append(event.id)
+
+    task = asyncio.create_task(consume())
+    try:
+        await eventually(lambda: _has(seen, ids), what="the first 10")
+        for _ in range(3):  # killed while blocked in XREADGROUP, and again after new events
+            killed = await _kill(redis, "consumer-x")
+            assert killed
+            ids += await publish(redis, 10)
+            await eventually(
+                lambda wanted=list(ids): _has(seen, wanted), timeout=15, what="events after a kill"
+            )
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.aclose()
+    assert set(seen) == set(ids)
+
+
+async def _has(seen: list[str], ids: list[str]) -> bool:
+    return set(ids) <= set(seen)
+
+
+async def _kill(redis, name: str) -> int:
+    clients = [c for c in await redis.client_list() if c.get("name") == name]
+    for c in clients:
+        await redis.client_kill_filter(_id=c["id"])
+    return len(clients)
