@@ -150,3 +150,25 @@ async def test_a_dead_letter_key_of_another_type_is_replaced_not_a_crash_loop():
     [(_, fields)] = await redis.xrange(dead)
     assert fields["id"] == event.id and fields["reason"] == "HTTP 500"
     assert await redis.type(queued) == "none"
+
+
+def test_metrics_of_groups_and_webhooks():
+    from prometheus_client import generate_latest
+
+    from sandboxd.outputs.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.update(
+        consumers={
+            "billing": {"lag": 7, "pending": 3, "exists": True, "lost": 2},
+            "gone": {"lag": None, "pending": 0, "exists": False, "lost": 0},
+        },
+        webhooks={"audit": {"delivered": 5, "failed_attempts": 4, "dead": 1}},
+    )
+    text = generate_latest(metrics.registry).decode()
+    assert 'sandboxd_consumer_group_lag{group="billing"} 7.0' in text
+    assert 'sandboxd_consumer_group_lag{group="gone"}' not in text  # unknown, not 0
+    assert 'sandboxd_consumer_group_pending{group="billing"} 3.0' in text
+    assert 'sandboxd_consumer_group_lost_total{group="billing"} 2.0' in text
+    assert 'sandboxd_webhook_dead_total{webhook="audit"} 1.0' in text
+    assert 'sandboxd_webhook_delivered_total{webhook="audit"} 5.0' in text
