@@ -93,7 +93,7 @@ async def test_signed_in_order_retried_dead_lettered_redelivered_secret_kept(
         receiver.stop()
         down = await produce(30, 100)
         await eventually(
-            lambda: _failed_attempts(redis, at_least=2), timeout=15, what="deliveries failing"
+            lambda: _failed_attempts(redis, at_least=6), timeout=15, what="deliveries failing"
         )
         receiver.start()
         await eventually(arrived([e["id"] for e in down]), timeout=20, what="the backlog")
