@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -188,3 +189,21 @@ def test_a_webhook_config_that_cannot_work_is_refused(tmp_path, redis_server):
     )
     out = sandboxd(redis_server, "--config", str(config), "status")
     assert out.returncode == 2 and "events.max_len (500)" in out.stderr
+
+
+def test_a_daemon_whose_webhook_secret_cannot_be_read_refuses_to_start(tmp_path, redis_server):
+    config = tmp_path / "sandboxd.toml"
+    config.write_text(
+        f'redis_url = "{redis_server}"\n[local]\nworkspace_root = "{tmp_path / "boxes"}"\n'
+        f'[[webhooks]]\nname = "a"\nurl = "http://127.0.0.1:9/"\n'
+        f'secret_file = "{tmp_path / "missing"}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "--config", str(config), "run"],
+        env={**os.environ, "SANDBOXD_LOG_LEVEL": "INFO"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "refusing to start: webhook 'a'" in done.stdout and "Traceback" not in done.stderr
