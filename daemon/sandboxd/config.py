@@ -330,6 +330,144 @@ class MqttConfig(BaseModel):
         return self.password.get_secret_value() if self.password else None
 
 
+class EventsConfig(BaseModel):
+    """Retention of the event stream (`<prefix>:events`): the daemon trims it itself, never
+    past the oldest entry a registered consumer group still needs (`sandboxd consumers`),
+    up to a hard bound beyond which the oldest entries go anyway (`events.dropped`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_len: int | None = Field(
+        default=None,
+        ge=100,
+        le=1_000_000_000,
+        description="Hard bound on the stream's length: older entries are trimmed even if a "
+        "registered consumer group has not read them, and `events.dropped` names the groups "
+        "and how many each lost. Default: 10 x event_stream_maxlen; at least "
+        "event_stream_maxlen.",
+    )
+    max_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Hard bound on the age of entries (by their stream id's time): older ones "
+        "are trimmed even if a registered group still needs them (`events.dropped`). Unset: "
+        "no age bound.",
+    )
+    trim_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="How often the daemon trims the stream and samples the consumer groups' "
+        "lag and pending counts (metrics).",
+    )
+
+    def hard_len(self, soft: int) -> int:
+        return self.max_len if self.max_len is not None else 10 * soft
+
+
+class WebhookRetry(BaseModel):
+    """How a failed webhook delivery is retried: exponential backoff with full jitter, a
+    `Retry-After` of the receiver honoured, then the dead-letter stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="Deliveries of one event the receiver answered with an error (5xx, 408, "
+        "429) or let time out, before it goes to the dead-letter stream.",
+    )
+    initial_s: float = Field(
+        default=1.0, gt=0, le=3600, description="The first backoff; it doubles per attempt."
+    )
+    max_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="The longest backoff between two attempts."
+    )
+    retry_after_max_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A receiver's `Retry-After` is honoured up to this many seconds.",
+    )
+    unreachable_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="While the receiver cannot be reached at all (connection refused, no "
+        "route), deliveries wait and retry (at most max_s apart) for this long before the "
+        "event goes to the dead-letter stream; the consumer group holds the stream meanwhile.",
+    )
+
+
+WEBHOOK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
+
+
+class WebhookConfig(BaseModel):
+    """A signed webhook (`[[webhooks]]`): every matching event POSTed as JSON to `url`,
+    signed the Standard Webhooks way, read through its own consumer group
+    `webhook.<name>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=WEBHOOK_NAME,
+        description="The webhook's name: its consumer group is `webhook.<name>`, its "
+        "dead-letter stream `<prefix>:webhooks:<name>:dead`.",
+    )
+    url: str = Field(
+        description="http:// or https:// URL the events are POSTed to (operator config only: "
+        "nothing in Redis can change it)."
+    )
+    secret: SecretStr | None = Field(
+        default=None,
+        description="The signing secret (prefer secret_file); `whsec_<base64>` is decoded as "
+        "Standard Webhooks does, anything else used as its UTF-8 bytes. Never logged.",
+    )
+    secret_file: Path | None = Field(
+        default=None,
+        description="File holding the signing secret; a relative name is looked up in "
+        "$CREDENTIALS_DIRECTORY (a systemd credential).",
+    )
+    types: list[str] = Field(
+        default_factory=list,
+        description="Event types sent (shell patterns: `sandbox.*`); empty: all.",
+    )
+    pools: list[str] = Field(
+        default_factory=list, description="Pools whose events are sent; empty: all."
+    )
+    timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Limit of one delivery (connect to response)."
+    )
+    retry: WebhookRetry = Field(default_factory=WebhookRetry)
+    start: Literal["new", "all"] = Field(
+        default="new",
+        description="Where a new webhook's group starts: `new` events only, or `all` the "
+        "stream holds.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return url
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "WebhookConfig":
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError(f"webhook {self.name!r}: set exactly one of secret, secret_file")
+        return self
+
+    def resolve_secret(self) -> str:
+        if self.secret_file is not None:
+            value = credential_file(self.secret_file).read_text().strip()
+            if not value:
+                raise ValueError(f"webhook {self.name!r}: {self.secret_file} is empty")
+            return value
+        assert self.secret is not None
+        return self.secret.get_secret_value()
+
+
 def credential_file(path: Path) -> Path:
     """A relative path names a systemd credential (LoadCredential=)."""
     if path.is_absolute():
@@ -458,7 +596,18 @@ class Config(BaseSettings):
         default=60.0, gt=0, description="How often the leak janitor compares provider and Redis."
     )
     event_stream_maxlen: int = Field(
-        default=100_000, ge=100, description="Approximate (MAXLEN ~) length of the event stream."
+        default=100_000,
+        ge=100,
+        le=1_000_000_000,
+        description="The length the daemon trims the event stream to when no registered "
+        "consumer group needs older entries (it may grow past it for a group that lags, up "
+        "to events.max_len). Clients no longer trim it.",
+    )
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    webhooks: list[WebhookConfig] = Field(
+        default_factory=list,
+        description="Signed webhooks (`[[webhooks]]` tables): each delivers the events it "
+        "matches to one URL (docs/events.md#webhooks).",
     )
     on_shutdown: Literal["terminate", "keep"] = Field(
         default="terminate",
@@ -507,6 +656,20 @@ class Config(BaseSettings):
     faults: dict[str, Faults] = Field(
         default_factory=dict, description="Fault injection per provider name (chaos tests)."
     )
+
+    @model_validator(mode="after")
+    def _event_bounds(self) -> "Config":
+        hard = self.events.max_len
+        if hard is not None and hard < self.event_stream_maxlen:
+            raise ValueError(
+                f"events.max_len ({hard}) must be at least event_stream_maxlen "
+                f"({self.event_stream_maxlen}): the hard bound cannot be below the length "
+                "the stream is trimmed to"
+            )
+        names = [w.name for w in self.webhooks]
+        if len(set(names)) != len(names):
+            raise ValueError("webhooks: every webhook needs a name of its own")
+        return self
 
     def journal_dir(self) -> Path:
         return self.state_dir or self.local.workspace_root.parent / "state"

@@ -36,6 +36,7 @@ from sandboxd.outputs.mqtt import MqttBridge
 from sandboxd.outputs.poolfacts import PoolFacts
 from sandboxd.outputs.resources import ResourceSampler
 from sandboxd.outputs.watchdog import Watchdog
+from sandboxd.outputs.webhooks import Webhooks
 from sandboxd.providers import (
     CLOUD_PROVIDERS,
     IsolationError,
@@ -55,6 +56,7 @@ from sandboxd.store.fence import FencedRedis, LeaseLost
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every, survive, why
 from sandboxd.store.records import STATES, PassSnapshot, SandboxRecord, SandboxStore
+from sandboxd.store.retention import Retention
 from sandboxd.store.specs import SpecStore
 from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
 
@@ -66,6 +68,7 @@ SHUTDOWN_TERMINATE_S = 3.0
 # The unit's RestartPreventExitStatus: restarting cannot fix a host that lacks protections.
 EXIT_WEAK_ISOLATION = 78
 EXIT_WRONG_NODE = 78  # the node is served from another host or registry (see _cannot_stand_in)
+EXIT_BAD_CONFIG = 78  # a setting that cannot work (a webhook's unreadable secret file)
 # Lost the node's lease (another daemon took over, or this one was cut off past the TTL):
 # systemd restarts it (Restart=on-failure) and it comes back as the standby.
 EXIT_LEASE_LOST = 75
@@ -95,6 +98,8 @@ class Wings:
     resources: ResourceSampler
     cost: CostMeter
     bridge: MqttBridge
+    retention: Retention
+    webhooks: Webhooks
     watchdog: Watchdog
     heartbeat: Heartbeat
 
@@ -194,6 +199,13 @@ class Daemon:
                 "instance": self.instance,
             },
         )
+        for webhook in self.config.webhooks:  # before anything: a clear refusal, not a crash
+            try:
+                webhook.resolve_secret()
+            except (OSError, ValueError) as exc:
+                log.critical("refusing to start: webhook %r: %s", webhook.name, exc)
+                sdnotify.status(f"refused to start: webhook {webhook.name}: secret unreadable")
+                return EXIT_BAD_CONFIG
         sdnotify.status("connecting to Redis")
         redis = make_client(self.config, f"sandboxd:{self.config.node}:{self.instance}")
         try:
@@ -283,6 +295,7 @@ class Daemon:
         self.security = security_summary(providers)
         wings = self.wings = self._build(redis, providers)
         await wings.bridge.prepare()
+        await wings.webhooks.prepare()  # their groups hold retention from now on
         sdnotify.status("adopting sandboxes")
         await wings.restorer.check()  # Redis lost its data while we were away: put it back
         report = await adopt(wings.store, providers, wings.events)
@@ -357,6 +370,7 @@ class Daemon:
         keepalive = Keepalive(store=store, specs=specs, providers=providers, events=events)
         last_pass = lambda: self.last_pass  # noqa: E731
         cost = CostMeter(redis=redis, keys=keys, config=config, events=events, snapshot=last_pass)
+        bridge = MqttBridge(redis=redis, keys=keys, config=config, events=events)
         return Wings(
             events=events,
             store=store,
@@ -374,7 +388,19 @@ class Daemon:
                 config=config, events=events, providers=providers, snapshot=last_pass
             ),
             cost=cost,
-            bridge=MqttBridge(redis=redis, keys=keys, config=config, events=events),
+            bridge=bridge,
+            retention=Retention(
+                redis=redis, keys=keys, config=config, events=events, mqtt_cursor=bridge.held
+            ),
+            # Unfenced, on the same connections: XREADGROUP BLOCK cannot run inside the
+            # fence's script, and all webhooks write is their group's progress and dead
+            # letters (a daemon that lost its lease stops at once; delivery is at least once).
+            webhooks=Webhooks(
+                redis=Redis(connection_pool=redis.connection_pool),
+                keys=keys,
+                configs=config.webhooks,
+                consumer=config.node,
+            ),
             watchdog=Watchdog(reconciler.stuck_for),
             heartbeat=Heartbeat(
                 redis,
@@ -431,6 +457,8 @@ class Daemon:
             cost=w.cost.totals,
             mqtt=w.bridge.stats(),
             revision=w.specs.revision,
+            consumers=w.retention.stats(),
+            webhooks=w.webhooks.stats(),
         )
 
     def _facts(self) -> dict[str, Any]:
@@ -447,6 +475,8 @@ class Daemon:
             "host_resources": w.resources.host,
             "metrics_listen": w.metrics_server.listening,
             "mqtt": w.bridge.stats(),
+            "consumers": w.retention.stats(),
+            "webhooks": w.webhooks.stats(),
             "log_level": self.config.log_level,
             "reconcile_interval_s": self.config.reconcile_interval_s,
             "node": self.config.node,
@@ -495,9 +525,12 @@ class Daemon:
                         "samples not taken",
                     ),
                     "mqtt": w.bridge.run,
+                    "retention": w.retention.run,
                     "watchdog": w.watchdog.run,
                     "reloads": lambda: self._reloads(w),
                 }
+                if w.webhooks.senders:
+                    roots["webhooks"] = w.webhooks.run
                 tasks = [
                     group.create_task(
                         supervise(

@@ -34,6 +34,8 @@ LIVE = frozenset(
         "alerts",
         "cost",
         "mqtt",
+        "events",
+        "event_stream_maxlen",
         "watchdog_hang_file",
     }
 )

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -14,14 +15,17 @@ from redis.exceptions import RedisError, ResponseError
 
 from sandboxd.cli import apikeys as apikey_commands
 from sandboxd.cli import claims as claim_commands
+from sandboxd.cli import consumers as consumer_commands
 from sandboxd.cli import specs as spec_commands
 from sandboxd.cli.errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_NO_DAEMON, CliError
 from sandboxd.cli.tables import render
 from sandboxd.cli.views import StateView
+from sandboxd.client.consume import read_group
 from sandboxd.config import Config, load_config, resolve_config_path
 from sandboxd.logs import redact_url, setup_logging
 from sandboxd.spec import SpecError, check_against_config, diff_specs, parse_spec
 from sandboxd.store.connection import make_client
+from sandboxd.store.consumers import ConsumerError, check_consumer, check_group
 from sandboxd.store.events import Event
 from sandboxd.store.keys import Keys
 from sandboxd.store.specs import SpecStore
@@ -102,7 +106,27 @@ def _parser() -> argparse.ArgumentParser:
     spec_commands.add_parsers(command("spec", "the spec's revision history"), common)
     events = command("events", "print lifecycle events from the stream")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    events.add_argument("--count", "-n", type=int, default=20, help="how many past events")
+    events.add_argument(
+        "--count",
+        "-n",
+        type=int,
+        default=None,
+        help="how many past events (default 20); with --group: stop after this many",
+    )
+    events.add_argument(
+        "--group", help="read through this consumer group: at least once, acknowledged"
+    )
+    events.add_argument("--consumer", help="with --group: this consumer's name in the group")
+    events.add_argument(
+        "--type", action="append", default=[], help="with --group: only these types (sandbox.*)"
+    )
+    events.add_argument("--pool", action="append", default=[], help="with --group: only these")
+    events.add_argument(
+        "--claim-idle",
+        type=float,
+        default=30.0,
+        help="with --group: take over entries pending this long at other consumers (seconds)",
+    )
     _output_flag(events)
     logs = command("logs", "print the output of a sandbox's `run:` program")
     logs.add_argument("sandbox")
@@ -111,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     _claim_commands(command)
     command("api", "serve E2B's REST API on api_listen (docs/api.md)")
     apikey_commands.add_parsers(command("apikey", "API keys of `sandboxd api`"), common)
+    consumer_commands.add_parsers(
+        command("consumers", "consumer groups that hold the event stream's retention"),
+        command("webhooks", "the webhooks' dead-lettered events"),
+        common,
+    )
     return parser
 
 
@@ -226,6 +255,8 @@ async def _client_command(args: argparse.Namespace, config: Config) -> int:
         "renew": claim_commands.renew,
         "exec": claim_commands.exec_command,
         "apikey": apikey_commands.apikey_command,
+        "consumers": consumer_commands.consumers_command,
+        "webhooks": consumer_commands.webhooks_command,
     }
     redis = make_client(config)
     try:
@@ -352,6 +383,25 @@ def _daemon_lines(daemon: dict[str, Any]) -> list[str]:
         state = "connected" if mqtt["connected"] else "DISCONNECTED"
         bridge = f"{state}, {mqtt['published']} published, {mqtt['dropped']} dropped"
     lines.append(f"outputs:   metrics {daemon.get('metrics_listen') or 'off'}  mqtt {bridge}")
+    lines += _consumer_lines(daemon)
+    return lines
+
+
+def _consumer_lines(daemon: dict[str, Any]) -> list[str]:
+    """Registered consumer groups and webhooks, one line each (the heartbeat's; every group:
+    `sandboxd consumers list`)."""
+    lines = []
+    for name, group in sorted((daemon.get("consumers") or {}).items()):
+        lag = "?" if group.get("lag") is None else group["lag"]
+        state = "" if group.get("exists", True) else "  (no such group on the stream)"
+        lost = f", LOST {group['lost']}" if group.get("lost") else ""
+        lines.append(f"consumer:  {name}: lag {lag}, pending {group.get('pending')}{lost}{state}")
+    for name, hook in sorted((daemon.get("webhooks") or {}).items()):
+        lines.append(
+            f"webhook:   {name} -> {hook.get('url')}: {hook.get('delivered')} delivered, "
+            f"{hook.get('dead')} dead"
+            + (f", last error {hook['last_error']}" if hook.get("last_error") else "")
+        )
     return lines
 
 
@@ -410,8 +460,13 @@ def _schedule_cell(schedule: dict[str, Any] | None) -> str | None:
 
 
 async def _events(args: argparse.Namespace, config: Config, redis) -> int:
+    if args.group or args.consumer:
+        return await _group_events(args, config, redis)
+    if args.type or args.pool:
+        raise CliError("--type and --pool go with --group", EXIT_INVALID)
     stream = Keys(config.key_prefix).events
-    entries = await redis.xrevrange(stream, count=args.count) if args.count > 0 else []
+    count = 20 if args.count is None else args.count
+    entries = await redis.xrevrange(stream, count=count) if count > 0 else []
     newest = entries or await redis.xrevrange(stream, count=1)
     last_id = newest[0][0] if newest else "0-0"  # a concrete id: no gap between reads
     for stream_id, fields in reversed(entries):
@@ -422,6 +477,35 @@ async def _events(args: argparse.Namespace, config: Config, redis) -> int:
             for stream_id, fields in batch:
                 _print_event(stream_id, fields, args.output)
                 last_id = stream_id
+    return 0
+
+
+async def _group_events(args: argparse.Namespace, config: Config, redis) -> int:
+    """Through a consumer group: each event printed, then acknowledged (at least once)."""
+    if not (args.group and args.consumer):
+        raise CliError("--group and --consumer go together", EXIT_INVALID)
+    if args.count is not None and args.count < 1:
+        raise CliError("--count with --group must be at least 1", EXIT_INVALID)
+    if not 0 < args.claim_idle <= 86_400:
+        raise CliError("--claim-idle must be from 0 to 86400 seconds", EXIT_INVALID)
+    try:
+        check_group(args.group)
+        check_consumer(args.consumer)
+    except ConsumerError as exc:
+        raise CliError(str(exc), EXIT_INVALID) from None
+    events = read_group(
+        redis,
+        Keys(config.key_prefix),
+        args.group,
+        args.consumer,
+        types=args.type,
+        pools=args.pool,
+        claim_idle_s=args.claim_idle,
+        limit=args.count,
+    )
+    async with contextlib.aclosing(events):  # what was printed is acknowledged, even on ^C
+        async for event in events:
+            _print_event(event.stream_id, event.to_fields(), args.output)
     return 0
 
 

@@ -14,7 +14,7 @@ import getpass
 import os
 import socket
 import uuid
-from collections.abc import Generator
+from collections.abc import AsyncGenerator, Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sandboxd.client.connections import Connection, connect
+from sandboxd.client.consume import read_group
 from sandboxd.providers.base import ExecResult, OutputCallback
 from sandboxd.store.claims import (
     ClaimError,
@@ -33,6 +34,7 @@ from sandboxd.store.claims import (
     token_matches,
 )
 from sandboxd.store.connection import open_redis
+from sandboxd.store.events import Event
 from sandboxd.store.keys import Keys
 from sandboxd.store.records import SandboxRecord
 
@@ -41,7 +43,7 @@ DEFAULT_WAIT_S = 30.0
 RECHECK_S = 1.0
 GIVE_BACK_ATTEMPTS = 6  # ~3 s with backoff: long enough to follow a Sentinel failover
 
-__all__ = ["ClaimError", "ClaimTimeout", "Client", "ExecResult", "Sandbox"]
+__all__ = ["ClaimError", "ClaimTimeout", "Client", "Event", "ExecResult", "Sandbox"]
 
 
 class ClaimTimeout(ClaimError):
@@ -258,6 +260,47 @@ class Client:
             await self._claims.force_release(sandbox_id, operator or self.owner)
         else:
             await self._claims.release(sandbox_id, token)
+
+    def events(
+        self,
+        group: str,
+        consumer: str,
+        types: Iterable[str] | None = None,
+        pools: Iterable[str] | None = None,
+        *,
+        claim_idle_s: float = 30.0,
+        count: int = 100,
+        block_ms: int = 1000,
+        start: str = "$",
+        create: bool = True,
+        limit: int | None = None,
+    ) -> AsyncGenerator[Event, None]:
+        """Events of the stream through consumer group `group` as `consumer`, at least
+        once: each is acknowledged only after the loop body for it returned (those of a
+        batch in one XACK before the next read, or when the iterator is closed: use
+        `contextlib.aclosing` to leave early); an exception or `break` leaves the one
+        being handled pending, delivered again. Pending entries of consumers idle
+        for `claim_idle_s` are taken over; a lost connection is retried and reading
+        resumes where it was. `types` (shell patterns like `sandbox.*`) and `pools` filter
+        (the rest is acknowledged unseen). A group that does not exist is created at
+        `start` (`$`: new events; `0`: all the stream holds) unless `create` is false.
+        Register the group (`sandboxd consumers add`) so that the stream is kept for it
+        while it is down. Dedupe by `event.id`; `event.stream_id` is the entry's id.
+        `limit`: end after that many events (each acknowledged)."""
+        return read_group(
+            self._redis,
+            self._keys,
+            group,
+            consumer,
+            types=types,
+            pools=pools,
+            claim_idle_s=claim_idle_s,
+            count=count,
+            block_ms=block_ms,
+            start=start,
+            create=create,
+            limit=limit,
+        )
 
     async def attach(self, sandbox_id: str, token: str) -> Sandbox:
         """A handle to a sandbox already claimed (e.g. by `sandboxd claim`), for the holder

@@ -121,6 +121,8 @@ class _SampledCollector(Collector):
         yield from _sandbox_metrics(parts.get("sandboxes", {}))
         yield from _cost_metrics(parts.get("cost", {}))
         yield from _bridge_metrics(parts.get("mqtt"))
+        yield from _consumer_metrics(parts.get("consumers", {}))
+        yield from _webhook_metrics(parts.get("webhooks", {}))
         daemon = GaugeMetricFamily("sandboxd_spec_revision", "The spec revision in force.")
         daemon.add_metric([], parts.get("revision", 0))
         yield daemon
@@ -235,6 +237,42 @@ def _bridge_metrics(mqtt: dict[str, Any] | None) -> Iterator[Metric]:
     for key, doc in (("published", "Events published to MQTT."), ("dropped", "Events dropped.")):
         family = CounterMetricFamily(f"sandboxd_mqtt_{key}", doc)
         family.add_metric([], mqtt[key])
+        yield family
+
+
+def _consumer_metrics(groups: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """`consumers`: registered group -> {lag, pending, exists, lost}."""
+    yield _gauge(
+        "sandboxd_consumer_group_lag",
+        "Entries of the event stream not yet delivered to the registered group.",
+        ["group"],
+        {(g,): v["lag"] for g, v in groups.items() if v.get("lag") is not None},
+    )
+    yield _gauge(
+        "sandboxd_consumer_group_pending",
+        "Entries delivered to the registered group and not yet acknowledged.",
+        ["group"],
+        {(g,): v["pending"] for g, v in groups.items()},
+    )
+    lost = CounterMetricFamily(
+        "sandboxd_consumer_group_lost",
+        "Entries the group had not read when the stream passed its hard bound.",
+        labels=["group"],
+    )
+    for group, values in groups.items():
+        lost.add_metric([group], values.get("lost", 0))
+    yield lost
+
+
+def _webhook_metrics(hooks: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    for key, doc in (
+        ("delivered", "Events the webhook's receiver accepted."),
+        ("failed_attempts", "Deliveries that failed (each retry counts)."),
+        ("dead", "Events sent to the webhook's dead-letter stream."),
+    ):
+        family = CounterMetricFamily(f"sandboxd_webhook_{key}", doc, labels=["webhook"])
+        for name, values in hooks.items():
+            family.add_metric([name], values[key])
         yield family
 
 

@@ -60,6 +60,14 @@ class MqttBridge:
             "dropped": self.dropped,
         }
 
+    async def held(self) -> str | None:
+        """The bridge's cursor while the bridge is on: retention keeps what follows it
+        (within events.max_len; the bridge's own bound is mqtt.max_backlog)."""
+        if self._config.mqtt.url is None:
+            return None
+        cursor = await self._redis.get(self._keys.mqtt_cursor)
+        return cursor if isinstance(cursor, str) else None
+
     async def prepare(self) -> None:
         """Before the daemon publishes anything: the first start of a bridge begins here."""
         if self._config.mqtt.url is not None:

@@ -42,8 +42,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 _EVENT = """
+-- `maxlen` is checked but unused: the daemon trims the stream (store/retention.py), never
+-- past what a registered consumer group still needs.
 local function event(stream, maxlen, id, type, time, pool, sandbox, data)
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'type', type,
+  redis.call('XADD', stream, '*', 'id', id, 'type', type,
     'time', time, 'pool', pool, 'sandbox', sandbox, 'data', cjson.encode(data))
 end
 """

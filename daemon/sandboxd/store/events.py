@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -158,6 +158,13 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "bridged (they stay in the Redis stream)",
         "dropped, first_id, last_id",
     ),
+    "events.dropped": (
+        "the event stream passed its hard bound (events.max_len or events.max_age_s): its "
+        "oldest entries were trimmed although registered consumer groups (or the MQTT "
+        "bridge) had not read them",
+        "groups: {name: entries it lost}, removed (entries trimmed), first_id and last_id "
+        "(stream ids of the trimmed range), reason (events.max_len, events.max_age_s)",
+    ),
     "pool.scaled": (
         "the reconciler changed a pool's size",
         "from_total, to_total, min_ready, max_total, creating, terminating",
@@ -200,6 +207,13 @@ class Event(BaseModel):
     pool: str = ""
     sandbox: str = ""
     data: dict[str, Any] = Field(default_factory=dict)
+    # The id of the stream entry it was read from ("" for one not read from the stream):
+    # not part of the event (two deliveries of one event may come from different entries).
+    _stream_id: str = PrivateAttr(default="")
+
+    @property
+    def stream_id(self) -> str:
+        return self._stream_id
 
     def to_fields(self) -> dict[str, str]:
         fields = self.model_dump()
@@ -207,12 +221,15 @@ class Event(BaseModel):
         return fields
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> "Event":
-        return cls.model_validate({**fields, "data": json.loads(fields.get("data") or "{}")})
+    def from_fields(cls, fields: dict[str, str], stream_id: str = "") -> "Event":
+        event = cls.model_validate({**fields, "data": json.loads(fields.get("data") or "{}")})
+        event._stream_id = stream_id
+        return event
 
 
 class EventPublisher:
-    """Appends events to `<prefix>:events`, trimmed approximately to `maxlen`."""
+    """Appends events to `<prefix>:events`. It does not trim: the daemon's retention does
+    (store/retention.py), to `maxlen` when no registered consumer group needs more."""
 
     def __init__(self, redis: Redis, keys: Keys, maxlen: int):
         self._redis = redis
@@ -249,6 +266,4 @@ class EventPublisher:
         return event
 
     async def _xadd(self, event: Event) -> None:
-        await self._redis.xadd(
-            self._keys.events, event.to_fields(), maxlen=self.maxlen, approximate=True
-        )
+        await self._redis.xadd(self._keys.events, event.to_fields())

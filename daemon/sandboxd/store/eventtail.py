@@ -28,13 +28,18 @@ async def read_after(
     returned as None (logged), so that readers skip it and still move their cursor past."""
     reply = await redis.xread({stream: cursor}, count=count, block=block_ms)
     return [
-        (entry_id, _parse(entry_id, fields)) for _, entries in reply for entry_id, fields in entries
+        (entry_id, parse_entry(entry_id, fields))
+        for _, entries in reply
+        for entry_id, fields in entries
     ]
 
 
-def _parse(entry_id: str, fields: dict[str, str]) -> Event | None:
+def parse_entry(entry_id: str, fields: dict[str, str]) -> Event | None:
+    """The event a stream entry holds; None (logged) for an entry that is not one."""
     try:
-        return Event.from_fields(fields)
+        if not isinstance(fields, dict):
+            raise TypeError("not a field map")
+        return Event.from_fields(fields, str(entry_id))
     except (ValueError, TypeError, RecursionError) as exc:  # pydantic and JSON errors
         log.warning(
             "skipping a stream entry that is not an event",

@@ -30,6 +30,23 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def event_consumers(self) -> str:
+        """Hash: consumer group name -> JSON (added_at, by) of the groups registered with
+        `sandboxd consumers add`: the daemon never trims the event stream past the oldest
+        entry one of them still needs (up to events.max_len / events.max_age_s)."""
+        return f"{self.prefix}:events:consumers"
+
+    def webhook_dead(self, name: str) -> str:
+        """Stream: events webhook `name` could not deliver after its retries (the event's
+        fields, plus stream_id, reason, attempts, failed_at)."""
+        return f"{self.prefix}:webhooks:{name}:dead"
+
+    def webhook_redeliver(self, name: str) -> str:
+        """List: ids of dead-letter entries of webhook `name` to send again
+        (`sandboxd webhooks redeliver`); the daemon pops them."""
+        return f"{self.prefix}:webhooks:{name}:redeliver"
+
+    @property
     def nudge(self) -> str:
         """Pub/sub channel: any message wakes the reconciler at once."""
         return f"{self.prefix}:nudge"

