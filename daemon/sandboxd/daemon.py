@@ -358,6 +358,14 @@ class Daemon:
             providers=providers,
             cloud=CLOUD_PROVIDERS,
         )
+
+        async def before_sweep() -> bool:
+            """What changed while Redis was away is written before the janitor judges the
+            records (a reaped sandbox's record is closed, not found `lost`); what Redis lost
+            is put back."""
+            await reconciler.write_late()
+            return await restorer.check()
+
         janitor = Janitor(
             store=store,
             providers=providers,
@@ -365,7 +373,7 @@ class Daemon:
             terminator=terminator,
             replace=reconciler.replace,
             interval_s=lambda: config.janitor_interval_s,
-            before_sweep=restorer.check,
+            before_sweep=before_sweep,
             put_back=restorer.put_back,
         )
         keepalive = Keepalive(store=store, specs=specs, providers=providers, events=events)

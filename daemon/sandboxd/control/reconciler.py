@@ -206,7 +206,7 @@ class Reconciler:
             reaped.append(sandbox_id)
         return reaped
 
-    async def _write_late(self) -> None:
+    async def write_late(self) -> None:
         """Write what changed while Redis could not be reached, before anything reads the
         records; the ready sandboxes that died meanwhile are replaced as recoveries."""
         if self._outbox is None or not self._outbox.pending:
@@ -239,7 +239,7 @@ class Reconciler:
         self._wake.clear()
         if self._before_pass is not None:
             await self._before_pass()
-        await self._write_late()
+        await self.write_late()
         generation = None
         if self._restorer is not None:
             await self._restorer.check()
