@@ -26,6 +26,7 @@ from sandboxd.providers.base import Capped
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
+from sandboxd.store.fence import LeaseLost
 from sandboxd.store.loops import cancelling, survive, why
 from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, wrong_type
 
@@ -186,7 +187,13 @@ class Reconciler:
                 or await provider.is_alive(sandbox_id, _handle(fields))
             ):
                 continue
-            await provider.terminate(sandbox_id, _handle(fields))
+            try:
+                await provider.terminate(sandbox_id, _handle(fields))
+            except LeaseLost:
+                raise
+            except Exception as exc:  # tried again at the next tick
+                log.warning("dead sandbox not stopped: %s", exc, extra={"sandbox": sandbox_id})
+                continue
             self._restorer.forget(sandbox_id)
             pool, state = fields.get("pool", ""), fields.get("state", "")
             await self._outbox.add(
