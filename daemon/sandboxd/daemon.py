@@ -670,10 +670,15 @@ class Daemon:
             async with asyncio.timeout(SHUTDOWN_REDIS_S):
                 await w.outbox.flush()
                 await w.events.publish("daemon.stopping", **data)
-                await w.heartbeat.clear()
         except (RedisError, TimeoutError) as exc:  # LeaseLapsed too: an outage
             log.warning("Redis unreachable at stop (%s): written when it answers", exc)
             await w.outbox.add("daemon.stopping", **data)
+            return
+        try:
+            async with asyncio.timeout(SHUTDOWN_REDIS_S):
+                await w.heartbeat.clear()
+        except (RedisError, TimeoutError) as exc:  # it expires by itself
+            log.warning("heartbeat not removed at stop: %s", exc)
 
 
 async def _first_of(*coros: Coroutine[Any, Any, Any]) -> None:

@@ -368,13 +368,15 @@ class Leadership:
         return self.fence.cut_off and (lease is not self.node or self._in_custody())
 
     async def _retake_lease(self, lease: Lease) -> str:
-        """The lease vanished while held in time: Redis lost its data. Take it again."""
+        """The lease vanished while held in time (Redis lost its data), or ran out while
+        Redis could not be reached (`_may_retake`): take it again."""
         if not await lease.try_acquire():
             return "taken"
         if lease is self.node:
             self._take_custody()
         log.warning(
-            "lease %s was gone from Redis (data lost?): taken again at epoch %d",
+            "lease %s was gone from Redis (data lost, or it ran out while Redis was "
+            "unreachable): taken again at epoch %d",
             lease.key,
             lease.epoch,
             extra={"node": self._config.node, "epoch": lease.epoch},
