@@ -618,33 +618,39 @@ class Daemon:
         known = w.restorer.known()
         local = [p for n, p in w.terminator.providers.items() if n not in CLOUD_PROVIDERS]
 
-        async def stop(provider: Provider, sandbox_id: str, pool: str) -> bool:
+        ended: list[dict[str, Any]] = []  # in the order they ended
+
+        async def stop(provider: Provider, sandbox_id: str, pool: str) -> None:
             try:
                 await provider.terminate(sandbox_id, {})
             except LeaseLost:
                 raise
             except Exception as exc:
                 log.error("terminate at stop failed: %s", exc, extra={"sandbox": sandbox_id})
-                return False
+                return
             state = known.get(sandbox_id, {}).get("state", "unknown")
-            await w.outbox.add(
-                "sandbox.terminated",
-                pool=pool,
-                sandbox=sandbox_id,
-                close=True,
-                reason="shutdown",
-                state=state,
+            ended.append(
+                w.outbox.late(
+                    "sandbox.terminated",
+                    pool=pool,
+                    sandbox=sandbox_id,
+                    close=True,
+                    reason="shutdown",
+                    state=state,
+                )
             )
-            return True
 
-        count = 0
-        for provider in local:
-            found = await provider.list_sandboxes()
-            async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
-                done = await asyncio.gather(*(stop(provider, s.id, s.pool) for s in found))
-            count += sum(done)
-            await provider.cleanup_leftovers(keep=set())  # half-made ones: no process left
-        return count
+        try:
+            for provider in local:
+                found = await provider.list_sandboxes()
+                async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
+                    await asyncio.gather(*(stop(provider, s.id, s.pool) for s in found))
+                await provider.cleanup_leftovers(keep=set())  # half-made ones: no process left
+        except TimeoutError:
+            log.error("sandboxes still stopping %ss into the stop", SHUTDOWN_TERMINATE_S * 3)
+        finally:
+            await w.outbox.keep(ended)  # one write for all of them
+        return len(ended)
 
     async def _keep_all(self, w: Wings) -> int:
         try:

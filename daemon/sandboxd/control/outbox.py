@@ -46,17 +46,27 @@ class Outbox:
     def pending(self) -> int:
         return len(self._entries)
 
+    def late(
+        self, type: str, *, pool: str = "", sandbox: str = "", close: bool = False, **data: Any
+    ) -> dict[str, Any]:
+        """An entry for `keep`: an event flagged `late` (and, with `close`, the closing of
+        `sandbox`'s record)."""
+        event = self._events.build(type, pool=pool, sandbox=sandbox, late=True, **data)
+        return {"event": event.to_fields(), "close": sandbox if close else "", "pool": pool}
+
+    async def keep(self, entries: list[dict[str, Any]]) -> None:
+        """Keep `entries` (made by `late`) for Redis, in this order after those kept
+        before; they are on disk when this returns (one write for all of them)."""
+        if entries:
+            async with self._lock:
+                self._entries.extend(entries)
+                await self._save()
+
     async def add(
         self, type: str, *, pool: str = "", sandbox: str = "", close: bool = False, **data: Any
-    ) -> Event:
-        """Keep an event (and, with `close`, the closing of `sandbox`'s record) for Redis.
-        The event is flagged `late`; it is on disk when this returns."""
-        event = self._events.build(type, pool=pool, sandbox=sandbox, late=True, **data)
-        entry = {"event": event.to_fields(), "close": sandbox if close else "", "pool": pool}
-        async with self._lock:
-            self._entries.append(entry)
-            await self._save()
-        return event
+    ) -> None:
+        """Keep one entry (see `late`)."""
+        await self.keep([self.late(type, pool=pool, sandbox=sandbox, close=close, **data)])
 
     async def flush(self) -> list[Event]:
         """Write what is kept, in order; returns the events written now. A Redis error stops
