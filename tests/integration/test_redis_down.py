@@ -185,3 +185,39 @@ async def test_a_sandbox_killed_while_redis_is_down_is_reaped_and_replaced_when_
         assert len(sandbox_processes(daemon.workspace)) == 2
     finally:
         await redis.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_keep_keeps_them_with_redis_down_and_the_next_start_adopts_them(
+    daemon_factory, own_redis
+):
+    redis = Redis.from_url(own_redis.url, decode_responses=True)
+    settings = {**SETTINGS, "on_shutdown": "keep"}
+    try:
+        daemon = daemon_factory(redis_url=own_redis.url, **settings).start()
+        await apply(redis, [{"name": "default", "min_ready": 2}])
+        ids = sorted(await wait_ready(redis, "default", 2))
+        await redis.aclose()
+        own_redis.stop()
+        await eventually(lambda: lapsed(daemon), what="the lease to lapse")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(TIMEOUT_STOP_S) == 0
+        assert len(sandbox_processes(daemon.workspace)) == 2
+        assert registered(daemon.workspace) == ids
+
+        own_redis.start()
+        redis = Redis.from_url(own_redis.url, decode_responses=True)
+        daemon_factory(redis_url=own_redis.url, **settings).start()
+
+        async def second_start():
+            started = await events_of(redis, "daemon.started")
+            return started[1] if len(started) == 2 else None
+
+        started = await eventually(second_start, what="the new daemon's daemon.started")
+        assert (started["data"]["adopted"], started["data"]["dropped"]) == (2, 0)
+        assert sorted(await wait_ready(redis, "default", 2)) == ids
+        assert await events_of(redis, "sandbox.terminated") == []
+        (stopping,) = await events_of(redis, "daemon.stopping")
+        assert stopping["data"]["late"] is True and stopping["data"]["kept"] == 2
+    finally:
+        await redis.aclose()
