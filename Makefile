@@ -63,6 +63,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.create && $(BIN)/python -m bench.claim
 
 ## install-service: package into $(PREFIX_DIR), config into /etc/sandboxd, the unit into systemd
+## (ordered after the local Redis unit: REDIS_UNIT=redis.service, default found; none: remote)
+REDIS_UNIT ?=
 install-service:
 	$(PYTHON) -m venv $(PREFIX_DIR)
 	$(PREFIX_DIR)/bin/pip install --quiet '.[api]'
@@ -75,6 +77,7 @@ install-service:
 	install -m 0644 systemd/sandboxd.service /etc/systemd/system/sandboxd.service
 	install -m 0644 systemd/sandboxd@.service /etc/systemd/system/sandboxd@.service
 	install -m 0644 systemd/sandboxd-api.service /etc/systemd/system/sandboxd-api.service
+	sh systemd/after-redis.sh "$(REDIS_UNIT)"
 	ln -sf $(PREFIX_DIR)/bin/sandboxd /usr/local/bin/sandboxd
 	systemctl daemon-reload
 	@echo "installed; start with: systemctl enable --now sandboxd"

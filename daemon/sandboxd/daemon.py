@@ -20,6 +20,7 @@ from sandboxd.control.janitor import Janitor
 from sandboxd.control.keepalive import Keepalive
 from sandboxd.control.leases import LeaseKeeper
 from sandboxd.control.localstate import LocalState
+from sandboxd.control.outbox import Outbox
 from sandboxd.control.reconciler import Reconciler
 from sandboxd.control.restore import Restorer
 from sandboxd.control.schedule import PoolSchedules
@@ -63,6 +64,9 @@ from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 5.0
 SHUTDOWN_TERMINATE_S = 3.0
+# At a stop, how long Redis may take to answer before the node's sandboxes are terminated
+# from its local registry instead (each sandbox's own stop is bounded by the provider).
+SHUTDOWN_REDIS_S = 2.0
 
 
 # The unit's RestartPreventExitStatus: restarting cannot fix a host that lacks protections.
@@ -85,6 +89,7 @@ class Wings:
 
     events: EventPublisher
     store: SandboxStore
+    outbox: Outbox
     specs: SpecSource
     terminator: Terminator
     restorer: Restorer
@@ -224,6 +229,7 @@ class Daemon:
                 identity=self._identity,
                 stop=self.stop,
                 on_lost=self._lease_lost,
+                custody=LocalState(self.config.journal_dir()),
             )
             if not await leadership.until_active():
                 return EXIT_WRONG_NODE if leadership.wrong_node else 0
@@ -240,8 +246,12 @@ class Daemon:
         leadership.activate()
         fence = leadership.fence
         fenced = FencedRedis.over(redis, fence)
+        # The node's own (local) sandboxes stay in this daemon's custody while the lease
+        # has only lapsed because Redis cannot be reached (`Leadership.check_local`); cloud
+        # sandboxes follow the lease strictly (another host may lead them by then).
         guarded: dict[str, Provider] = {
-            n: wrap(Guarded, p, fence.check) for n, p in providers.items()
+            n: wrap(Guarded, p, fence.check if n in CLOUD_PROVIDERS else leadership.check_local)
+            for n, p in providers.items()
         }
         # What this daemon manages: its node's providers; the cloud ones only as the leader.
         # Every loop gets this very dict, so leading later adds the cloud providers to all.
@@ -297,6 +307,7 @@ class Daemon:
         await wings.bridge.prepare()
         await wings.webhooks.prepare()  # their groups hold retention from now on
         sdnotify.status("adopting sandboxes")
+        await wings.outbox.flush()  # a stop during an outage: its records closed, not reaped
         await wings.restorer.check()  # Redis lost its data while we were away: put it back
         report = await adopt(wings.store, providers, wings.events)
         try:
@@ -316,10 +327,12 @@ class Daemon:
         claims = ClaimStore(redis, keys, maxlen=config.event_stream_maxlen)
         specs = SpecSource(SpecStore(redis, keys), events, config)
         terminator = Terminator(store, providers, events)
+        journal = LocalState(config.journal_dir())
+        outbox = Outbox(journal, store, events)
         restorer = Restorer(
             redis=redis,
             keys=keys,
-            journal=LocalState(config.journal_dir()),
+            journal=journal,
             events=events,
             providers=providers,
             instance=self.instance,
@@ -338,6 +351,7 @@ class Daemon:
             schedules=self.schedules,
             restorer=restorer,
             before_pass=hang_once(config.watchdog_hang_file) if config.watchdog_hang_file else None,
+            outbox=outbox,
         )
         monitor = HealthMonitor(
             config=config,
@@ -357,6 +371,14 @@ class Daemon:
             providers=providers,
             cloud=CLOUD_PROVIDERS,
         )
+
+        async def before_sweep() -> bool:
+            """What changed while Redis was away is written before the janitor judges the
+            records (a reaped sandbox's record is closed, not found `lost`); what Redis lost
+            is put back."""
+            await reconciler.write_late()
+            return await restorer.check()
+
         janitor = Janitor(
             store=store,
             providers=providers,
@@ -364,7 +386,7 @@ class Daemon:
             terminator=terminator,
             replace=reconciler.replace,
             interval_s=lambda: config.janitor_interval_s,
-            before_sweep=restorer.check,
+            before_sweep=before_sweep,
             put_back=restorer.put_back,
         )
         keepalive = Keepalive(store=store, specs=specs, providers=providers, events=events)
@@ -374,6 +396,7 @@ class Daemon:
         return Wings(
             events=events,
             store=store,
+            outbox=outbox,
             specs=specs,
             terminator=terminator,
             restorer=restorer,
@@ -580,6 +603,9 @@ class Daemon:
         )
 
     async def _shut_down(self, w: Wings) -> None:
+        """Terminate or keep the sandboxes (`on_shutdown`), whether Redis answers or not:
+        the node's sandboxes are found in its local registry, and what Redis should say
+        about them is written now, or by the next start if Redis cannot be reached."""
         lost = self.leadership.fence.lost if self.leadership else None
         if lost is not None:
             log.critical(
@@ -589,27 +615,109 @@ class Daemon:
         sdnotify.stopping(f"stopping ({self.config.on_shutdown} sandboxes)")
         terminated = kept = 0
         try:
-            records = await w.store.records()
             if self.config.on_shutdown == "terminate":
-                async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
-                    results = await asyncio.gather(
-                        *(w.terminator.terminate(r, "shutdown", *STATES) for r in records)
-                    )
-                terminated = sum(results)
+                terminated = await self._terminate_all(w)
             else:
-                kept = len(records)
-                await w.restorer.remember(records, w.specs.in_force, save=True)
-            await w.events.publish(
-                "daemon.stopping",
-                instance=self.instance,
-                on_shutdown=self.config.on_shutdown,
-                terminated=terminated,
-                kept=kept,
-            )
-            await w.heartbeat.clear()
-        except (RedisError, TimeoutError) as exc:
-            log.error("shutdown incomplete: %s", exc)
+                kept = await self._keep_all(w)
+        except LeaseLost as exc:  # another daemon of this host took the sandboxes meanwhile
+            log.critical("stopped: the node's lease is lost (%s); nothing more done", exc)
+            return
+        await self._say_stopping(w, terminated, kept)
         log.info("sandboxd stopped", extra={"terminated": terminated, "kept": kept})
+
+    async def _terminate_all(self, w: Wings) -> int:
+        """Every sandbox of the node: through its record while Redis answers, then whatever
+        the local registries still hold (all of them, when Redis cannot be reached)."""
+        terminated = 0
+        try:
+            async with asyncio.timeout(SHUTDOWN_REDIS_S):
+                records = await w.store.records()
+            async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
+                results = await asyncio.gather(
+                    *(w.terminator.terminate(r, "shutdown", *STATES) for r in records)
+                )
+            terminated = sum(results)
+        except (RedisError, TimeoutError) as exc:
+            log.warning(
+                "Redis unreachable at stop (%s): terminating the node's sandboxes from its "
+                "local registry; their records are closed when Redis answers",
+                exc,
+            )
+        return terminated + await self._terminate_registered(w)
+
+    async def _terminate_registered(self, w: Wings) -> int:
+        """What the node's local registries still hold: terminated, and kept in the outbox
+        for Redis (`sandbox.terminated`, reason `shutdown`, late)."""
+        known = w.restorer.known()
+        local = [p for n, p in w.terminator.providers.items() if n not in CLOUD_PROVIDERS]
+
+        ended: list[dict[str, Any]] = []  # in the order they ended
+
+        async def stop(provider: Provider, sandbox_id: str, pool: str) -> None:
+            try:
+                await provider.terminate(sandbox_id, {})
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                log.error("terminate at stop failed: %s", exc, extra={"sandbox": sandbox_id})
+                return
+            state = known.get(sandbox_id, {}).get("state", "unknown")
+            ended.append(
+                w.outbox.late(
+                    "sandbox.terminated",
+                    pool=pool,
+                    sandbox=sandbox_id,
+                    close=True,
+                    reason="shutdown",
+                    state=state,
+                )
+            )
+
+        try:
+            for provider in local:
+                found = await provider.list_sandboxes()
+                async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
+                    await asyncio.gather(*(stop(provider, s.id, s.pool) for s in found))
+                await provider.cleanup_leftovers(keep=set())  # half-made ones: no process left
+        except TimeoutError:
+            log.error("sandboxes still stopping %ss into the stop", SHUTDOWN_TERMINATE_S * 3)
+        finally:
+            await w.outbox.keep(ended)  # one write for all of them
+        return len(ended)
+
+    async def _keep_all(self, w: Wings) -> int:
+        try:
+            async with asyncio.timeout(SHUTDOWN_REDIS_S):
+                records = await w.store.records()
+                await w.restorer.remember(records, w.specs.in_force, save=True)
+            return len(records)
+        except (RedisError, TimeoutError) as exc:  # kept all the same: the journal has them
+            log.warning("Redis unreachable at stop (%s): the sandboxes are kept", exc)
+            local = [p for n, p in w.terminator.providers.items() if n not in CLOUD_PROVIDERS]
+            return sum([len(await p.list_sandboxes()) for p in local])
+
+    async def _say_stopping(self, w: Wings, terminated: int, kept: int) -> None:
+        """`daemon.stopping`, the outbox written and the heartbeat removed, if Redis answers
+        in time; else `daemon.stopping` waits in the outbox for the next start."""
+        data: dict[str, Any] = {
+            "instance": self.instance,
+            "on_shutdown": self.config.on_shutdown,
+            "terminated": terminated,
+            "kept": kept,
+        }
+        try:
+            async with asyncio.timeout(SHUTDOWN_REDIS_S):
+                await w.outbox.flush()
+                await w.events.publish("daemon.stopping", **data)
+        except (RedisError, TimeoutError) as exc:  # LeaseLapsed too: an outage
+            log.warning("Redis unreachable at stop (%s): written when it answers", exc)
+            await w.outbox.add("daemon.stopping", **data)
+            return
+        try:
+            async with asyncio.timeout(SHUTDOWN_REDIS_S):
+                await w.heartbeat.clear()
+        except (RedisError, TimeoutError) as exc:  # it expires by itself
+            log.warning("heartbeat not removed at stop: %s", exc)
 
 
 async def _first_of(*coros: Coroutine[Any, Any, Any]) -> None:

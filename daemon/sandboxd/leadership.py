@@ -26,9 +26,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sandboxd.config import Config
+from sandboxd.control.localstate import LocalState
 from sandboxd.outputs import sdnotify
 from sandboxd.outputs.heartbeat import beat_standby
-from sandboxd.store.fence import Fence, LeaseLost
+from sandboxd.store.fence import Fence, LeaseLapsed, LeaseLost
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import survive, why
 from sandboxd.store.ownership import Holder, Lease, Seen
@@ -54,6 +55,7 @@ class Leadership:
         identity: dict[str, Any],
         stop: asyncio.Event,
         on_lost: Callable[[str], None],
+        custody: LocalState | None = None,
     ):
         self._redis = redis  # unfenced: the leases check themselves
         self._config = config
@@ -72,6 +74,10 @@ class Leadership:
         self.role = "starting"
         self.leader_epoch = 0  # of the cloud lead, while this daemon holds it
         self.wrong_node: str | None = None  # why this daemon cannot stand in, if it cannot
+        # The host-local record of which daemon acts on the node's sandboxes (the state
+        # directory every daemon of this node on this host shares): see `check_local`.
+        self._custody = custody
+        self._reached = True  # every renewal of the lease keeper's round reached Redis
 
     # -- the standby ------------------------------------------------------------------------
 
@@ -225,6 +231,7 @@ class Leadership:
         lease = self.node
         assert lease.token is not None
         self.fence.hold(lease.key, lease.token, lease.ttl_s, lease.since)
+        self._take_custody()
         self.role = "active"
         log.info(
             "active for node %s at epoch %d",
@@ -247,6 +254,41 @@ class Leadership:
         )
         return True
 
+    # -- custody of the node's local sandboxes -----------------------------------------------
+
+    def _take_custody(self) -> None:
+        """Say, on this host, that this daemon acts on the node's sandboxes from now on."""
+        if self._custody is not None and self.node.token:
+            try:
+                self._custody.save_holder(self.node.token)
+            except OSError as exc:  # then `check_local` cannot vouch for it: no custody
+                log.error("could not record the node's holder locally: %s", exc)
+
+    def _in_custody(self) -> bool:
+        """Does this host's record still name this daemon as the one acting on the node's
+        sandboxes? (Any daemon that takes the lease after it rewrites it.)"""
+        if self._custody is None or not self.node.token:
+            return False
+        try:
+            return self._custody.holder() == self.node.token
+        except OSError:
+            return False
+
+    def check_local(self) -> None:
+        """The guard of the node's local sandboxes: the lease's (`Fence.check`), except
+        while the lease has only lapsed because Redis cannot be reached. Then nobody took
+        it through that Redis, and the only other daemons that could act on these
+        sandboxes are this host's (a standby shares the registry and the state directory):
+        one that took the lease since has rewritten the host's record. While the record
+        still names this daemon, it keeps acting on them (reaping the dead, a stop's
+        terminate); otherwise the lease is lost."""
+        try:
+            self.fence.check()
+        except LeaseLapsed:
+            if not self._in_custody():
+                self.fence.lose("another daemon of this host took over the node's sandboxes")
+                raise LeaseLost(self.fence.lost or "") from None
+
     @property
     def leading(self) -> bool:
         return self.leader.key in self.fence.held
@@ -260,13 +302,18 @@ class Leadership:
         """Renew the leases held; take the cloud lead when it is free and `may_lead()`
         (then `on_lead` adopts the cloud pools). Returns once a lease is lost."""
         ttl = self.node.ttl_s
+        lapsed = False  # said once per outage
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retake.wait(), ttl / 3)
             self._retake.clear()
+            self._reached = True  # until a renewal of this round fails to reach Redis
             for lease in [self.node, *([self.leader] if self.leading else [])]:
                 if not await self._renew(lease):
                     return
+            if self._reached and self.fence.cut_off:
+                log.warning("Redis answers again: the leases are held")
+                self.fence.cut_off = lapsed = False
             if not self.leading and may_lead():
                 try:
                     if await self.try_lead():
@@ -276,6 +323,17 @@ class Leadership:
                         raise
             try:
                 self.fence.check()
+            except LeaseLapsed as exc:  # Redis cannot be reached: renew at the next round
+                if not lapsed:
+                    lapsed = True
+                    log.warning(
+                        "lease lapsed, Redis unreachable (%s): the node's sandboxes stay in "
+                        "this daemon's custody; writes wait for Redis",
+                        exc,
+                        extra={"node": self._config.node},
+                    )
+                    sdnotify.status(f"cut off from Redis: node {self._config.node} in custody")
+                continue
             except LeaseLost:
                 return
 
@@ -284,7 +342,9 @@ class Leadership:
         try:
             async with asyncio.timeout(lease.ttl_s / 3):  # a hung connection is no excuse
                 result = await lease.renew()
-                if result == "vacant" and time.monotonic() < lease.since + lease.ttl_s:
+                if result == "vacant" and (
+                    time.monotonic() < lease.since + lease.ttl_s or self._may_retake(lease)
+                ):
                     result = await self._retake_lease(lease)
             if result != "renewed":
                 why_lost = {"taken": "taken over by another daemon", "vacant": "expired"}
@@ -294,15 +354,29 @@ class Leadership:
         except (RedisError, OSError, TimeoutError) as exc:
             if not isinstance(exc, TimeoutError) and not survive(exc):
                 raise
-            log.warning("lease %s not renewed, %s: %s", lease.key, why(exc), exc)
+            if not self.fence.cut_off:
+                log.warning("lease %s not renewed, %s: %s", lease.key, why(exc), exc)
+            self.fence.cut_off = True
+            self._reached = False
         return True
 
+    def _may_retake(self, lease: Lease) -> bool:
+        """A lease that ran out while Redis could not be reached is taken again if it is
+        still vacant (nobody took it meanwhile, or whoever did has given it back: the new
+        epoch fences anything older) and, for the node's, if no daemon of this host has
+        taken over its sandboxes meanwhile. Cloud actions stopped while it had lapsed."""
+        return self.fence.cut_off and (lease is not self.node or self._in_custody())
+
     async def _retake_lease(self, lease: Lease) -> str:
-        """The lease vanished while held in time: Redis lost its data. Take it again."""
+        """The lease vanished while held in time (Redis lost its data), or ran out while
+        Redis could not be reached (`_may_retake`): take it again."""
         if not await lease.try_acquire():
             return "taken"
+        if lease is self.node:
+            self._take_custody()
         log.warning(
-            "lease %s was gone from Redis (data lost?): taken again at epoch %d",
+            "lease %s was gone from Redis (data lost, or it ran out while Redis was "
+            "unreachable): taken again at epoch %d",
             lease.key,
             lease.epoch,
             extra={"node": self._config.node, "epoch": lease.epoch},
@@ -312,7 +386,7 @@ class Leadership:
     async def release(self) -> None:
         """A clean stop: give both leases back (the standby need not wait for the TTL)."""
         if self.fence.lost is None:
-            with contextlib.suppress(RedisError, OSError):
-                await self.leader.release()
-            with contextlib.suppress(RedisError, OSError):
-                await self.node.release()
+            for lease in (self.leader, self.node):
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(1.0):  # Redis away: it runs out by itself
+                        await lease.release()

@@ -24,6 +24,10 @@ lab_dropin() {  # lab_dropin NAME LINES...: the same drop-in for the unit and th
     printf '%s\n' '[Service]' "${@:2}" > "/etc/systemd/system/$unit.d/$1.conf"
   done
 }
+# The checkout's code, also when its .venv is another checkout's (a git worktree sharing
+# one venv): the same directory the venv's editable install names in a plain checkout.
+export PYTHONPATH="$CHECKOUT/daemon"
+lab_dropin checkout-code "Environment=PYTHONPATH=$CHECKOUT/daemon"
 if (( ${#hidden[@]} )); then
   lab_dropin hidden-paths ProtectHome=tmpfs "BindReadOnlyPaths=${hidden[*]}"
 fi

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.support import apply
+from tests.support import apply, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT.parent / "shared" / "tools" / "systemd-lab"
@@ -175,3 +175,43 @@ async def test_a_killed_active_unit_is_replaced_by_its_standby_and_comes_back_as
 
     assert (results["stop_standby_rc"], results["stop_active_rc"]) == (0, 0)
     assert results["agents_after_stop"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_stopping_redis_and_sandboxd_leaves_no_sandbox_in_one_transaction_or_redis_first():
+    """Issue 21: a local Redis unit (redis-lab.service), sandboxd ordered after it by the
+    drop-in of systemd/after-redis.sh; pools of 3."""
+    results = run_lab("redis_down.sh", f"redis://127.0.0.1:{free_port()}/0")
+    assert "redis-lab.service" in results["after"].split()
+    assert "redis-lab.service" in results["wants"].split()
+
+    # one transaction (a shutdown): sandboxd stopped (every record closed) before Redis
+    assert (results["start1_rc"], results["agents_before1"]) == (0, 3)
+    assert (results["stop1_rc"], results["agents_after1"]) == (0, 0)
+    order = [line.split(" - ")[0] for line in results["order1"].splitlines()]
+    assert order == [
+        "Stopping sandboxd.service",
+        "Stopped sandboxd.service",
+        "Stopping redis-lab.service",
+        "Stopped redis-lab.service",
+    ]
+
+    # `systemctl stop redis-lab sandboxd`: in whichever order systemd runs the two jobs
+    assert (results["start3_rc"], results["agents_before3"]) == (0, 3)
+    assert (results["stop3_rc"], results["agents_after3"]) == (0, 0)
+
+    # Redis stopped first, for longer than the lease: still no sandbox left, in time
+    assert (results["start2_rc"], results["agents_before2"]) == (0, 3)
+    assert (results["redis_stop2_rc"], results["stop2_rc"]) == (0, 0)
+    assert (results["agents_after2"], results["registry_after2"]) == (0, 0)
+    assert results["result2"] == "success" and results["stop2_seconds"] < 15  # TimeoutStopSec=
+    assert results["lapsed2_rc"] == 0  # the daemon outlived its lease, cut off from Redis
+    # what Redis should say waits in the outbox for the next start: flagged, in order
+    outbox = results["outbox_after2"]
+    assert [e["type"] for e in outbox] == ["sandbox.terminated"] * 3 + ["daemon.stopping"]
+    assert all(e["late"] for e in outbox)
+    assert {e["reason"] for e in outbox[:3]} == {"shutdown"}
+    messages = [entry["message"] for entry in journal_entries(results["journal"])]
+    unreachable = [m for m in messages if m.startswith("Redis unreachable at stop")]
+    assert 2 <= len(unreachable) <= 4  # the last stop (and the second, if Redis went first)
+    assert messages.count("sandboxd stopped") == 3 and messages[-1] == "sandboxd stopped"

@@ -12,7 +12,8 @@
   lists, adopting or reaping; `leases` expires claims; `keepalive` keeps E2B sandboxes alive
   while they are wanted;
 - `repair` quarantines damaged records; `restore` and `localstate` put Redis back after it
-  lost its data.
+  lost its data; `outbox` keeps what the node changed while Redis could not be reached
+  (records closed, events flagged `late`) and writes it, in order and once, when it answers.
 
 Control imports the model, the store and the providers; never the client, the CLI, health
 or outputs.

@@ -41,11 +41,12 @@ class LocalState:
         if stat.S_IMODE(info.st_mode) != 0o700:
             os.chmod(self.directory, 0o700)
 
-    def _write(self, name: str, data: Any) -> bool:
-        """Write `data` as JSON unless the file already holds exactly that; True if written."""
+    def _write(self, name: str, data: Any, *, always: bool = False) -> bool:
+        """Write `data` as JSON unless the file already holds exactly that (as far as this
+        object wrote it; `always`: another process may write it too); True if written."""
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if self._written.get(name) == digest:
+        if self._written.get(name) == digest and not always:
             return False
         self._ensure()
         path = self.directory / name
@@ -105,6 +106,28 @@ class LocalState:
             return None
         self._spec_revision = data["revision"]
         return data["revision"], data["document"]
+
+    def save_holder(self, token: str) -> None:
+        """The token of the daemon that acts on this node's sandboxes now (`holder.json`):
+        written by every daemon that takes the node's lease, read by one that lost touch
+        with Redis before it acts on a sandbox (`daemon.Custody`)."""
+        self._write("holder.json", {"token": token}, always=True)
+
+    def holder(self) -> str | None:
+        data = self._read("holder.json")
+        token = data.get("token") if isinstance(data, dict) else None
+        return token if isinstance(token, str) else None
+
+    def save_outbox(self, entries: list[dict[str, Any]]) -> None:
+        """What this node changed while Redis could not be reached, in order
+        (`outbox.json`; see control/outbox.py)."""
+        self._write("outbox.json", entries, always=True)
+
+    def load_outbox(self) -> list[dict[str, Any]]:
+        data = self._read("outbox.json")
+        if not isinstance(data, list):
+            return []
+        return [e for e in data if isinstance(e, dict)]
 
     def save_records(self, records: dict[str, dict[str, str]]) -> bool:
         """The node's records, by id, as the fields of their Redis hashes."""

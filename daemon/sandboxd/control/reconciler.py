@@ -1,6 +1,7 @@
 """The level-triggered control loop: make what runs match the spec in force."""
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -11,6 +12,7 @@ from redis.exceptions import RedisError
 
 from sandboxd.config import Config
 from sandboxd.control.creator import Creator
+from sandboxd.control.outbox import Outbox
 from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan
 from sandboxd.control.recycler import Recycler
 from sandboxd.control.repair import Healer, Quarantine
@@ -19,11 +21,12 @@ from sandboxd.control.restore import Restorer
 from sandboxd.control.schedule import Change, PoolSchedules
 from sandboxd.control.specsource import SpecSource
 from sandboxd.control.terminator import Terminator
-from sandboxd.providers import Provider
+from sandboxd.providers import CLOUD_PROVIDERS, Provider
 from sandboxd.providers.base import Capped
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
-from sandboxd.store.events import EventPublisher
+from sandboxd.store.events import Event, EventPublisher
+from sandboxd.store.fence import LeaseLost
 from sandboxd.store.loops import cancelling, survive, why
 from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, wrong_type
 
@@ -61,8 +64,10 @@ class Reconciler:
         schedules: PoolSchedules | None = None,
         restorer: "Restorer | None" = None,
         before_pass: Callable[[], Awaitable[None]] | None = None,
+        outbox: Outbox | None = None,
     ):
         self._config = config
+        self._outbox = outbox  # what changed while Redis could not be reached
         self._restorer = restorer  # puts back what Redis lost; remembers what it holds
         self._before_pass = before_pass  # a chaos test's hook (providers/faults.py), or None
         self._store = store
@@ -158,6 +163,70 @@ class Reconciler:
             if not survive(exc):
                 raise
             log.warning("reconcile pass failed, %s: %s", why(exc), exc)
+            await self.reap_offline()
+
+    async def reap_offline(self) -> list[str]:
+        """Redis cannot be reached: the liveness check of the node's own sandboxes goes on
+        without it. A sandbox of the last pass whose processes are gone (the provider's
+        registry says so, never a record) is stopped and freed from the registry now; its
+        record is closed and `sandbox.terminated` (reason `died`, `late`) published when
+        Redis answers (the outbox), and then the pool replaces it like any dead sandbox.
+        No replacement is made before: creates write their record first, and a sandbox can
+        only be claimed through Redis anyway."""
+        if self._outbox is None or self._restorer is None:
+            return []
+        reaped = []
+        for sandbox_id, fields in self._restorer.known().items():
+            provider = self._providers.get(fields.get("provider", ""))
+            if (
+                provider is None
+                or provider.name in CLOUD_PROVIDERS  # a cloud API may just be unreachable
+                or fields.get("state") not in ("ready", "claimed", "released")
+                or sandbox_id in self.creator.inflight
+                or self._handling(sandbox_id)
+                or await provider.is_alive(sandbox_id, _handle(fields))
+            ):
+                continue
+            try:
+                await provider.terminate(sandbox_id, _handle(fields))
+            except LeaseLost:
+                raise
+            except Exception as exc:  # tried again at the next tick
+                log.warning("dead sandbox not stopped: %s", exc, extra={"sandbox": sandbox_id})
+                continue
+            self._restorer.forget(sandbox_id)
+            pool, state = fields.get("pool", ""), fields.get("state", "")
+            await self._outbox.add(
+                "sandbox.terminated",
+                pool=pool,
+                sandbox=sandbox_id,
+                close=True,
+                reason=provider.gone_reason,
+                state=state,
+                detail=GONE_DETAIL[provider.gone_reason],
+            )
+            log.warning(
+                "sandbox died while Redis is unreachable: stopped; its record is closed "
+                "when Redis answers",
+                extra={"sandbox": sandbox_id, "pool": pool, "state": state},
+            )
+            reaped.append(sandbox_id)
+        return reaped
+
+    async def write_late(self) -> None:
+        """Write what changed while Redis could not be reached, before anything reads the
+        records; the ready sandboxes that died meanwhile are replaced as recoveries."""
+        if self._outbox is None or not self._outbox.pending:
+            return
+        for event in await self._outbox.flush():
+            if _died_ready(event):
+                await self.recoveries.begin_for(
+                    event.pool,
+                    event.sandbox,
+                    "ready",
+                    event.data["reason"],
+                    "while Redis could not be reached: " + str(event.data.get("detail", "")),
+                )
 
     async def _wrong_type(self, exc: RedisError) -> None:
         """A key of ours holds another type (not an outage): replace it, pass again."""
@@ -177,6 +246,7 @@ class Reconciler:
         self._wake.clear()
         if self._before_pass is not None:
             await self._before_pass()
+        await self.write_late()
         generation = None
         if self._restorer is not None:
             await self._restorer.check()
@@ -390,3 +460,19 @@ class Reconciler:
     ) -> bool:
         """Take the sandbox out of circulation (if still in `states`), stop it, close it."""
         return await self._terminator.terminate(record, reason, *states, **data)
+
+
+def _handle(fields: dict[str, str]) -> dict[str, Any]:
+    try:
+        handle = json.loads(fields.get("handle") or "{}")
+    except ValueError:
+        return {}
+    return handle if isinstance(handle, dict) else {}
+
+
+def _died_ready(event: Event) -> bool:
+    return (
+        event.type == "sandbox.terminated"
+        and event.data.get("reason") in GONE_DETAIL
+        and event.data.get("state") == "ready"
+    )

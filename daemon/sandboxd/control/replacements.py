@@ -28,16 +28,21 @@ class Recoveries:
         self._pending: dict[str, deque[Pending]] = {}
 
     async def begin(self, record: SandboxRecord, reason: str, detail: str = "") -> None:
+        await self.begin_for(record.pool, record.id, record.state, reason, detail)
+
+    async def begin_for(
+        self, pool: str, sandbox_id: str, state: str, reason: str, detail: str = ""
+    ) -> None:
         await self._events.publish(
             "recovery.started",
-            pool=record.pool,
-            sandbox=record.id,
+            pool=pool,
+            sandbox=sandbox_id,
             reason=reason,
             detail=detail,
-            state=record.state,
+            state=state,
         )
-        queue = self._pending.setdefault(record.pool, deque(maxlen=MAX_PENDING))
-        queue.append(Pending(record.id, reason, time.monotonic()))
+        queue = self._pending.setdefault(pool, deque(maxlen=MAX_PENDING))
+        queue.append(Pending(sandbox_id, reason, time.monotonic()))
 
     def take(self, pool: str) -> Pending | None:
         """The oldest recovery of the pool still waiting for a replacement."""

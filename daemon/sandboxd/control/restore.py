@@ -111,6 +111,15 @@ class Restorer:
             self._saved_shape = shape
             await self.save()
 
+    def known(self) -> dict[str, dict[str, str]]:
+        """The records of the last pass (or of the journal at start), by id."""
+        return dict(self._records)
+
+    def forget(self, sandbox_id: str) -> None:
+        """A sandbox this daemon stopped while Redis could not be reached: nothing to put
+        back, nothing to reap twice."""
+        self._records.pop(sandbox_id, None)
+
     async def put_back(self, sandbox_id: str) -> bool:
         """Write back one record the journal has and Redis lost (a DEL, a partial loss that
         left the marker), if its sandbox still runs. True if it did: not a leak then."""

@@ -17,6 +17,10 @@ class Terminator:
         self._events = events
         self.running: set[str] = set()  # ids being stopped by this process right now
 
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return self._providers
+
     async def terminate(
         self, record: SandboxRecord, reason: str, *states: SandboxState, **data: Any
     ) -> bool:

@@ -30,7 +30,8 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     ),
     "daemon.stopping": (
         "the daemon is shutting down",
-        "instance, on_shutdown, terminated, kept",
+        "instance, on_shutdown, terminated, kept, late (true: Redis could not be reached at "
+        "the stop; written by the next start, `time` is the stop's)",
     ),
     "spec.applied": (
         "the daemon put a spec revision in force",
@@ -76,7 +77,9 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "reason (scaled_down, drained, died, timeout, orphan, interrupted, shutdown, "
         "create_failed, released, lease_expired, reset_failed, unhealthy, idle_ttl, "
         "stuck_creating, lost, spec_changed), state, error (reset_failed), detail (died, "
-        "unhealthy), claimant and claim_id (a claimed sandbox ended by timeout or health)",
+        "unhealthy), claimant and claim_id (a claimed sandbox ended by timeout or health), "
+        "late (true: ended while Redis could not be reached, by a stop or a death; written, "
+        "with the record's closing, when it answered again; `time` is when it ended)",
     ),
     "sandbox.leaked": (
         "the janitor found a sandbox of ours that Redis has no record of, and terminated it",

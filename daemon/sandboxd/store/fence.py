@@ -79,6 +79,16 @@ class LeaseVacant(RedisConnectionError):
     loops are concerned (they retry); the lease keeper takes the lease again at once."""
 
 
+class LeaseLapsed(RedisConnectionError):
+    """The lease ran out on this host's clock while Redis could not be reached (every
+    renewal since the last one failed to connect or timed out, none was refused): nobody
+    can have taken it through a Redis this daemon cannot reach, but nothing proves that
+    either. Writes wait (an outage as far as the loops are concerned); the lease keeper
+    takes the lease again when Redis answers and it is vacant, and loses it if it is held
+    by another daemon. Local sandboxes stay in this daemon's custody meanwhile (see
+    `daemon.py`, `Custody`)."""
+
+
 class LeaseLost(Exception):
     """This daemon no longer holds a lease it acts under: it must stop acting at once.
     Not a RedisError on purpose (loops that outlive Redis errors must not retry it)."""
@@ -102,6 +112,9 @@ class Fence:
     ):
         self.held: dict[str, Held] = {}
         self.lost: str | None = None
+        # Every renewal since the last good one failed to reach Redis (none was refused):
+        # a lease past its deadline then lapses instead of being lost.
+        self.cut_off = False
         self._on_lost = on_lost
         self._on_vacant = on_vacant
 
@@ -114,15 +127,31 @@ class Fence:
             held.valid_until = since + held.ttl_s
 
     def check(self) -> None:
-        """Raise LeaseLost if a lease is lost or past its deadline on this host's clock."""
+        """Raise LeaseLost if a lease is lost or past its deadline on this host's clock;
+        LeaseLapsed if it is past its deadline because Redis could not be reached."""
         if self.lost is None:
             now = time.monotonic()
             for held in self.held.values():
                 if now >= held.valid_until:
+                    if self.cut_off:
+                        raise LeaseLapsed(
+                            f"{held.key} lapsed here: not renewed within {held.ttl_s}s, "
+                            "Redis unreachable"
+                        )
                     self.lose(f"{held.key} expired here (not renewed within {held.ttl_s}s)")
                     break
         if self.lost is not None:
             raise LeaseLost(self.lost)
+
+    def lapsed(self) -> bool:
+        """Is a lease past its deadline while Redis cannot be reached (see LeaseLapsed)?"""
+        try:
+            self.check()
+        except LeaseLapsed:
+            return True
+        except LeaseLost:
+            return False
+        return False
 
     def lose(self, reason: str) -> None:
         if self.lost is None:

@@ -73,6 +73,11 @@ class Keys:
         """`<epoch>:<instance>` of the daemon acting for `node`; expires unless renewed."""
         return f"{self.prefix}:node:{node}:lease"
 
+    def late_done(self, event_id: str) -> str:
+        """Marker (expires after LATE_DONE_S) that a change made while Redis could not be
+        reached (an event, maybe a record closed) was written: it is written only once."""
+        return f"{self.prefix}:late:{event_id}"
+
     def node_epoch(self, node: str) -> str:
         """Counter: the node's fencing epoch, incremented at every acquisition of its lease."""
         return f"{self.prefix}:node:{node}:epoch"

@@ -70,6 +70,7 @@ def start(
         str(directory / "redis.log"),
         "--daemonize",
         "yes" if daemonize else "no",
+        *extra_args,
     ]
     if daemonize:
         subprocess.run(argv, check=True)

@@ -103,6 +103,25 @@ redis.call('HSET', KEYS[1], 'agent_seq', ARGV[1])
 return 1
 """
 
+# KEYS: done marker, record, id set, pool members, ready list, leases, logs, events.
+# ARGV: marker ttl s, logs kept s, events maxlen, sandbox id ('' = no record to close),
+# event fields... A change made while Redis could not be reached, written once (the
+# marker), with its event, in one step: replaying it after a crash duplicates nothing.
+_LATE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+if ARGV[4] ~= '' then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[4])
+  redis.call('SREM', KEYS[4], ARGV[4])
+  redis.call('LREM', KEYS[5], 0, ARGV[4])
+  redis.call('ZREM', KEYS[6], ARGV[4])
+  redis.call('EXPIRE', KEYS[7], ARGV[2])
+end
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+return 1
+"""
+LATE_DONE_S = 7 * 24 * 3600  # how long a late change's marker guards against a replay
+
 
 class SandboxRecord(BaseModel):
     """`<prefix>:sandbox:<id>` — what sandboxd knows about one sandbox."""
@@ -257,6 +276,7 @@ class SandboxStore:
         self._read = redis.register_script(_READ)
         self._set_health = redis.register_script(_SET_HEALTH)
         self._agent_news = redis.register_script(_AGENT_NEWS)
+        self._late = redis.register_script(_LATE)
 
     @property
     def redis(self) -> Redis:
@@ -447,3 +467,23 @@ class SandboxStore:
         ]
         args = [seq, events_maxlen, logs_maxlen, json.dumps(flat), json.dumps(lines)]
         return bool(await self._agent_news(keys=keys, args=args))
+
+    async def write_late(
+        self, event: Event, *, close: str = "", pool: str = "", maxlen: int = 100_000
+    ) -> bool:
+        """Write a change made while Redis could not be reached: close the record of
+        `close` (of `pool`), if any, and append `event`, unless this event was written
+        before (its id's marker). True if written now."""
+        keys = [
+            self._keys.late_done(event.id),
+            self._keys.sandbox(close),
+            self._keys.sandboxes,
+            self._keys.pool_members(pool),
+            self._keys.pool_ready(pool),
+            self._keys.leases,
+            self._keys.sandbox_logs(close),
+            self._keys.events,
+        ]
+        args = [LATE_DONE_S, LOGS_KEPT_S, maxlen, close]
+        args += [x for pair in event.to_fields().items() for x in pair]
+        return bool(await self._late(keys=keys, args=args))
