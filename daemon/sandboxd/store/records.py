@@ -104,7 +104,7 @@ return 1
 """
 
 # KEYS: done marker, record, id set, pool members, ready list, leases, logs, events.
-# ARGV: marker ttl s, logs kept s, events maxlen, sandbox id ('' = no record to close),
+# ARGV: marker ttl s, logs kept s, events maxlen (unused: retention trims), sandbox id ('' = no record to close),
 # event fields... A change made while Redis could not be reached, written once (the
 # marker), with its event, in one step: replaying it after a crash duplicates nothing.
 _LATE = """
@@ -117,7 +117,7 @@ if ARGV[4] ~= '' then
   redis.call('ZREM', KEYS[6], ARGV[4])
   redis.call('EXPIRE', KEYS[7], ARGV[2])
 end
-redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+redis.call('XADD', KEYS[8], '*', unpack(ARGV, 5))  -- the daemon's retention trims
 return 1
 """
 LATE_DONE_S = 7 * 24 * 3600  # how long a late change's marker guards against a replay
