@@ -645,7 +645,7 @@ async def _start(request: dict, base_env: dict, reader, writer) -> None:
     pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
     try:
         if master is not None:
-            _set_size(master, dict(pty_size))
+            _set_size(master, pty_size or {})
         with RUNNING.starting():
             proc = await asyncio.create_subprocess_exec(
                 *argv,
