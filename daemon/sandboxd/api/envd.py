@@ -22,7 +22,7 @@ GET /files (download), POST /files (multipart upload), GET /health. Not served (
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,14 @@ ENVD_PORT = 49983
 MAX_UPLOAD = 32 * 1024 * 1024  # one file: the agent's JSON line carries it in base64
 MAX_LIST_DEPTH = 64  # ListDir: the SDK asks for 1 or a few; a huge depth would busy the agent
 PE = process_pb.ProcessEvent
+WDR = filesystem_pb.WatchDirResponse
+EVENT_TYPES = {
+    "create": filesystem_pb.EventType.CREATE,
+    "write": filesystem_pb.EventType.WRITE,
+    "remove": filesystem_pb.EventType.REMOVE,
+    "rename": filesystem_pb.EventType.RENAME,
+    "chmod": filesystem_pb.EventType.CHMOD,
+}
 FILE_TYPES = {
     "file": filesystem_pb.FileType.FILE,
     "dir": filesystem_pb.FileType.DIRECTORY,
@@ -65,6 +73,8 @@ CODES = {
     "is_dir": Code.INVALID_ARGUMENT,
     "invalid": Code.INVALID_ARGUMENT,
     "denied": Code.PERMISSION_DENIED,
+    "exhausted": Code.RESOURCE_EXHAUSTED,  # watchers or followers: a bound reached
+    "overflow": Code.INTERNAL,  # a watcher lost events (envd's watcher error too)
     "unreachable": Code.UNAVAILABLE,
 }
 STATUSES = {"not_found": 404, "is_dir": 400, "not_dir": 400, "invalid": 400, "denied": 403}
@@ -112,8 +122,7 @@ class Envd:
         self.local_root = local_root
 
     async def target(self, headers: Mapping[str, str]) -> Target:
-        sandbox_id = _sandbox_id(headers)
-        port = headers.get("e2b-sandbox-port")
+        sandbox_id, port = _sandbox_id(headers)
         if port and port != str(ENVD_PORT):
             raise Refused(502, f"port {port} of sandbox {sandbox_id} is not served by sandboxd")
         try:
@@ -141,14 +150,15 @@ class Envd:
             raise Refused(502, f"The sandbox {entry.e2b_id} is not reachable") from None
 
 
-def _sandbox_id(headers: Mapping[str, str]) -> str:
-    """`E2b-Sandbox-Id`, else the host name's first label `<port>-<sandbox id>`."""
+def _sandbox_id(headers: Mapping[str, str]) -> tuple[str, str | None]:
+    """The sandbox and port asked for: `E2b-Sandbox-Id` and `E2b-Sandbox-Port`, else the
+    host name's first label `<port>-<sandbox id>`."""
     found = headers.get("e2b-sandbox-id")
     if found:
-        return found
+        return found, headers.get("e2b-sandbox-port")
     label = (headers.get("host") or "").split(":")[0].split(".")[0]
     port, _, sandbox_id = label.partition("-")
-    return sandbox_id if port.isdigit() else ""
+    return (sandbox_id, port) if port.isdigit() else ("", None)
 
 
 def _failed(exc: AgentError) -> ConnectError:
@@ -169,41 +179,44 @@ class ProcessService(Process):
         self.envd = envd
 
     async def start(self, request: Any, ctx: Any) -> AsyncIterator[process_pb.StartResponse]:
+        """A command as envd runs it: it outlives this stream (Connect follows it again),
+        and ends at the call's deadline (`Connect-Timeout-Ms`, the SDK's `timeout`)."""
         target = await _target(self.envd, ctx)
-        if request.pty is not None:
-            raise ConnectError(Code.UNIMPLEMENTED, "PTYs are not served by sandboxd")
         config = request.process or process_pb.ProcessConfig()
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
+        pty = None
+        if request.pty is not None:
+            size = request.pty.size or process_pb.PTY.Size()
+            pty = {"rows": size.rows, "cols": size.cols}
         # The claim's envVars (late binding: the warm sandbox stays warm), then the call's.
         env = {**target.entry.env_vars, **dict(config.envs)}
-        stream = target.agent.stream(
+        timeout_ms = ctx.timeout_ms
+        events = target.agent.start(
             [config.cmd, *config.args],
             env=env,
             cwd=config.cwd or None,
-            stdin_open=bool(request.stdin),
+            timeout=timeout_ms / 1000 if timeout_ms is not None else None,
+            stdin_open=bool(request.stdin) and pty is None,
             tag=request.tag if request.tag else None,
+            pty=pty,
         )
-        try:
-            async for event, value in stream:
-                if event == "started":
-                    yield _event(Oneof("start", PE.StartEvent(pid=value)))
-                elif event in ("stdout", "stderr"):
-                    output: Any = Oneof(event, value)
-                    yield _event(Oneof("data", PE.DataEvent(output=output)))
-                else:
-                    code, timed_out = value
-                    end = PE.EndEvent(
-                        exit_code=code,
-                        exited=True,
-                        status=f"exit status {code}",
-                        error="timed out" if timed_out else None,
-                    )
-                    yield _event(Oneof("end", end))
-        except AgentError as exc:
-            raise _failed(exc) from None
-        finally:
-            await stream.aclose()  # an early end (the client went away) kills the command
+        async for event in _process_events(events):
+            yield process_pb.StartResponse(event=event)
+
+    async def connect(self, request: Any, ctx: Any) -> AsyncIterator[process_pb.ConnectResponse]:
+        """Follow a command Start started, in this sandbox only (its own agent): output from
+        now on, then its end; one that ended within 30 s answers its start and end."""
+        target = await _target(self.envd, ctx)
+        selector = request.process.selector if request.process is not None else None
+        if selector is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a process selector is required")
+        if selector.field == "pid":
+            events = target.agent.attach(pid=int(selector.value))
+        else:
+            events = target.agent.attach(tag=str(selector.value))
+        async for event in _process_events(events):
+            yield process_pb.ConnectResponse(event=event)
 
     async def list(self, request: Any, ctx: Any) -> process_pb.ListResponse:
         target = await _target(self.envd, ctx)
@@ -246,10 +259,14 @@ class ProcessService(Process):
     async def send_input(self, request: Any, ctx: Any) -> process_pb.SendInputResponse:
         target = await _target(self.envd, ctx)
         given = request.input.input if request.input is not None else None
-        if given is None or given.field != "stdin":
-            raise ConnectError(Code.UNIMPLEMENTED, "only stdin input is served (no PTYs)")
+        if given is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, "input is required")
         try:
-            await target.agent.send_input(await self._pid(target, request.process), given.value)
+            pid = await self._pid(target, request.process)
+            if given.field == "pty":
+                await target.agent.tty_input(pid, given.value)
+            else:
+                await target.agent.send_input(pid, given.value)
         except AgentError as exc:
             raise _failed(exc) from None
         return process_pb.SendInputResponse()
@@ -262,19 +279,48 @@ class ProcessService(Process):
             raise _failed(exc) from None
         return process_pb.CloseStdinResponse()
 
-    async def connect(self, request: Any, ctx: Any) -> AsyncIterator[Any]:
-        raise ConnectError(Code.UNIMPLEMENTED, "reconnecting to a process is not served yet")
-        yield  # pragma: no cover - a server stream
-
-    async def update(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "PTYs are not served by sandboxd")
+    async def update(self, request: Any, ctx: Any) -> process_pb.UpdateResponse:
+        """A PTY's new size (the SDK's `pty.resize`)."""
+        target = await _target(self.envd, ctx)
+        if request.pty is None or request.pty.size is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, "pty.size is required")
+        size = request.pty.size
+        try:
+            pid = await self._pid(target, request.process)
+            await target.agent.resize(pid, size.rows, size.cols)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return process_pb.UpdateResponse()
 
     async def stream_input(self, request: Any, ctx: Any) -> Any:
         raise ConnectError(Code.UNIMPLEMENTED, "streamed input is not served yet: send_stdin")
 
 
-def _event(event: Oneof) -> process_pb.StartResponse:
-    return process_pb.StartResponse(event=PE(event=event))
+async def _process_events(events: AsyncGenerator[tuple[str, Any], None]) -> AsyncIterator[Any]:
+    """The agent's events of a command as envd's ProcessEvents. Closing this early (the
+    client went away) leaves the command running, as envd's."""
+    try:
+        async for event, value in events:
+            one: Any  # (a Oneof: its field name is typed as a Literal)
+            if event == "started":
+                one = Oneof("start", PE.StartEvent(pid=value))
+            elif event in ("stdout", "stderr", "pty"):
+                output: Any = Oneof(event, value)
+                one = Oneof("data", PE.DataEvent(output=output))
+            else:
+                code, timed_out = value
+                end = PE.EndEvent(
+                    exit_code=code,
+                    exited=True,
+                    status=f"exit status {code}",
+                    error="timed out" if timed_out else None,
+                )
+                one = Oneof("end", end)
+            yield PE(event=one)
+    except AgentError as exc:
+        raise _failed(exc) from None
+    finally:
+        await events.aclose()
 
 
 def _entry(found: dict[str, Any]) -> filesystem_pb.EntryInfo:
@@ -295,7 +341,7 @@ def _entry(found: dict[str, Any]) -> filesystem_pb.EntryInfo:
 
 
 class FilesystemService(Filesystem):
-    """filesystem.Filesystem, carried to the sandbox's agent (no watchers)."""
+    """filesystem.Filesystem, carried to the sandbox's agent."""
 
     def __init__(self, envd: Envd):
         self.envd = envd
@@ -342,17 +388,54 @@ class FilesystemService(Filesystem):
         return filesystem_pb.RemoveResponse()
 
     async def watch_dir(self, request: Any, ctx: Any) -> AsyncIterator[Any]:
-        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
-        yield  # pragma: no cover - a server stream
+        """The async SDK's `watch_dir`: a start event once the watch is set, then each event;
+        the watch (inotify, in the agent) ends with the stream."""
+        target = await _target(self.envd, ctx)
+        events = target.agent.watch(request.path, bool(request.recursive))
+        try:
+            async for batch in events:
+                one: Any  # (a Oneof: its field name is typed as a Literal)
+                if not batch:
+                    one = Oneof("start", WDR.StartEvent())
+                    yield WDR(event=one)
+                for found in batch:
+                    one = Oneof("filesystem", _fs_event(found))
+                    yield WDR(event=one)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        finally:
+            await events.aclose()
 
     async def create_watcher(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+        """The sync SDK's `watch_dir`: a watcher in the agent holds the events (bounded)
+        until GetWatcherEvents; RemoveWatcher (or the sandbox's release) ends it."""
+        target = await _target(self.envd, ctx)
+        try:
+            watcher_id = await target.agent.watcher_add(request.path, bool(request.recursive))
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return filesystem_pb.CreateWatcherResponse(watcher_id=watcher_id)
 
     async def get_watcher_events(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+        target = await _target(self.envd, ctx)
+        try:
+            found = await target.agent.watcher_events(request.watcher_id)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return filesystem_pb.GetWatcherEventsResponse(events=[_fs_event(e) for e in found])
 
     async def remove_watcher(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "watching directories is not served yet")
+        target = await _target(self.envd, ctx)
+        try:
+            await target.agent.watcher_remove(request.watcher_id)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return filesystem_pb.RemoveWatcherResponse()
+
+
+def _fs_event(found: dict[str, str]) -> filesystem_pb.FilesystemEvent:
+    kind = EVENT_TYPES.get(found.get("type", ""), filesystem_pb.EventType.UNSPECIFIED)
+    return filesystem_pb.FilesystemEvent(name=str(found.get("name", "")), type=kind)
 
 
 def _http_failure(exc: AgentError) -> JSONResponse:

@@ -810,7 +810,7 @@ class Watcher:
 
     def _add(self, path: str, flags: int) -> None:
         if len(self.dirs) >= MAX_WATCH_DIRS:
-            raise WatchOverflow(f"more than {MAX_WATCH_DIRS} directories to watch")
+            raise WatchOverflow(f"events lost: more than {MAX_WATCH_DIRS} directories to watch")
         wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), WATCH_MASK | flags)
         if wd < 0:
             if path == self.root:
@@ -846,7 +846,7 @@ class Watcher:
             name = data[offset + EVENT_HEADER.size : offset + EVENT_HEADER.size + length]
             offset += EVENT_HEADER.size + length
             if mask & IN_Q_OVERFLOW:
-                raise WatchOverflow("the kernel's event queue overflowed")
+                raise WatchOverflow("events lost: the kernel's queue overflowed")
             if mask & IN_IGNORED:
                 self.dirs.pop(wd, None)
                 continue
@@ -877,7 +877,9 @@ class Watcher:
             for name in names + files:
                 created.extend(self._named(os.path.join(directory, name), IN_CREATE))
             if len(created) > MAX_WATCH_EVENTS:
-                raise WatchOverflow(f"a new directory of more than {MAX_WATCH_EVENTS} entries")
+                raise WatchOverflow(
+                    f"events lost: a new directory of over {MAX_WATCH_EVENTS} entries"
+                )
         return created
 
     def _gone_dir(self, path: str) -> None:
@@ -892,9 +894,11 @@ class Watcher:
         """A polling watcher's: hold events until fetched, at most MAX_WATCH_EVENTS."""
         try:
             while True:
-                self.events.extend(await self.batch())
+                found = await self.batch()  # (self.events may be another list by then)
+                self.events.extend(found)
+                await asyncio.sleep(0)  # a flood of events: the agent's other work goes on
                 if len(self.events) > MAX_WATCH_EVENTS:
-                    raise WatchOverflow(f"more than {MAX_WATCH_EVENTS} events not fetched")
+                    raise WatchOverflow(f"events lost: more than {MAX_WATCH_EVENTS} not fetched")
         except (WatchOverflow, OSError) as exc:
             self.failed = str(exc) or type(exc).__name__
             self.events = []

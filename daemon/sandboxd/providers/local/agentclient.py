@@ -13,7 +13,8 @@ MAX_LINE = 64 * 1024 * 1024
 
 class AgentError(RuntimeError):
     """The agent is unreachable or refused a request. `kind`: what went wrong, as the agent
-    says (not_found, exists, not_dir, is_dir, denied, invalid, other; unreachable)."""
+    says (not_found, exists, not_dir, is_dir, denied, invalid, exhausted, overflow, other;
+    unreachable)."""
 
     def __init__(self, message: str, kind: str = "other"):
         super().__init__(message)
@@ -157,6 +158,93 @@ class AgentClient:
                     return
         finally:
             writer.close()
+
+    # -- envd's commands: they outlive their client's connection (see agent.py) -------------
+
+    async def start(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin_open: bool = False,
+        tag: str | None = None,
+        pty: dict[str, int] | None = None,
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Start a command as envd does, yielding what `stream` yields (and ("pty", bytes)
+        for a PTY, `pty={"rows", "cols"}`). Closing the iterator early leaves the command
+        running; `attach` follows it again."""
+        request: dict[str, Any] = {"op": "start", "argv": argv, "env": env or {}, "cwd": cwd}
+        request.update(timeout=timeout, stdin_open=stdin_open, tag=tag, pty=pty)
+        async for event in self._process_events(request):
+            yield event
+
+    async def attach(
+        self, *, pid: int | None = None, tag: str | None = None
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Follow a command `start` started (by pid or tag): ("started", pid), its output
+        from now on, ("exit", …); one that ended lately answers its start and exit."""
+        async for event in self._process_events({"op": "connect", "pid": pid, "tag": tag}):
+            yield event
+
+    async def _process_events(
+        self, request: dict[str, Any]
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        reader, writer = await self._open(request)
+        try:
+            while True:
+                message = await _read_message(reader)
+                if message.get("ok") is False:
+                    raise _refused(message, f"{request['op']} failed")
+                event = message.get("event")
+                if event == "started":
+                    yield "started", int(message["pid"])
+                elif event in ("stdout", "stderr", "pty"):
+                    yield event, base64.b64decode(message["data"])
+                elif event == "exit":
+                    yield "exit", (message["code"], bool(message.get("timed_out")))
+                    return
+        finally:
+            writer.close()
+
+    async def tty_input(self, pid: int, data: bytes) -> None:
+        await self._call({"op": "tty_input", "pid": pid, "data": _b64(data)})
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        await self._call({"op": "resize", "pid": pid, "size": {"rows": rows, "cols": cols}})
+
+    # -- envd's file system watchers ---------------------------------------------------------
+
+    async def watch(
+        self, path: str, recursive: bool = False
+    ) -> AsyncGenerator[list[dict[str, str]], None]:
+        """Watch a directory: first [] once the watch is set, then each batch of events
+        ({"name": relative path, "type": create|write|remove|rename|chmod}). The watch ends
+        when the iterator is closed; events lost raise AgentError("overflow")."""
+        reader, writer = await self._open({"op": "watch", "path": path, "recursive": recursive})
+        try:
+            while True:
+                message = await _read_message(reader)
+                if message.get("ok") is False:
+                    raise _refused(message, "watch failed")
+                if message.get("event") == "started":
+                    yield []
+                elif message.get("event") == "fs":
+                    yield list(message["events"])
+        finally:
+            writer.close()
+
+    async def watcher_add(self, path: str, recursive: bool = False) -> str:
+        """A watcher that holds its events until `watcher_events`; its id."""
+        request = {"op": "watcher_add", "path": path, "recursive": recursive}
+        return str((await self._call(request))["id"])
+
+    async def watcher_events(self, watcher_id: str) -> list[dict[str, str]]:
+        return list((await self._call({"op": "watcher_events", "id": watcher_id}))["events"])
+
+    async def watcher_remove(self, watcher_id: str) -> None:
+        await self._call({"op": "watcher_remove", "id": watcher_id})
 
     async def exec(
         self,
