@@ -65,6 +65,26 @@ def connect_stream(url: str, sandbox_id: str, secret: str, pid: int) -> bytes:
     return answer.content
 
 
+def keepalive_within(url: str, sandbox_id: str, secret: str, pid: int, within: float) -> bool:
+    """Follow a command by hand, asking for keepalives every second (the SDK asks for 50):
+    does one come while the command is quiet?"""
+    body = json.dumps({"process": {"pid": pid}}).encode()
+    headers = {
+        "E2b-Sandbox-Id": sandbox_id,
+        "X-Access-Token": secret,
+        "Content-Type": "application/connect+json",
+        "Keepalive-Ping-Interval": "1",
+    }
+    content = b"\x00" + len(body).to_bytes(4, "big") + body
+    with httpx.stream(
+        "POST", f"{url}/process.Process/Connect", headers=headers, content=content, timeout=within
+    ) as answer:
+        for chunk in answer.iter_bytes():
+            if b"keepalive" in chunk:
+                return True
+    return False
+
+
 class Collected:
     """A sync watcher's events, fetched as they come."""
 
@@ -242,6 +262,8 @@ async def test_commands_outlive_their_client_are_reattached_and_ptys_work(local_
     for secret in ("", "wrong", other._envd_access_token):
         answer = connect_stream(local_api.url, sandbox.sandbox_id, secret, waiting.pid)
         assert b'"unauthenticated"' in answer and b"mine" not in answer
+    token = sandbox._envd_access_token
+    assert keepalive_within(local_api.url, sandbox.sandbox_id, token, waiting.pid, within=5)
     sandbox.files.write("go2", "")
     assert sandbox.commands.connect(waiting.pid).wait().stdout == "mine\n"
 

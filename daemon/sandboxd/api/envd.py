@@ -19,10 +19,12 @@ GET /files (download), POST /files (multipart upload), GET /health. Not served (
 `unimplemented`): process Connect, Update, StreamInput and PTYs; the file system watchers.
 """
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,18 @@ MAX_UPLOAD = 32 * 1024 * 1024  # one file: the agent's JSON line carries it in b
 MAX_LIST_DEPTH = 64  # ListDir: the SDK asks for 1 or a few; a huge depth would busy the agent
 PE = process_pb.ProcessEvent
 WDR = filesystem_pb.WatchDirResponse
+
+
+def _process_keepalive() -> Any:
+    one: Any = Oneof("keepalive", PE.KeepAlive())
+    return PE(event=one)
+
+
+def _watch_keepalive() -> Any:
+    one: Any = Oneof("keepalive", WDR.KeepAlive())
+    return WDR(event=one)
+
+
 EVENT_TYPES = {
     "create": filesystem_pb.EventType.CREATE,
     "write": filesystem_pb.EventType.WRITE,
@@ -201,8 +215,11 @@ class ProcessService(Process):
             tag=request.tag if request.tag else None,
             pty=pty,
         )
-        async for event in _process_events(events):
-            yield process_pb.StartResponse(event=event)
+        async with contextlib.aclosing(
+            _kept_alive(_process_events(events), ctx, _process_keepalive)
+        ) as stream:
+            async for event in stream:  # (closed early: the command runs on)
+                yield process_pb.StartResponse(event=event)
 
     async def connect(self, request: Any, ctx: Any) -> AsyncIterator[process_pb.ConnectResponse]:
         """Follow a command Start started, in this sandbox only (its own agent): output from
@@ -215,8 +232,11 @@ class ProcessService(Process):
             events = target.agent.attach(pid=int(selector.value))
         else:
             events = target.agent.attach(tag=str(selector.value))
-        async for event in _process_events(events):
-            yield process_pb.ConnectResponse(event=event)
+        async with contextlib.aclosing(
+            _kept_alive(_process_events(events), ctx, _process_keepalive)
+        ) as stream:
+            async for event in stream:  # (closed early: the command runs on)
+                yield process_pb.ConnectResponse(event=event)
 
     async def list(self, request: Any, ctx: Any) -> process_pb.ListResponse:
         target = await _target(self.envd, ctx)
@@ -296,7 +316,9 @@ class ProcessService(Process):
         raise ConnectError(Code.UNIMPLEMENTED, "streamed input is not served yet: send_stdin")
 
 
-async def _process_events(events: AsyncGenerator[tuple[str, Any], None]) -> AsyncIterator[Any]:
+async def _process_events(
+    events: AsyncGenerator[tuple[str, Any], None],
+) -> AsyncGenerator[Any, None]:
     """The agent's events of a command as envd's ProcessEvents. Closing this early (the
     client went away) leaves the command running, as envd's."""
     try:
@@ -392,19 +414,11 @@ class FilesystemService(Filesystem):
         the watch (inotify, in the agent) ends with the stream."""
         target = await _target(self.envd, ctx)
         events = target.agent.watch(request.path, bool(request.recursive))
-        try:
-            async for batch in events:
-                one: Any  # (a Oneof: its field name is typed as a Literal)
-                if not batch:
-                    one = Oneof("start", WDR.StartEvent())
-                    yield WDR(event=one)
-                for found in batch:
-                    one = Oneof("filesystem", _fs_event(found))
-                    yield WDR(event=one)
-        except AgentError as exc:
-            raise _failed(exc) from None
-        finally:
-            await events.aclose()
+        async with contextlib.aclosing(
+            _kept_alive(_watch_events(events), ctx, _watch_keepalive)
+        ) as stream:
+            async for event in stream:
+                yield event
 
     async def create_watcher(self, request: Any, ctx: Any) -> Any:
         """The sync SDK's `watch_dir`: a watcher in the agent holds the events (bounded)
@@ -431,6 +445,61 @@ class FilesystemService(Filesystem):
         except AgentError as exc:
             raise _failed(exc) from None
         return filesystem_pb.RemoveWatcherResponse()
+
+
+async def _watch_events(
+    events: AsyncGenerator[list[dict[str, str]], None],
+) -> AsyncGenerator[Any, None]:
+    try:
+        async for batch in events:
+            one: Any  # (a Oneof: its field name is typed as a Literal)
+            if not batch:
+                one = Oneof("start", WDR.StartEvent())
+                yield WDR(event=one)
+            for found in batch:
+                one = Oneof("filesystem", _fs_event(found))
+                yield WDR(event=one)
+    except AgentError as exc:
+        raise _failed(exc) from None
+    finally:
+        await events.aclose()
+
+
+async def _kept_alive(
+    events: AsyncGenerator[Any, None], ctx: Any, keepalive: Callable[[], Any]
+) -> AsyncGenerator[Any, None]:
+    """`events`, and a keepalive event whenever none came for the interval the client asks
+    for (`Keepalive-Ping-Interval`, s), as envd: a quiet stream stays open through proxies."""
+    asked = ctx.request_headers.get("keepalive-ping-interval")
+    try:
+        interval = max(1.0, float(asked)) if asked else None
+    except ValueError:
+        interval = None
+    if interval is None:
+        async for event in events:
+            yield event
+        return
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield keepalive()
+                continue
+            found, pending = pending, None
+            try:
+                event = found.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await events.aclose()
 
 
 def _fs_event(found: dict[str, str]) -> filesystem_pb.FilesystemEvent:

@@ -472,6 +472,11 @@ ENDED_TTL = 30.0
 CHUNK = 65536
 
 
+class Exhausted(Exception):
+    """A bound of envd's ops reached (watchers, their directories, followers): kind
+    `exhausted`."""
+
+
 class Kept:
     """A command started for envd: its output goes to whoever follows it at the moment."""
 
@@ -810,11 +815,14 @@ class Watcher:
 
     def _add(self, path: str, flags: int) -> None:
         if len(self.dirs) >= MAX_WATCH_DIRS:
-            raise WatchOverflow(f"events lost: more than {MAX_WATCH_DIRS} directories to watch")
+            raise Exhausted(f"more than {MAX_WATCH_DIRS} directories to watch")
         wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), WATCH_MASK | flags)
         if wd < 0:
+            error = _errno_error(path)
+            if error.errno == errno.ENOSPC:
+                raise Exhausted("the host's inotify watches are used up")
             if path == self.root:
-                raise _errno_error(path)
+                raise error
             return  # gone already, or not a directory any more
         self.dirs[wd] = path
 
@@ -834,7 +842,10 @@ class Watcher:
             except BlockingIOError:
                 await _ready(fd, functools.partial(_is, self, "fd", fd))
                 continue
-            events = self._parse(data)
+            try:
+                events = self._parse(data)
+            except Exhausted as exc:
+                raise WatchOverflow(f"events lost: {exc}") from None
             if events:
                 return events
 
@@ -997,10 +1008,6 @@ def _forget_envd() -> None:
     for watcher in list(WATCHERS.values()):
         watcher.close()
     WATCHERS.clear()
-
-
-class Exhausted(Exception):
-    """A bound of envd's ops reached (watchers, followers): kind `exhausted`."""
 
 
 async def _envd(op, request: dict, base_env: dict, reader, writer) -> None:
