@@ -799,6 +799,7 @@ class Watcher:
         self.events: list[dict] = []  # a polling watcher's, until fetched
         self.failed: str | None = None
         self.task: asyncio.Task | None = None  # a polled watcher's collector
+        self.ended = asyncio.Event()
 
     def start(self) -> None:
         """Watch the root, and (recursive) the directories under it: run in a thread,
@@ -832,15 +833,24 @@ class Watcher:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             _forget_fd(fd)
+        self.ended.set()  # a streamed watch waiting for events ends
 
     async def batch(self) -> list[dict]:
         """The next events (waits for some); raises WatchOverflow if events were lost."""
         while True:
             fd = self.fd
+            if fd < 0:
+                raise WatchOverflow("the watch has ended (the sandbox was reset)")
             try:
                 data = os.read(fd, CHUNK)
             except BlockingIOError:
-                await _ready(fd, functools.partial(_is, self, "fd", fd))
+                readable = asyncio.ensure_future(_ready(fd, functools.partial(_is, self, "fd", fd)))
+                ended = asyncio.ensure_future(self.ended.wait())
+                try:
+                    await asyncio.wait({readable, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    readable.cancel()
+                    ended.cancel()
                 continue
             try:
                 events = self._parse(data)

@@ -1,0 +1,101 @@
+"""The agent's envd ops, served in this process on a Unix socket (no sandbox): what a reset
+leaves to the next claimant (nothing), and the bounds that keep hostile sandbox code from
+growing the agent's memory (followers of a command, output nobody follows)."""
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sandboxd.providers.local import agent
+from sandboxd.providers.local.agentclient import AgentClient, AgentError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[AgentClient]:
+    home = tmp_path / "home"
+    home.mkdir()
+    base_env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    path = str(tmp_path / "agent.sock")
+    server = await asyncio.start_unix_server(agent._handler(base_env), path, limit=agent.MAX_LINE)
+    try:
+        yield AgentClient(path)
+    finally:
+        await AgentClient(path).reset()  # kills what the test left running
+        while agent.KEEPING:  # the commands' tasks see them end
+            await asyncio.wait(set(agent.KEEPING))
+        server.close()
+        await server.wait_closed()
+
+
+async def started(events: AsyncIterator[tuple[str, object]]) -> int:
+    event, pid = await anext(events)
+    assert event == "started" and isinstance(pid, int)
+    return pid
+
+
+async def test_a_reset_leaves_no_watcher_exit_or_stream_to_the_next_claimant(client, tmp_path):
+    polled = await client.watcher_add(".")
+    streamed = client.watch(".", recursive=True)
+    assert await anext(streamed) == []
+    ended = [e async for e in client.start(["sh", "-c", "exit 4"], tag="mine")]
+    assert ended[-1] == ("exit", (4, False))
+    assert [e async for e in client.attach(tag="mine")][-1] == ("exit", (4, False))
+
+    await client.reset()
+
+    with pytest.raises(AgentError) as gone:
+        await client.watcher_events(polled)
+    assert gone.value.kind == "not_found"
+    with pytest.raises(AgentError) as gone:
+        [e async for e in client.attach(tag="mine")]
+    assert gone.value.kind == "not_found"
+    with pytest.raises(AgentError, match="ended"):
+        await anext(streamed)  # the stream ends instead of waiting on a closed watch
+    assert agent.WATCHERS == {}
+
+
+async def test_output_nobody_follows_is_dropped_and_followers_are_bounded(client):
+    # 64 MiB of output while nobody follows: the command is not held up by a full pipe
+    # (its output is read and dropped, as envd's), and the agent keeps none of it.
+    command = client.start(["sh", "-c", "head -c 67108864 /dev/zero; echo done"], tag="big")
+    pid = await started(command)
+    await command.aclose()
+    async with asyncio.timeout(20):
+        while pid in [p["pid"] for p in await client.procs()]:
+            await asyncio.sleep(0.01)
+    attached = [e async for e in client.attach(tag="big")]
+    assert attached == [("started", pid), ("exit", (0, False))]
+
+    # At most MAX_FOLLOWERS connections follow one command.
+    command = client.start(["sh", "-c", "read line"], stdin_open=True)
+    pid = await started(command)
+    followers = [client.attach(pid=pid) for _ in range(agent.MAX_FOLLOWERS - 1)]
+    for follower in followers:
+        assert await started(follower) == pid
+    with pytest.raises(AgentError) as refused:
+        await anext(client.attach(pid=pid))
+    assert refused.value.kind == "exhausted"
+    await client.send_input(pid, b"go\n")
+    for follower in [command, *followers]:
+        assert [e async for e in follower][-1] == ("exit", (0, False))
+
+
+async def test_at_most_max_watchers_and_a_file_is_not_a_directory(client, tmp_path):
+    (tmp_path / "home" / "file").write_text("x")
+    with pytest.raises(AgentError) as refused:
+        await client.watcher_add("file")
+    assert refused.value.kind == "not_dir"
+    with pytest.raises(AgentError) as refused:
+        await client.watcher_add("nowhere")
+    assert refused.value.kind == "not_found"
+    made = [await client.watcher_add(".") for _ in range(agent.MAX_WATCHERS)]
+    with pytest.raises(AgentError) as refused:
+        await client.watcher_add(".")
+    assert refused.value.kind == "exhausted"
+    await client.watcher_remove(made[0])
+    await client.watcher_add(".")
