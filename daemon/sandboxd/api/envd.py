@@ -13,10 +13,21 @@ path is made from this server's configuration and the id, checked by `trusted_so
 read from a record. Paths are resolved by the agent inside the sandbox, so a call names
 nothing but the sandbox's own file system view.
 
-Served: process.Process Start (streamed start, stdout/stderr data, end), List, SendSignal,
-SendInput, CloseStdin; filesystem.Filesystem Stat, ListDir, MakeDir, Move, Remove;
-GET /files (download), POST /files (multipart upload), GET /health. Not served (Connect's
-`unimplemented`): process Connect, Update, StreamInput and PTYs; the file system watchers.
+Served: process.Process Start (streamed start, stdout/stderr or PTY data, end), Connect,
+List, SendSignal, SendInput (stdin or a PTY's keys), CloseStdin, Update (a PTY's size);
+filesystem.Filesystem Stat, ListDir, MakeDir, Move, Remove, WatchDir (the async SDK's
+watch) and CreateWatcher/GetWatcherEvents/RemoveWatcher (the sync SDK's, polled); GET /files
+(download), POST /files (multipart upload), GET /health. Not served (Connect's
+`unimplemented`): StreamInput.
+
+As envd's, a command outlives the stream that started it (closing it early leaves the command
+running, until it ends, is killed or its deadline passes); Connect follows it again, in this
+sandbox only (the sandbox's own agent holds its commands and watchers, and a release's reset
+ends them). Output nobody follows is dropped, and a slow client slows the command's output
+pipe: nothing is buffered here or in the agent beyond a chunk. Watchers are inotify in the
+agent, bounded (watchers a sandbox, directories a watch, events held between two polls); past
+a bound a watcher fails ("events lost") rather than grow. Quiet streams get keepalive events
+at the client's `Keepalive-Ping-Interval`.
 """
 
 import asyncio

@@ -14,6 +14,21 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
   {"op": "signal", "pid": N, "signal": 9|15}   -> {"ok": true}  (exec'd commands only)
   {"op": "input", "pid": N, "data": "<b64>"}   -> {"ok": true}  (an exec with stdin_open)
   {"op": "close_stdin", "pid": N}              -> {"ok": true}
+  envd's commands, which outlive their connection (see "envd:" below):
+  {"op": "start", "argv": [...], "env", "cwd", "timeout", "stdin_open", "tag",
+   "pty": {"rows", "cols"} | null}            -> as exec ("pty" events for a PTY); closing the
+                                                  connection leaves the command running
+  {"op": "connect", "pid": N | "tag": t}       -> {"event": "started"}, output from now on,
+                                                  {"event": "exit"} (one that ended lately:
+                                                  started and exit)
+  {"op": "tty_input", "pid": N, "data": b64}   -> {"ok": true}  (keys to a PTY)
+  {"op": "resize", "pid": N, "size": {"rows", "cols"}} -> {"ok": true}
+  {"op": "watch", "path": p, "recursive": b}   -> {"event": "started"}, {"event": "fs",
+                                                  "events": [{"name", "type"}]}* until the
+                                                  connection closes
+  {"op": "watcher_add", "path", "recursive"}   -> {"ok": true, "id": "w..."}
+  {"op": "watcher_events", "id": w}            -> {"ok": true, "events": [...]} (since the last)
+  {"op": "watcher_remove", "id": w}            -> {"ok": true}
   {"op": "write", "path": p, "data": "<b64>"}  -> {"ok": true, "size": N, "path": absolute}
   {"op": "read", "path": p}                    -> {"ok": true, "data": "<b64>"}
   {"op": "stat", "path": p}                    -> {"ok": true, "entry": Entry}
@@ -34,8 +49,9 @@ virtualenv is not visible there), and speaks newline-delimited JSON over a Unix 
                                                             | null,
                                                    "program": Supervisor.status(since) | null}
 Errors: {"ok": false, "error": "...", "kind": not_found|exists|not_dir|is_dir|denied|invalid|
-other}. One request per connection. Paths are the sandbox's own (relative: to HOME): the agent
-runs inside the sandbox, so bubblewrap's view is the only file system it can name.
+exhausted|overflow|other}. One request per connection. Paths are the sandbox's own (relative:
+to HOME): the agent runs inside the sandbox, so bubblewrap's view is the only file system it
+can name.
 """
 
 import argparse
