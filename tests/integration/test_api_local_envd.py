@@ -167,14 +167,27 @@ async def test_watch_dir_sync_and_async_recursive_bounded_and_routed_by_host_nam
     other = await AsyncSandbox.create("default")
     await other.files.make_dir("v")
     seen: list[FilesystemEvent] = []
-    handle = await other.files.watch_dir("v", on_event=seen.append, recursive=True)
-    await other.commands.run("mkdir v/sub && echo 1 > v/sub/one && rm v/sub/one")
-    deadline = time.monotonic() + 10
-    wanted = {("sub", CREATE), ("sub/one", CREATE), ("sub/one", WRITE), ("sub/one", REMOVE)}
-    while not wanted <= {(e.name, e.type) for e in seen}:
-        assert time.monotonic() < deadline, seen
-        await asyncio.sleep(0.02)
-    await handle.stop()
+    news = asyncio.Event()
+
+    def on_event(event: FilesystemEvent) -> None:
+        seen.append(event)
+        news.set()
+
+    handle = await other.files.watch_dir("v", on_event=on_event, recursive=True)
+
+    async def seen_all(*wanted: tuple[str, FilesystemEventType]) -> None:
+        async with asyncio.timeout(10):
+            while not set(wanted) <= {(e.name, e.type) for e in seen}:
+                news.clear()
+                await news.wait()
+
+    try:
+        await other.commands.run("mkdir v/sub")
+        await seen_all(("sub", CREATE))  # (then sub is watched: nothing in it is missed)
+        await other.commands.run("echo 1 > v/sub/one && rm v/sub/one")
+        await seen_all(("sub/one", CREATE), ("sub/one", WRITE), ("sub/one", REMOVE))
+    finally:
+        await handle.stop()
 
     # Routing by host name `<port>-<sandbox id>.<domain>` (a wildcard DNS name), with no
     # E2b-Sandbox-Id header: the same checks of the claim's token.
@@ -235,6 +248,14 @@ async def test_commands_outlive_their_client_are_reattached_and_ptys_work(local_
     assert ended.value.exit_code == 3 and ended.value.stdout == "after\n"
     until(lambda: pid not in [p.pid for p in sandbox.commands.list()], "the command is gone")
 
+    # Input as a stream (StreamInput), to stdin and to a PTY.
+    cat = run("cat", background=True, stdin=True)
+    sandbox.commands.stream_input(cat.pid, ["one ", b"two\n"])
+    sandbox.commands.close_stdin(cat.pid)
+    assert cat.wait().stdout == "one two\n"
+    with pytest.raises(NotFoundException):
+        sandbox.commands.stream_input(999_999, ["nobody"])
+
     # A command that ended lately still answers a connect with its exit code.
     quick = run("exit 5", background=True)
     with pytest.raises(CommandExitException):
@@ -264,13 +285,14 @@ async def test_commands_outlive_their_client_are_reattached_and_ptys_work(local_
         assert b'"unauthenticated"' in answer and b"mine" not in answer
     token = sandbox._envd_access_token
     assert keepalive_within(local_api.url, sandbox.sandbox_id, token, waiting.pid, within=5)
+    follower = sandbox.commands.connect(waiting.pid)
     sandbox.files.write("go2", "")
-    assert sandbox.commands.connect(waiting.pid).wait().stdout == "mine\n"
+    assert follower.wait().stdout == "mine\n"
 
     # PTYs: a terminal of the size asked for, keys to it, a resize, a kill.
     output = bytearray()
     terminal = sandbox.pty.create(PtySize(rows=24, cols=80))
-    sandbox.pty.send_stdin(terminal.pid, b"stty size; tty; exit 7\n")
+    sandbox.pty.stream_input(terminal.pid, [b"stty size; ", b"tty; exit 7\n"])
     with pytest.raises(CommandExitException) as closed:
         terminal.wait(on_pty=output.extend)
     assert closed.value.exit_code == 7

@@ -14,11 +14,10 @@ read from a record. Paths are resolved by the agent inside the sandbox, so a cal
 nothing but the sandbox's own file system view.
 
 Served: process.Process Start (streamed start, stdout/stderr or PTY data, end), Connect,
-List, SendSignal, SendInput (stdin or a PTY's keys), CloseStdin, Update (a PTY's size);
-filesystem.Filesystem Stat, ListDir, MakeDir, Move, Remove, WatchDir (the async SDK's
-watch) and CreateWatcher/GetWatcherEvents/RemoveWatcher (the sync SDK's, polled); GET /files
-(download), POST /files (multipart upload), GET /health. Not served (Connect's
-`unimplemented`): StreamInput.
+List, SendSignal, SendInput and StreamInput (stdin or a PTY's keys), CloseStdin, Update (a
+PTY's size); filesystem.Filesystem Stat, ListDir, MakeDir, Move, Remove, WatchDir (the async
+SDK's watch) and CreateWatcher/GetWatcherEvents/RemoveWatcher (the sync SDK's, polled);
+GET /files (download), POST /files (multipart upload), GET /health.
 
 As envd's, a command outlives the stream that started it (closing it early leaves the command
 running, until it ends, is killed or its deadline passes); Connect follows it again, in this
@@ -293,11 +292,7 @@ class ProcessService(Process):
         if given is None:
             raise ConnectError(Code.INVALID_ARGUMENT, "input is required")
         try:
-            pid = await self._pid(target, request.process)
-            if given.field == "pty":
-                await target.agent.tty_input(pid, given.value)
-            else:
-                await target.agent.send_input(pid, given.value)
+            await _deliver(target, await self._pid(target, request.process), given)
         except AgentError as exc:
             raise _failed(exc) from None
         return process_pb.SendInputResponse()
@@ -323,8 +318,37 @@ class ProcessService(Process):
             raise _failed(exc) from None
         return process_pb.UpdateResponse()
 
-    async def stream_input(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "streamed input is not served yet: send_stdin")
+    async def stream_input(
+        self, request: AsyncIterator[Any], ctx: Any
+    ) -> process_pb.StreamInputResponse:
+        """Input as a stream (the SDK's `stream_input`): a start naming the command, then its
+        stdin or a PTY's keys, each delivered as SendInput would; keepalives are ignored."""
+        target = await _target(self.envd, ctx)
+        pid = None
+        try:
+            async for message in request:
+                event = message.event
+                if event is None or event.field == "keepalive":
+                    continue
+                if event.field == "start":
+                    pid = await self._pid(target, event.value.process)
+                    if pid not in [p["pid"] for p in await target.agent.procs()]:
+                        raise ConnectError(Code.NOT_FOUND, f"no process with pid {pid}")
+                elif pid is None:
+                    raise ConnectError(Code.INVALID_ARGUMENT, "the stream starts with start")
+                elif event.value.input is not None and event.value.input.input is not None:
+                    await _deliver(target, pid, event.value.input.input)
+        except AgentError as exc:
+            raise _failed(exc) from None
+        return process_pb.StreamInputResponse()
+
+
+async def _deliver(target: Target, pid: int, given: Any) -> None:
+    """Input to a command: its stdin, or a PTY's keys."""
+    if given.field == "pty":
+        await target.agent.tty_input(pid, given.value)
+    else:
+        await target.agent.send_input(pid, given.value)
 
 
 async def _process_events(
