@@ -98,3 +98,29 @@ async def test_at_most_max_watchers_and_a_file_is_not_a_directory(client, tmp_pa
     assert refused.value.kind == "exhausted"
     await client.watcher_remove(made[0])
     await client.watcher_add(".")
+
+
+async def test_a_watch_past_its_bounds_is_refused_or_fails(client, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setattr(agent, "MAX_WATCH_DIRS", 5)
+    monkeypatch.setattr(agent, "MAX_WATCH_EVENTS", 20)
+    for i in range(5):
+        (home / "tree" / f"d{i}").mkdir(parents=True)
+    with pytest.raises(AgentError) as refused:
+        await client.watcher_add("tree", recursive=True)  # six directories
+    assert refused.value.kind == "exhausted"
+    assert agent.WATCHERS == {}
+
+    # A directory of more entries than a watcher may report, moved in at once: the watch
+    # fails (events lost) rather than list it all.
+    (home / "w").mkdir()
+    (home / "big").mkdir()
+    for i in range(30):
+        (home / "big" / f"f{i}").write_text("")
+    watch = client.watch("w", recursive=True)
+    assert await anext(watch) == []
+    (home / "big").rename(home / "w" / "big")
+    with pytest.raises(AgentError) as failed:
+        await anext(watch)
+    assert failed.value.kind == "overflow" and "events lost" in str(failed.value)
+    assert (await client.ping())["ok"]

@@ -538,13 +538,6 @@ async def _fan_out(kept: Kept, message: dict) -> None:
             kept.followers.discard(writer)
 
 
-async def _read_chunk(stream: asyncio.StreamReader) -> bytes:
-    try:
-        return await stream.read(CHUNK)
-    except OSError:  # a PTY's master: EIO once every holder of the other side is gone
-        return b""
-
-
 async def _pump_kept(kept: Kept, read, name: str) -> None:
     while chunk := await read():
         if kept.followers:
@@ -556,14 +549,10 @@ async def _ready(fd: int, still_open, writing: bool = False) -> None:
     watching it, so this never touches a number the fd's closing freed for another."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    add, remove = (
-        (loop.add_writer, loop.remove_writer)
-        if writing
-        else (
-            loop.add_reader,
-            loop.remove_reader,
-        )
-    )
+    if writing:
+        add, remove = loop.add_writer, loop.remove_writer
+    else:
+        add, remove = loop.add_reader, loop.remove_reader
     add(fd, _resolve, ready)
     try:
         await ready
@@ -620,6 +609,8 @@ async def _keep(kept: Kept, streams: list, timeout: float | None) -> None:
         RUNNING.discard(proc.pid)
         PROCS.pop(proc.pid, None)
         _close_tty(kept)
+        if proc.stdin is not None:
+            proc.stdin.close()
     end = {"event": "exit", "code": code, "timed_out": timed_out}
     if kept.born == Kept.generation:
         _retain(proc.pid, kept.tag, end)
@@ -631,6 +622,18 @@ def _close_tty(kept: Kept) -> None:
     if kept.master is not None:
         fd, kept.master = kept.master, None
         _forget_fd(fd)
+
+
+def _forget_ended(pid: int, tag: str | None) -> None:
+    """A new command: an old one's exit under its pid or tag would answer for it."""
+    for old in [p for p, (_, t, _) in ENDED.items() if p == pid or (tag and t == tag)]:
+        del ENDED[old]
+
+
+def _report(task: asyncio.Task) -> None:
+    """A task of the agent's own that failed: said on stderr (the sandbox's log), not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        os.write(2, f"sandboxd agent: {task.get_name()} failed: {task.exception()!r}\n".encode())
 
 
 def _retain(pid: int, tag: str | None, end: dict) -> None:
@@ -657,10 +660,11 @@ def _set_size(fd: int, size: dict) -> None:
 async def _start(request: dict, base_env: dict, reader, writer) -> None:
     """envd's Start: like exec, but the command outlives this connection (see `_follow`)."""
     env = {**base_env, **(request.get("env") or {})}
-    cwd = request.get("cwd") or base_env.get("HOME", "/")
+    cwd = _path(request, base_env, "cwd") if request.get("cwd") else base_env.get("HOME", "/")
     argv = [str(a) for a in request["argv"]]
     if not argv or not all(isinstance(v, str) for v in env.values()):
         raise ValueError("argv and env must be strings")
+    timeout = float(request["timeout"]) if request.get("timeout") is not None else None
     pty_size = request.get("pty") or None
     master, slave = os.openpty() if pty_size is not None else (None, None)
     pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
@@ -685,6 +689,7 @@ async def _start(request: dict, base_env: dict, reader, writer) -> None:
                 os.close(fd)
         raise
     kept = Kept(proc, master, request.get("tag"))
+    _forget_ended(proc.pid, kept.tag)
     if master is not None and slave is not None:
         os.close(slave)
         os.set_blocking(master, False)
@@ -700,9 +705,10 @@ async def _start(request: dict, base_env: dict, reader, writer) -> None:
         "kept": kept,
     }
     _follow_now(kept, proc.pid, writer)
-    task = asyncio.get_running_loop().create_task(_keep(kept, outputs, request.get("timeout")))
+    task = asyncio.get_running_loop().create_task(_keep(kept, outputs, timeout))
     KEEPING.add(task)
     task.add_done_callback(KEEPING.discard)
+    task.add_done_callback(_report)
     await _follow(kept, reader, writer)
 
 
@@ -822,13 +828,9 @@ class Watcher:
         as a big tree takes a while."""
         self._add(self.root, IN_ONLYDIR)
         if self.recursive:
-            for path in self._subdirs(self.root):
-                self._add(path, IN_ONLYDIR | IN_DONT_FOLLOW)
-
-    def _subdirs(self, top: str):
-        for directory, names, _ in os.walk(top):
-            for name in names:
-                yield os.path.join(directory, name)
+            for path, is_dir in _below(self.root):
+                if is_dir:
+                    self._add(path, IN_ONLYDIR | IN_DONT_FOLLOW)
 
     def _add(self, path: str, flags: int) -> None:
         if len(self.dirs) >= MAX_WATCH_DIRS:
@@ -908,11 +910,10 @@ class Watcher:
         """Watch a new directory, and report what it already holds as created."""
         self._add(path, IN_ONLYDIR | IN_DONT_FOLLOW)
         created: list[dict] = []
-        for directory, names, files in os.walk(path):
-            for name in names:
-                self._add(os.path.join(directory, name), IN_ONLYDIR | IN_DONT_FOLLOW)
-            for name in names + files:
-                created.extend(self._named(os.path.join(directory, name), IN_CREATE))
+        for below, is_dir in _below(path):
+            if is_dir:
+                self._add(below, IN_ONLYDIR | IN_DONT_FOLLOW)
+            created.extend(self._named(below, IN_CREATE))
             if len(created) > MAX_WATCH_EVENTS:
                 raise WatchOverflow(
                     f"events lost: a new directory of over {MAX_WATCH_EVENTS} entries"
@@ -940,6 +941,22 @@ class Watcher:
             self.failed = str(exc) or type(exc).__name__
             self.events = []
             self.close()
+
+
+def _below(top: str):
+    """(path, is a directory) of everything under `top`, one at a time (no directory's whole
+    listing held), symlinks not followed; what vanishes meanwhile is skipped."""
+    stack = [top]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as found:
+                for entry in found:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if is_dir:
+                        stack.append(entry.path)
+                    yield entry.path, is_dir
+        except OSError:
+            continue
 
 
 _LIBC: Any = None
@@ -1001,6 +1018,7 @@ async def _watcher_add(request: dict, base_env: dict, reader, writer) -> None:
     """envd's CreateWatcher: events are held (bounded) until GetWatcherEvents."""
     watcher_id, watcher = await _new_watcher(request, base_env)
     watcher.task = asyncio.get_running_loop().create_task(watcher.collect())
+    watcher.task.add_done_callback(_report)
     await _send(writer, {"ok": True, "id": watcher_id})
 
 
