@@ -222,7 +222,14 @@ async def test_watch_dir_sync_and_async_recursive_bounded_and_routed_by_host_nam
     for watch in handles:
         watch.stop()
     sandbox.kill()
-    await other.kill()
+
+    # A watch left open does not hold `sandboxd api` up when it is stopped: streams get a
+    # grace period, then are cut (systemd would otherwise kill it after TimeoutStopSec).
+    lingering = await other.files.watch_dir("v", on_event=lambda event: None, timeout=0)
+    assert local_api.proc is not None
+    local_api.proc.terminate()
+    local_api.proc.wait(9)
+    await lingering.stop()
 
 
 async def test_commands_outlive_their_client_are_reattached_and_ptys_work(local_api):
@@ -247,6 +254,11 @@ async def test_commands_outlive_their_client_are_reattached_and_ptys_work(local_
         again.wait()
     assert ended.value.exit_code == 3 and ended.value.stdout == "after\n"
     until(lambda: pid not in [p.pid for p in sandbox.commands.list()], "the command is gone")
+
+    # A command ends at its deadline (the SDK's `timeout`), followed or not.
+    bounded = run("sleep 30", background=True, timeout=1)
+    bounded.disconnect()
+    until(lambda: bounded.pid not in [p.pid for p in sandbox.commands.list()], "killed at 1 s")
 
     # Input as a stream (StreamInput), to stdin and to a PTY.
     cat = run("cat", background=True, stdin=True)

@@ -68,16 +68,6 @@ PE = process_pb.ProcessEvent
 WDR = filesystem_pb.WatchDirResponse
 
 
-def _process_keepalive() -> Any:
-    one: Any = Oneof("keepalive", PE.KeepAlive())
-    return PE(event=one)
-
-
-def _watch_keepalive() -> Any:
-    one: Any = Oneof("keepalive", WDR.KeepAlive())
-    return WDR(event=one)
-
-
 EVENT_TYPES = {
     "create": filesystem_pb.EventType.CREATE,
     "write": filesystem_pb.EventType.WRITE,
@@ -535,6 +525,16 @@ async def _kept_alive(
             with contextlib.suppress(BaseException):
                 await pending
         await events.aclose()
+
+
+def _process_keepalive() -> Any:
+    one: Any = Oneof("keepalive", PE.KeepAlive())
+    return PE(event=one)
+
+
+def _watch_keepalive() -> Any:
+    one: Any = Oneof("keepalive", WDR.KeepAlive())
+    return WDR(event=one)
 
 
 def _fs_event(found: dict[str, str]) -> filesystem_pb.FilesystemEvent:
