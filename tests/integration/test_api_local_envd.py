@@ -223,6 +223,15 @@ async def test_watch_dir_sync_and_async_recursive_bounded_and_routed_by_host_nam
         watch.stop()
     sandbox.kill()
 
+    # The async SDK's connect to a command whose starter went away.
+    started = await other.commands.run(
+        "while [ ! -e v/go ]; do sleep 0.02; done; echo async", background=True
+    )
+    await started.disconnect()
+    followed = await other.commands.connect(started.pid)
+    await other.files.write("v/go", "")
+    assert (await followed.wait()).stdout == "async\n"
+
     # A watch left open does not hold `sandboxd api` up when it is stopped: streams get a
     # grace period, then are cut (systemd would otherwise kill it after TimeoutStopSec).
     lingering = await other.files.watch_dir("v", on_event=lambda event: None, timeout=0)
