@@ -124,3 +124,24 @@ async def test_a_watch_past_its_bounds_is_refused_or_fails(client, tmp_path, mon
         await anext(watch)
     assert failed.value.kind == "overflow" and "events lost" in str(failed.value)
     assert (await client.ping())["ok"]
+
+
+async def test_a_pty_has_its_size_takes_keys_and_says_what_it_cannot_run(client):
+    terminal = client.start(["sh"], pty={"rows": 30, "cols": 100}, env={"PS1": ""})
+    pid = await started(terminal)
+    await client.resize(pid, 12, 34)
+    await client.tty_input(pid, b"stty size; tty; exit 3\n")
+    output, end = b"", None
+    async for event, value in terminal:
+        if event == "pty":
+            output += value
+        else:
+            end = value
+    assert end == (3, False) and b"12 34" in output and b"/dev/pts/" in output
+    with pytest.raises(AgentError) as refused:
+        await client.send_input(pid, b"gone")
+    assert refused.value.kind == "not_found"
+
+    missing = [e async for e in client.start(["no-such-command"], pty={"rows": 5, "cols": 5})]
+    said = b"".join(v for e, v in missing if e == "pty")
+    assert missing[-1] == ("exit", (127, False)) and b"no-such-command" in said

@@ -75,6 +75,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 import termios
 import time
 from typing import Any
@@ -645,9 +646,18 @@ def _retain(pid: int, tag: str | None, end: dict) -> None:
     ENDED[pid] = (now + ENDED_TTL, tag, end)
 
 
-def _login_tty() -> None:
-    """In the PTY's child, after setsid: the terminal on fd 0 becomes its controlling one."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+# A PTY's command is started through this interpreter: in its own session (setsid), the
+# terminal on fd 0 becomes its controlling one, then the command replaces it. (A preexec_fn
+# would run Python in the forked agent, which other threads of the agent make unsafe.)
+LOGIN_TTY = """
+import fcntl, os, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+try:
+    os.execvp(sys.argv[1], sys.argv[1:])
+except OSError as exc:
+    sys.stderr.write(f"{sys.argv[1]}: {exc.strerror}\\r\\n")
+    os._exit(127)
+"""
 
 
 def _set_size(fd: int, size: dict) -> None:
@@ -673,14 +683,13 @@ async def _start(request: dict, base_env: dict, reader, writer) -> None:
             _set_size(master, pty_size or {})
         with RUNNING.starting():
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *([sys.executable, "-I", "-c", LOGIN_TTY, *argv] if slave is not None else argv),
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
                 stdin=slave if slave is not None else pipe if request.get("stdin_open") else null,
                 stdout=slave if slave is not None else pipe,
                 stderr=slave if slave is not None else pipe,
-                preexec_fn=_login_tty if slave is not None else None,
             )
             RUNNING.add(proc.pid)
     except BaseException:
