@@ -161,7 +161,7 @@ class AgentClient:
 
     # -- envd's commands: they outlive their client's connection (see agent.py) -------------
 
-    async def start(
+    def start(
         self,
         argv: list[str],
         *,
@@ -177,16 +177,14 @@ class AgentClient:
         running; `attach` follows it again."""
         request: dict[str, Any] = {"op": "start", "argv": argv, "env": env or {}, "cwd": cwd}
         request.update(timeout=timeout, stdin_open=stdin_open, tag=tag, pty=pty)
-        async for event in self._process_events(request):
-            yield event
+        return self._process_events(request)
 
-    async def attach(
+    def attach(
         self, *, pid: int | None = None, tag: str | None = None
     ) -> AsyncGenerator[tuple[str, Any], None]:
         """Follow a command `start` started (by pid or tag): ("started", pid), its output
         from now on, ("exit", …); one that ended lately answers its start and exit."""
-        async for event in self._process_events({"op": "connect", "pid": pid, "tag": tag}):
-            yield event
+        return self._process_events({"op": "connect", "pid": pid, "tag": tag})
 
     async def _process_events(
         self, request: dict[str, Any]
