@@ -142,6 +142,16 @@ async def test_a_pty_has_its_size_takes_keys_and_says_what_it_cannot_run(client)
         await client.send_input(pid, b"gone")
     assert refused.value.kind == "not_found"
 
+    # A PTY outlives its client too, and is followed again (the SDK's `pty.connect`).
+    terminal = client.start(["sh"], pty={"rows": 5, "cols": 5}, env={"PS1": ""})
+    pid = await started(terminal)
+    await terminal.aclose()
+    again = client.attach(pid=pid)
+    assert await started(again) == pid
+    await client.tty_input(pid, b"echo back; exit 9\n")
+    output = b"".join([v async for e, v in again if e == "pty"])
+    assert b"back" in output
+
     missing = [e async for e in client.start(["no-such-command"], pty={"rows": 5, "cols": 5})]
     said = b"".join(v for e, v in missing if e == "pty")
     assert missing[-1] == ("exit", (127, False)) and b"no-such-command" in said
