@@ -9,6 +9,7 @@ from typing import Any
 from sandboxd.providers.base import ExecResult, OutputCallback
 
 MAX_LINE = 64 * 1024 * 1024
+CALL_TIMEOUT_S = 60.0  # a unary call's answer: a 32 MiB file, a reset's 5 s, a deep listing
 
 
 class AgentError(RuntimeError):
@@ -43,12 +44,23 @@ class AgentClient:
         await writer.drain()
         return reader, writer
 
-    async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
-        reader, writer = await self._open(request)
+    async def _call(
+        self, request: dict[str, Any], timeout: float = CALL_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """One request, one reply, within `timeout`: an agent that does not answer (a
+        sandbox starved by its own code, say) costs its caller no more than that."""
         try:
-            reply = await _read_message(reader)
-        finally:
-            writer.close()
+            async with asyncio.timeout(timeout):
+                reader, writer = await self._open(request)
+                try:
+                    reply = await _read_message(reader)
+                finally:
+                    writer.close()
+        except TimeoutError:
+            op = request.get("op")
+            message = f"agent gave no answer to {op!r} within {timeout:g}s"
+            raise AgentError(message, "unreachable") from None
+
         if not reply.get("ok"):
             raise _refused(reply, "agent refused the request")
         return reply
@@ -76,7 +88,8 @@ class AgentClient:
     async def health(self, command: str | None, timeout: float, since: int) -> dict[str, Any]:
         """Liveness, the probe command's result, and the program's news after `since`."""
         return await self._call(
-            {"op": "health", "shell": command, "timeout": timeout, "since": since}
+            {"op": "health", "shell": command, "timeout": timeout, "since": since},
+            timeout=timeout + CALL_TIMEOUT_S,
         )
 
     async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
