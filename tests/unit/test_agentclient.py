@@ -19,6 +19,6 @@ async def test_an_agent_that_never_answers_costs_the_caller_its_timeout_only(tmp
     path = str(tmp_path / "agent.sock")
     server = await asyncio.start_unix_server(silent, path)
     async with server:
-        with pytest.raises(AgentError, match="no answer to 'stat' within 0.2s") as failed:
+        with pytest.raises(AgentError, match=r"no answer to 'stat' within 0\.2s") as failed:
             await AgentClient(path)._call({"op": "stat", "path": "x"}, timeout=0.2)
         assert failed.value.kind == "unreachable" and accepted.is_set()
