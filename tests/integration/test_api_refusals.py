@@ -77,3 +77,32 @@ async def test_an_e2b_pool_that_resets_for_the_next_claimant_is_not_served(redis
             "/v2/sandboxes", json={"templateID": "shared"}, headers={"X-API-KEY": secret}
         )
     assert done.status_code == 400 and "reuse: reset" in done.json()["message"]
+
+
+async def test_a_body_past_the_bound_is_refused_before_it_is_read_whole(redis):
+    """A control-plane call's JSON is at most 1 MiB: declared larger, it is refused before
+    any of it is read; sent without a length, it is counted and refused once past."""
+    await redis.hset(KEYS.pools, "cloud", json.dumps(POOL))
+    secret = await ApiKeyStore(redis, KEYS).create("frank")
+    app = create_app(Settings(redis=redis, prefix=PREFIX, wait_s=0.1))
+    sent = 0
+
+    async def endless():
+        nonlocal sent
+        while sent < 64 * 1024 * 1024:  # would be 64 MiB; the server stops it at 1 MiB
+            sent += 64 * 1024
+            yield b" " * (64 * 1024)
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        headers = {"X-API-KEY": secret, "content-type": "application/json"}
+        big = b'{"templateID": "cloud", "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+        done = await http.post("/v2/sandboxes", content=big, headers=headers)
+        assert done.status_code == 413 and "1048576 bytes" in done.json()["message"]
+        done = await http.post("/v2/sandboxes", content=endless(), headers=headers)
+        assert done.status_code == 413
+        assert sent <= 2 * 1024 * 1024  # read up to the bound, not the whole body
+        done = await http.post(
+            "/v2/sandboxes", content=b"{}", headers=headers | {"content-length": "x"}
+        )
+        assert done.status_code == 400

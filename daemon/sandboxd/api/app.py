@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sandboxd.api import limits
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client import ClaimError, ClaimTimeout, Client
 from sandboxd.store.apikeys import ApiKey, ApiKeyStore
@@ -562,7 +563,7 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
             try:
                 key = await api.authenticate(request)
                 return await handler(api, request, key)
-            except ApiError as exc:
+            except (ApiError, limits.BodyTooLarge) as exc:
                 return exc.response()
             except RedisError as exc:
                 log.warning("Redis: %s", type(exc).__name__)
@@ -599,14 +600,22 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
         ],
         lifespan=lifespan,
     )
-    if not rpc:
-        return control
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for prefix, service in rpc.items():
                 if scope["path"].startswith(prefix):
                     return await service(scope, receive, send)
+            limit = limits.limit_for(scope["path"])
+            size = limits.declared(scope["headers"])
+            if size is not None and not 0 <= size <= limit:
+                refusal = (
+                    limits.BodyTooLarge(limit).response()
+                    if size > limit
+                    else ApiError(400, "Content-Length must be a number").response()
+                )
+                return await refusal(scope, receive, send)
+            receive = limits.bounded(receive, limit)
         return await control(scope, receive, send)
 
     return app

@@ -52,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandboxd.api.limits import BodyTooLarge
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client.connections import UnreachableSandbox, trusted_socket
 from sandboxd.providers.local.agentclient import AgentClient, AgentError
@@ -576,6 +577,12 @@ def routes(envd: Envd) -> list[Route]:
             target = await envd.target(request.headers)
         except Refused as exc:
             return exc.response()
+        try:
+            return await _write_files(request, target)
+        except BodyTooLarge as exc:  # past limits.MAX_FILES_BODY: read no further
+            return exc.response()
+
+    async def _write_files(request: Request, target: Target) -> Response:
         written = []
         # Only file parts are wanted: Starlette keeps other fields in memory (max_part_size
         # bounds each, max_fields their number), so allow next to none of them.
