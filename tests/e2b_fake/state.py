@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 @dataclass
 class Faults:
@@ -45,6 +47,8 @@ class FakeSandbox:
     state: str = "running"
     processes: dict[int, "asyncio.subprocess.Process"] = field(default_factory=dict)
     commands: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
+    watched: dict[int, Any] = field(default_factory=dict)  # envd.FakeProcess by pid
+    tasks: set["asyncio.Task[None]"] = field(default_factory=set)  # watching the processes
 
     @property
     def home(self) -> Path:
@@ -54,12 +58,35 @@ class FakeSandbox:
     def tmp(self) -> Path:
         return self.workdir / "tmp"
 
-    def signal_all(self, signum: int) -> None:
-        """To every process of every command (each command is its own process group)."""
+    def run_task(self, coro) -> None:
+        """A task of the sandbox's own (watching a process), cancelled when it goes."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def members(self) -> list[psutil.Process]:
+        """Every process of the sandbox: its commands and all they started (a program a
+        command started in a session of its own too), as the VM holds them all."""
+        found: dict[int, psutil.Process] = {}
         for process in self.processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signum)
+            if process.returncode is not None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                top = psutil.Process(process.pid)
+                found[top.pid] = top
+                found.update((p.pid, p) for p in top.children(recursive=True))
+        return list(found.values())
+
+    def signal_all(self, signum: int) -> None:
+        """To every process of the sandbox: SIGSTOP freezes it whole, as a paused VM."""
+        for process in self.members():
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signum)
+
+    def end(self) -> None:
+        self.signal_all(signal.SIGKILL)
+        for task in self.tasks:
+            task.cancel()
 
     def listed(self) -> dict[str, Any]:
         return {
@@ -174,7 +201,7 @@ class World:
     def remove(self, sandbox_id: str) -> FakeSandbox | None:
         sandbox = self.sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
-            sandbox.signal_all(signal.SIGKILL)
+            sandbox.end()
             shutil.rmtree(sandbox.workdir, ignore_errors=True)
         return sandbox
 

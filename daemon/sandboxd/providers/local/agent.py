@@ -542,7 +542,9 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, default=None, help="RLIMIT_AS (no cgroup)")
     parser.add_argument(
         "--supervisor",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py"),
+        default=os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "supervisor.py"
+        ),
     )
     args = parser.parse_args()
     global supervisor

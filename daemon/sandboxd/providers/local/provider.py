@@ -38,7 +38,7 @@ from sandboxd.config import LocalProviderConfig, LocalTemplate
 from sandboxd.providers.base import CreateError, IsolationError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.local import agent as agent_module
 from sandboxd.providers.local import seccomp
-from sandboxd.providers.local import supervisor as supervisor_module
+from sandboxd.providers import supervisor as supervisor_module
 from sandboxd.providers.local.agentclient import AgentClient, AgentError
 from sandboxd.providers.local.cgroups import CgroupError, Cgroups, Limits
 from sandboxd.spec import HealthSpec, PoolSpec
@@ -285,7 +285,10 @@ class LocalProvider:
         if template.setup:
             await _run_setup(socket_path, template.setup)
         if pool.run is not None:
-            await AgentClient(socket_path).supervise(pool.run.model_dump())
+            agent = AgentClient(socket_path)
+            for path, text in pool.run.files.items():  # relative: below $HOME (/workspace)
+                await agent.write(path, text.encode())
+            await agent.supervise(pool.run.model_dump(exclude={"files"}))
         return handle
 
     async def _launch(
