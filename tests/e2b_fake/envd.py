@@ -224,7 +224,7 @@ class ProcessService:
         sandbox.run_task(self._watch(sandbox, watched, timeout_ms / 1000 or None))
         try:
             yield _event(Oneof("start", PE.StartEvent(pid=process.pid)))
-            async for event in _events(queue):
+            async for event in _events(queue, ctx):
                 yield event
         finally:  # the client went away: the process runs on
             watched.listeners.discard(queue)
@@ -245,7 +245,7 @@ class ProcessService:
         try:
             start = Oneof("start", PE.StartEvent(pid=watched.process.pid))
             yield process_pb.ConnectResponse(event=PE(event=start))
-            async for event in _events(queue):
+            async for event in _events(queue, ctx):
                 yield process_pb.ConnectResponse(event=event.event)
         finally:
             watched.listeners.discard(queue)
@@ -284,10 +284,17 @@ class ProcessService:
         raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
 
 
-async def _events(queue: asyncio.Queue) -> AsyncIterator[process_pb.StartResponse]:
-    """A subscriber's data events, then the end event; the stream ends there."""
+async def _events(queue: asyncio.Queue, ctx) -> AsyncIterator[process_pb.StartResponse]:
+    """A subscriber's data events, then the end event; the stream ends there. With no
+    output for the client's `Keepalive-Ping-Interval` seconds, a keepalive event (so a
+    client that went away is noticed, as envd does)."""
+    interval = float(ctx.request_headers.get("keepalive-ping-interval") or 0) or None
     while True:
-        event = await queue.get()
+        try:
+            event = await asyncio.wait_for(queue.get(), interval)
+        except TimeoutError:
+            yield _event(Oneof("keepalive", PE.KeepAlive()))
+            continue
         if isinstance(event, PE.EndEvent):
             yield _event(Oneof("end", event))
             return

@@ -84,9 +84,8 @@ class FakeSandbox:
                 process.send_signal(signum)
 
     def end(self) -> None:
+        """Killed whole: each command's stream then ends with its exit."""
         self.signal_all(signal.SIGKILL)
-        for task in self.tasks:
-            task.cancel()
 
     def listed(self) -> dict[str, Any]:
         return {

@@ -164,7 +164,7 @@ class Supervisor:
 # -- on its own, in an E2B sandbox ---------------------------------------------------------
 #
 #   python3 -I -S supervisor.py run DIR           keeps DIR/run.json's program running; prints
-#                                                 "ready" once its status is written
+#                                                 "ready" once it has started (or could not)
 #   python3 -I -S supervisor.py read DIR SINCE [MAX_BYTES]
 #                                                 one JSON object: status() after SINCE, from
 #                                                 the journal, at most MAX_BYTES of news
@@ -289,6 +289,16 @@ def _die_with_parent():
     return lambda: libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _say_ready(directory: str) -> None:
+    """The program has started (or could not): the daemon's create waits for this line.
+    Nobody reads envd's copy of this process's output after it."""
+    print("ready", flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    errors = os.open(os.path.join(directory, "supervisor.err"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.dup2(devnull, 1)
+    os.dup2(errors, 2)
+
+
 async def _supervise(directory: str) -> None:
     with open(os.path.join(directory, RUN)) as handle:
         run = json.load(handle)
@@ -302,19 +312,17 @@ async def _supervise(directory: str) -> None:
             status.update(state=STATE_AFTER.get(entry["type"], status["state"]))
             status.update(pid=sup.pid, restarts=sup.restarts, reason=entry.get("reason", ""))
             _write_status(directory, status)
+            if not said:
+                _say_ready(directory)
+                said.append(True)
 
+    said: list = []
     env = dict(os.environ)
     sup = Supervisor(
         run, env, env.get("HOME") or os.getcwd(), _Unowned(), sink, _die_with_parent()
     )
     sup.seq = max(sup.seq, journal.last_seq())
     _write_status(directory, status)
-    print("ready", flush=True)
-    # Nobody reads envd's copy of our output from now on.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    errors = os.open(os.path.join(directory, "supervisor.err"), os.O_WRONLY | os.O_CREAT, 0o600)
-    os.dup2(devnull, 1)
-    os.dup2(errors, 2)
     task = asyncio.get_running_loop().create_task(sup.loop())
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,184 @@
+"""`run:` in E2B sandboxes: the supervisor uploaded and started through envd, its news read
+back from its journal, against the fake E2B (real processes, envd's process service)."""
+
+import signal
+
+import psutil
+
+from sandboxd.client import Client
+from tests.support import (
+    E2B_TEST_KEY,
+    KEYS,
+    apply,
+    cli,
+    events_of,
+    eventually,
+    wait_event,
+    wait_ready,
+)
+
+from .test_e2b import client_endpoints, e2b_pool, e2b_settings
+
+# The issue's bot, faster: five lines, then exit 1.
+CRASHING_BOT = (
+    "import sys, time\n"
+    "for i in range(1, 6):\n"
+    "    print(f'line {i}')\n"
+    "    time.sleep(0.01)\n"
+    "sys.exit(1)\n"
+)
+COUNTING_BOT = "import time\ni = 0\nwhile True:\n    i += 1\n    print(i)\n    time.sleep(0.02)\n"
+STEADY_BOT = "import time\nprint('up')\ntime.sleep(1000)\n"
+
+
+def bot(text: str, **extra) -> dict:
+    return {"command": "python3 -u bot.py", "files": {"bot.py": text}, **extra}
+
+
+def settings(fake) -> dict:
+    return {"agent_poll_interval_s": 0.1, "e2b": e2b_settings(fake, api_key=E2B_TEST_KEY)}
+
+
+async def agent_events(redis, sandbox: str) -> list[dict]:
+    return [e for e in await events_of(redis) if e["sandbox"] == sandbox and "agent." in e["type"]]
+
+
+async def log_lines(redis, sandbox: str) -> list[str]:
+    return [f["line"] for _, f in await redis.xrange(KEYS.sandbox_logs(sandbox))]
+
+
+def e2b_id_of(fake, sandbox: str) -> str:
+    (found,) = [s for s in fake.ours() if s.metadata["sandboxd-id"] == sandbox]
+    return found.id
+
+
+def programs(fake, e2b_id: str) -> list[psutil.Process]:
+    """The sandbox's python3 processes running bot.py (not the shells around them)."""
+    sandbox = fake.world.sandboxes[e2b_id]
+    return [
+        p
+        for p in fake.call(lambda _: sandbox.members())
+        if p.name().startswith("python") and "bot.py" in p.cmdline()
+    ]
+
+
+async def test_a_crashing_bot_in_e2b_is_restarted_with_backoff_then_failed_and_replaced(
+    fake_e2b, redis, redis_server, embedded_daemon
+):
+    await embedded_daemon(**settings(fake_e2b))
+    run = bot(CRASHING_BOT, restart="on-failure", backoff_s=0.05, max_restarts=2)
+    await apply(redis, [e2b_pool(min_ready=1, max_total=2, run=run)])
+    (first,) = await wait_ready(redis, "cloud", 1)
+    e2b_id = e2b_id_of(fake_e2b, first)
+
+    failed = await wait_event(redis, "agent.failed", sandbox=first)
+    assert "exited with 1 after 2 restarts" in failed["data"]["reason"]
+    mine = await agent_events(redis, first)
+    assert [e["type"] for e in mine] == ["agent.started", "agent.exited"] + [
+        "agent.restarting",
+        "agent.started",
+        "agent.exited",
+    ] * 2 + ["agent.failed"]
+    assert [e["data"]["exit_code"] for e in mine if e["type"] == "agent.exited"] == [1, 1, 1]
+    delays = [e["data"]["delay_s"] for e in mine if e["type"] == "agent.restarting"]
+    assert 0.025 <= delays[0] <= 0.05 and 0.05 <= delays[1] <= 0.1  # doubled, jittered
+
+    done = await wait_event(redis, "recovery.succeeded", old=first)
+    started = await wait_event(redis, "recovery.started", sandbox=first)
+    assert "agent failed" in started["data"]["detail"]
+    new = done["data"]["new"]
+    assert new != first
+    await wait_event(redis, "agent.started", sandbox=new)  # the replacement runs the bot
+    assert e2b_id not in {s.id for s in fake_e2b.ours()}  # the failed one is gone from E2B
+
+    logs = cli(redis_server, "logs", first)  # kept after the sandbox is gone
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.splitlines() == [f"line {i}" for i in range(1, 6)] * 3
+
+
+async def test_kill_9_of_the_daemon_loses_and_repeats_no_line_of_an_e2b_program(
+    fake_e2b, redis, daemon_factory
+):
+    config = {**settings(fake_e2b), "lease_ttl_s": 1, "agent_log_lines": 100_000}
+    first = daemon_factory(**config)
+    first.env["E2B_API_KEY"] = E2B_TEST_KEY
+    first.start()
+    await apply(redis, [e2b_pool(min_ready=1, max_total=1, run=bot(COUNTING_BOT))])
+    (sandbox,) = await wait_ready(redis, "cloud", 1)
+    journal = fake_e2b.world.sandboxes[e2b_id_of(fake_e2b, sandbox)].tmp / ".sandboxd/journal"
+
+    await eventually(lambda: _at_least(redis, sandbox, 20), what="20 lines copied")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    copied = len(await log_lines(redis, sandbox))
+
+    def printed() -> int:
+        return sum(1 for line in journal.read_text().splitlines() if line.startswith("["))
+
+    async def went_on() -> bool:
+        return printed() > copied + 25
+
+    await eventually(went_on, what="output while no daemon runs")
+    missed = printed()
+
+    second = daemon_factory(**config)
+    second.env["E2B_API_KEY"] = E2B_TEST_KEY
+    second.start()
+    await eventually(lambda: _at_least(redis, sandbox, missed + 10), what="the log to go on")
+    numbers = [int(line) for line in await log_lines(redis, sandbox)]
+    assert numbers == list(range(1, len(numbers) + 1))  # no gap, no repeat
+    starts = [e for e in await agent_events(redis, sandbox) if e["type"] == "agent.started"]
+    assert len(starts) == 1  # the program ran on through the daemon's restart
+
+
+async def _at_least(redis, sandbox: str, count: int) -> bool:
+    return len(await log_lines(redis, sandbox)) >= count
+
+
+async def test_a_reset_restarts_the_e2b_program_and_leaves_no_old_copy_running(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(**settings(fake_e2b))
+    pool = e2b_pool(min_ready=1, max_total=1, reuse="reset", run=bot(STEADY_BOT))
+    await apply(redis, [pool])
+    (sandbox,) = await wait_ready(redis, "cloud", 1)
+    e2b_id = e2b_id_of(fake_e2b, sandbox)
+    await eventually(lambda: _at_least(redis, sandbox, 1), what="the program's first line")
+
+    async with Client(redis, endpoints=client_endpoints(fake_e2b)) as client:
+        async with client.claim("cloud", lease_s=60) as claimed:
+            assert claimed.id == sandbox
+            listed = await claimed.exec("ls -A ~")
+            assert listed.stdout == b"bot.py\n"  # the pool's file; the supervisor is in /tmp
+
+    reset = await wait_event(redis, "sandbox.reset", sandbox=sandbox)
+    assert reset["data"]["uses"] == 1
+    await eventually(lambda: _at_least(redis, sandbox, 2), what="the program's second run")
+    assert await log_lines(redis, sandbox) == ["up", "up"]
+    starts = [e for e in await agent_events(redis, sandbox) if e["type"] == "agent.started"]
+    assert len(starts) == 2
+    assert len(programs(fake_e2b, e2b_id)) == 1  # the first run was killed by the reset
+
+
+async def test_a_paused_e2b_sandbox_freezes_its_program_and_a_claim_thaws_it(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(**settings(fake_e2b))
+    pool = e2b_pool(min_ready=1, max_total=1, e2b={"idle": "pause"}, run=bot(COUNTING_BOT))
+    await apply(redis, [pool])
+    (sandbox,) = await wait_ready(redis, "cloud", 1)
+    e2b_id = e2b_id_of(fake_e2b, sandbox)
+    members = fake_e2b.call(lambda world: world.sandboxes[e2b_id].members())
+    assert len(members) >= 3  # the supervisor, the shell of `run.command`, maybe the bot
+    assert {p.status() for p in members} == {psutil.STATUS_STOPPED}  # frozen, not killed
+    assert await log_lines(redis, sandbox) == []  # a paused sandbox is not woken to ask
+
+    async with Client(redis, endpoints=client_endpoints(fake_e2b)) as client:
+        async with client.claim("cloud", lease_s=60) as claimed:
+            await claimed.exec("true")  # runs once the daemon has resumed it
+            await eventually(lambda: _at_least(redis, sandbox, 10), what="lines after thaw")
+            numbers = [int(line) for line in await log_lines(redis, sandbox)]
+            assert numbers == list(range(1, len(numbers) + 1))  # it went on where it stopped
+            assert all(p.status() != psutil.STATUS_STOPPED for p in members)
+    starts = [e for e in await agent_events(redis, sandbox) if e["type"] == "agent.started"]
+    assert len(starts) == 1
