@@ -4,10 +4,10 @@ URL for all sandboxes, routed by the `E2b-Sandbox-Id` header): GET /health, GET/
 client is built from, so its Connect-JSON framing is the real one).
 
 Commands run as real processes on this host, outliving the request that started them (a
-client may disconnect and Connect again, as with envd), under bubblewrap, with E2B's view of a sandbox:
-the sandbox's own directories mounted at /home/user (HOME, the working directory) and /tmp,
-and E2B's environment (HOME, USER, E2B_SANDBOX, E2B_SANDBOX_ID, the sandbox's env; no
-TMPDIR). The files API maps those two paths the same way and serves nothing else.
+client may disconnect and Connect again, as with envd), under bubblewrap, with E2B's view of
+a sandbox: the sandbox's own directories mounted at /home/user (HOME, the working
+directory) and /tmp, and E2B's environment (HOME, USER, E2B_SANDBOX, E2B_SANDBOX_ID, the
+sandbox's env; no TMPDIR). The files API maps those two paths the same way and serves nothing else.
 """
 
 import asyncio
@@ -201,7 +201,9 @@ class ProcessService:
                 return watched
             if selector.field == "tag" and watched.tag == selector.value:
                 return watched
-        raise ConnectError(Code.NOT_FOUND, f"process with {selector.field} {selector.value} not found")
+        raise ConnectError(
+            Code.NOT_FOUND, f"process with {selector.field} {selector.value} not found"
+        )
 
     async def start(self, request, ctx) -> AsyncIterator[process_pb.StartResponse]:
         sandbox = self._sandbox(ctx)

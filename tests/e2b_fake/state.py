@@ -3,7 +3,6 @@ a ledger of every request for tests to check the daemon's manners against."""
 
 import asyncio
 import contextlib
-import os
 import secrets
 import shutil
 import signal

@@ -4,6 +4,7 @@ back from its journal, against the fake E2B (real processes, envd's process serv
 import signal
 
 import psutil
+from e2b import AsyncSandbox
 
 from sandboxd.client import Client
 from tests.support import (
@@ -182,3 +183,28 @@ async def test_a_paused_e2b_sandbox_freezes_its_program_and_a_claim_thaws_it(
             assert all(p.status() != psutil.STATUS_STOPPED for p in members)
     starts = [e for e in await agent_events(redis, sandbox) if e["type"] == "agent.started"]
     assert len(starts) == 1
+
+
+async def test_the_fake_envd_keeps_a_command_past_its_stream_as_envd_does(fake_e2b):
+    """What the provider relies on, checked on the fake with the real SDK: a background
+    command outlives the stream that started it, is listed, can be connected to again,
+    and its request timeout (0: none) ends it."""
+    sandbox = await AsyncSandbox.create(
+        api_key=E2B_TEST_KEY, api_url=fake_e2b.url, sandbox_url=fake_e2b.url
+    )
+    handle = await sandbox.commands.run(
+        "sleep 0.3; echo one; sleep 0.3; echo two", background=True, timeout=0
+    )
+    await handle.disconnect()
+    assert handle.pid in [p.pid for p in await sandbox.commands.list()]
+    again = await sandbox.commands.connect(handle.pid)
+    assert (await again.wait()).stdout.endswith("two\n")
+
+    short = await sandbox.commands.run("sleep 60", background=True, timeout=1)
+    await short.disconnect()
+
+    async def ended() -> bool:
+        return short.pid not in [p.pid for p in await sandbox.commands.list()]
+
+    await eventually(ended, timeout=10, what="envd to end a command at its timeout")
+    await sandbox.kill()

@@ -3,9 +3,10 @@
 Standard library only: it runs inside the sandbox, where the daemon's virtualenv is not
 visible — loaded by the local agent (agent.py), or on its own in an E2B sandbox (`main`
 below: started in the background through envd, it appends its news to a journal file that
-the daemon reads back with `read`, from its cursor). Restarts follow the policy (on-failure, always, never) with a
-growing, capped, jittered delay that starts over after a stable run; too many restarts
-within the window and it gives up (state `failed`), and the daemon replaces the sandbox.
+the daemon reads back with `read`, from its cursor). Restarts follow the policy
+(on-failure, always, never) with a growing, capped, jittered delay that starts over after
+a stable run; too many restarts within the window and it gives up (state `failed`), and
+the daemon replaces the sandbox.
 Every lifecycle event and output line gets a sequence number, so the daemon fetches
 exactly what it has not seen yet (`since`).
 """
@@ -178,6 +179,7 @@ class Supervisor:
 JOURNAL, ROTATED, STATUS, RUN = "journal", "journal.1", "status.json", "run.json"
 JOURNAL_BYTES = 1 << 20
 READ_BYTES = 256 * 1024
+READ_ENTRIES, READ_EVENTS = 1000, 100  # per read, at most (the daemon takes no more)
 FINAL = ("exited", "failed", "stopped")
 STATE_AFTER = {
     "agent.started": "running",
@@ -231,7 +233,7 @@ def _seq(entry) -> int:
 def _entries(paths: list):
     """Complete lines of the files, in order; a line being written (no newline yet) and
     anything that is not a journal entry are skipped."""
-    files = []
+    files: list = []
     for path in reversed(paths):  # the newest first: a rotation in between reads one twice
         try:
             files.append(open(path, "rb"))
@@ -250,6 +252,11 @@ def _entries(paths: list):
                     continue
                 if isinstance(entry, dict) or (isinstance(entry, list) and entry):
                     yield entry
+
+
+def _load(path: str):
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def _write_status(directory: str, status: dict) -> None:
@@ -300,8 +307,7 @@ def _say_ready(directory: str) -> None:
 
 
 async def _supervise(directory: str) -> None:
-    with open(os.path.join(directory, RUN)) as handle:
-        run = json.load(handle)
+    run = _load(os.path.join(directory, RUN))
     journal = Journal(directory)
     status = {"state": "starting", "reason": "", "pid": None, "restarts": 0}
     status["supervisor"] = os.getpid()
@@ -318,9 +324,7 @@ async def _supervise(directory: str) -> None:
 
     said: list = []
     env = dict(os.environ)
-    sup = Supervisor(
-        run, env, env.get("HOME") or os.getcwd(), _Unowned(), sink, _die_with_parent()
-    )
+    sup = Supervisor(run, env, env.get("HOME") or os.getcwd(), _Unowned(), sink, _die_with_parent())
     sup.seq = max(sup.seq, journal.last_seq())
     _write_status(directory, status)
     task = asyncio.get_running_loop().create_task(sup.loop())
@@ -338,7 +342,8 @@ async def _supervise(directory: str) -> None:
 
 def read(directory: str, since: int, budget: int = READ_BYTES) -> dict:
     """What `status(since)` says inside the agent, from the journal: news numbered after
-    `since`, at most `budget` bytes of it (`seq` is then the last one given)."""
+    `since`, at most `budget` bytes, READ_ENTRIES entries and READ_EVENTS events of it
+    (`seq` is then the last one given)."""
     status = _read_status(directory)
     state = status.get("state", "starting")
     reason = status.get("reason", "")
@@ -360,9 +365,11 @@ def read(directory: str, since: int, budget: int = READ_BYTES) -> dict:
         if seq <= out["seq"]:
             continue
         used += len(json.dumps(entry)) + 2
-        if used > budget:
+        kind = "events" if isinstance(entry, dict) else "lines"
+        full = len(out["events"]) + len(out["lines"]) >= READ_ENTRIES
+        if used > budget or full or (kind == "events" and len(out["events"]) >= READ_EVENTS):
             break
-        out["events" if isinstance(entry, dict) else "lines"].append(entry)
+        out[kind].append(entry)
         out["seq"] = seq
     return out
 
@@ -384,7 +391,9 @@ def main(argv: list) -> int:
     elif len(argv) == 2 and argv[0] == "stop":
         stop(argv[1])
     else:
-        print("usage: supervisor.py run DIR | read DIR SINCE [MAX_BYTES] | stop DIR", file=sys.stderr)
+        print(
+            "usage: supervisor.py run DIR | read DIR SINCE [MAX_BYTES] | stop DIR", file=sys.stderr
+        )
         return 2
     return 0
 

@@ -28,8 +28,10 @@ START = f"{PYTHON} {DIR}/supervisor.py run {DIR}"
 STOP = f"{PYTHON} {DIR}/supervisor.py stop {DIR}"
 READ_BYTES = 256 * 1024  # news per read, as the supervisor counts it
 OUTPUT_BYTES = 2 * READ_BYTES  # what the daemon takes from any command it runs in there
-MAX_EVENTS = 100  # per read; a crash loop makes 3 per restart
-MAX_LINES = 2000
+# Per read: what an honest supervisor gives at most (it stops there and says so with its
+# `seq`); more is forged, and dropped.
+MAX_EVENTS = supervisor_module.READ_EVENTS
+MAX_LINES = supervisor_module.READ_ENTRIES
 MAX_SEQ = 2**62
 START_TIMEOUT_S = 30.0
 
@@ -224,4 +226,3 @@ async def _end(handle: Any) -> None:
     except Exception:  # gone already, or the sandbox with it: nothing left to end
         pass
     await handle.disconnect()
-

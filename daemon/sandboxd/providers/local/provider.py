@@ -35,10 +35,10 @@ from typing import Any
 import psutil
 
 from sandboxd.config import LocalProviderConfig, LocalTemplate
+from sandboxd.providers import supervisor as supervisor_module
 from sandboxd.providers.base import CreateError, IsolationError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.local import agent as agent_module
 from sandboxd.providers.local import seccomp
-from sandboxd.providers import supervisor as supervisor_module
 from sandboxd.providers.local.agentclient import AgentClient, AgentError
 from sandboxd.providers.local.cgroups import CgroupError, Cgroups, Limits
 from sandboxd.spec import HealthSpec, PoolSpec
