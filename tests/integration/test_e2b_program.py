@@ -29,7 +29,8 @@ CRASHING_BOT = (
     "sys.exit(1)\n"
 )
 COUNTING_BOT = "import time\ni = 0\nwhile True:\n    i += 1\n    print(i)\n    time.sleep(0.02)\n"
-STEADY_BOT = "import time\nprint('up')\ntime.sleep(1000)\n"
+# 3,000 lines at once: its numbers run ahead of the clock the next run's start from.
+BURST_BOT = "import time\nfor i in range(3000):\n    print(i)\nprint('up')\ntime.sleep(1000)\n"
 
 
 def bot(text: str, **extra) -> dict:
@@ -139,12 +140,12 @@ async def _at_least(redis, sandbox: str, count: int) -> bool:
 async def test_a_reset_restarts_the_e2b_program_and_leaves_no_old_copy_running(
     fake_e2b, redis, embedded_daemon
 ):
-    await embedded_daemon(**settings(fake_e2b))
-    pool = e2b_pool(min_ready=1, max_total=1, reuse="reset", run=bot(STEADY_BOT))
+    await embedded_daemon(**settings(fake_e2b), agent_log_lines=10_000)
+    pool = e2b_pool(min_ready=1, max_total=1, reuse="reset", run=bot(BURST_BOT))
     await apply(redis, [pool])
     (sandbox,) = await wait_ready(redis, "cloud", 1)
     e2b_id = e2b_id_of(fake_e2b, sandbox)
-    await eventually(lambda: _at_least(redis, sandbox, 1), what="the program's first line")
+    await eventually(lambda: _at_least(redis, sandbox, 3001), what="the program's first run")
 
     async with Client(redis, endpoints=client_endpoints(fake_e2b)) as client:
         async with client.claim("cloud", lease_s=60) as claimed:
@@ -154,8 +155,9 @@ async def test_a_reset_restarts_the_e2b_program_and_leaves_no_old_copy_running(
 
     reset = await wait_event(redis, "sandbox.reset", sandbox=sandbox)
     assert reset["data"]["uses"] == 1
-    await eventually(lambda: _at_least(redis, sandbox, 2), what="the program's second run")
-    assert await log_lines(redis, sandbox) == ["up", "up"]
+    await eventually(lambda: _at_least(redis, sandbox, 6002), what="the program's second run")
+    expected = [str(i) for i in range(3000)] + ["up"]
+    assert await log_lines(redis, sandbox) == expected * 2  # numbered past the first run
     starts = [e for e in await agent_events(redis, sandbox) if e["type"] == "agent.started"]
     assert len(starts) == 2
     assert len(programs(fake_e2b, e2b_id)) == 1  # the first run was killed by the reset

@@ -50,6 +50,7 @@ def test_uploads_carry_the_supervisor_its_settings_and_the_pools_files():
     assert paths["bot.py"] == b"print(1)"
     settings = json.loads(paths[f"{program.DIR}/run.json"])
     assert settings["command"] == "python3 -u bot.py" and "files" not in settings
+    assert settings["seq_after"] == 0
     assert b"def read(" in paths[f"{program.DIR}/supervisor.py"]
 
 
@@ -70,6 +71,7 @@ def test_the_journal_is_read_from_the_cursor_across_a_rotation(tmp_path, monkeyp
     monkeypatch.setattr(supervisor, "READ_ENTRIES", 3)
     assert supervisor.read(str(tmp_path), 25)["seq"] == 28  # and the next read goes on
     assert supervisor.Journal(str(tmp_path)).last_seq() == 30
+    assert supervisor.stop(str(tmp_path)) == 30  # nothing to kill: no status
 
 
 def test_a_supervisor_that_is_gone_reads_as_failed(tmp_path):

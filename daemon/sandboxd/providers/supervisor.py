@@ -169,9 +169,10 @@ class Supervisor:
 #   python3 -I -S supervisor.py read DIR SINCE [MAX_BYTES]
 #                                                 one JSON object: status() after SINCE, from
 #                                                 the journal, at most MAX_BYTES of news
-#   python3 -I -S supervisor.py stop DIR          kills the supervisor and its program
+#   python3 -I -S supervisor.py stop DIR          kills the supervisor and its program;
+#                                                 prints the journal's last number
 #
-# DIR holds run.json (the RunSpec), status.json (state, program pid, the supervisor's pid)
+# DIR holds run.json (the RunSpec, and `seq_after`: number past it), status.json (state, program pid, the supervisor's pid)
 # and the journal: one JSON value a line, an event (an object) or an output line (a list
 # [seq, time, text]), numbered without gaps. It is rotated once past JOURNAL_BYTES, so up to
 # twice that is kept while nobody reads it.
@@ -325,7 +326,8 @@ async def _supervise(directory: str) -> None:
     said: list = []
     env = dict(os.environ)
     sup = Supervisor(run, env, env.get("HOME") or os.getcwd(), _Unowned(), sink, _die_with_parent())
-    sup.seq = max(sup.seq, journal.last_seq())
+    after = run.get("seq_after")  # the last number of a predecessor whose journal is gone
+    sup.seq = max(sup.seq, journal.last_seq(), after if isinstance(after, int) else 0)
     _write_status(directory, status)
     task = asyncio.get_running_loop().create_task(sup.loop())
     stopping = asyncio.Event()
@@ -374,12 +376,16 @@ def read(directory: str, since: int, budget: int = READ_BYTES) -> dict:
     return out
 
 
-def stop(directory: str) -> None:
+def stop(directory: str) -> int:
+    """Kill the supervisor, then its program's process group; returns the journal's last
+    number, which a supervisor started after a reset (that wipes the journal) numbers past."""
     status = _read_status(directory)
     for pid, kill in ((status.get("supervisor"), os.kill), (status.get("pid"), os.killpg)):
-        if isinstance(pid, int) and pid > 0:
+        if isinstance(pid, int) and pid > 1:
             with contextlib.suppress(OSError):
                 kill(pid, signal.SIGKILL)
+    paths = [os.path.join(directory, ROTATED), os.path.join(directory, JOURNAL)]
+    return max([0, *(_seq(entry) for entry in _entries(paths))])
 
 
 def main(argv: list) -> int:
@@ -389,7 +395,7 @@ def main(argv: list) -> int:
         budget = int(argv[3]) if len(argv) == 4 else READ_BYTES
         print(json.dumps(read(argv[1], int(argv[2]), budget)))
     elif len(argv) == 2 and argv[0] == "stop":
-        stop(argv[1])
+        print(stop(argv[1]))
     else:
         print(
             "usage: supervisor.py run DIR | read DIR SINCE [MAX_BYTES] | stop DIR", file=sys.stderr

@@ -87,10 +87,11 @@ class Status(BaseModel):
     lines: list[Any] = Field(default_factory=list)
 
 
-def uploads(run: RunSpec) -> list[dict[str, Any]]:
+def uploads(run: RunSpec, *, after: int = 0) -> list[dict[str, Any]]:
     """What goes into the sandbox before the program starts (e2b's `WriteEntry`s): the
-    supervisor, its settings, and the pool's files (relative: below the user's home)."""
-    settings = run.model_dump(exclude={"files"})
+    supervisor, its settings (numbering past `after`), and the pool's files (relative:
+    below the user's home)."""
+    settings = {**run.model_dump(exclude={"files"}), "seq_after": after}
     return [
         {"path": f"{DIR}/supervisor.py", "data": _SUPERVISOR},
         {"path": f"{DIR}/run.json", "data": json.dumps(settings).encode()},
@@ -174,10 +175,12 @@ async def run_bounded(sandbox: AsyncSandbox, command: str, *, timeout: float) ->
     return "".join(taken)
 
 
-async def start(sandbox: AsyncSandbox, run: RunSpec) -> None:
+async def start(sandbox: AsyncSandbox, run: RunSpec, *, after: int = 0) -> None:
     """Upload the supervisor and the pool's files, start the supervisor in the background
-    (no timeout: envd would end it) and wait for its `ready`. Raises ProgramError."""
-    await sandbox.files.write_files(uploads(run))  # type: ignore[arg-type]
+    (no timeout: envd would end it) and wait for its `ready`. `after`: the last number
+    the daemon may have seen of a predecessor (a reset), which it numbers past. Raises
+    ProgramError."""
+    await sandbox.files.write_files(uploads(run, after=after))  # type: ignore[arg-type]
     ready = asyncio.Event()
     said: list[str] = []
 
@@ -215,9 +218,11 @@ async def start(sandbox: AsyncSandbox, run: RunSpec) -> None:
         )
 
 
-async def stop(sandbox: AsyncSandbox) -> None:
-    """Kill the supervisor and its program (best effort: a reset kills every process next)."""
-    await run_bounded(sandbox, STOP, timeout=10.0)
+async def stop(sandbox: AsyncSandbox) -> int:
+    """Kill the supervisor and its program (a reset kills what envd lists next, but not the
+    program, in a session of its own); the journal's last number (0: unknown)."""
+    said = (await run_bounded(sandbox, STOP, timeout=10.0)).strip()
+    return int(said) if said.isdigit() and int(said) <= MAX_SEQ else 0
 
 
 async def _end(handle: Any) -> None:

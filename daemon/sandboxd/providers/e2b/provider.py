@@ -234,14 +234,15 @@ class E2BProvider:
         try:
             self._open.pop(sandbox_id, None)  # a paused one must be resumed: connect anew
             sandbox = await self._connected(sandbox_id, handle)
+            last = 0  # the old program's last number: the new one numbers past it
             if handle.get("run"):
                 with contextlib.suppress(Exception):  # gone already: the kills below suffice
-                    await program.stop(sandbox)
+                    last = await program.stop(sandbox)
             for process in await sandbox.commands.list():
                 await sandbox.commands.kill(process.pid)
             await sandbox.commands.run(pool.reset_command, timeout=60)
             if pool.run is not None:
-                await program.start(sandbox, pool.run)  # afresh, with the pool's files
+                await program.start(sandbox, pool.run, after=last)  # afresh, with its files
             if pool.e2b_settings.idle == "pause":
                 await self._pause(sandbox_id, sandbox)
         except Exception as exc:
