@@ -174,8 +174,8 @@ class Supervisor:
 #
 # DIR holds run.json (the RunSpec, and `seq_after`: number past it), status.json (state,
 # program pid, the supervisor's pid) and the journal: one JSON value a line, an event (an
-# object) or an output line (a list [seq, time, text]), numbered without gaps. It is rotated once past JOURNAL_BYTES, so up to
-# twice that is kept while nobody reads it.
+# object) or an output line (a list [seq, time, text]), numbered without gaps. It is
+# rotated once past JOURNAL_BYTES, so up to twice that is kept while nobody reads it.
 
 JOURNAL, ROTATED, STATUS, RUN = "journal", "journal.1", "status.json", "run.json"
 JOURNAL_BYTES = 1 << 20
