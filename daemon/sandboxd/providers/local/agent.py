@@ -542,9 +542,8 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, default=None, help="RLIMIT_AS (no cgroup)")
     parser.add_argument(
         "--supervisor",
-        default=os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "supervisor.py"
-        ),
+        # beside this file inside a sandbox (/opt/sandboxd); otherwise the provider names it
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py"),
     )
     args = parser.parse_args()
     global supervisor
