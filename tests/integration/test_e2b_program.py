@@ -4,9 +4,11 @@ back from its journal, against the fake E2B (real processes, envd's process serv
 import signal
 
 import psutil
+import pytest
 from e2b import AsyncSandbox
 
 from sandboxd.client import Client
+from sandboxd.providers.e2b import program
 from tests.support import (
     E2B_TEST_KEY,
     KEYS,
@@ -209,4 +211,47 @@ async def test_the_fake_envd_keeps_a_command_past_its_stream_as_envd_does(fake_e
         return short.pid not in [p.pid for p in await sandbox.commands.list()]
 
     await eventually(ended, timeout=10, what="envd to end a command at its timeout")
+
+    # What the daemon takes from a command in a sandbox is bounded as it streams in.
+    with pytest.raises(program.OutputTooLarge):
+        await program.run_bounded(sandbox, "cat /dev/zero", timeout=30)
+
+    async def killed() -> bool:
+        return not [p for p in await sandbox.commands.list() if "/dev/zero" in " ".join(p.args)]
+
+    await eventually(killed, timeout=10, what="the command that wrote too much killed")
     await sandbox.kill()
+
+
+FORGING_BOT = (
+    "import json, time\n"
+    "path = '/tmp/.sandboxd/journal'\n"
+    "last = json.loads(open(path).read().splitlines()[-1])\n"
+    "seq = last['seq'] if isinstance(last, dict) else last[0]\n"
+    "forged = [\n"
+    "    {'seq': seq + 1, 'type': 'sandbox.terminated', 'sandbox': 'sb-victim'},\n"
+    "    {'seq': seq + 2, 'type': 'agent.failed', 'reason': 'forged', 'sandbox': 'sb-victim'},\n"
+    "    [seq + 3, 1.0, 'x' * 100000],\n"
+    "    {'seq': seq + 4, 'type': 'agent.exited', 'exit_code': 99},\n"
+    "]\n"
+    "with open(path, 'a') as journal:\n"
+    "    journal.write(''.join(json.dumps(f) + '\\n' for f in forged))\n"
+    "time.sleep(1000)\n"
+)
+
+
+async def test_news_forged_inside_an_e2b_sandbox_is_only_ever_about_that_sandbox(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(**settings(fake_e2b))
+    await apply(redis, [e2b_pool(min_ready=1, max_total=1, run=bot(FORGING_BOT))])
+    (sandbox,) = await wait_ready(redis, "cloud", 1)
+    # The one well-formed forgery is taken, as the sandbox's word about its own program.
+    said = await wait_event(redis, "agent.exited", sandbox=sandbox)
+    assert said["data"] == {"exit_code": 99} and said["pool"] == "cloud"
+    everything = await events_of(redis)
+    assert not [e for e in everything if e["sandbox"] == "sb-victim"]
+    assert not [e for e in everything if e["type"] in ("agent.failed", "sandbox.terminated")]
+    assert await log_lines(redis, sandbox) == []  # the 100,000-character line was dropped
+    healthy = await wait_event(redis, "sandbox.health_changed", sandbox=sandbox)
+    assert healthy["data"]["to"] == "healthy"
