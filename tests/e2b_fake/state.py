@@ -64,8 +64,9 @@ class FakeSandbox:
         task.add_done_callback(self.tasks.discard)
 
     def members(self) -> list[psutil.Process]:
-        """Every process of the sandbox: its commands and all they started (a program a
-        command started in a session of its own too), as the VM holds them all."""
+        """Every process of the sandbox, as the VM holds them all: its commands and all they
+        started (in sessions of their own too), and orphans that outlived their parents
+        (found by the E2B_SANDBOX_ID every command's environment carries)."""
         found: dict[int, psutil.Process] = {}
         for process in self.processes.values():
             if process.returncode is not None:
@@ -74,6 +75,10 @@ class FakeSandbox:
                 top = psutil.Process(process.pid)
                 found[top.pid] = top
                 found.update((p.pid, p) for p in top.children(recursive=True))
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("E2B_SANDBOX_ID") == self.id:
+                    found.setdefault(process.pid, process)
         return list(found.values())
 
     def signal_all(self, signum: int) -> None:

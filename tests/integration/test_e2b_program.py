@@ -255,3 +255,24 @@ async def test_news_forged_inside_an_e2b_sandbox_is_only_ever_about_that_sandbox
     assert await log_lines(redis, sandbox) == []  # the 100,000-character line was dropped
     healthy = await wait_event(redis, "sandbox.health_changed", sandbox=sandbox)
     assert healthy["data"]["to"] == "healthy"
+
+
+async def test_an_e2b_sandbox_whose_supervisor_was_killed_is_replaced(
+    fake_e2b, redis, embedded_daemon
+):
+    await embedded_daemon(**settings(fake_e2b))
+    await apply(redis, [e2b_pool(min_ready=1, max_total=1, run=bot(COUNTING_BOT))])
+    (sandbox,) = await wait_ready(redis, "cloud", 1)
+    e2b_id = e2b_id_of(fake_e2b, sandbox)
+    members = fake_e2b.call(lambda world: world.sandboxes[e2b_id].members())
+    (supervising,) = [
+        p
+        for p in members
+        if p.name().startswith("python") and f"{program.DIR}/supervisor.py" in p.cmdline()
+    ]
+    supervising.kill()  # as the sandbox's own code might
+
+    started = await wait_event(redis, "recovery.started", sandbox=sandbox)
+    assert "the supervisor is gone" in started["data"]["detail"]
+    done = await wait_event(redis, "recovery.succeeded", old=sandbox)
+    await wait_event(redis, "agent.started", sandbox=done["data"]["new"])
