@@ -165,7 +165,7 @@ class Supervisor:
 # -- on its own, in an E2B sandbox ---------------------------------------------------------
 #
 #   python3 -I -S supervisor.py run DIR           keeps DIR/run.json's program running; prints
-#                                                 "ready" once it has started (or could not)
+#                                                 READY once it has started (or could not)
 #   python3 -I -S supervisor.py read DIR SINCE [MAX_BYTES]
 #                                                 one JSON object: status() after SINCE, from
 #                                                 the journal, at most MAX_BYTES of news
@@ -180,6 +180,7 @@ class Supervisor:
 JOURNAL, ROTATED, STATUS, RUN = "journal", "journal.1", "status.json", "run.json"
 JOURNAL_BYTES = 1 << 20
 READ_BYTES = 256 * 1024
+READY = "sandboxd-supervisor-ready"  # said once the program has started (or could not)
 READ_ENTRIES, READ_EVENTS = 1000, 100  # per read, at most (the daemon takes no more)
 FINAL = ("exited", "failed", "stopped")
 STATE_AFTER = {
@@ -300,7 +301,7 @@ def _die_with_parent():
 def _say_ready(directory: str) -> None:
     """The program has started (or could not): the daemon's create waits for this line.
     Nobody reads envd's copy of this process's output after it."""
-    print("ready", flush=True)
+    print(READY, flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     errors = os.open(os.path.join(directory, "supervisor.err"), os.O_WRONLY | os.O_CREAT, 0o600)
     os.dup2(devnull, 1)

@@ -177,7 +177,7 @@ async def run_bounded(sandbox: AsyncSandbox, command: str, *, timeout: float) ->
 
 async def start(sandbox: AsyncSandbox, run: RunSpec, *, after: int = 0) -> None:
     """Upload the supervisor and the pool's files, start the supervisor in the background
-    (no timeout: envd would end it) and wait for its `ready`. `after`: the last number
+    (no timeout: envd would end it) and wait for its READY line. `after`: the last number
     the daemon may have seen of a predecessor (a reset), which it numbers past. Raises
     ProgramError."""
     await sandbox.files.write_files(uploads(run, after=after))  # type: ignore[arg-type]
@@ -185,8 +185,9 @@ async def start(sandbox: AsyncSandbox, run: RunSpec, *, after: int = 0) -> None:
     said: list[str] = []
 
     def heard(text: str) -> None:
-        said.append(text[:200])
-        if "ready" in "".join(said):
+        if len(said) < 20:  # enough to say why it failed, and bounded
+            said.append(text[:200])
+        if supervisor_module.READY in text or supervisor_module.READY in "".join(said):
             ready.set()
 
     handle = await sandbox.commands.run(
