@@ -272,6 +272,8 @@ async def test_an_e2b_sandbox_whose_supervisor_was_killed_is_replaced(
     ]
     supervising.kill()  # as the sandbox's own code might
 
+    failed = await wait_event(redis, "agent.failed", sandbox=sandbox)
+    assert failed["data"]["reason"] == "the supervisor is gone (killed?)"
     started = await wait_event(redis, "recovery.started", sandbox=sandbox)
     assert "the supervisor is gone" in started["data"]["detail"]
     done = await wait_event(redis, "recovery.succeeded", old=sandbox)

@@ -81,6 +81,8 @@ def test_a_supervisor_that_is_gone_reads_as_failed(tmp_path):
     (tmp_path / "status.json").write_text(json.dumps(status))
     read = supervisor.read(str(tmp_path), 0)
     assert read["state"] == "failed" and "supervisor is gone" in read["reason"]
+    assert [e["type"] for e in read["events"]] == ["agent.failed"]  # said once:
+    assert supervisor.read(str(tmp_path), read["seq"])["events"] == []
     status["supervisor"] = os.getpid()
     (tmp_path / "status.json").write_text(json.dumps(status))
     assert supervisor.read(str(tmp_path), 0)["state"] == "running"

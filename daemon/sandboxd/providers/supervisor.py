@@ -348,10 +348,11 @@ def read(directory: str, since: int, budget: int = READ_BYTES) -> dict:
     `since`, at most `budget` bytes, READ_ENTRIES entries and READ_EVENTS events of it
     (`seq` is then the last one given)."""
     status = _read_status(directory)
+    if status.get("state") not in FINAL and "supervisor" in status:
+        if not _alive(status["supervisor"]):
+            _bury(directory, status)
     state = status.get("state", "starting")
     reason = status.get("reason", "")
-    if state not in FINAL and "supervisor" in status and not _alive(status["supervisor"]):
-        state, reason = "failed", "the supervisor is gone (killed?)"
     out = {
         "state": state,
         "reason": reason,
@@ -375,6 +376,24 @@ def read(directory: str, since: int, budget: int = READ_BYTES) -> dict:
         out[kind].append(entry)
         out["seq"] = seq
     return out
+
+
+def _bury(directory: str, status: dict) -> None:
+    """The supervisor died without a word (killed): say `agent.failed` for it, once (the
+    status is final from then on)."""
+    journal = Journal(directory)
+    reason = "the supervisor is gone (killed?)"
+    restarts = status.get("restarts", 0)
+    journal.append(
+        {
+            "seq": journal.last_seq() + 1,
+            "type": "agent.failed",
+            "reason": reason,
+            "restarts": restarts,
+        }
+    )
+    status.update(state="failed", reason=reason)
+    _write_status(directory, status)
 
 
 def stop(directory: str) -> int:
