@@ -114,7 +114,7 @@ class FakeE2B:
         return self
 
     def stop(self) -> None:
-        if self._server is not None and self.loop is not None:
+        if self._server is not None:
             # Every sandbox killed first: the streams watching their commands end, so the
             # server's shutdown does not wait for them.
             with contextlib.suppress(Exception):  # a server that died has none running
