@@ -1,7 +1,10 @@
-"""`run.files` on a local pool: the program's files are in $HOME before it starts (the
-e2b side is in test_e2b_program.py)."""
+"""`run:` on local pools: `run.files` are in $HOME before the program starts, and a reset
+starts it again numbered past its first run (the e2b side is in test_e2b_program.py)."""
 
-from tests.support import KEYS, apply, eventually, wait_ready
+from sandboxd.client import Client
+from sandboxd.providers.local.agentclient import AgentClient
+from sandboxd.store.records import SandboxStore
+from tests.support import KEYS, apply, eventually, wait_event, wait_ready
 
 BOT = "print('hello from bot.py:', open('conf/answer.txt').read())\nimport time\ntime.sleep(1000)\n"
 
@@ -17,3 +20,45 @@ async def test_run_files_are_written_before_a_local_program_starts(redis, daemon
         return lines or None
 
     assert await eventually(said, what="the bot's line") == ["hello from bot.py: 42"]
+
+
+# Once told to go (a file), 4,500 lines in 1.5 s, in bursts of 900 the agent keeps between
+# polls (it keeps 1,000): their numbers run 3 s ahead of the clock the next run starts from.
+BURST_BOT = (
+    "import os, time\n"
+    "print('ready')\n"
+    "while not os.path.exists('go'):\n"
+    "    time.sleep(0.01)\n"
+    "os.remove('go')\n"
+    "for i in range(4500):\n"
+    "    print(i)\n"
+    "    if i % 900 == 899:\n"
+    "        time.sleep(0.3)\n"
+    "print('up')\n"
+    "time.sleep(1000)\n"
+)
+LINES = ["ready", *(str(i) for i in range(4500)), "up"]
+
+
+async def test_a_local_reset_numbers_the_programs_second_run_past_its_first(redis, daemon_factory):
+    daemon_factory(agent_poll_interval_s=0.1, agent_log_lines=10_000).start()
+    run = {"command": "python3 -u bot.py", "files": {"bot.py": BURST_BOT}}
+    await apply(redis, [{"name": "bots", "min_ready": 1, "reuse": "reset", "run": run}])
+    (sandbox,) = await wait_ready(redis, "bots", 1)
+
+    async def lines(count: int) -> list[str] | None:
+        found = [f["line"] for _, f in await redis.xrange(KEYS.sandbox_logs(sandbox))]
+        return found if len(found) >= count else None
+
+    await eventually(lambda: lines(1), what="the program waiting")
+    record = await SandboxStore(redis, KEYS).get(sandbox)
+    await AgentClient(record.handle["socket"]).write("go", b"")
+    assert await eventually(lambda: lines(4502), what="the first run's lines") == LINES
+    async with Client(redis) as client:
+        async with client.claim("bots", lease_s=60) as claimed:
+            assert claimed.id == sandbox
+    await wait_event(redis, "sandbox.reset", sandbox=sandbox)
+    await eventually(lambda: lines(4503), what="the program waiting again")
+    await AgentClient(record.handle["socket"]).write("go", b"")
+    second = await eventually(lambda: lines(9004), what="the second run's lines, after the reset")
+    assert second == LINES * 2

@@ -34,9 +34,11 @@ class Supervisor:
         self.run = run
         self.env = env
         self.cwd = cwd
-        # Starts at the clock (ms): a supervisor started anew (after a reset) numbers past
-        # its predecessor, so the daemon's cursor never hides its news.
-        self.seq = int(time.time() * 1000)
+        # Starts at the clock (ms), or past `seq_after` (its predecessor's last number, from
+        # a reset): a supervisor started anew numbers past its predecessor, so the daemon's
+        # cursor never hides its news.
+        after = run.get("seq_after")
+        self.seq = max(int(time.time() * 1000), after if isinstance(after, int) else 0)
         self.events: deque = deque(maxlen=MAX_EVENTS)
         self.lines: deque = deque(maxlen=MAX_LINES)
         self.state = "starting"
@@ -327,8 +329,7 @@ async def _supervise(directory: str) -> None:
     said: list = []
     env = dict(os.environ)
     sup = Supervisor(run, env, env.get("HOME") or os.getcwd(), _Unowned(), sink, _die_with_parent())
-    after = run.get("seq_after")  # the last number of a predecessor whose journal is gone
-    sup.seq = max(sup.seq, journal.last_seq(), after if isinstance(after, int) else 0)
+    sup.seq = max(sup.seq, journal.last_seq())
     _write_status(directory, status)
     task = asyncio.get_running_loop().create_task(sup.loop())
     stopping = asyncio.Event()
