@@ -72,6 +72,12 @@ def test_the_journal_is_read_from_the_cursor_across_a_rotation(tmp_path, monkeyp
     assert supervisor.read(str(tmp_path), 25)["seq"] == 28  # and the next read goes on
     assert supervisor.Journal(str(tmp_path)).last_seq() == 30
     assert supervisor.stop(str(tmp_path)) == 30  # nothing to kill: no status
+    events = tmp_path / "events"
+    events.mkdir()
+    supervisor.Journal(str(events)).append({"seq": 31, "type": "agent.started", "pid": 7})
+    read = supervisor.read(str(events), 30)
+    assert read["events"] == [{"seq": 31, "type": "agent.started", "pid": 7}]
+    assert supervisor.read(str(events), 31)["events"] == []
 
 
 def test_a_supervisor_that_is_gone_reads_as_failed(tmp_path):

@@ -185,9 +185,9 @@ READ_BYTES = 256 * 1024
 READY = "sandboxd-supervisor-ready"  # said once the program has started (or could not)
 READ_ENTRIES, READ_EVENTS = 1000, 100  # per read, at most (the daemon takes no more)
 FINAL = ("exited", "failed", "stopped")
-STATE_AFTER = {
+STATE_AFTER = {  # the state written with each event (the last one at the end of the loop)
     "agent.started": "running",
-    "agent.exited": "exited",
+    "agent.exited": "backoff",  # not final yet: killed now, it must read as gone
     "agent.restarting": "backoff",
     "agent.failed": "failed",
 }
@@ -234,9 +234,18 @@ def _seq(entry) -> int:
     return seq if isinstance(seq, int) else 0
 
 
-def _entries(paths: list):
-    """Complete lines of the files, in order; a line being written (no newline yet) and
-    anything that is not a journal entry are skipped."""
+def _quick_seq(raw: bytes) -> int | None:
+    """The number of an entry as this supervisor writes it (`[N,` or `{"seq":N,`), without
+    parsing the rest; None for anything else."""
+    head = raw[:40].split(b",", 1)[0]
+    head = (head[7:] if head.startswith(b'{"seq":') else head[1:]).strip()
+    return int(head) if head.isdigit() else None
+
+
+def _entries(paths: list, after: int = -1):
+    """Complete lines of the files, in order, numbered after `after` (skipped unparsed); a
+    line being written (no newline yet) and anything that is not a journal entry are
+    skipped."""
     files: list = []
     for path in reversed(paths):  # the newest first: a rotation in between reads one twice
         try:
@@ -250,6 +259,9 @@ def _entries(paths: list):
             for raw in handle:
                 if not raw.endswith(b"\n"):
                     break
+                quick = _quick_seq(raw)
+                if quick is not None and quick <= after:
+                    continue
                 try:
                     entry = json.loads(raw)
                 except ValueError:
@@ -365,7 +377,7 @@ def read(directory: str, since: int, budget: int = READ_BYTES) -> dict:
     }
     used = 0
     paths = [os.path.join(directory, ROTATED), os.path.join(directory, JOURNAL)]
-    for entry in _entries(paths):
+    for entry in _entries(paths, since):
         seq = _seq(entry)
         if seq <= out["seq"]:
             continue
