@@ -43,7 +43,8 @@ BURST_BOT = (
 async def test_a_local_reset_numbers_the_programs_second_run_past_its_first(redis, daemon_factory):
     daemon_factory(agent_poll_interval_s=0.1, agent_log_lines=10_000).start()
     run = {"command": "python3 -u bot.py", "files": {"bot.py": BURST_BOT}}
-    await apply(redis, [{"name": "bots", "min_ready": 1, "reuse": "reset", "run": run}])
+    pool = {"name": "bots", "min_ready": 1, "max_total": 1, "reuse": "reset", "run": run}
+    await apply(redis, [pool])
     (sandbox,) = await wait_ready(redis, "bots", 1)
 
     def said(line: str, times: int):
