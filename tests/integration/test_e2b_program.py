@@ -226,6 +226,8 @@ async def test_the_fake_envd_keeps_a_command_past_its_stream_as_envd_does(fake_e
 FORGING_BOT = (
     "import json, time\n"
     "path = '/tmp/.sandboxd/journal'\n"
+    "while not open(path).read().endswith('\\n'):  # agent.started, written as it starts\n"
+    "    time.sleep(0.01)\n"
     "last = json.loads(open(path).read().splitlines()[-1])\n"
     "seq = last['seq'] if isinstance(last, dict) else last[0]\n"
     "forged = [\n"
@@ -248,7 +250,7 @@ async def test_news_forged_inside_an_e2b_sandbox_is_only_ever_about_that_sandbox
     (sandbox,) = await wait_ready(redis, "cloud", 1)
     # The one well-formed forgery is taken, as the sandbox's word about its own program.
     said = await wait_event(redis, "agent.exited", sandbox=sandbox)
-    assert said["data"] == {"exit_code": 99} and said["pool"] == "cloud"
+    assert said["data"] == {"exit_code": 99} and said["pool"] == "cloud"  # the bot runs on
     everything = await events_of(redis)
     assert not [e for e in everything if e["sandbox"] == "sb-victim"]
     assert not [e for e in everything if e["type"] in ("agent.failed", "sandbox.terminated")]
