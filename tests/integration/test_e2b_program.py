@@ -175,7 +175,11 @@ async def test_a_paused_e2b_sandbox_freezes_its_program_and_a_claim_thaws_it(
     e2b_id = e2b_id_of(fake_e2b, sandbox)
     members = fake_e2b.call(lambda world: world.sandboxes[e2b_id].members())
     assert len(members) >= 3  # the supervisor, the shell of `run.command`, maybe the bot
-    assert {p.status() for p in members} == {psutil.STATUS_STOPPED}  # frozen, not killed
+
+    async def frozen() -> bool:  # (one in the middle of a disk write stops once it is done)
+        return {p.status() for p in members} == {psutil.STATUS_STOPPED}
+
+    await eventually(frozen, timeout=5, what="every process of the sandbox stopped, not killed")
     assert await log_lines(redis, sandbox) == []  # a paused sandbox is not woken to ask
 
     async with Client(redis, endpoints=client_endpoints(fake_e2b)) as client:
