@@ -227,6 +227,9 @@ class HealthSpec(BaseModel):
     )
 
 
+RUN_FILES, RUN_FILES_BYTES = 32, 256 * 1024
+
+
 class RunSpec(BaseModel):
     """A long-running program kept running in every sandbox of the pool (an agent)."""
 
@@ -265,6 +268,27 @@ class RunSpec(BaseModel):
     window_s: float = Field(
         default=60.0, gt=0, le=86400, description="The window max_restarts counts in, seconds."
     )
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=RUN_FILES,
+        description="Small files the program needs (path relative to $HOME: its text), "
+        f"written before it starts and again after every reset; at most {RUN_FILES} files "
+        f"and {RUN_FILES_BYTES // 1024} KiB in all. Anything bigger belongs in the template.",
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _relative_paths(cls, files: dict[str, str]) -> dict[str, str]:
+        for path in files:
+            parts = path.split("/")
+            if not path or path.startswith("/") or ".." in parts or "" in parts or "\0" in path:
+                raise ValueError(f"{path!r}: a relative path below $HOME, without '..'")
+            if len(path) > 255:
+                raise ValueError(f"{path[:40]!r}...: a path of at most 255 characters")
+        size = sum(len(path) + len(text.encode()) for path, text in files.items())
+        if size > RUN_FILES_BYTES:
+            raise ValueError(f"files hold {size} bytes, more than {RUN_FILES_BYTES}")
+        return files
 
 
 class BreakerSpec(BaseModel):
@@ -453,7 +477,8 @@ class PoolSpec(BaseModel):
     health: HealthSpec = Field(default_factory=HealthSpec)
     run: RunSpec | None = Field(
         default=None,
-        description="local: a supervised program (an agent) kept running in every sandbox.",
+        description="A supervised program (an agent) kept running in every sandbox (local "
+        "and e2b; README: supervised programs).",
     )
     replace_claimed: bool = Field(
         default=False,
@@ -542,8 +567,6 @@ class PoolSpec(BaseModel):
             )
         if self.e2b is not None and self.provider != "e2b":
             raise ValueError("e2b: settings only apply to pools with provider e2b")
-        if self.provider == "e2b" and self.run is not None:
-            raise ValueError("run: not supported for provider e2b (the supervisor is local-only)")
         for i, window in enumerate(self.schedule):
             low = self.min_ready if window.min_ready is None else window.min_ready
             high = self.max_total if window.max_total is None else window.max_total

@@ -1194,6 +1194,7 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, default=None, help="RLIMIT_AS (no cgroup)")
     parser.add_argument(
         "--supervisor",
+        # beside this file inside a sandbox (/opt/sandboxd); otherwise the provider names it
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py"),
     )
     args = parser.parse_args()

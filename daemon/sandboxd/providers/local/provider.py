@@ -35,10 +35,10 @@ from typing import Any
 import psutil
 
 from sandboxd.config import LocalProviderConfig, LocalTemplate
+from sandboxd.providers import supervisor as supervisor_module
 from sandboxd.providers.base import CreateError, IsolationError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.local import agent as agent_module
 from sandboxd.providers.local import seccomp
-from sandboxd.providers.local import supervisor as supervisor_module
 from sandboxd.providers.local.agentclient import AgentClient, AgentError
 from sandboxd.providers.local.cgroups import CgroupError, Cgroups, Limits
 from sandboxd.spec import HealthSpec, PoolSpec
@@ -276,16 +276,23 @@ class LocalProvider:
             del self._cleanups[sandbox_id]
 
     async def _start(
-        self, sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path
+        self,
+        sandbox_id: str,
+        pool: PoolSpec,
+        template: LocalTemplate,
+        box: Path,
+        *,
+        program: bool = True,
     ) -> dict[str, Any]:
-        """Launch, wait for the agent, run the template's setup and the `run:` program."""
+        """Launch, wait for the agent, run the template's setup and (unless not `program`)
+        the `run:` program."""
         handle = await self._launch(sandbox_id, pool, template, box)
         socket_path = handle["socket"]
         await _wait_for_agent(socket_path, lambda: self._alive_entry(sandbox_id) is not None)
         if template.setup:
             await _run_setup(socket_path, template.setup)
-        if pool.run is not None:
-            await AgentClient(socket_path).supervise(pool.run.model_dump())
+        if program:
+            await _start_program(socket_path, pool)
         return handle
 
     async def _launch(
@@ -526,23 +533,27 @@ class LocalProvider:
     ) -> dict[str, Any]:
         """From the host side: every process of the sandbox is killed and its namespaces,
         tmpfs mounts (/workspace, /tmp, /dev/shm, /run) and socket go with them; the sandbox
-        is then started afresh under the same id and uid, and the reset command runs. Nothing
-        the last holder did inside survives, and nothing it says is trusted."""
+        is then started afresh under the same id and uid, the reset command runs, and the
+        `run:` program starts again (its news numbered past its predecessor's). Nothing the
+        last holder did inside survives, and nothing it says is trusted."""
         template = self._templates.get(pool.template)
         box = self._box(sandbox_id)
         if template is None or box is None or self._entry(sandbox_id) is None:
             raise ResetError("not a sandbox of this provider's registry")
         try:
+            last = await _last_news(box / "agent.sock") if pool.run is not None else 0
             await self.kill(sandbox_id, handle)
             if self._bwrap is None:
                 await asyncio.to_thread(_wipe_host_workdir, box)
-            fresh = await self._start(sandbox_id, pool, template, box)
+            fresh = await self._start(sandbox_id, pool, template, box, program=False)
             result = await AgentClient(str(box / "agent.sock")).exec(pool.reset_command, timeout=60)
+            if result.exit_code != 0:
+                detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
+                raise ResetError(f"reset command exited {result.exit_code}: {detail}")
+            # After the reset command, which would delete the program's files from $HOME.
+            await _start_program(fresh["socket"], pool, after=last)
         except (CreateError, AgentError, OSError) as exc:
             raise ResetError(str(exc)) from exc
-        if result.exit_code != 0:
-            detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
-            raise ResetError(f"reset command exited {result.exit_code}: {detail}")
         return fresh
 
     async def probe(
@@ -791,6 +802,30 @@ def _agent_python(config: LocalProviderConfig) -> str:
     if os.path.exists("/usr/bin/python3"):
         return "/usr/bin/python3"
     return os.path.realpath(sys.executable)
+
+
+async def _start_program(socket_path: str, pool: PoolSpec, *, after: int = 0) -> None:
+    """The pool's `run.files` written below $HOME (/workspace), then its program started,
+    its news numbered past `after` (the last number of a predecessor)."""
+    if pool.run is None:
+        return
+    agent = AgentClient(socket_path)
+    for path, text in pool.run.files.items():
+        await agent.write(path, text.encode())
+    await agent.supervise({**pool.run.model_dump(exclude={"files"}), "seq_after": after})
+
+
+async def _last_news(socket_path: Path) -> int:
+    """The number of the program's newest news, so that the program started after a reset
+    numbers past it (its numbers start at the clock in ms, which a program that printed
+    more than a line a millisecond has run ahead of); 0 if the agent cannot say."""
+    try:
+        async with asyncio.timeout(5.0):
+            reply = await AgentClient(str(socket_path)).health(None, 1.0, 2**62)
+    except (AgentError, TimeoutError, OSError):
+        return 0
+    seq = (reply.get("program") or {}).get("seq")
+    return seq if isinstance(seq, int) and 0 <= seq <= 2**62 else 0
 
 
 def _ms(started: float) -> float:
