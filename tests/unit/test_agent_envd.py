@@ -155,3 +155,21 @@ async def test_a_pty_has_its_size_takes_keys_and_says_what_it_cannot_run(client)
     missing = [e async for e in client.start(["no-such-command"], pty={"rows": 5, "cols": 5})]
     said = b"".join(v for e, v in missing if e == "pty")
     assert missing[-1] == ("exit", (127, False)) and b"no-such-command" in said
+
+
+async def test_a_read_takes_only_a_bounded_regular_file(client, tmp_path: Path):
+    """Found from outside: a FIFO stopped the agent's event loop (every call to the sandbox
+    hung), and a file of 48 MiB or more made a reply longer than a message line (a 500)."""
+    home = tmp_path / "home"
+    os.mkfifo(home / "fifo")
+    with pytest.raises(AgentError, match="not a regular file") as fifo:
+        await client.read("fifo")
+    assert fifo.value.kind == "invalid"
+    with open(home / "big", "wb") as big:
+        big.truncate(agent.MAX_READ + 1)  # sparse: costs no disk
+    with pytest.raises(AgentError, match="larger than") as large:
+        await client.read("big")
+    assert large.value.kind == "too_large"
+    (home / "small").write_bytes(b"x" * 1000)
+    assert await client.read("small") == b"x" * 1000
+    assert (await client.stat("small"))["size"] == 1000  # the agent still answers

@@ -48,7 +48,7 @@ from e2b.envd.process.process_connect import Process, ProcessASGIApplication
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from redis.exceptions import RedisError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -64,6 +64,7 @@ log = logging.getLogger("sandboxd.api")
 ENVD_VERSION = "0.5.2"
 ENVD_PORT = 49983
 MAX_UPLOAD = 32 * 1024 * 1024  # one file: the agent's JSON line carries it in base64
+FILE_TRANSFERS = 4  # uploads and downloads in flight at once, per API server
 MAX_LIST_DEPTH = 64  # ListDir: the SDK asks for 1 or a few; a huge depth would busy the agent
 PE = process_pb.ProcessEvent
 WDR = filesystem_pb.WatchDirResponse
@@ -89,10 +90,18 @@ CODES = {
     "invalid": Code.INVALID_ARGUMENT,
     "denied": Code.PERMISSION_DENIED,
     "exhausted": Code.RESOURCE_EXHAUSTED,  # watchers or followers: a bound reached
+    "too_large": Code.RESOURCE_EXHAUSTED,
     "overflow": Code.INTERNAL,  # a watcher lost events (envd's watcher error too)
     "unreachable": Code.UNAVAILABLE,
 }
-STATUSES = {"not_found": 404, "is_dir": 400, "not_dir": 400, "invalid": 400, "denied": 403}
+STATUSES = {
+    "not_found": 404,
+    "is_dir": 400,
+    "not_dir": 400,
+    "invalid": 400,
+    "denied": 403,
+    "too_large": 413,
+}
 
 
 def token_digest(token: str) -> str:
@@ -138,6 +147,12 @@ class Envd:
 
     async def target(self, headers: Mapping[str, str]) -> Target:
         sandbox_id, port = _sandbox_id(headers)
+        if not sandbox_id:
+            raise Refused(
+                502,
+                "no sandbox named: send E2b-Sandbox-Id, or use the host name "
+                "<port>-<sandbox id>.<domain>",
+            )
         if port and port != str(ENVD_PORT):
             raise Refused(502, f"port {port} of sandbox {sandbox_id} is not served by sandboxd")
         try:
@@ -173,7 +188,7 @@ def _sandbox_id(headers: Mapping[str, str]) -> tuple[str, str | None]:
         return found, headers.get("e2b-sandbox-port")
     label = (headers.get("host") or "").split(":")[0].split(".")[0]
     port, _, sandbox_id = label.partition("-")
-    return (sandbox_id, port) if port.isdigit() else ("", None)
+    return (sandbox_id, port) if port.isdigit() and sandbox_id else ("", None)
 
 
 def _failed(exc: AgentError) -> ConnectError:
@@ -549,7 +564,10 @@ def _http_failure(exc: AgentError) -> JSONResponse:
 
 
 def routes(envd: Envd) -> list[Route]:
-    """GET /health, GET /files (download), POST /files (multipart upload)."""
+    """GET /health, GET /files (download), POST /files (multipart upload). At most
+    FILE_TRANSFERS of them at once per API server: each holds up to a few times its file in
+    memory (and an upload up to limits.MAX_FILES_BODY on disk); more wait their turn."""
+    transfers = asyncio.Semaphore(FILE_TRANSFERS)
 
     async def health(request: Request) -> Response:
         try:
@@ -567,7 +585,8 @@ def routes(envd: Envd) -> list[Route]:
         if not path:
             return JSONResponse({"code": 400, "message": "path is required"}, 400)
         try:
-            data = await target.agent.read(path)
+            async with transfers:
+                data = await target.agent.read(path)
         except AgentError as exc:
             return _http_failure(exc)
         return Response(data, media_type="application/octet-stream")
@@ -578,9 +597,12 @@ def routes(envd: Envd) -> list[Route]:
         except Refused as exc:
             return exc.response()
         try:
-            return await _write_files(request, target)
+            async with transfers:
+                return await _write_files(request, target)
         except BodyTooLarge as exc:  # past limits.MAX_FILES_BODY: read no further
             return exc.response()
+        except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to log
+            return Response(status_code=400)
 
     async def _write_files(request: Request, target: Target) -> Response:
         written = []

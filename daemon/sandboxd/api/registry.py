@@ -20,6 +20,15 @@ from sandboxd.store.keys import Keys
 
 GRACE_S = 60
 
+# KEYS: 1 an E2B id's mapping. ARGV: 1 the claim id it must hold, then a field and a value
+# to set, or nothing to delete it. What one claim does to its mapping never lands on the
+# next claim's (a local sandbox's E2B id is its own, reused by `reuse: reset`).
+IF_CLAIM = """
+if redis.call('HGET', KEYS[1], 'claim_id') ~= ARGV[1] then return 0 end
+if #ARGV == 1 then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+return 1
+"""
+
 
 @dataclass
 class Entry:
@@ -92,6 +101,7 @@ class Registry:
     def __init__(self, redis: Redis, keys: Keys):
         self._redis = redis
         self._keys = keys
+        self._if_claim = redis.register_script(IF_CLAIM)
 
     async def reserve(self, key: str, limit: int | None, hold_s: float) -> str | None:
         """Count a create in flight against the key's quota; None if that is over `limit`.
@@ -125,50 +135,55 @@ class Registry:
             await pipe.execute()
 
     async def set_paused(self, entry: Entry, paused: bool) -> None:
-        await self._redis.hset(
-            self._keys.api_sandbox(entry.e2b_id), "paused", "1" if paused else ""
-        )
+        """Mark the claim paused or not: its mapping only, never the next claim's."""
+        key = self._keys.api_sandbox(entry.e2b_id)
+        value = "1" if paused else ""
+        await self._if_claim(keys=[key], args=[entry.claim_id, "paused", value])
         entry.paused = paused
 
     async def extend(self, entry: Entry, lease_s: int) -> None:
         await self._redis.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)
 
     async def get(self, e2b_id: str) -> Entry | None:
+        """The entry of a claim that still holds; None for anything else."""
+        entry, holds = await self._load(e2b_id)
+        return entry if holds else None
+
+    async def _load(self, e2b_id: str) -> tuple[Entry | None, bool]:
+        """The entry under `e2b_id` (None if none or garbage), and whether its claim holds."""
         if not e2b_id or len(e2b_id) > 200:
-            return None
+            return None, False
         fields = await self._redis.hgetall(self._keys.api_sandbox(e2b_id))
         entry = Entry.from_hash(e2b_id, fields) if fields else None
         if entry is None:
-            return None
+            return None, False
         state, claim_id, expires = await self._redis.hmget(
             self._keys.sandbox(entry.sandbox), ["state", "claim_id", "lease_expires_ms"]
         )
         if state != "claimed" or claim_id != entry.claim_id:
-            return None
+            return entry, False
         entry.lease_expires_ms = int(expires) if (expires or "").isdigit() else 0
-        return entry
+        return entry, True
 
     async def remove(self, entry: Entry) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.api_sandbox(entry.e2b_id))
-            pipe.zrem(self._keys.api_key_sandboxes(entry.key), entry.e2b_id)
-            await pipe.execute()
+        """Forget the entry, if the mapping is still this claim's: the same E2B id (a local
+        sandbox reused after a reset) may map the next claim by now."""
+        await self._if_claim(keys=[self._keys.api_sandbox(entry.e2b_id)], args=[entry.claim_id])
+        await self._redis.zrem(self._keys.api_key_sandboxes(entry.key), entry.e2b_id)
 
     async def live(self, key: str) -> list[Entry]:
         """The key's sandboxes whose claims still hold; forgets the others."""
         zset = self._keys.api_key_sandboxes(key)
         await self._redis.zremrangebyscore(zset, 1, int(time.time() * 1000))
-        found, ended, foreign = [], [], []
+        found, gone = [], []
         for member in await self._redis.zrangebyscore(zset, 0, 0):
-            entry = await self.get(member)
-            if entry is None:
-                ended.append(member)
-            elif entry.key != key:
-                foreign.append(member)
-            else:
+            entry, holds = await self._load(member)
+            if entry is not None and entry.key == key and holds:
                 found.append(entry)
-        if ended or foreign:
-            await self._redis.zrem(zset, *ended, *foreign)
-        if ended:  # the claim is over: its token opens nothing, forget it
-            await self._redis.delete(*(self._keys.api_sandbox(m) for m in ended))
+                continue
+            gone.append(member)
+            if entry is not None and entry.key == key:  # this key's claim is over: forget
+                await self.remove(entry)  # its mapping (its token opens nothing any more)
+        if gone:
+            await self._redis.zrem(zset, *gone)
         return found

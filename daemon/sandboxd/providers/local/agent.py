@@ -119,6 +119,7 @@ class Children(set):
 RUNNING = Children()
 PROCS: dict[int, dict] = {}  # exec'd commands by pid: {"proc", "argv", "cwd", "tag"}
 CHECK_OUTPUT_CHARS = 500
+MAX_READ = 32 * 1024 * 1024  # one file read: its base64 is one reply line
 
 
 class Program:
@@ -384,8 +385,21 @@ def _write(request: dict, base_env: dict) -> dict:
 
 
 def _read(request: dict, base_env: dict) -> dict:
-    with open(_path(request, base_env), "rb") as handle:
-        return {"ok": True, "data": _b64(handle.read())}
+    """A regular file of at most MAX_READ bytes. Opened without blocking and checked before
+    a byte is read: a FIFO would stop the agent, /dev/zero never ends, and a reply must fit
+    one message line (base64 of MAX_READ is well under MAX_LINE)."""
+    fd = os.open(_path(request, base_env), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        found = os.fstat(handle.fileno())
+        if stat.S_ISDIR(found.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(found.st_mode):
+            return {"ok": False, "error": "not a regular file", "kind": "invalid"}
+        data = handle.read(MAX_READ + 1)
+    if len(data) > MAX_READ:
+        error = f"the file is larger than the {MAX_READ} bytes a read carries"
+        return {"ok": False, "error": error, "kind": "too_large"}
+    return {"ok": True, "data": _b64(data)}
 
 
 async def _reset() -> dict:
