@@ -50,7 +50,11 @@ NFT = "nft"  # found on the PATH at each use
 
 
 class FilterError(Exception):
-    """The filter could not be installed or updated."""
+    """The filter could not be installed or updated; `missing`: this host lacks nft."""
+
+    def __init__(self, message: str, *, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 def host_addresses() -> tuple[frozenset[str], frozenset[str]]:
@@ -117,7 +121,9 @@ async def apply(netns_fd: int, script: str) -> None:
     daemon). Raises FilterError with nft's own message when it fails."""
     nft, nsenter = shutil.which(NFT), shutil.which("nsenter")
     if nft is None or nsenter is None:
-        raise FilterError("the egress filter needs nft and nsenter (apt install nftables)")
+        raise FilterError(
+            "the egress filter needs nft and nsenter (apt install nftables)", missing=True
+        )
     proc = await asyncio.create_subprocess_exec(
         nsenter,
         f"--net=/proc/self/fd/{netns_fd}",

@@ -450,7 +450,9 @@ class LocalProvider:
                 netfilter.ruleset(addresses, allow_private=bool(entry.get("network_private"))),
             )
         except netfilter.FilterError as exc:
-            raise CreateError(f"egress filter not installed, no network: {exc}") from exc
+            raise CreateError(
+                f"egress filter not installed, no network: {exc}", retryable=not exc.missing
+            ) from exc
         self._filtered[sandbox_id] = addresses
         read_fd, write_fd = os.pipe()
         argv = [
@@ -626,9 +628,7 @@ class LocalProvider:
             return
         netns_fd = netfilter.open_netns(entry["pid"], entry["create_time"])
         try:
-            script = netfilter.ruleset(
-                addresses, allow_private=bool(entry.get("network_private"))
-            )
+            script = netfilter.ruleset(addresses, allow_private=bool(entry.get("network_private")))
             await netfilter.apply(netns_fd, script)
         finally:
             os.close(netns_fd)
