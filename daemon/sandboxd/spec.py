@@ -538,6 +538,8 @@ class PoolSpec(BaseModel):
         """What a sandbox of this pool is made from (`BUILD_FIELDS`), as a short hash: a
         ready sandbox of another build was made from an older spec and is rolled over."""
         shape = self.model_dump(mode="json", include=set(BUILD_FIELDS))
+        if not self.network_private:  # added later: builds from before it keep their id
+            del shape["network_private"]
         text = json.dumps(shape, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
