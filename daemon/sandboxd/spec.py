@@ -25,6 +25,7 @@ BUILD_FIELDS = (
     "template",
     "env",
     "network",
+    "network_private",
     "cpu",
     "memory_mb",
     "pids_max",
@@ -422,7 +423,14 @@ class PoolSpec(BaseModel):
     network: bool = Field(
         default=False,
         description="local: egress through user-mode NAT (slirp4netns) in the sandbox's own "
-        "network namespace, the host's loopback unreachable; false: only its own lo.",
+        "network namespace, behind a filter: never the host's own addresses, loopback, "
+        "link-local (cloud metadata) or slirp's gateway; false: only its own lo.",
+    )
+    network_private: bool = Field(
+        default=False,
+        description="local, with network: true: also reach private addresses (RFC 1918, "
+        "100.64.0.0/10, IPv6 fc00::/7), i.e. other hosts of the host's networks. The host's "
+        "own addresses stay unreachable either way.",
     )
     pids_max: int = Field(
         default=512,
@@ -530,6 +538,8 @@ class PoolSpec(BaseModel):
         """What a sandbox of this pool is made from (`BUILD_FIELDS`), as a short hash: a
         ready sandbox of another build was made from an older spec and is rolled over."""
         shape = self.model_dump(mode="json", include=set(BUILD_FIELDS))
+        if not self.network_private:  # added later: builds from before it keep their id
+            del shape["network_private"]
         text = json.dumps(shape, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

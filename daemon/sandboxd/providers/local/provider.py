@@ -38,7 +38,7 @@ from sandboxd.config import LocalProviderConfig, LocalTemplate
 from sandboxd.providers import supervisor as supervisor_module
 from sandboxd.providers.base import CreateError, IsolationError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.local import agent as agent_module
-from sandboxd.providers.local import seccomp
+from sandboxd.providers.local import netfilter, seccomp
 from sandboxd.providers.local.agentclient import AgentClient, AgentError
 from sandboxd.providers.local.cgroups import CgroupError, Cgroups, Limits
 from sandboxd.spec import HealthSpec, PoolSpec
@@ -111,6 +111,9 @@ class LocalProvider:
         # Cleanups of failed or cancelled create attempts, by sandbox id: a retry (same id)
         # waits for its predecessor's, or that one's rmtree would pull the box from under it.
         self._cleanups: dict[str, asyncio.Task[None]] = {}
+        # The host's addresses each networked sandbox's egress filter holds, by sandbox id
+        # (empty after a restart: every filter is then installed afresh at its first probe).
+        self._filtered: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
     # -- what this host offers -------------------------------------------------------------
 
@@ -360,7 +363,8 @@ class LocalProvider:
         }
         _write_private_json(box / "meta.json", entry)
         if pool.network and inside:
-            entry["network"] = await self._network(sandbox_id, pid, uid, box)
+            entry["network_private"] = pool.network_private
+            entry["network"] = await self._network(sandbox_id, entry, box)
             _write_private_json(box / "meta.json", entry)
         return _handle(entry, box)
 
@@ -410,18 +414,46 @@ class LocalProvider:
             *agent_args,
         ]
 
-    async def _network(self, sandbox_id: str, pid: int, uid: int, box: Path) -> str:
+    async def _network(self, sandbox_id: str, entry: dict[str, Any], box: Path) -> str:
         """User-mode networking into the sandbox's own network namespace: NAT to the outside,
         with the host's loopback refused (`--disable-host-loopback`). The helper must enter
         the sandbox's namespaces, so it starts as root, then confines itself
         (`--enable-sandbox`: an empty root and no capabilities; `--enable-seccomp`); it runs
-        in the sandbox's cgroup and dies with it."""
+        in the sandbox's cgroup and dies with it.
+
+        The egress filter (netfilter.py: no host address, link-local, slirp's gateway or,
+        by default, private range) goes into that namespace first, and the helper joins the
+        very namespace the filter was installed in (one descriptor for both): no route out
+        ever exists without it. No filter, no sandbox."""
         helper = shutil.which(self._config.network_helper)
         if helper is None:
             raise CreateError(
                 f"network: true needs {self._config.network_helper!r} (apt install slirp4netns)",
                 retryable=False,
             )
+        try:
+            netns_fd = netfilter.open_netns(entry["pid"], entry["create_time"])
+        except (netfilter.FilterError, OSError) as exc:
+            raise CreateError(f"egress filter: {exc}") from exc
+        try:
+            return await self._filter_and_connect(sandbox_id, entry, box, helper, netns_fd)
+        finally:
+            os.close(netns_fd)
+
+    async def _filter_and_connect(
+        self, sandbox_id: str, entry: dict[str, Any], box: Path, helper: str, netns_fd: int
+    ) -> str:
+        addresses = netfilter.host_addresses()
+        try:
+            await netfilter.apply(
+                netns_fd,
+                netfilter.ruleset(addresses, allow_private=bool(entry.get("network_private"))),
+            )
+        except netfilter.FilterError as exc:
+            raise CreateError(
+                f"egress filter not installed, no network: {exc}", retryable=not exc.missing
+            ) from exc
+        self._filtered[sandbox_id] = addresses
         read_fd, write_fd = os.pipe()
         argv = [
             helper,
@@ -432,7 +464,7 @@ class LocalProvider:
             "--enable-sandbox",
             "--enable-seccomp",
             "--netns-type=path",  # join the network namespace only, as root (not its userns)
-            f"/proc/{pid}/ns/net",
+            f"/proc/self/fd/{netns_fd}",  # the one the filter is in
             "tap0",
         ]
         if self._cgroups:
@@ -447,7 +479,7 @@ class LocalProvider:
                 *argv,
             ]
         try:
-            proc = await _spawn(argv, box / "network.log", (write_fd,))
+            proc = await _spawn(argv, box / "network.log", (write_fd, netns_fd))
         finally:
             os.close(write_fd)
         try:
@@ -523,6 +555,7 @@ class LocalProvider:
         if self._entry(sandbox_id) is None and not await asyncio.to_thread(os.path.lexists, box):
             return  # nothing of ours by that id
         await self.kill(sandbox_id, handle)
+        self._filtered.pop(sandbox_id, None)
         entry = self._entry(sandbox_id)
         if self._cgroups and (entry or {}).get("cgroup"):
             self._cgroups.remove(sandbox_id)
@@ -562,6 +595,14 @@ class LocalProvider:
         entry = self._alive_entry(sandbox_id)
         if entry is None:
             return Probe(ok=False, alive=False, detail="agent gone: the sandbox's first process")
+        if entry.get("network", "none") != "none":
+            try:
+                await self._refresh_filter(sandbox_id, entry)
+            except (netfilter.FilterError, OSError) as exc:
+                log.warning(
+                    "egress filter not updated", extra={"sandbox": sandbox_id, "error": str(exc)}
+                )
+                return Probe(ok=False, alive=True, detail=f"egress filter not updated: {exc}")
         agent = AgentClient(str(self.root / sandbox_id / "agent.sock"))
         command, timeout = (health.command, health.timeout_s) if health else (None, 5.0)
         started = time.perf_counter()
@@ -577,6 +618,21 @@ class LocalProvider:
             detail=_check_detail(reply.get("check"), timeout),
             program=reply.get("program"),
         )
+
+    async def _refresh_filter(self, sandbox_id: str, entry: dict[str, Any]) -> None:
+        """An address the host gained since the sandbox's filter was installed (a new
+        interface, DHCP, a VPN) is refused from now on: the whole table is installed again,
+        in one transaction. A daemon restarted (or upgraded) installs every filter afresh."""
+        addresses = netfilter.host_addresses()
+        if self._filtered.get(sandbox_id) == addresses:
+            return
+        netns_fd = netfilter.open_netns(entry["pid"], entry["create_time"])
+        try:
+            script = netfilter.ruleset(addresses, allow_private=bool(entry.get("network_private")))
+            await netfilter.apply(netns_fd, script)
+        finally:
+            os.close(netns_fd)
+        self._filtered[sandbox_id] = addresses
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return self._alive_entry(sandbox_id) is not None
