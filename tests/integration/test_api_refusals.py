@@ -162,7 +162,8 @@ async def test_a_claims_mapping_is_changed_only_by_that_claim(redis):
     registry = Registry(redis, KEYS)
     old = Entry("sb-1", "sb-1", "claim-old", "alice", "p", "p", "t", "0.5.2", "")
     new = Entry("sb-1", "sb-1", "claim-new", "bob", "p", "p", "t", "0.5.2", "", paused=True)
-    await registry.add(new, 60, "")  # the next claim's mapping, under the same E2B id
+    bob = await ApiKeyStore(redis, KEYS).authenticate(await ApiKeyStore(redis, KEYS).create("bob"))
+    assert await registry.add(new, 60, "", bob.sha256)  # the next claim's, under the same id
     await registry.set_paused(old, False)
     await registry.remove(old)
     fields = await redis.hgetall(KEYS.api_sandbox("sb-1"))

@@ -258,10 +258,10 @@ class Api:
             env_vars=env_vars,
         )
         try:
-            await self.registry.add(entry, sandbox.lease_s, reservation)
-            # A revoke while this create waited found no claim of it to end (it ends the
-            # key's claims it finds after deleting the key): look again, now it is listed.
-            if not await self.apikeys.still_valid(key):
+            # Listed only if the key is still issued: a revoke while this create waited
+            # found no claim of it to end (it ends the claims it finds after deleting the
+            # key), so the claim goes back instead.
+            if not await self.registry.add(entry, sandbox.lease_s, reservation, key.sha256):
                 raise ApiError(401, "Invalid API key (revoked while the create waited)")
         except BaseException:
             await asyncio.shield(self._give_back(entry))

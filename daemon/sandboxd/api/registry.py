@@ -20,6 +20,22 @@ from sandboxd.store.keys import Keys
 
 GRACE_S = 60
 
+# KEYS: 1 an E2B id's mapping, 2 its key's sandboxes. ARGV: 1 the API keys hash (read only,
+# so not declared: the ACL wants write access to declared keys), 2 the key's name, 3 the
+# SHA-256 its secret must still have, 4 the mapping's TTL, 5 the E2B id, 6 the reservation
+# to drop ('' = none), then the mapping's fields and values.
+ADD = """
+local raw = redis.call('HGET', ARGV[1], ARGV[2])
+local ok, key = pcall(cjson.decode, raw or '')
+if not ok or type(key) ~= 'table' or key.sha256 ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], 0, ARGV[5])
+if ARGV[6] ~= '' then redis.call('ZREM', KEYS[2], ARGV[6]) end
+return 1
+"""
+
 # KEYS: 1 an E2B id's mapping. ARGV: 1 the claim id it must hold, then a field and a value
 # to set, or nothing to delete it. What one claim does to its mapping never lands on the
 # next claim's (a local sandbox's E2B id is its own, reused by `reuse: reset`).
@@ -102,6 +118,7 @@ class Registry:
         self._redis = redis
         self._keys = keys
         self._if_claim = redis.register_script(IF_CLAIM)
+        self._add = redis.register_script(ADD)
 
     async def reserve(self, key: str, limit: int | None, hold_s: float) -> str | None:
         """Count a create in flight against the key's quota; None if that is over `limit`.
@@ -124,15 +141,25 @@ class Registry:
         if reservation:
             await self._redis.zrem(self._keys.api_key_sandboxes(key), reservation)
 
-    async def add(self, entry: Entry, lease_s: int, reservation: str) -> None:
-        zset = self._keys.api_key_sandboxes(entry.key)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.api_sandbox(entry.e2b_id), mapping=entry.to_hash())
-            pipe.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)
-            pipe.zadd(zset, {entry.e2b_id: 0})
-            if reservation:
-                pipe.zrem(zset, reservation)
-            await pipe.execute()
+    async def add(self, entry: Entry, lease_s: int, reservation: str, key_sha256: str) -> bool:
+        """Record the claim under its E2B id and count it for its key, if the key is still
+        the one issued (`key_sha256`): False, and nothing written, when it was revoked
+        meanwhile. One atomic step, so a revoke either finds the claim to end or makes the
+        create give it back."""
+        fields = [x for pair in entry.to_hash().items() for x in pair]
+        added = await self._add(
+            keys=[self._keys.api_sandbox(entry.e2b_id), self._keys.api_key_sandboxes(entry.key)],
+            args=[
+                self._keys.apikeys,
+                entry.key,
+                key_sha256,
+                lease_s + GRACE_S,
+                entry.e2b_id,
+                reservation,
+                *fields,
+            ],
+        )
+        return bool(added)
 
     async def set_paused(self, entry: Entry, paused: bool) -> None:
         """Mark the claim paused or not: its mapping only, never the next claim's."""

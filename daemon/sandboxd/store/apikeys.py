@@ -161,11 +161,6 @@ class ApiKeyStore:
         wait_ms = await self._take_create(keys=[bucket], args=[key.creates_per_s, burst])
         return int(wait_ms) / 1000
 
-    async def still_valid(self, key: ApiKey) -> bool:
-        """Whether `key` is still issued (not revoked, nor revoked and issued again)."""
-        found = _parse(await self._redis.hget(self._keys.apikeys, key.name))
-        return found is not None and hmac.compare_digest(found.sha256, key.sha256)
-
     async def authenticate(self, secret: str | None) -> ApiKey | None:
         """The key whose secret this is; None for anything else (no key, a revoked one)."""
         if not secret or len(secret) > 200:
