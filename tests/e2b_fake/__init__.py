@@ -118,7 +118,16 @@ class FakeE2B:
             # Every sandbox killed first: the streams watching their commands end, so the
             # server's shutdown does not wait for them.
             with contextlib.suppress(Exception):  # a server that died has none running
-                self.call(lambda world: [world.remove(i) for i in list(world.sandboxes)])
+                removed = self.call(lambda w: [w.remove(i) for i in list(w.sandboxes)])
+                # ...and reaped before the loop ends: a process transport dropped while its
+                # process runs is a ResourceWarning, an error in whichever test it surfaces.
+                tasks = [t for sandbox in removed if sandbox for t in sandbox.tasks]
+                if tasks and self.loop is not None:
+
+                    async def settle() -> None:
+                        await asyncio.wait(tasks, timeout=5)
+
+                    asyncio.run_coroutine_threadsafe(settle(), self.loop).result(timeout=10)
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)

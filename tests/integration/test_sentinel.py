@@ -232,17 +232,25 @@ async def test_a_claim_storm_goes_on_through_a_failover_and_no_sandbox_is_held_t
             group.create_task(killer())
         assert doubles == []
 
+        seen: list[str] = []  # the last look, for the failure's message
+
         async def converged():
             try:
                 records = await SandboxStore(admin, KEYS).records()
                 ready = await admin.lrange(KEYS.pool_ready("storm"), 0, -1)
-            except (RedisError, OSError):  # the Sentinel may still be settling: look again
+            except (RedisError, OSError) as exc:  # the Sentinel may still be settling
+                seen[:] = [f"Redis: {type(exc).__name__}"]
                 return False
             live = {p.pid for p in sandbox_processes(daemon.workspace)}
             pids = {int(r.handle.get("pid", 0)) for r in records}
+            states = sorted(r.state for r in records)
+            seen[:] = [f"ready {len(ready)}, records {states}, pids {pids}, live {live}"]
             return len(ready) == 4 and pids == live and len(records) == len(ready)
 
-        await eventually(converged, timeout=60, what="the pool back at min_ready")
+        try:
+            await eventually(converged, timeout=60, what="the pool back at min_ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last seen: {seen}, daemon {daemon.proc.poll()}") from None
         assert daemon.proc.poll() is None
     finally:
         await admin.aclose()
