@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -204,6 +205,20 @@ def _output_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `sandboxd` command. Run as the program (no `argv`), a client command ends the
+    process itself once its output is flushed when the e2b SDK was loaded: the SDK's HTTP
+    pool (pyqwest, a Rust runtime of its own) can abort the interpreter's teardown (SIGABRT,
+    seen about once in a few hundred CLI runs after an `exec` in an e2b sandbox), which would
+    turn a clean exit code into -6."""
+    code = _main(argv)
+    if argv is None and "pyqwest" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Everything after `--` is the command for `exec`, never options of ours.
     split = argv.index("--") if "--" in argv else len(argv)
