@@ -487,6 +487,11 @@ def unit_credential(name: str) -> str | None:
         return None
 
 
+def default_concurrent_creates() -> int:
+    """`max_concurrent_creates` sized to the host: 4 per CPU, from 8 to 64."""
+    return max(8, min(64, 4 * (os.cpu_count() or 1)))
+
+
 def _default_node() -> str:
     """The host name, cut to what a node name may be."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0])[:63]
@@ -553,9 +558,12 @@ class Config(BaseSettings):
         default=2.0, gt=0, description="Heartbeat refresh; the key expires after 3 missed beats."
     )
     max_concurrent_creates: int = Field(
-        default=5,
+        default_factory=lambda: default_concurrent_creates(),
         ge=1,
-        description="Creates in flight across all pools, shared round-robin between them.",
+        description="Creates in flight across all pools, shared round-robin between them. "
+        "Default: 4 per CPU of the host, at least 8 and at most 64 (a create mostly waits "
+        "on the provider: a local sandbox's start or a cloud API). A create that ends "
+        "starts the next one the last pass wanted at once, without waiting for a pass.",
     )
     create_attempts: int = Field(
         default=3, ge=1, description="Tries per create (exponential backoff with jitter)."

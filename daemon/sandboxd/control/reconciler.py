@@ -120,7 +120,7 @@ class Reconciler:
         """Reconcile on every nudge and tick until cancelled; creates and recycling of
         released sandboxes run as tasks in this scope."""
         async with asyncio.TaskGroup() as work:
-            self._work = work
+            self._work = self.creator.work = work
             try:
                 while True:
                     cpu_before, began = time.thread_time(), time.perf_counter()
@@ -138,7 +138,7 @@ class Reconciler:
                     if cancelling():
                         raise asyncio.CancelledError
             finally:
-                self._work = None
+                self._work = self.creator.work = None
 
     def stuck_for(self) -> float:
         """How long the pass under way has been running (0 between passes): the watchdog's
@@ -267,6 +267,20 @@ class Reconciler:
             await self._claims.publish_pool_settings(every_pool)
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
+        async with self.creator.planning:  # no create starts between the read and the plan
+            await self._plan_and_act(pools, specs, tick=tick, generation=generation)
+        await self.creator.refill()  # slots freed while the pass planned
+        self.last_pass_at = time.time()
+
+    async def _plan_and_act(
+        self,
+        pools: list[PoolSpec],
+        specs: dict[str, PoolSpec],
+        *,
+        tick: bool,
+        generation: int | None,
+    ) -> None:
+        self.creator.owe({}, {}, 0)  # what the last pass owed is replaced by this one's
         if (
             self._restorer is not None
             and self._restorer.expects_records()
@@ -326,9 +340,18 @@ class Reconciler:
                 )
             if pool_plan.changes:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
+        self.creator.owe(
+            {
+                p.pool: p.wanted - p.create
+                for p in plans
+                if p.pool in specs
+                and not isinstance(self._providers.get(specs[p.pool].provider), Capped)
+            },
+            specs,
+            self._specs.revision,
+        )
         if self._on_pass is not None:
             self._on_pass(records, specs)
-        self.last_pass_at = time.time()
 
     async def _announce(self, change: Change) -> None:
         await self._events.publish(

@@ -104,9 +104,10 @@ return 1
 """
 
 # KEYS: done marker, record, id set, pool members, ready list, leases, logs, events.
-# ARGV: marker ttl s, logs kept s, events maxlen (unused: retention trims), sandbox id ('' = no record to close),
-# event fields... A change made while Redis could not be reached, written once (the
-# marker), with its event, in one step: replaying it after a crash duplicates nothing.
+# ARGV: marker ttl s, logs kept s, events maxlen (unused: retention trims), sandbox id
+# ('' = no record to close), event fields... A change made while Redis could not be
+# reached, written once (the marker), with its event, in one step: replaying it after a
+# crash duplicates nothing.
 _LATE = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 if ARGV[4] ~= '' then
