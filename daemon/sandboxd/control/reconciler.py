@@ -28,7 +28,8 @@ from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
 from sandboxd.store.fence import LeaseLost
 from sandboxd.store.loops import cancelling, survive, why
-from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, wrong_type
+from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, Scan, wrong_type
+from sandboxd.store.view import RecordView
 
 log = logging.getLogger(__name__)
 GONE_DETAIL = {
@@ -93,6 +94,10 @@ class Reconciler:
             instance=instance,
             nudge=self.nudge,
         )
+        # The records between passes: a pass reads what changed, not every record.
+        self.view = RecordView(store, resync_max_s=lambda: config.resync_interval_s)
+        self._view_scope: tuple[frozenset[str], int | None] = (frozenset(), None)
+        terminator.changed = self.view.touch
         self._healer = Healer(store.redis, store.keys, events)
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
@@ -281,17 +286,42 @@ class Reconciler:
         generation: int | None,
     ) -> None:
         self.creator.owe({}, {}, 0)  # what the last pass owed is replaced by this one's
+        try:
+            await self._pass_body(pools, specs, tick=tick, generation=generation)
+        except BaseException:
+            self.view.invalidate()  # a pass cut short (Redis away, cancelled): read it all
+            raise
+
+    async def _read_records(self, generation: int | None) -> Scan:
+        """The records, from the view: what changed since the last pass is read again,
+        everything when the owners' rule or Redis's data (a restore) changed."""
+        scope = (frozenset(self._providers), generation)
+        if scope != self._view_scope:
+            self._view_scope = scope
+            self.view.invalidate()
         if (
             self._restorer is not None
             and self._restorer.expects_records()
             and not await self._store.has_id_set()
         ):
             await self._healer.rebuild_ids()  # the id set alone was deleted: SCAN for records
-        scan = await self._store.scan()
+            self.view.invalidate()
+        scan = await self.view.refresh()
         if any(not c.sandbox_id for c in scan.corrupt):  # the id set itself: rebuilt, read again
             await self._healer.check_types(self._pool_names())
-            scan = await self._store.scan()
-        elif tick:  # pools with sandboxes every tick, idle pools a window at a time
+            scan = await self.view.full()
+        return scan
+
+    async def _pass_body(
+        self,
+        pools: list[PoolSpec],
+        specs: dict[str, PoolSpec],
+        *,
+        tick: bool,
+        generation: int | None,
+    ) -> None:
+        scan = await self._read_records(generation)
+        if tick:  # pools with sandboxes every tick, idle pools a window at a time
             await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
         self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
@@ -299,6 +329,7 @@ class Reconciler:
                 scan.records, self._specs.in_force, save=tick, since=generation
             )
         if scan.corrupt:
+            self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))
             await self._quarantine.handle(scan.corrupt, self._providers)
         records = await self._reap_dead(scan.records, check_liveness=tick)
         if tick:
@@ -430,9 +461,14 @@ class Reconciler:
             if record.state == "released" and record.id not in self._recycler.running:
                 self._recycler.running.add(record.id)  # before the task runs: one per id
                 self._work.create_task(
-                    self._recycler.recycle(record, specs.get(record.pool)),
-                    name=f"recycle {record.id}",
+                    self._recycle(record, specs.get(record.pool)), name=f"recycle {record.id}"
                 )
+
+    async def _recycle(self, record: SandboxRecord, spec: PoolSpec | None) -> None:
+        try:
+            await self._recycler.recycle(record, spec)
+        finally:
+            self.view.touch(record.id)  # `resetting` or back to ready, or half-done
 
     async def _act(
         self, pool_plan: PoolPlan, spec: PoolSpec | None, by_id: dict[str, SandboxRecord]

@@ -73,6 +73,9 @@ class Restorer:
         self.restored = 0  # restores done, for tests and status
         self._lock = asyncio.Lock()
         self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
+        # Each record's hash, kept while the pass hands over the very same record object
+        # (the reconciler's view keeps unchanged records): not serialized again each pass.
+        self._hashes: dict[str, tuple[SandboxRecord, dict[str, str]]] = {}
 
     @property
     def marker(self) -> str:
@@ -105,7 +108,12 @@ class Restorer:
         ):  # serialized once per revision: a spec of 20,000 pools is megabytes
             self._spec = (doc.revision, doc.model_dump_json())
             new_spec = True
-        self._records = {r.id: r.to_hash() for r in records}
+        hashes = {}
+        for r in records:
+            known = self._hashes.get(r.id)
+            hashes[r.id] = known if known is not None and known[0] is r else (r, r.to_hash())
+        self._hashes = hashes
+        self._records = {sandbox_id: fields for sandbox_id, (_, fields) in hashes.items()}
         shape = frozenset((r.id, r.state, r.claim_id, r.lease_expires_ms) for r in records)
         if save or new_spec or shape != self._saved_shape:
             self._saved_shape = shape
