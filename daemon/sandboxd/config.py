@@ -69,6 +69,12 @@ class LocalProviderConfig(BaseModel):
         "auto without bubblewrap) runs sandboxes as plain processes and needs "
         "allow_weaker_isolation.",
     )
+    watch_deaths: bool = Field(
+        default=True,
+        description="Notice a sandbox's death when it happens (a pidfd per live sandbox, up "
+        "to half the open-files limit) and replace it at once; off: at the reconcile tick's "
+        "liveness check, the health probes or the janitor.",
+    )
     allow_weaker_isolation: bool = Field(
         default=False,
         description="Start even when a protection is missing on this host (no bubblewrap, user "

@@ -22,7 +22,7 @@ from sandboxd.control.schedule import Change, PoolSchedules
 from sandboxd.control.specsource import SpecSource
 from sandboxd.control.terminator import Terminator
 from sandboxd.providers import CLOUD_PROVIDERS, Provider
-from sandboxd.providers.base import Capped
+from sandboxd.providers.base import Capped, Watched
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
@@ -98,6 +98,11 @@ class Reconciler:
         self.view = RecordView(store, resync_max_s=lambda: config.resync_interval_s)
         self._view_scope: tuple[frozenset[str], int | None] = (frozenset(), None)
         terminator.changed = self.view.touch
+        # Deaths told as they happen (`Watched` providers): checked at the next pass, which
+        # the death nudges, instead of at the next tick.
+        self._died: set[str] = set()
+        self._watching: dict[str, Watched] = {}
+        self._unwatchable: set[str] = set()
         self._healer = Healer(store.redis, store.keys, events)
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
@@ -144,6 +149,7 @@ class Reconciler:
                         raise asyncio.CancelledError
             finally:
                 self._work = self.creator.work = None
+                self._watch([])
 
     def stuck_for(self) -> float:
         """How long the pass under way has been running (0 between passes): the watchdog's
@@ -381,6 +387,7 @@ class Reconciler:
             specs,
             self._specs.revision,
         )
+        self._watch(records)
         if self._on_pass is not None:
             self._on_pass(records, specs)
 
@@ -424,8 +431,13 @@ class Reconciler:
         """
         alive = []
         stuck: set[str] = set()
+        died, self._died = self._died, set()
         for record in records:
-            verdict = await self._verdict(record, stuck, check_liveness)
+            if not check_liveness and record.state in ("ready", "claimed", "released"):
+                if record.id not in died:  # the common case, without a coroutine each
+                    alive.append(record)
+                    continue
+            verdict = await self._verdict(record, stuck, check_liveness or record.id in died)
             if verdict is None:
                 alive.append(record)
             elif verdict[0] in GONE_DETAIL and record.state == "ready":
@@ -451,6 +463,31 @@ class Reconciler:
             if not await provider.is_alive(record.id, record.handle):
                 return (provider.gone_reason, "ready", "claimed", "released")
         return None
+
+    def _died_now(self, sandbox_id: str) -> None:
+        self._died.add(sandbox_id)
+        self.nudge()
+
+    def _watch(self, records: list[SandboxRecord]) -> None:
+        """Have the death of every live sandbox of a `Watched` provider told as it happens;
+        stop watching those no longer live here. One that cannot be watched (a limit) is
+        not asked again while it lives: the tick's liveness check covers it."""
+        watchable = {n: p for n, p in self._providers.items() if isinstance(p, Watched)}
+        live: dict[str, Watched] = {}
+        if watchable:
+            for r in records:
+                if r.state in ("ready", "claimed", "released") and r.provider in watchable:
+                    live[r.id] = watchable[r.provider]
+        for sandbox_id in self._watching.keys() - live.keys():
+            self._watching.pop(sandbox_id).unwatch(sandbox_id)
+        self._unwatchable &= live.keys()
+        for sandbox_id, provider in live.items():
+            if sandbox_id in self._watching or sandbox_id in self._unwatchable:
+                continue
+            if provider.watch(sandbox_id, self._died_now):
+                self._watching[sandbox_id] = provider
+            else:
+                self._unwatchable.add(sandbox_id)
 
     def _handling(self, sandbox_id: str) -> bool:
         return sandbox_id in self._terminator.running or sandbox_id in self._recycler.running
