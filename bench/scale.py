@@ -83,7 +83,15 @@ def serve(url: str, root: str) -> None:
                 await reporter
             await redis.aclose()
 
-    sys.exit(asyncio.run(main()))
+    profile = os.environ.get("SCALE_PROFILE")  # a file for the daemon's cProfile stats
+    if not profile:
+        sys.exit(asyncio.run(main()))
+    import cProfile
+
+    profiler = cProfile.Profile()
+    code = profiler.runcall(asyncio.run, main())
+    profiler.dump_stats(profile)
+    sys.exit(code)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -100,7 +100,7 @@ def _creator(redis, config, provider) -> Creator:
         providers={"local": provider},
         recoveries=Recoveries(events),
         instance="test",
-        nudge=lambda: None,
+        nudge=lambda pool: None,
     )
 
 

@@ -50,7 +50,7 @@ class Creator:
         providers: dict[str, Provider],
         recoveries: Recoveries,
         instance: str,
-        nudge: Callable[[], None],
+        nudge: Callable[[str], None],
     ):
         self._config = config
         self._store = store
@@ -127,11 +127,25 @@ class Creator:
         )
         self._tasks[record.id] = (task, record, time.monotonic())
 
-    def owe(self, owed: dict[str, int], specs: dict[str, PoolSpec], revision: int) -> None:
+    def owe(
+        self,
+        owed: dict[str, int],
+        specs: dict[str, PoolSpec],
+        revision: int,
+        *,
+        only: set[str] | None = None,
+    ) -> None:
         """What the pass's plan wanted beyond what it started, per pool (replacing what
-        the previous pass owed)."""
-        self.owed = {pool: n for pool, n in owed.items() if n > 0 and pool in specs}
-        self._owed_specs = {pool: specs[pool] for pool in self.owed}
+        the previous pass owed; `only`: for those pools, the others' debts stay)."""
+        if only is None:
+            self.owed, self._owed_specs = {}, {}
+        else:
+            for pool in only:
+                self.owed.pop(pool, None)
+                self._owed_specs.pop(pool, None)
+        for pool, n in owed.items():
+            if n > 0 and pool in specs:
+                self.owed[pool], self._owed_specs[pool] = n, specs[pool]
         self._owed_revision = revision
 
     async def refill(self) -> int:
@@ -245,7 +259,7 @@ class Creator:
             "sandbox ready",
             extra={"sandbox": record.id, "pool": record.pool, "create_ms": create_ms},
         )
-        self._nudge()
+        self._nudge(record.pool)
         return True
 
     async def _create_with_retries(

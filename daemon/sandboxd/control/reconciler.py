@@ -107,6 +107,9 @@ class Reconciler:
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
         self._wake = asyncio.Event()
+        self._whole_pass = True  # a nudge without a pool, the tick, a new spec
+        self._dirty_pools: set[str] = set()
+        self._pool_names_in_force: frozenset[str] = frozenset()
         self._on_pass = on_pass
         self._on_pass_time = on_pass_time
         self.schedules = schedules or PoolSchedules()
@@ -122,8 +125,14 @@ class Reconciler:
         self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
 
-    def nudge(self) -> None:
-        """Reconcile now instead of at the next tick (spec applied, create finished…)."""
+    def nudge(self, pool: str | None = None) -> None:
+        """Reconcile now instead of at the next tick (spec applied, create finished…).
+        `pool`: only that pool changed (a claim, a release, a create done): unless something
+        else asks for a whole pass, the pass looks at the pools named so only."""
+        if pool is None or pool not in self._pool_names_in_force:
+            self._whole_pass = True
+        else:
+            self._dirty_pools.add(pool)
         self._wake.set()
 
     async def run(self) -> None:
@@ -255,6 +264,8 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         self._wake.clear()
+        whole, dirty = self._whole_pass, self._dirty_pools
+        self._whole_pass, self._dirty_pools = False, set()
         if self._before_pass is not None:
             await self._before_pass()
         await self.write_late()
@@ -267,7 +278,10 @@ class Reconciler:
         # The pools this daemon manages: those of its providers (a cloud provider only while
         # this daemon leads the cloud pools; see daemon.py).
         pools = [p for p in every_pool if p.provider in self._providers]
+        if [p.name for p in pools] != [p.name for p in self.pools]:
+            whole = True
         self.pools = pools
+        self._pool_names_in_force = frozenset(p.name for p in pools)
         for change in changes:
             if change.pool in {p.name for p in pools}:
                 await self._announce(change)
@@ -275,11 +289,13 @@ class Reconciler:
         if tick:
             self._tick_due = time.monotonic() + self._config.reconcile_interval_s
         if tick or self._specs.revision != self._published_revision:
+            whole = True
             await self._claims.publish_pool_settings(every_pool)
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
+        only = None if whole or changes or generation != self._view_scope[1] else dirty
         async with self.creator.planning:  # no create starts between the read and the plan
-            await self._plan_and_act(pools, specs, tick=tick, generation=generation)
+            await self._plan_and_act(pools, specs, tick=tick, generation=generation, only=only)
         await self.creator.refill()  # slots freed while the pass planned
         self.last_pass_at = time.time()
 
@@ -290,10 +306,11 @@ class Reconciler:
         *,
         tick: bool,
         generation: int | None,
+        only: set[str] | None = None,
     ) -> None:
-        self.creator.owe({}, {}, 0)  # what the last pass owed is replaced by this one's
+        self.creator.owe({}, {}, 0, only=only)  # the last pass's debts are this one's now
         try:
-            await self._pass_body(pools, specs, tick=tick, generation=generation)
+            await self._pass_body(pools, specs, tick=tick, generation=generation, only=only)
         except BaseException:
             self.view.invalidate()  # a pass cut short (Redis away, cancelled): read it all
             raise
@@ -325,11 +342,17 @@ class Reconciler:
         *,
         tick: bool,
         generation: int | None,
+        only: set[str] | None = None,
     ) -> None:
+        """A whole pass, or (`only`) one that looks at those pools only: the records are
+        read and remembered all the same (from the view: what changed), but reaping,
+        recycling, the plan and its actions, watching and the monitor's view are of those
+        pools' sandboxes alone; the tick's pass is always whole."""
         scan = await self._read_records(generation)
         if tick:  # pools with sandboxes every tick, idle pools a window at a time
             await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
-        self._record_pools = {r.pool for r in scan.records}
+        if only is None:
+            self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
             await self._restorer.remember(
                 scan.records, self._specs.in_force, save=tick, since=generation
@@ -337,13 +360,15 @@ class Reconciler:
         if scan.corrupt:
             self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))
             await self._quarantine.handle(scan.corrupt, self._providers)
-        records = await self._reap_dead(scan.records, check_liveness=tick)
+        mine = scan.records if only is None else [r for r in scan.records if r.pool in only]
+        planned = pools if only is None else [p for p in pools if p.name in only]
+        records = await self._reap_dead(mine, check_liveness=tick, whole=only is None)
         if tick:
             await self._healer.heal(records, specs)
             await self.creator.cancel_stuck(self._config.create_grace_s)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
-            [p.name for p in pools if p.on_empty == "create"]
+            [p.name for p in planned if p.on_empty == "create"]
         )
         now = time.monotonic()
         pacing = self.creator.pace(pools)
@@ -353,9 +378,9 @@ class Reconciler:
         observed = [
             Observed(r.id, r.pool, r.state, r.created_ts, r.health, r.build) for r in records
         ]
-        provider_slots = self._provider_slots(records)
+        provider_slots = self._provider_slots(records if only is None else scan.records)
         plans = plan(
-            pools,
+            planned,
             observed,
             create_slots=slots,
             now=time.time(),
@@ -386,9 +411,10 @@ class Reconciler:
             },
             specs,
             self._specs.revision,
+            only=only,
         )
-        self._watch(records)
-        if self._on_pass is not None:
+        self._watch(records, prune=only is None)
+        if self._on_pass is not None and only is None:
             self._on_pass(records, specs)
 
     async def _announce(self, change: Change) -> None:
@@ -420,7 +446,7 @@ class Reconciler:
         return {name: pacing.status(now) for name, pacing in self.creator.pacing.items()}
 
     async def _reap_dead(
-        self, records: list[SandboxRecord], *, check_liveness: bool
+        self, records: list[SandboxRecord], *, check_liveness: bool, whole: bool = True
     ) -> list[SandboxRecord]:
         """Sandboxes whose process is gone: close the record (reason `died`), drop from view.
 
@@ -445,7 +471,7 @@ class Reconciler:
                     alive.append(record)
             elif not await self.terminate(record, *verdict):
                 alive.append(record)
-        self._stuck = stuck
+        self._stuck = stuck if whole else self._stuck | stuck
         return alive
 
     async def _verdict(
@@ -468,7 +494,7 @@ class Reconciler:
         self._died.add(sandbox_id)
         self.nudge()
 
-    def _watch(self, records: list[SandboxRecord]) -> None:
+    def _watch(self, records: list[SandboxRecord], *, prune: bool = True) -> None:
         """Have the death of every live sandbox of a `Watched` provider told as it happens;
         stop watching those no longer live here. One that cannot be watched (a limit) is
         not asked again while it lives: the tick's liveness check covers it."""
@@ -478,9 +504,10 @@ class Reconciler:
             for r in records:
                 if r.state in ("ready", "claimed", "released") and r.provider in watchable:
                     live[r.id] = watchable[r.provider]
-        for sandbox_id in self._watching.keys() - live.keys():
-            self._watching.pop(sandbox_id).unwatch(sandbox_id)
-        self._unwatchable &= live.keys()
+        if prune:
+            for sandbox_id in self._watching.keys() - live.keys():
+                self._watching.pop(sandbox_id).unwatch(sandbox_id)
+            self._unwatchable &= live.keys()
         for sandbox_id, provider in live.items():
             if sandbox_id in self._watching or sandbox_id in self._unwatchable:
                 continue
@@ -548,7 +575,7 @@ class Reconciler:
             return False
         await self.recoveries.begin(record, reason, detail)
         await self._terminator.finish(record, reason, "ready", detail=detail)
-        self.nudge()  # the replacement is due now, whoever noticed the loss
+        self.nudge(record.pool)  # the replacement is due now, whoever noticed the loss
         return True
 
     async def terminate(
