@@ -103,6 +103,7 @@ class Reconciler:
         self._died: set[str] = set()
         self._watching: dict[str, Watched] = {}
         self._unwatchable: set[str] = set()
+        self._heal_due = 0.0  # healing the ready lists and member sets: on ticks, 1% at most
         self._healer = Healer(store.redis, store.keys, events)
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
@@ -364,7 +365,10 @@ class Reconciler:
         planned = pools if only is None else [p for p in pools if p.name in only]
         records = await self._reap_dead(mine, check_liveness=tick, whole=only is None)
         if tick:
-            await self._healer.heal(records, specs)
+            if time.monotonic() >= self._heal_due:  # at most 1% of the time (many records)
+                began = time.monotonic()
+                await self._healer.heal(records, specs)
+                self._heal_due = began + (time.monotonic() - began) * 100
             await self.creator.cancel_stuck(self._config.create_grace_s)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
