@@ -260,7 +260,9 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         rss = rss_mb(daemon.pid)
         ping = await pings(redis, 1000)
         load = Load(url, names, args.rate, args.hold, args.clients)
+        cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
         await load.run(args.seconds, redis)
+        busy_cpu = (cpu_seconds(daemon.pid) - cpu0) / (time.perf_counter() - t0)
         busy_passes = await take_passes(redis)
         record_bytes, used_bytes, event_bytes = await footprint(redis)
     finally:
@@ -291,7 +293,10 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         f"{'claim -> replacement started':<34} {fmt(load.replacement)}   "
         f"(n={len(load.replacement)})"
     )
-    print(f"daemon CPU at idle        {idle_cpu * 100:6.1f} %   RSS {rss:6.0f} MB")
+    print(
+        f"daemon CPU at idle        {idle_cpu * 100:6.1f} %   under claims {busy_cpu * 100:5.1f} %"
+        f"   RSS {rss:6.0f} MB"
+    )
     print(
         f"Redis per record          {record_bytes:6.0f} B (hash; {used_bytes:.0f} B of used "
         f"memory)   per event {event_bytes:6.0f} B"
