@@ -11,7 +11,7 @@ PREFIX_DIR ?= /opt/sandboxd
 
 # What the local sandboxes' protections need from the host (see docs/security.md), and what
 # the suite runs against. Installed with apt when missing and we are root on Debian.
-RUN_PACKAGES  := bubblewrap slirp4netns libseccomp2 util-linux
+RUN_PACKAGES  := bubblewrap slirp4netns nftables libseccomp2 util-linux
 TEST_PACKAGES := $(RUN_PACKAGES) redis-server redis-tools mosquitto mosquitto-clients bc \
                  systemd iproute2 redis-sentinel
 

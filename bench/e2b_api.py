@@ -10,6 +10,10 @@ uses it (E2B_API_URL = sandboxd api, E2B_SANDBOX_URL = the fake's envd, a sandbo
   the registry read);
 - `Sandbox.create("cloud")` through sandboxd: a warm claim;
 - `Sandbox.create("cloud")` + the first `commands.run("true")` (to the sandbox's envd);
+- both again on a pool whose claim starts no refill at that moment (`max_total` =
+  `min_ready`: the replacement comes after the kill): on 2 CPUs the refill (the daemon's
+  pass, its E2B create, the fake's envd starting the new sandbox's processes under
+  bubblewrap) competes with the call measured, which a remote E2B would not;
 - the cold paths: the SDK's create straight at the fake E2B (+ first command), which costs
   the fake nothing (against E2B, add its cold start), and the local provider's cold create
   of a real sandbox on this host.
@@ -119,7 +123,10 @@ async def main(rounds: int) -> None:
         async with running_daemon(root, **settings) as redis_url:
             redis = Redis.from_url(redis_url, decode_responses=True)
             pool = {"name": "cloud", "provider": "e2b", "min_ready": MIN_READY, "max_total": 20}
-            await SpecStore(redis, KEYS).apply(Spec.model_validate({"pools": [pool]}))
+            quiet = {"name": "quiet", "provider": "e2b", "min_ready": MIN_READY}
+            quiet["max_total"] = MIN_READY
+            pools = {"pools": [pool, quiet]}
+            await SpecStore(redis, KEYS).apply(Spec.model_validate(pools))
             secret = await ApiKeyStore(redis, KEYS).create("bench")
             api, url = spawn_api(redis_url, root / "api.log")
             try:
@@ -130,6 +137,9 @@ async def main(rounds: int) -> None:
                 await creates(redis, opts, "cloud", 3, True, pool="cloud")  # warm-up
                 warm = await creates(redis, opts, "cloud", rounds, False, pool="cloud")
                 warm_cmd = await creates(redis, opts, "cloud", rounds, True, pool="cloud")
+                await creates(redis, opts, "quiet", 3, True, pool="quiet")  # warm-up
+                calm = await creates(redis, opts, "quiet", rounds, False, pool="quiet")
+                calm_cmd = await creates(redis, opts, "quiet", rounds, True, pool="quiet")
             finally:
                 api.terminate()
                 api.wait(10)
@@ -140,11 +150,17 @@ async def main(rounds: int) -> None:
     print(line("GET /v2/sandboxes (key check + registry)", listed))
     print(line("Sandbox.create via sandboxd (warm)", warm))
     print(line("Sandbox.create + first commands.run", warm_cmd))
+    print(line("  the same, no refill during the call", calm))
+    print(line("  + first commands.run, no refill", calm_cmd))
     print(line("Sandbox.create at the fake E2B (cold)", cold))
     print(line("  + first commands.run", cold_cmd))
     print(line(f"local cold create ({isolation})", local_cold))
     print(f"warm create vs the floor: {median(warm) / median(floor):.1f}x the HTTP round trip")
     print(f"warm create vs local cold create: {median(local_cold) / median(warm):.1f}x faster")
+    print(
+        "warm create without a refill competing vs local cold create: "
+        f"{median(local_cold) / median(calm):.1f}x faster"
+    )
     print(
         "warm create + first command vs local cold create: "
         f"{median(local_cold) / median(warm_cmd):.1f}x faster"

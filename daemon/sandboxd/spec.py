@@ -25,6 +25,7 @@ BUILD_FIELDS = (
     "template",
     "env",
     "network",
+    "network_private",
     "cpu",
     "memory_mb",
     "pids_max",
@@ -227,6 +228,9 @@ class HealthSpec(BaseModel):
     )
 
 
+RUN_FILES, RUN_FILES_BYTES = 32, 256 * 1024
+
+
 class RunSpec(BaseModel):
     """A long-running program kept running in every sandbox of the pool (an agent)."""
 
@@ -265,6 +269,27 @@ class RunSpec(BaseModel):
     window_s: float = Field(
         default=60.0, gt=0, le=86400, description="The window max_restarts counts in, seconds."
     )
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=RUN_FILES,
+        description="Small files the program needs (path relative to $HOME: its text), "
+        f"written before it starts and again after every reset; at most {RUN_FILES} files "
+        f"and {RUN_FILES_BYTES // 1024} KiB in all. Anything bigger belongs in the template.",
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _relative_paths(cls, files: dict[str, str]) -> dict[str, str]:
+        for path in files:
+            parts = path.split("/")
+            if not path or path.startswith("/") or ".." in parts or "" in parts or "\0" in path:
+                raise ValueError(f"{path!r}: a relative path below $HOME, without '..'")
+            if len(path) > 255:
+                raise ValueError(f"{path[:40]!r}...: a path of at most 255 characters")
+        size = sum(len(path) + len(text.encode()) for path, text in files.items())
+        if size > RUN_FILES_BYTES:
+            raise ValueError(f"files hold {size} bytes, more than {RUN_FILES_BYTES}")
+        return files
 
 
 class BreakerSpec(BaseModel):
@@ -398,7 +423,14 @@ class PoolSpec(BaseModel):
     network: bool = Field(
         default=False,
         description="local: egress through user-mode NAT (slirp4netns) in the sandbox's own "
-        "network namespace, the host's loopback unreachable; false: only its own lo.",
+        "network namespace, behind a filter: never the host's own addresses, loopback, "
+        "link-local (cloud metadata) or slirp's gateway; false: only its own lo.",
+    )
+    network_private: bool = Field(
+        default=False,
+        description="local, with network: true: also reach private addresses (RFC 1918, "
+        "100.64.0.0/10, IPv6 fc00::/7), i.e. other hosts of the host's networks. The host's "
+        "own addresses stay unreachable either way.",
     )
     pids_max: int = Field(
         default=512,
@@ -453,7 +485,8 @@ class PoolSpec(BaseModel):
     health: HealthSpec = Field(default_factory=HealthSpec)
     run: RunSpec | None = Field(
         default=None,
-        description="local: a supervised program (an agent) kept running in every sandbox.",
+        description="A supervised program (an agent) kept running in every sandbox (local "
+        "and e2b; README: supervised programs).",
     )
     replace_claimed: bool = Field(
         default=False,
@@ -505,6 +538,8 @@ class PoolSpec(BaseModel):
         """What a sandbox of this pool is made from (`BUILD_FIELDS`), as a short hash: a
         ready sandbox of another build was made from an older spec and is rolled over."""
         shape = self.model_dump(mode="json", include=set(BUILD_FIELDS))
+        if not self.network_private:  # added later: builds from before it keep their id
+            del shape["network_private"]
         text = json.dumps(shape, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -542,8 +577,6 @@ class PoolSpec(BaseModel):
             )
         if self.e2b is not None and self.provider != "e2b":
             raise ValueError("e2b: settings only apply to pools with provider e2b")
-        if self.provider == "e2b" and self.run is not None:
-            raise ValueError("run: not supported for provider e2b (the supervisor is local-only)")
         for i, window in enumerate(self.schedule):
             low = self.min_ready if window.min_ready is None else window.min_ready
             high = self.max_total if window.max_total is None else window.max_total

@@ -85,7 +85,8 @@ class FakeE2B:
         finally:
             expiry.cancel()
             for sandbox_id in list(self.world.sandboxes):
-                self.world.remove(sandbox_id)
+                for task in self.world.remove(sandbox_id).tasks:  # type: ignore[union-attr]
+                    task.cancel()
             shutil.rmtree(self.world.root, ignore_errors=True)
 
     async def _expire_forever(self) -> None:
@@ -114,6 +115,10 @@ class FakeE2B:
 
     def stop(self) -> None:
         if self._server is not None:
+            # Every sandbox killed first: the streams watching their commands end, so the
+            # server's shutdown does not wait for them.
+            with contextlib.suppress(Exception):  # a server that died has none running
+                self.call(lambda world: [world.remove(i) for i in list(world.sandboxes)])
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)

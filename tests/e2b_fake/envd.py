@@ -3,10 +3,11 @@ URL for all sandboxes, routed by the `E2b-Sandbox-Id` header): GET /health, GET/
 /files, and the Connect-RPC `process.Process` service (the same generated service the SDK's
 client is built from, so its Connect-JSON framing is the real one).
 
-Commands run as real processes on this host, under bubblewrap, with E2B's view of a sandbox:
-the sandbox's own directories mounted at /home/user (HOME, the working directory) and /tmp,
-and E2B's environment (HOME, USER, E2B_SANDBOX, E2B_SANDBOX_ID, the sandbox's env; no
-TMPDIR). The files API maps those two paths the same way and serves nothing else.
+Commands run as real processes on this host, outliving the request that started them (a
+client may disconnect and Connect again, as with envd), under bubblewrap, with E2B's view of
+a sandbox: the sandbox's own directories mounted at /home/user (HOME, the working
+directory) and /tmp, and E2B's environment (HOME, USER, E2B_SANDBOX, E2B_SANDBOX_ID, the
+sandbox's env; no TMPDIR). The files API maps those two paths the same way and serves nothing else.
 """
 
 import asyncio
@@ -139,8 +140,49 @@ def routes(world: World) -> list[Route]:
     ]
 
 
+class FakeProcess:
+    """A command envd started: it runs on its own, whoever listens. Its output goes to the
+    streams subscribed at the moment (Start's own, and any Connect); with none, it is
+    dropped, as envd drops it. It ends when it exits, is signalled, or its Start request's
+    timeout (`Connect-Timeout-Ms`, 0 or absent: none) runs out, as envd's process context."""
+
+    def __init__(self, process: asyncio.subprocess.Process, tag: str | None):
+        self.process = process
+        self.tag = tag
+        self.listeners: set[asyncio.Queue] = set()
+        self.ended: process_pb.ProcessEvent.EndEvent | None = None
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.ended is not None:
+            queue.put_nowait(self.ended)
+        else:
+            self.listeners.add(queue)
+        return queue
+
+    def publish(self, event) -> None:
+        for queue in self.listeners:
+            queue.put_nowait(event)
+
+    async def run(self, timeout_s: float | None) -> process_pb.ProcessEvent.EndEvent:
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for name, chunk in _output(self.process):
+                    self.publish(PE.DataEvent(output=Oneof(name, chunk)))
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        code = await self.process.wait()
+        self.ended = PE.EndEvent(exit_code=code, exited=code >= 0, status=f"exit status {code}")
+        self.publish(self.ended)
+        self.listeners.clear()
+        return self.ended
+
+
 class ProcessService:
-    """process.Process: Start (a server stream of start, data…, end), List, SendSignal."""
+    """process.Process: Start and Connect (server streams of start, data…, end), List,
+    SendSignal. A process outlives the streams that watch it, as in envd: a client that
+    disconnects leaves it running, and Connect picks it up again by pid or tag."""
 
     def __init__(self, world: World):
         self.world = world
@@ -153,9 +195,20 @@ class ProcessService:
             raise ConnectError(code, bytes(found.body).decode())
         return found
 
+    def _find(self, sandbox: FakeSandbox, selector) -> FakeProcess:
+        for pid, watched in sandbox.watched.items():
+            if selector.field == "pid" and pid == selector.value:
+                return watched
+            if selector.field == "tag" and watched.tag == selector.value:
+                return watched
+        raise ConnectError(
+            Code.NOT_FOUND, f"process with {selector.field} {selector.value} not found"
+        )
+
     async def start(self, request, ctx) -> AsyncIterator[process_pb.StartResponse]:
         sandbox = self._sandbox(ctx)
         config = request.process
+        timeout_ms = int(ctx.request_headers.get("connect-timeout-ms") or 0)
         process = await asyncio.create_subprocess_exec(
             *in_sandbox(sandbox, config.cwd or HOME, [config.cmd, *config.args]),
             cwd=sandbox.home,
@@ -165,44 +218,60 @@ class ProcessService:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        watched = FakeProcess(process, request.tag if request.has_field("tag") else None)
+        queue = watched.subscribe()
         sandbox.processes[process.pid] = process
         sandbox.commands[process.pid] = (config.cmd, list(config.args))
+        sandbox.watched[process.pid] = watched
+        sandbox.run_task(self._watch(sandbox, watched, timeout_ms / 1000 or None))
         try:
             yield _event(Oneof("start", PE.StartEvent(pid=process.pid)))
-            async for name, chunk in _output(process):
-                yield _event(Oneof("data", PE.DataEvent(output=Oneof(name, chunk))))
-            code = await process.wait()
-            yield _event(
-                Oneof("end", PE.EndEvent(exit_code=code, exited=True, status=f"exit status {code}"))
-            )
+            async for event in _events(queue, ctx):
+                yield event
+        finally:  # the client went away: the process runs on
+            watched.listeners.discard(queue)
+
+    async def _watch(self, sandbox: FakeSandbox, watched: FakeProcess, timeout_s) -> None:
+        try:
+            await watched.run(timeout_s)
         finally:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            sandbox.processes.pop(process.pid, None)
-            sandbox.commands.pop(process.pid, None)
+            pid = watched.process.pid
+            sandbox.processes.pop(pid, None)
+            sandbox.commands.pop(pid, None)
+            sandbox.watched.pop(pid, None)
+
+    async def connect(self, request, ctx) -> AsyncIterator[process_pb.ConnectResponse]:
+        sandbox = self._sandbox(ctx)
+        watched = self._find(sandbox, request.process.selector)
+        queue = watched.subscribe()
+        try:
+            start = Oneof("start", PE.StartEvent(pid=watched.process.pid))
+            yield process_pb.ConnectResponse(event=PE(event=start))
+            async for event in _events(queue, ctx):
+                yield process_pb.ConnectResponse(event=event.event)
+        finally:
+            watched.listeners.discard(queue)
 
     async def list(self, request, ctx) -> process_pb.ListResponse:
         sandbox = self._sandbox(ctx)
         return process_pb.ListResponse(
             processes=[
-                process_pb.ProcessInfo(config=process_pb.ProcessConfig(cmd=cmd, args=args), pid=pid)
+                process_pb.ProcessInfo(
+                    config=process_pb.ProcessConfig(cmd=cmd, args=args),
+                    pid=pid,
+                    tag=sandbox.watched[pid].tag if pid in sandbox.watched else None,
+                )
                 for pid, (cmd, args) in sandbox.commands.items()
             ]
         )
 
     async def send_signal(self, request, ctx) -> process_pb.SendSignalResponse:
         sandbox = self._sandbox(ctx)
-        pid = request.process.selector.value
-        if pid not in sandbox.processes:
-            raise ConnectError(Code.NOT_FOUND, f"process {pid} not found")
+        watched = self._find(sandbox, request.process.selector)
+        signum = signal.SIGTERM if request.signal == process_pb.Signal.SIGTERM else signal.SIGKILL
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(watched.process.pid, signum)
         return process_pb.SendSignalResponse()
-
-    async def connect(self, request, ctx):
-        raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
-        yield  # pragma: no cover - makes this a server stream
 
     async def update(self, request, ctx):
         raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
@@ -215,6 +284,23 @@ class ProcessService:
 
     async def close_stdin(self, request, ctx):
         raise ConnectError(Code.UNIMPLEMENTED, "not in the fake")
+
+
+async def _events(queue: asyncio.Queue, ctx) -> AsyncIterator[process_pb.StartResponse]:
+    """A subscriber's data events, then the end event; the stream ends there. With no
+    output for the client's `Keepalive-Ping-Interval` seconds, a keepalive event (so a
+    client that went away is noticed, as envd does)."""
+    interval = float(ctx.request_headers.get("keepalive-ping-interval") or 0) or None
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.get(), interval)
+        except TimeoutError:
+            yield _event(Oneof("keepalive", PE.KeepAlive()))
+            continue
+        if isinstance(event, PE.EndEvent):
+            yield _event(Oneof("end", event))
+            return
+        yield _event(Oneof("data", event))
 
 
 def _event(event: Oneof) -> process_pb.StartResponse:

@@ -3,7 +3,6 @@ a ledger of every request for tests to check the daemon's manners against."""
 
 import asyncio
 import contextlib
-import os
 import secrets
 import shutil
 import signal
@@ -12,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 
 @dataclass
@@ -45,6 +46,8 @@ class FakeSandbox:
     state: str = "running"
     processes: dict[int, "asyncio.subprocess.Process"] = field(default_factory=dict)
     commands: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
+    watched: dict[int, Any] = field(default_factory=dict)  # envd.FakeProcess by pid
+    tasks: set["asyncio.Task[None]"] = field(default_factory=set)  # watching the processes
 
     @property
     def home(self) -> Path:
@@ -54,12 +57,39 @@ class FakeSandbox:
     def tmp(self) -> Path:
         return self.workdir / "tmp"
 
-    def signal_all(self, signum: int) -> None:
-        """To every process of every command (each command is its own process group)."""
+    def run_task(self, coro) -> None:
+        """A task of the sandbox's own (watching a process), cancelled when it goes."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def members(self) -> list[psutil.Process]:
+        """Every process of the sandbox, as the VM holds them all: its commands and all they
+        started (in sessions of their own too), and orphans that outlived their parents
+        (found by the E2B_SANDBOX_ID every command's environment carries)."""
+        found: dict[int, psutil.Process] = {}
         for process in self.processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signum)
+            if process.returncode is not None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                top = psutil.Process(process.pid)
+                found[top.pid] = top
+                found.update((p.pid, p) for p in top.children(recursive=True))
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("E2B_SANDBOX_ID") == self.id:
+                    found.setdefault(process.pid, process)
+        return list(found.values())
+
+    def signal_all(self, signum: int) -> None:
+        """To every process of the sandbox: SIGSTOP freezes it whole, as a paused VM."""
+        for process in self.members():
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signum)
+
+    def end(self) -> None:
+        """Killed whole: each command's stream then ends with its exit."""
+        self.signal_all(signal.SIGKILL)
 
     def listed(self) -> dict[str, Any]:
         return {
@@ -174,7 +204,7 @@ class World:
     def remove(self, sandbox_id: str) -> FakeSandbox | None:
         sandbox = self.sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
-            sandbox.signal_all(signal.SIGKILL)
+            sandbox.end()
             shutil.rmtree(sandbox.workdir, ignore_errors=True)
         return sandbox
 

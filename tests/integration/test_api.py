@@ -35,6 +35,7 @@ class ApiServer:
         self.log_path = log_path
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the tree under test, first
             "SANDBOXD_REDIS_URL": redis_url,
             "SANDBOXD_API_LISTEN": f"127.0.0.1:{self.port}",
             "SANDBOXD_LOG_LEVEL": "DEBUG",

@@ -35,6 +35,16 @@ def in_sandbox(sandbox_id: str, cmdline: list[str]) -> list[psutil.Process]:
     return found
 
 
+def eventually(check, within: float = 5.0):
+    """`check()`'s first true value within the deadline (a signal takes effect when its
+    process is next scheduled, later on a busy host)."""
+    deadline = time.monotonic() + within
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"not within {within} s"
+        time.sleep(0.01)
+    return found
+
+
 def envd_get(url: str, path: str, sandbox_id: str, token: str) -> int:
     request = urllib.request.Request(
         f"{url}{path}", headers={"E2b-Sandbox-Id": sandbox_id, "X-Access-Token": token}
@@ -142,9 +152,9 @@ async def test_the_e2b_sdk_runs_commands_and_files_in_a_warm_local_sandbox(
         # Pause stops every process of the sandbox (its claim goes on); envd is refused
         # until connect, from any program holding the key, continues them.
         sandbox.commands.run("sleep 300", background=True)
-        (sleep,) = in_sandbox(sandbox.sandbox_id, ["sleep", "300"])
+        (sleep,) = eventually(lambda: in_sandbox(sandbox.sandbox_id, ["sleep", "300"]))
         assert sandbox.pause() is True
-        assert sleep.status() == psutil.STATUS_STOPPED
+        eventually(lambda: sleep.status() == psutil.STATUS_STOPPED)
         assert Sandbox.pause(sandbox.sandbox_id) is False  # already paused: E2B's 409
         assert [
             s.sandbox_id
@@ -155,7 +165,7 @@ async def test_the_e2b_sdk_runs_commands_and_files_in_a_warm_local_sandbox(
             sandbox.commands.run("true")
         again = Sandbox.connect(sandbox.sandbox_id, timeout=200)  # a fresh handle: same token
         assert again._envd_access_token == token
-        assert sleep.status() != psutil.STATUS_STOPPED
+        eventually(lambda: sleep.status() != psutil.STATUS_STOPPED)
         assert again.commands.run("echo back").stdout == "back\n"
         assert Sandbox.connect(sandbox.sandbox_id).sandbox_id == sandbox.sandbox_id  # running
         with pytest.raises(NotFoundException):

@@ -29,7 +29,7 @@ from tests.support import (
 )
 
 CLIENTS = 16
-CLAIMS_PER_CLIENT = 640 if SOAK else 64  # 10,240 or 1,024 claims in all
+CLAIMS_PER_CLIENT = 640 if SOAK else 48  # 10,240 or 768 claims in all
 POOLS = {
     "reused": {"name": "reused", "min_ready": 6, "max_total": 10, "reuse": "reset"},
     "fresh": {"name": "fresh", "min_ready": 4, "max_total": 8},

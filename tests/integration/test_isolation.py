@@ -4,6 +4,7 @@ socket, leak into the next tenant, exhaust the host, and reach the host's loopba
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ import pytest
 
 from sandboxd.client.connections import UnreachableSandbox, connect, trusted_socket
 from sandboxd.config import LocalProviderConfig
-from sandboxd.providers import IsolationError
+from sandboxd.providers import CreateError, IsolationError
+from sandboxd.providers.local import netfilter
 from sandboxd.providers.local.agentclient import AgentClient
 from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
@@ -225,7 +227,7 @@ async def test_memory_is_limited_for_the_whole_tree(boxes):
     _handle, client = await boxes(memory_mb=128)
     hog = (
         "python3 -c 'import time; b = bytearray(100 << 20);"
-        ' b[::4096] = b"x" * len(b[::4096]); time.sleep(20)\''
+        ' b[::4096] = b"x" * len(b[::4096]); time.sleep(3)\''
     )
     out = await run(client, f"for i in 1 2 3 4 5 6; do {hog} & done; wait; echo all-done", 60)
     assert "all-done" in out
@@ -376,32 +378,37 @@ async def test_networked_sandbox_has_its_own_namespace_without_host_loopback(box
             assert out.startswith("refused"), (host, out)
 
 
-@needs_bwrap
-@needs_root
-@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed")
-@pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="slirp4netns not installed")
-async def test_networked_sandbox_reaches_a_server_outside_the_host_loopback(boxes):
-    """Egress, tried against a server the test runs in a network namespace of its own
-    (never the internet): 198.18.0.2 exists only inside that namespace."""
-    netns = f"sbd-egress-{os.getpid()}"
+NETWORK_MARKS = (
+    needs_bwrap,
+    needs_root,
+    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed"),
+    pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="slirp4netns not installed"),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="nftables not installed"),
+)
+
+
+def needs_network(test):
+    for mark in NETWORK_MARKS:
+        test = mark(test)
+    return test
+
+
+_networks = iter(range(1_000_000))
+
+
+@contextlib.contextmanager
+def own_network(outer: str, inner: str, port: int):
+    """A network namespace of the test's own, joined to the host by a veth pair (`outer` on
+    the host's side, so for the test's length it is one of the host's addresses), with a
+    server on `inner` that sends one greeting. Never the internet."""
+    n = next(_networks)
+    netns, veth = f"sbd-net-{os.getpid()}-{n}", f"sbdv{os.getpid() % 10000}x{n}"
     setup = [
         ["ip", "netns", "add", netns],
-        [
-            "ip",
-            "link",
-            "add",
-            f"sbdv{os.getpid() % 10000}",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "inner",
-            "netns",
-            netns,
-        ],
-        ["ip", "addr", "add", "198.18.0.1/30", "dev", f"sbdv{os.getpid() % 10000}"],
-        ["ip", "link", "set", f"sbdv{os.getpid() % 10000}", "up"],
-        ["ip", "-n", netns, "addr", "add", "198.18.0.2/30", "dev", "inner"],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "inner", "netns", netns],
+        ["ip", "addr", "add", f"{outer}/30", "dev", veth],
+        ["ip", "link", "set", veth, "up"],
+        ["ip", "-n", netns, "addr", "add", f"{inner}/30", "dev", "inner"],
         ["ip", "-n", netns, "link", "set", "inner", "up"],
     ]
     try:
@@ -410,30 +417,149 @@ async def test_networked_sandbox_reaches_a_server_outside_the_host_loopback(boxe
                 pytest.skip(f"cannot make a test network namespace: {' '.join(cmd)}")
         server = subprocess.Popen(
             [
-                "ip",
-                "netns",
-                "exec",
-                netns,
-                "python3",
-                "-c",
-                "import socket; s=socket.socket(); s.bind(('198.18.0.2', 8765)); s.listen();"
-                "print('up', flush=True); c,_=s.accept();"
+                *("ip", "netns", "exec", netns, "python3", "-c"),
+                "import socket, sys; s=socket.socket(); s.bind((sys.argv[1], int(sys.argv[2])));"
+                "s.listen(); print('up', flush=True); c,_=s.accept();"
                 "c.sendall(b'hello from the test network')",
+                inner,
+                str(port),
             ],
             stdout=subprocess.PIPE,
         )
         with server.stdout:
             assert server.stdout.readline().strip() == b"up"
-        _, client = await boxes(network=True)
-        out = await run(
-            client,
-            "python3 -c \"import socket; s=socket.create_connection(('198.18.0.2', 8765), 5);"
-            ' print(s.recv(100).decode())"',
-        )
-        assert out == "hello from the test network"
-        server.wait(10)
+        try:
+            yield
+        finally:
+            server.kill()
+            server.wait(5)
     finally:
         subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", veth], capture_output=True)
+
+
+GREETING = (
+    'python3 -c "import socket, sys; s=socket.create_connection((sys.argv[1], 8765), 5);'
+    ' print(s.recv(100).decode())" '
+)
+
+
+@needs_network
+async def test_networked_sandbox_reaches_a_server_outside_the_host_loopback(boxes):
+    """Egress, tried against a server the test runs in a network namespace of its own
+    (never the internet): 198.18.0.2 exists only inside that namespace."""
+    with own_network("198.18.0.1", "198.18.0.2", 8765):
+        _, client = await boxes(network=True)
+        assert await run(client, GREETING + "198.18.0.2") == "hello from the test network"
+
+
+CONNECT_EACH = """
+import socket, sys, time
+port = int(sys.argv[1])
+for host in sys.argv[2:]:
+    started = time.monotonic()
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        print(host, "CONNECTED")
+    except OSError as exc:
+        print(host, "refused", exc.errno, round(time.monotonic() - started, 2))
+    finally:
+        s.close()
+"""
+
+
+def host_addresses() -> list[str]:
+    """The host's own addresses but loopback (IPv6 link-local ones need a scope: left out)."""
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            ip = ipaddress.ip_address(addr.address.split("%")[0])
+            if not ip.is_loopback and not ip.is_link_local:
+                found.append(str(ip))
+    return found
+
+
+def assert_all_refused(out: str, hosts: list[str]) -> None:
+    """Every host refused at once (reset or unreachable), none connected, none hung."""
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    assert set(lines) == set(hosts), out
+    for host, result in lines.items():
+        words = result.split()
+        assert words[0] == "refused" and words[1] != "None", (host, result)
+        assert float(words[2]) < 2, (host, result)
+
+
+@contextlib.contextmanager
+def host_listener():
+    """A TCP listener on every address of the host (0.0.0.0), as a careless service has."""
+    with socket.socket() as server:
+        server.bind(("0.0.0.0", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+@needs_network
+async def test_networked_sandbox_reaches_no_address_of_the_host_nor_link_local(boxes):
+    """The red team's finding: slirp4netns connects from the host's stack, so a sandbox
+    reached services on the host's own non-loopback addresses (and would reach cloud
+    metadata on 169.254.169.254). The egress filter refuses them at once, the sandbox's
+    root cannot remove it, and an address the host gains later is refused after the
+    sandbox's next probe."""
+    hosts = host_addresses()
+    if not [h for h in hosts if ":" not in h]:
+        pytest.skip("the host has no IPv4 address besides loopback to try")
+    handle, client = await boxes(network=True)
+    targets = [*hosts, "10.0.2.2", "169.254.169.254"]
+    with host_listener() as port:
+        out = await run(client, f"python3 -c '{CONNECT_EACH}' {port} {' '.join(targets)}")
+        assert_all_refused(out, targets)
+        # Root inside has no capability over its network namespace: the rules stay.
+        for attempt in (
+            "/usr/sbin/nft flush ruleset",
+            "/usr/sbin/nft delete table inet sandboxd",
+            "/usr/sbin/iptables -F",
+            "ip route del default",
+            "ip link set tap0 down",
+        ):
+            name = attempt.split()[0]
+            out = await run(
+                client, f"command -v {name} >/dev/null || exit 0; {attempt}; echo rc=$?"
+            )
+            if out:  # installed, so tried
+                assert "Operation not permitted" in out and "rc=0" not in out, (attempt, out)
+        out = await run(client, f"python3 -c '{CONNECT_EACH}' {port} {hosts[0]}")
+        assert_all_refused(out, [hosts[0]])
+        # An address the host gains later (its side of a test veth pair): refused once the
+        # sandbox is probed.
+        with own_network("198.18.7.1", "198.18.7.2", 8765):
+            await boxes.provider.probe("sb-iso", handle, None, 0)
+            out = await run(client, f"python3 -c '{CONNECT_EACH}' {port} 198.18.7.1")
+            assert_all_refused(out, ["198.18.7.1"])
+
+
+@needs_network
+async def test_networked_sandbox_reaches_private_ranges_only_if_its_pool_allows(boxes):
+    """Other hosts of the host's private networks (here a namespace of the test's own on
+    10.213.0.2) are refused by default, reachable with `network_private: true`."""
+    with own_network("10.213.0.1", "10.213.0.2", 8765):
+        _, closed = await boxes("sb-closed", network=True)
+        out = await run(closed, f"python3 -c '{CONNECT_EACH}' 8765 10.213.0.2")
+        assert_all_refused(out, ["10.213.0.2"])
+        _, private = await boxes("sb-private", network=True, network_private=True)
+        assert await run(private, GREETING + "10.213.0.2") == "hello from the test network"
+
+
+@needs_network
+async def test_no_networked_sandbox_without_its_egress_filter(boxes, monkeypatch, tmp_path):
+    monkeypatch.setattr(netfilter, "NFT", "sandboxd-no-such-nft")
+    with pytest.raises(CreateError, match="egress filter"):
+        await boxes("sb-unfiltered", network=True)
+    assert await boxes.provider.list_sandboxes() == []
+    assert not (tmp_path / "sandboxes" / "sb-unfiltered").exists()
 
 
 def test_seccomp_allowances_are_checked_in_the_spec():

@@ -101,11 +101,18 @@ def test_a_failed_command_says_its_exit_code_and_the_end_of_its_stderr_without_s
     assert command_failure("x", OSError("down")) == "OSError: down"
 
 
-def test_e2b_settings_are_only_for_e2b_pools_and_run_is_local_only():
+def test_e2b_settings_are_only_for_e2b_pools_and_run_works_on_both_providers():
     with pytest.raises(SpecError, match=r"e2b: settings only apply"):
         validate_spec({"name": "a", "e2b": {"timeout_s": 60}}, PoolSpec)
-    with pytest.raises(SpecError, match=r"run: not supported for provider e2b"):
-        validate_spec({"name": "a", "provider": "e2b", "run": {"command": "x"}}, PoolSpec)
+    run = {"command": "python3 -u bot.py", "files": {"bot.py": "print(1)", "lib/x.py": ""}}
+    pool = validate_spec({"name": "a", "provider": "e2b", "run": run}, PoolSpec)
+    assert pool.run is not None and pool.run.files["lib/x.py"] == ""
+    for bad in ("/etc/passwd", "../up", "a//b", "a/../../b", ""):
+        with pytest.raises(SpecError, match=r"relative path below"):
+            validate_spec({"name": "a", "run": {"command": "x", "files": {bad: ""}}}, PoolSpec)
+    big = {"command": "x", "files": {"a": "x" * 200_000, "b": "x" * 100_000}}
+    with pytest.raises(SpecError, match=r"more than 262144"):
+        validate_spec({"name": "a", "run": big}, PoolSpec)
     with pytest.raises(SpecError, match=r"keepalive"):
         validate_spec({"name": "a", "provider": "e2b", "e2b": {"keepalive": "x"}}, PoolSpec)
 

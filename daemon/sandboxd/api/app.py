@@ -9,6 +9,7 @@ retrying cannot change carry `Should-Retry: false`, so the SDK does not retry th
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -25,11 +26,12 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandboxd.api import limits
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client import ClaimError, ClaimTimeout, Client
 from sandboxd.store.apikeys import ApiKey, ApiKeyStore
@@ -256,9 +258,13 @@ class Api:
             env_vars=env_vars,
         )
         try:
-            await self.registry.add(entry, sandbox.lease_s, reservation)
+            # Listed only if the key is still issued: a revoke while this create waited
+            # found no claim of it to end (it ends the claims it finds after deleting the
+            # key), so the claim goes back instead.
+            if not await self.registry.add(entry, sandbox.lease_s, reservation, key.sha256):
+                raise ApiError(401, "Invalid API key (revoked while the create waited)")
         except BaseException:
-            await asyncio.shield(self.client.release(sandbox.id, sandbox.claim_token))
+            await asyncio.shield(self._give_back(entry))
             raise
         log.info(
             "claimed %s (%s) of pool %s for key %s",
@@ -269,6 +275,12 @@ class Api:
             extra={"sandbox": sandbox.id, "pool": pool, "api_key": key.name},
         )
         return JSONResponse(self._answer(entry, sandbox.access_secrets()), 201)
+
+    async def _give_back(self, entry: Entry) -> None:
+        with contextlib.suppress(ClaimError, RedisError):
+            await self.client.release(entry.sandbox, entry.claim_token)
+        with contextlib.suppress(RedisError):
+            await self.registry.remove(entry)
 
     def _answer(self, entry: Entry, access: dict[str, str]) -> dict[str, Any]:
         """E2B's Sandbox (the answer to create and connect): what the SDK needs to reach
@@ -354,8 +366,8 @@ class Api:
 
     async def resume(self, request: Request, key: ApiKey) -> Response:
         """The SDK's older `resume`: 409 for a sandbox that is not paused."""
-        entry = await self.mine(request, key)
         body = await _json_object(request) if await request.body() else {}
+        entry = await self.mine(request, key)  # after the body: what it acts on is current
         if not entry.paused:
             raise ApiError(409, f"sandbox '{entry.e2b_id}' is already running")
         return await self._reconnect(entry, key, body.get("timeout"))
@@ -363,8 +375,8 @@ class Api:
     async def connect(self, request: Request, key: ApiKey) -> Response:
         """`Sandbox.connect(id)`: the sandbox again (200), resumed first if paused (201);
         `timeout` renews the lease."""
-        entry = await self.mine(request, key)
         body = await _json_object(request) if await request.body() else {}
+        entry = await self.mine(request, key)  # after the body: what it acts on is current
         return await self._reconnect(entry, key, body.get("timeout"))
 
     async def _reconnect(self, entry: Entry, key: ApiKey, timeout: object) -> Response:
@@ -545,6 +557,53 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 Handler = Callable[[Api, Request, ApiKey], Awaitable[Response]]
 
+# What a malformed Connect-RPC call makes its library raise (a body that is not the message,
+# a field of the wrong type): the client's error, answered as Connect's invalid_argument.
+MALFORMED = (ValueError, TypeError, KeyError, UnicodeError)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods in E2B's error shape."""
+    status = getattr(exc, "status_code", 404)
+    message = getattr(exc, "detail", "") or "not found"
+    return JSONResponse({"code": status, "message": f"{message}: {request.url.path}"}, status)
+
+
+async def _rpc_guarded(service: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """A Connect-RPC app whose failures on malformed input are a 400 and one log line, not
+    a 500 with a traceback; a client gone mid-call is not an error at all. (The library
+    answers such a call with a 500 and then raises: a 500's start is held until its body,
+    so it can still be replaced.)"""
+    started = False
+    held: list[Message] = []
+
+    async def tracking(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start" and message.get("status", 200) >= 500:
+            held.append(message)
+            return
+        if held and message["type"] == "http.response.body" and not message.get("more_body"):
+            held.append(message)  # the whole error answer: send it when the call returns
+            return
+        started = started or message["type"] == "http.response.start"
+        for early in held:
+            await send(early)
+        held.clear()
+        await send(message)
+
+    try:
+        await service(scope, receive, tracking)
+    except ClientDisconnect:
+        return
+    except MALFORMED as exc:
+        log.warning("malformed envd call to %s: %s", scope["path"], type(exc).__name__)
+        if not started:
+            body = {"code": "invalid_argument", "message": "malformed request"}
+            await JSONResponse(body, 400)(scope, receive, send)
+        return
+    for message in held:  # a 500 of the service's own making, without an exception
+        await send(message)
+
 
 def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
     """The ASGI app: E2B's control plane, and envd for local sandboxes when
@@ -562,7 +621,7 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
             try:
                 key = await api.authenticate(request)
                 return await handler(api, request, key)
-            except ApiError as exc:
+            except (ApiError, limits.BodyTooLarge) as exc:
                 return exc.response()
             except RedisError as exc:
                 log.warning("Redis: %s", type(exc).__name__)
@@ -598,15 +657,24 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
             *envd_routes,
         ],
         lifespan=lifespan,
+        exception_handlers={404: _http_error, 405: _http_error},
     )
-    if not rpc:
-        return control
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for prefix, service in rpc.items():
                 if scope["path"].startswith(prefix):
-                    return await service(scope, receive, send)
+                    return await _rpc_guarded(service, scope, receive, send)
+            limit = limits.limit_for(scope["path"])
+            size = limits.declared(scope["headers"])
+            if size is not None and not 0 <= size <= limit:
+                refusal = (
+                    limits.BodyTooLarge(limit).response()
+                    if size > limit
+                    else ApiError(400, "Content-Length must be a number").response()
+                )
+                return await refusal(scope, receive, send)
+            receive = limits.bounded(receive, limit)
         return await control(scope, receive, send)
 
     return app

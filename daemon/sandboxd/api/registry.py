@@ -20,6 +20,31 @@ from sandboxd.store.keys import Keys
 
 GRACE_S = 60
 
+# KEYS: 1 an E2B id's mapping, 2 its key's sandboxes. ARGV: 1 the API keys hash (read only,
+# so not declared: the ACL wants write access to declared keys), 2 the key's name, 3 the
+# SHA-256 its secret must still have, 4 the mapping's TTL, 5 the E2B id, 6 the reservation
+# to drop ('' = none), then the mapping's fields and values.
+ADD = """
+local raw = redis.call('HGET', ARGV[1], ARGV[2])
+local ok, key = pcall(cjson.decode, raw or '')
+if not ok or type(key) ~= 'table' or key.sha256 ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], 0, ARGV[5])
+if ARGV[6] ~= '' then redis.call('ZREM', KEYS[2], ARGV[6]) end
+return 1
+"""
+
+# KEYS: 1 an E2B id's mapping. ARGV: 1 the claim id it must hold, then a field and a value
+# to set, or nothing to delete it. What one claim does to its mapping never lands on the
+# next claim's (a local sandbox's E2B id is its own, reused by `reuse: reset`).
+IF_CLAIM = """
+if redis.call('HGET', KEYS[1], 'claim_id') ~= ARGV[1] then return 0 end
+if #ARGV == 1 then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+return 1
+"""
+
 
 @dataclass
 class Entry:
@@ -92,6 +117,8 @@ class Registry:
     def __init__(self, redis: Redis, keys: Keys):
         self._redis = redis
         self._keys = keys
+        self._if_claim = redis.register_script(IF_CLAIM)
+        self._add = redis.register_script(ADD)
 
     async def reserve(self, key: str, limit: int | None, hold_s: float) -> str | None:
         """Count a create in flight against the key's quota; None if that is over `limit`.
@@ -114,61 +141,76 @@ class Registry:
         if reservation:
             await self._redis.zrem(self._keys.api_key_sandboxes(key), reservation)
 
-    async def add(self, entry: Entry, lease_s: int, reservation: str) -> None:
-        zset = self._keys.api_key_sandboxes(entry.key)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.api_sandbox(entry.e2b_id), mapping=entry.to_hash())
-            pipe.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)
-            pipe.zadd(zset, {entry.e2b_id: 0})
-            if reservation:
-                pipe.zrem(zset, reservation)
-            await pipe.execute()
+    async def add(self, entry: Entry, lease_s: int, reservation: str, key_sha256: str) -> bool:
+        """Record the claim under its E2B id and count it for its key, if the key is still
+        the one issued (`key_sha256`): False, and nothing written, when it was revoked
+        meanwhile. One atomic step, so a revoke either finds the claim to end or makes the
+        create give it back."""
+        fields = [x for pair in entry.to_hash().items() for x in pair]
+        added = await self._add(
+            keys=[self._keys.api_sandbox(entry.e2b_id), self._keys.api_key_sandboxes(entry.key)],
+            args=[
+                self._keys.apikeys,
+                entry.key,
+                key_sha256,
+                lease_s + GRACE_S,
+                entry.e2b_id,
+                reservation,
+                *fields,
+            ],
+        )
+        return bool(added)
 
     async def set_paused(self, entry: Entry, paused: bool) -> None:
-        await self._redis.hset(
-            self._keys.api_sandbox(entry.e2b_id), "paused", "1" if paused else ""
-        )
+        """Mark the claim paused or not: its mapping only, never the next claim's."""
+        key = self._keys.api_sandbox(entry.e2b_id)
+        value = "1" if paused else ""
+        await self._if_claim(keys=[key], args=[entry.claim_id, "paused", value])
         entry.paused = paused
 
     async def extend(self, entry: Entry, lease_s: int) -> None:
         await self._redis.expire(self._keys.api_sandbox(entry.e2b_id), lease_s + GRACE_S)
 
     async def get(self, e2b_id: str) -> Entry | None:
+        """The entry of a claim that still holds; None for anything else."""
+        entry, holds = await self._load(e2b_id)
+        return entry if holds else None
+
+    async def _load(self, e2b_id: str) -> tuple[Entry | None, bool]:
+        """The entry under `e2b_id` (None if none or garbage), and whether its claim holds."""
         if not e2b_id or len(e2b_id) > 200:
-            return None
+            return None, False
         fields = await self._redis.hgetall(self._keys.api_sandbox(e2b_id))
         entry = Entry.from_hash(e2b_id, fields) if fields else None
         if entry is None:
-            return None
+            return None, False
         state, claim_id, expires = await self._redis.hmget(
             self._keys.sandbox(entry.sandbox), ["state", "claim_id", "lease_expires_ms"]
         )
         if state != "claimed" or claim_id != entry.claim_id:
-            return None
+            return entry, False
         entry.lease_expires_ms = int(expires) if (expires or "").isdigit() else 0
-        return entry
+        return entry, True
 
     async def remove(self, entry: Entry) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.api_sandbox(entry.e2b_id))
-            pipe.zrem(self._keys.api_key_sandboxes(entry.key), entry.e2b_id)
-            await pipe.execute()
+        """Forget the entry, if the mapping is still this claim's: the same E2B id (a local
+        sandbox reused after a reset) may map the next claim by now."""
+        await self._if_claim(keys=[self._keys.api_sandbox(entry.e2b_id)], args=[entry.claim_id])
+        await self._redis.zrem(self._keys.api_key_sandboxes(entry.key), entry.e2b_id)
 
     async def live(self, key: str) -> list[Entry]:
         """The key's sandboxes whose claims still hold; forgets the others."""
         zset = self._keys.api_key_sandboxes(key)
         await self._redis.zremrangebyscore(zset, 1, int(time.time() * 1000))
-        found, ended, foreign = [], [], []
+        found, gone = [], []
         for member in await self._redis.zrangebyscore(zset, 0, 0):
-            entry = await self.get(member)
-            if entry is None:
-                ended.append(member)
-            elif entry.key != key:
-                foreign.append(member)
-            else:
+            entry, holds = await self._load(member)
+            if entry is not None and entry.key == key and holds:
                 found.append(entry)
-        if ended or foreign:
-            await self._redis.zrem(zset, *ended, *foreign)
-        if ended:  # the claim is over: its token opens nothing, forget it
-            await self._redis.delete(*(self._keys.api_sandbox(m) for m in ended))
+                continue
+            gone.append(member)
+            if entry is not None and entry.key == key:  # this key's claim is over: forget
+                await self.remove(entry)  # its mapping (its token opens nothing any more)
+        if gone:
+            await self._redis.zrem(zset, *gone)
         return found

@@ -17,6 +17,9 @@ log = logging.getLogger("sandboxd.api")
 # 5 s) races a client reusing one, and the request dies with "connection reset".
 KEEP_ALIVE_S = 120
 MAX_CONNECTIONS = 4096  # beyond this, new connections get 503 at once
+# envd's streams (a watch, a followed command, a PTY) may be open for as long as their client
+# wants: on SIGTERM they get this long to end, then are cut (systemd's TimeoutStopSec is 15 s).
+GRACE_S = 5
 
 
 def app_for(config: Config) -> ASGIApp:
@@ -52,6 +55,7 @@ def serve(config: Config) -> int:
             lifespan="on",
             timeout_keep_alive=KEEP_ALIVE_S,
             limit_concurrency=MAX_CONNECTIONS,
+            timeout_graceful_shutdown=GRACE_S,
         )
     )
     scheme = "https" if config.api_tls_cert else "http"

@@ -141,6 +141,7 @@ class HealthMonitor:
             target = self._targets.get(sandbox_id)
             if target is not None:
                 self._schedule(sandbox_id, time.monotonic() + self._period(target[1]))
+                self._wake.set()  # the loop may be asleep until a later due (or the report)
 
     async def _probe_one(self, sandbox_id: str) -> None:
         target = self._targets.get(sandbox_id)

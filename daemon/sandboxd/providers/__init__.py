@@ -8,6 +8,9 @@ of each from the config, wrapped in fault injection where `[faults.<name>]` asks
   its own: `Capped` (a concurrency cap), `Extendable` (sandboxes that expire unless kept
   alive), `Metered` (resource use), `Described` (what isolation it enforces);
 - `local/`: bubblewrap sandboxes on this host (the default); `e2b/`: the E2B cloud;
+- `supervisor`: keeps a pool's `run:` program running *inside* a sandbox (standard library
+  only): loaded by the local agent, or run on its own in an E2B sandbox (started through
+  envd, its news read back from its journal file);
 - `faults`: a wrapper that makes creates fail, slow down or hang, keeping every capability
   of what it wraps; `unavailable`: stands in for a provider whose SDK is missing.
 

@@ -14,6 +14,7 @@ paused sandbox on claim, its timeout) the daemon does.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from e2b.exceptions import SandboxNotFoundException
 
 from sandboxd.config import E2BProviderConfig
 from sandboxd.providers.base import CreateError, Probe, ProviderSandbox, ResetError
+from sandboxd.providers.e2b import program
 from sandboxd.providers.e2b.connection import ACCESS_TOKEN, ENDPOINTS, SECRETS
 from sandboxd.providers.e2b.errors import (
     command_failure,
@@ -123,12 +125,21 @@ class E2BProvider:
         self.limiter.succeeded()
         self._track(sandbox_id, sandbox)
         try:
+            if pool.run is not None:
+                await program.start(sandbox, pool.run)
             if settings.idle == "pause":
                 await self._pause(sandbox_id, sandbox)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(self.terminate(sandbox_id, {"e2b_id": sandbox.sandbox_id}))
+            if isinstance(exc, program.ProgramError):
+                raise CreateError(f"run: {exc}", retryable=exc.retryable) from None
+            if isinstance(exc, Exception):
+                raise self._create_error(exc) from None
             raise
-        return self._handle(sandbox, settings.timeout_s, paused=settings.idle == "pause")
+        handle = self._handle(sandbox, settings.timeout_s, paused=settings.idle == "pause")
+        if pool.run is not None:
+            handle["run"] = True  # a supervisor runs in it: probes ask it for news
+        return handle
 
     def _labels(self, sandbox_id: str, pool: str, revision: int) -> dict[str, str]:
         return {
@@ -215,16 +226,23 @@ class E2BProvider:
         self._open.pop(sandbox_id, None)  # asleep: only its state is asked about from now
 
     async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
-        """Kill what the last holder left running, run the pool's reset command (as E2B's
-        default user: the sandbox has no TMPDIR), pause it again for `idle: pause`. A failure
-        says why, with the command's stderr (bounded, secrets cut out)."""
+        """Kill what the last holder left running (the `run:` program's supervisor first),
+        run the pool's reset command (as E2B's default user: the sandbox has no TMPDIR),
+        start the `run:` program again, pause it again for `idle: pause`. A failure says
+        why, with the command's stderr (bounded, secrets cut out)."""
         sandbox: AsyncSandbox | None = None
         try:
             self._open.pop(sandbox_id, None)  # a paused one must be resumed: connect anew
             sandbox = await self._connected(sandbox_id, handle)
+            last = 0  # the old program's last number: the new one numbers past it
+            if handle.get("run"):
+                with contextlib.suppress(Exception):  # gone already: the kills below suffice
+                    last = await program.stop(sandbox)
             for process in await sandbox.commands.list():
                 await sandbox.commands.kill(process.pid)
             await sandbox.commands.run(pool.reset_command, timeout=60)
+            if pool.run is not None:
+                await program.start(sandbox, pool.run, after=last)  # afresh, with its files
             if pool.e2b_settings.idle == "pause":
                 await self._pause(sandbox_id, sandbox)
         except Exception as exc:
@@ -240,6 +258,7 @@ class E2BProvider:
         started = time.perf_counter()
         try:
             detail = await self._check(sandbox_id, handle, health)
+            news = await self._news(sandbox_id, handle, since)
         except Exception as exc:
             gone = is_gone(exc)
             if gone:
@@ -247,7 +266,25 @@ class E2BProvider:
             return Probe(
                 ok=False, alive=not gone, latency_ms=_since(started), detail=self._describe(exc)
             )
-        return Probe(ok=not detail, alive=True, latency_ms=_since(started), detail=detail)
+        return Probe(
+            ok=not detail, alive=True, latency_ms=_since(started), detail=detail, program=news
+        )
+
+    async def _news(
+        self, sandbox_id: str, handle: dict[str, Any], since: int
+    ) -> dict[str, Any] | None:
+        """The `run:` program's status and news after `since`, read from its supervisor's
+        journal through envd (None: no program, or a paused sandbox, frozen with it)."""
+        sandbox = self._open.get(sandbox_id)
+        if not handle.get("run") or sandbox is None:
+            return None
+        try:
+            out = await program.run_bounded(
+                sandbox, program.read_command(since), timeout=self._config.request_timeout_s
+            )
+            return program.news(out, since)
+        except (CommandExitException, program.OutputTooLarge, ValueError) as exc:
+            raise program.ProgramError(f"the program's news is unreadable: {exc}") from None
 
     async def _check(
         self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None

@@ -9,11 +9,13 @@ from typing import Any
 from sandboxd.providers.base import ExecResult, OutputCallback
 
 MAX_LINE = 64 * 1024 * 1024
+CALL_TIMEOUT_S = 60.0  # a unary call's answer: a 32 MiB file, a reset's 5 s, a deep listing
 
 
 class AgentError(RuntimeError):
     """The agent is unreachable or refused a request. `kind`: what went wrong, as the agent
-    says (not_found, exists, not_dir, is_dir, denied, invalid, other; unreachable)."""
+    says (not_found, exists, not_dir, is_dir, denied, invalid, exhausted, overflow, other;
+    unreachable)."""
 
     def __init__(self, message: str, kind: str = "other"):
         super().__init__(message)
@@ -42,12 +44,23 @@ class AgentClient:
         await writer.drain()
         return reader, writer
 
-    async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
-        reader, writer = await self._open(request)
+    async def _call(
+        self, request: dict[str, Any], timeout: float = CALL_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """One request, one reply, within `timeout`: an agent that does not answer (a
+        sandbox starved by its own code, say) costs its caller no more than that."""
         try:
-            reply = await _read_message(reader)
-        finally:
-            writer.close()
+            async with asyncio.timeout(timeout):
+                reader, writer = await self._open(request)
+                try:
+                    reply = await _read_message(reader)
+                finally:
+                    writer.close()
+        except TimeoutError:
+            op = request.get("op")
+            message = f"agent gave no answer to {op!r} within {timeout:g}s"
+            raise AgentError(message, "unreachable") from None
+
         if not reply.get("ok"):
             raise _refused(reply, "agent refused the request")
         return reply
@@ -75,7 +88,8 @@ class AgentClient:
     async def health(self, command: str | None, timeout: float, since: int) -> dict[str, Any]:
         """Liveness, the probe command's result, and the program's news after `since`."""
         return await self._call(
-            {"op": "health", "shell": command, "timeout": timeout, "since": since}
+            {"op": "health", "shell": command, "timeout": timeout, "since": since},
+            timeout=timeout + CALL_TIMEOUT_S,
         )
 
     async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
@@ -157,6 +171,91 @@ class AgentClient:
                     return
         finally:
             writer.close()
+
+    # -- envd's commands: they outlive their client's connection (see agent.py) -------------
+
+    def start(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin_open: bool = False,
+        tag: str | None = None,
+        pty: dict[str, int] | None = None,
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Start a command as envd does, yielding what `stream` yields (and ("pty", bytes)
+        for a PTY, `pty={"rows", "cols"}`). Closing the iterator early leaves the command
+        running; `attach` follows it again."""
+        request: dict[str, Any] = {"op": "start", "argv": argv, "env": env or {}, "cwd": cwd}
+        request.update(timeout=timeout, stdin_open=stdin_open, tag=tag, pty=pty)
+        return self._process_events(request)
+
+    def attach(
+        self, *, pid: int | None = None, tag: str | None = None
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Follow a command `start` started (by pid or tag): ("started", pid), its output
+        from now on, ("exit", …); one that ended lately answers its start and exit."""
+        return self._process_events({"op": "connect", "pid": pid, "tag": tag})
+
+    async def _process_events(
+        self, request: dict[str, Any]
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        reader, writer = await self._open(request)
+        try:
+            while True:
+                message = await _read_message(reader)
+                if message.get("ok") is False:
+                    raise _refused(message, f"{request['op']} failed")
+                event = message.get("event")
+                if event == "started":
+                    yield "started", int(message["pid"])
+                elif event in ("stdout", "stderr", "pty"):
+                    yield event, base64.b64decode(message["data"])
+                elif event == "exit":
+                    yield "exit", (message["code"], bool(message.get("timed_out")))
+                    return
+        finally:
+            writer.close()
+
+    async def tty_input(self, pid: int, data: bytes) -> None:
+        await self._call({"op": "tty_input", "pid": pid, "data": _b64(data)})
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        await self._call({"op": "resize", "pid": pid, "size": {"rows": rows, "cols": cols}})
+
+    # -- envd's file system watchers ---------------------------------------------------------
+
+    async def watch(
+        self, path: str, recursive: bool = False
+    ) -> AsyncGenerator[list[dict[str, str]], None]:
+        """Watch a directory: first [] once the watch is set, then each batch of events
+        ({"name": relative path, "type": create|write|remove|rename|chmod}). The watch ends
+        when the iterator is closed; events lost raise AgentError("overflow")."""
+        reader, writer = await self._open({"op": "watch", "path": path, "recursive": recursive})
+        try:
+            while True:
+                message = await _read_message(reader)
+                if message.get("ok") is False:
+                    raise _refused(message, "watch failed")
+                if message.get("event") == "started":
+                    yield []
+                elif message.get("event") == "fs":
+                    yield list(message["events"])
+        finally:
+            writer.close()
+
+    async def watcher_add(self, path: str, recursive: bool = False) -> str:
+        """A watcher that holds its events until `watcher_events`; its id."""
+        request = {"op": "watcher_add", "path": path, "recursive": recursive}
+        return str((await self._call(request))["id"])
+
+    async def watcher_events(self, watcher_id: str) -> list[dict[str, str]]:
+        return list((await self._call({"op": "watcher_events", "id": watcher_id}))["events"])
+
+    async def watcher_remove(self, watcher_id: str) -> None:
+        await self._call({"op": "watcher_remove", "id": watcher_id})
 
     async def exec(
         self,

@@ -37,10 +37,10 @@ from typing import Any
 import psutil
 
 from sandboxd.config import LocalProviderConfig, LocalTemplate
+from sandboxd.providers import supervisor as supervisor_module
 from sandboxd.providers.base import CreateError, IsolationError, Probe, ProviderSandbox, ResetError
 from sandboxd.providers.local import agent as agent_module
-from sandboxd.providers.local import seccomp
-from sandboxd.providers.local import supervisor as supervisor_module
+from sandboxd.providers.local import netfilter, seccomp
 from sandboxd.providers.local.agentclient import AgentClient, AgentError
 from sandboxd.providers.local.cgroups import CgroupError, Cgroups, Limits
 from sandboxd.spec import HealthSpec, PoolSpec
@@ -117,6 +117,9 @@ class LocalProvider:
         # by the event loop (`watch`). Bounded by half the open-files limit.
         self._watched: dict[str, tuple[int, Callable[[str], None]]] = {}
         self._max_watched = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2 - 64)
+        # The host's addresses each networked sandbox's egress filter holds, by sandbox id
+        # (empty after a restart: every filter is then installed afresh at its first probe).
+        self._filtered: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
     # -- what this host offers -------------------------------------------------------------
 
@@ -282,16 +285,23 @@ class LocalProvider:
             del self._cleanups[sandbox_id]
 
     async def _start(
-        self, sandbox_id: str, pool: PoolSpec, template: LocalTemplate, box: Path
+        self,
+        sandbox_id: str,
+        pool: PoolSpec,
+        template: LocalTemplate,
+        box: Path,
+        *,
+        program: bool = True,
     ) -> dict[str, Any]:
-        """Launch, wait for the agent, run the template's setup and the `run:` program."""
+        """Launch, wait for the agent, run the template's setup and (unless not `program`)
+        the `run:` program."""
         handle = await self._launch(sandbox_id, pool, template, box)
         socket_path = handle["socket"]
         await _wait_for_agent(socket_path, lambda: self._alive_entry(sandbox_id) is not None)
         if template.setup:
             await _run_setup(socket_path, template.setup)
-        if pool.run is not None:
-            await AgentClient(socket_path).supervise(pool.run.model_dump())
+        if program:
+            await _start_program(socket_path, pool)
         return handle
 
     async def _launch(
@@ -359,7 +369,8 @@ class LocalProvider:
         }
         _write_private_json(box / "meta.json", entry)
         if pool.network and inside:
-            entry["network"] = await self._network(sandbox_id, pid, uid, box)
+            entry["network_private"] = pool.network_private
+            entry["network"] = await self._network(sandbox_id, entry, box)
             _write_private_json(box / "meta.json", entry)
         return _handle(entry, box)
 
@@ -409,18 +420,46 @@ class LocalProvider:
             *agent_args,
         ]
 
-    async def _network(self, sandbox_id: str, pid: int, uid: int, box: Path) -> str:
+    async def _network(self, sandbox_id: str, entry: dict[str, Any], box: Path) -> str:
         """User-mode networking into the sandbox's own network namespace: NAT to the outside,
         with the host's loopback refused (`--disable-host-loopback`). The helper must enter
         the sandbox's namespaces, so it starts as root, then confines itself
         (`--enable-sandbox`: an empty root and no capabilities; `--enable-seccomp`); it runs
-        in the sandbox's cgroup and dies with it."""
+        in the sandbox's cgroup and dies with it.
+
+        The egress filter (netfilter.py: no host address, link-local, slirp's gateway or,
+        by default, private range) goes into that namespace first, and the helper joins the
+        very namespace the filter was installed in (one descriptor for both): no route out
+        ever exists without it. No filter, no sandbox."""
         helper = shutil.which(self._config.network_helper)
         if helper is None:
             raise CreateError(
                 f"network: true needs {self._config.network_helper!r} (apt install slirp4netns)",
                 retryable=False,
             )
+        try:
+            netns_fd = netfilter.open_netns(entry["pid"], entry["create_time"])
+        except (netfilter.FilterError, OSError) as exc:
+            raise CreateError(f"egress filter: {exc}") from exc
+        try:
+            return await self._filter_and_connect(sandbox_id, entry, box, helper, netns_fd)
+        finally:
+            os.close(netns_fd)
+
+    async def _filter_and_connect(
+        self, sandbox_id: str, entry: dict[str, Any], box: Path, helper: str, netns_fd: int
+    ) -> str:
+        addresses = netfilter.host_addresses()
+        try:
+            await netfilter.apply(
+                netns_fd,
+                netfilter.ruleset(addresses, allow_private=bool(entry.get("network_private"))),
+            )
+        except netfilter.FilterError as exc:
+            raise CreateError(
+                f"egress filter not installed, no network: {exc}", retryable=not exc.missing
+            ) from exc
+        self._filtered[sandbox_id] = addresses
         read_fd, write_fd = os.pipe()
         argv = [
             helper,
@@ -431,7 +470,7 @@ class LocalProvider:
             "--enable-sandbox",
             "--enable-seccomp",
             "--netns-type=path",  # join the network namespace only, as root (not its userns)
-            f"/proc/{pid}/ns/net",
+            f"/proc/self/fd/{netns_fd}",  # the one the filter is in
             "tap0",
         ]
         if self._cgroups:
@@ -446,7 +485,7 @@ class LocalProvider:
                 *argv,
             ]
         try:
-            proc = await _spawn(argv, box / "network.log", (write_fd,))
+            proc = await _spawn(argv, box / "network.log", (write_fd, netns_fd))
         finally:
             os.close(write_fd)
         try:
@@ -560,6 +599,7 @@ class LocalProvider:
         if self._entry(sandbox_id) is None and not await asyncio.to_thread(os.path.lexists, box):
             return  # nothing of ours by that id
         await self.kill(sandbox_id, handle)
+        self._filtered.pop(sandbox_id, None)
         entry = self._entry(sandbox_id)
         if self._cgroups and (entry or {}).get("cgroup"):
             self._cgroups.remove(sandbox_id)
@@ -570,23 +610,27 @@ class LocalProvider:
     ) -> dict[str, Any]:
         """From the host side: every process of the sandbox is killed and its namespaces,
         tmpfs mounts (/workspace, /tmp, /dev/shm, /run) and socket go with them; the sandbox
-        is then started afresh under the same id and uid, and the reset command runs. Nothing
-        the last holder did inside survives, and nothing it says is trusted."""
+        is then started afresh under the same id and uid, the reset command runs, and the
+        `run:` program starts again (its news numbered past its predecessor's). Nothing the
+        last holder did inside survives, and nothing it says is trusted."""
         template = self._templates.get(pool.template)
         box = self._box(sandbox_id)
         if template is None or box is None or self._entry(sandbox_id) is None:
             raise ResetError("not a sandbox of this provider's registry")
         try:
+            last = await _last_news(box / "agent.sock") if pool.run is not None else 0
             await self.kill(sandbox_id, handle)
             if self._bwrap is None:
                 await asyncio.to_thread(_wipe_host_workdir, box)
-            fresh = await self._start(sandbox_id, pool, template, box)
+            fresh = await self._start(sandbox_id, pool, template, box, program=False)
             result = await AgentClient(str(box / "agent.sock")).exec(pool.reset_command, timeout=60)
+            if result.exit_code != 0:
+                detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
+                raise ResetError(f"reset command exited {result.exit_code}: {detail}")
+            # After the reset command, which would delete the program's files from $HOME.
+            await _start_program(fresh["socket"], pool, after=last)
         except (CreateError, AgentError, OSError) as exc:
             raise ResetError(str(exc)) from exc
-        if result.exit_code != 0:
-            detail = (result.stderr or result.stdout).decode(errors="replace")[-300:].strip()
-            raise ResetError(f"reset command exited {result.exit_code}: {detail}")
         return fresh
 
     async def probe(
@@ -595,6 +639,14 @@ class LocalProvider:
         entry = self._alive_entry(sandbox_id)
         if entry is None:
             return Probe(ok=False, alive=False, detail="agent gone: the sandbox's first process")
+        if entry.get("network", "none") != "none":
+            try:
+                await self._refresh_filter(sandbox_id, entry)
+            except (netfilter.FilterError, OSError) as exc:
+                log.warning(
+                    "egress filter not updated", extra={"sandbox": sandbox_id, "error": str(exc)}
+                )
+                return Probe(ok=False, alive=True, detail=f"egress filter not updated: {exc}")
         agent = AgentClient(str(self.root / sandbox_id / "agent.sock"))
         command, timeout = (health.command, health.timeout_s) if health else (None, 5.0)
         started = time.perf_counter()
@@ -610,6 +662,21 @@ class LocalProvider:
             detail=_check_detail(reply.get("check"), timeout),
             program=reply.get("program"),
         )
+
+    async def _refresh_filter(self, sandbox_id: str, entry: dict[str, Any]) -> None:
+        """An address the host gained since the sandbox's filter was installed (a new
+        interface, DHCP, a VPN) is refused from now on: the whole table is installed again,
+        in one transaction. A daemon restarted (or upgraded) installs every filter afresh."""
+        addresses = netfilter.host_addresses()
+        if self._filtered.get(sandbox_id) == addresses:
+            return
+        netns_fd = netfilter.open_netns(entry["pid"], entry["create_time"])
+        try:
+            script = netfilter.ruleset(addresses, allow_private=bool(entry.get("network_private")))
+            await netfilter.apply(netns_fd, script)
+        finally:
+            os.close(netns_fd)
+        self._filtered[sandbox_id] = addresses
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return self._alive_entry(sandbox_id) is not None
@@ -835,6 +902,30 @@ def _agent_python(config: LocalProviderConfig) -> str:
     if os.path.exists("/usr/bin/python3"):
         return "/usr/bin/python3"
     return os.path.realpath(sys.executable)
+
+
+async def _start_program(socket_path: str, pool: PoolSpec, *, after: int = 0) -> None:
+    """The pool's `run.files` written below $HOME (/workspace), then its program started,
+    its news numbered past `after` (the last number of a predecessor)."""
+    if pool.run is None:
+        return
+    agent = AgentClient(socket_path)
+    for path, text in pool.run.files.items():
+        await agent.write(path, text.encode())
+    await agent.supervise({**pool.run.model_dump(exclude={"files"}), "seq_after": after})
+
+
+async def _last_news(socket_path: Path) -> int:
+    """The number of the program's newest news, so that the program started after a reset
+    numbers past it (its numbers start at the clock in ms, which a program that printed
+    more than a line a millisecond has run ahead of); 0 if the agent cannot say."""
+    try:
+        async with asyncio.timeout(5.0):
+            reply = await AgentClient(str(socket_path)).health(None, 1.0, 2**62)
+    except (AgentError, TimeoutError, OSError):
+        return 0
+    seq = (reply.get("program") or {}).get("seq")
+    return seq if isinstance(seq, int) and 0 <= seq <= 2**62 else 0
 
 
 def _ms(started: float) -> float:
