@@ -113,7 +113,7 @@ async def real_recovery(args, root: Path) -> None:
     interval_ms = args.interval * 1000
     print(f"isolation: {isolation}; reconcile tick and probe interval {args.interval} s")
     print(line("baseline: cold create", cold))
-    print(line("death -> detected (liveness tick)", detect))
+    print(line("death -> detected (pidfd, else the tick)", detect))
     print(line("death -> replacement ready", replace))
     print(line("probe fails -> unhealthy (threshold 3)", sick))
     print(

@@ -69,6 +69,12 @@ class LocalProviderConfig(BaseModel):
         "auto without bubblewrap) runs sandboxes as plain processes and needs "
         "allow_weaker_isolation.",
     )
+    watch_deaths: bool = Field(
+        default=True,
+        description="Notice a sandbox's death when it happens (a pidfd per live sandbox, up "
+        "to half the open-files limit) and replace it at once; off: at the reconcile tick's "
+        "liveness check, the health probes or the janitor.",
+    )
     allow_weaker_isolation: bool = Field(
         default=False,
         description="Start even when a protection is missing on this host (no bubblewrap, user "
@@ -487,6 +493,11 @@ def unit_credential(name: str) -> str | None:
         return None
 
 
+def default_concurrent_creates() -> int:
+    """`max_concurrent_creates` sized to the host: 4 per CPU, from 8 to 64."""
+    return max(8, min(64, 4 * (os.cpu_count() or 1)))
+
+
 def _default_node() -> str:
     """The host name, cut to what a node name may be."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0])[:63]
@@ -549,13 +560,24 @@ class Config(BaseSettings):
     reconcile_interval_s: float = Field(
         default=5.0, gt=0, description="Periodic reconcile; spec changes act at once."
     )
+    resync_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest time between two full reads of the records. A pass reads only "
+        "the records the event stream (or the daemon itself) says changed; a full read also "
+        "comes after a Redis error and when unread events were trimmed, and as often as "
+        "every pass while full reads take under 1% of the time (small deployments).",
+    )
     heartbeat_interval_s: float = Field(
         default=2.0, gt=0, description="Heartbeat refresh; the key expires after 3 missed beats."
     )
     max_concurrent_creates: int = Field(
-        default=5,
+        default_factory=lambda: default_concurrent_creates(),
         ge=1,
-        description="Creates in flight across all pools, shared round-robin between them.",
+        description="Creates in flight across all pools, shared round-robin between them. "
+        "Default: 4 per CPU of the host, at least 8 and at most 64 (a create mostly waits "
+        "on the provider: a local sandbox's start or a cloud API). A create that ends "
+        "starts the next one the last pass wanted at once, without waiting for a pass.",
     )
     create_attempts: int = Field(
         default=3, ge=1, description="Tries per create (exponential backoff with jitter)."

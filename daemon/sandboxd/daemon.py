@@ -742,5 +742,6 @@ async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -
                 await pubsub.subscribe(keys.nudge)
                 reconciler.nudge()  # whatever was sent while we were not listening
                 async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        reconciler.nudge()
+                    if message["type"] == "message":  # a claim names its pool
+                        data = message.get("data")
+                        reconciler.nudge(data if isinstance(data, str) else None)

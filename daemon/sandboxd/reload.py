@@ -18,6 +18,7 @@ LIVE = frozenset(
     {
         "log_level",
         "reconcile_interval_s",
+        "resync_interval_s",
         "heartbeat_interval_s",
         "max_concurrent_creates",
         "create_attempts",

@@ -87,8 +87,10 @@ async def test_orphans_and_dead_records_are_cleaned_at_start(redis, daemon_facto
 
 
 async def test_the_janitor_closes_a_lost_record_and_replaces_the_sandbox(redis, daemon_factory):
-    # Liveness ticks and probes far apart: only the janitor can notice in time.
-    daemon_factory(reconcile_interval_s=60, janitor_interval_s=0.2).start()
+    # Liveness ticks and probes far apart, deaths not watched: only the janitor can notice.
+    daemon_factory(
+        reconcile_interval_s=60, janitor_interval_s=0.2, local={"watch_deaths": False}
+    ).start()
     slow = {"interval_s": 86400}
     await apply(redis, [{"name": "default", "min_ready": 2, "health": slow}])
     victim, _ = await wait_ready(redis, "default", 2)
@@ -98,3 +100,15 @@ async def test_the_janitor_closes_a_lost_record_and_replaces_the_sandbox(redis, 
     done = await wait_event(redis, "recovery.succeeded", old=victim)
     assert victim not in await wait_ready(redis, "default", 2)
     assert done["data"]["reason"] == "lost"
+
+
+async def test_a_death_is_noticed_when_it_happens_not_at_the_tick(redis, daemon_factory):
+    """A pidfd per live sandbox: a death nudges the reconciler (a 60 s tick, no probes)."""
+    daemon_factory(reconcile_interval_s=60).start()
+    await apply(redis, [{"name": "default", "min_ready": 2, "health": {"interval_s": 3600}}])
+    victim, survivor = await wait_ready(redis, "default", 2)
+    os.kill((await record_pids(redis))[victim], signal.SIGKILL)
+    died = await wait_event(redis, "sandbox.terminated", sandbox=victim, timeout=10)
+    assert died["data"]["reason"] == "died"
+    ids = await eventually(lambda: _ready_without(redis, victim), timeout=10, what="replacement")
+    assert survivor in ids

@@ -2,6 +2,14 @@
 
 import asyncio
 
+from bench.fastfake import FastFakeProvider
+
+from sandboxd.config import Config
+from sandboxd.control.creator import Creator
+from sandboxd.control.replacements import Recoveries
+from sandboxd.spec import PoolSpec
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.records import SandboxStore
 from tests.support import KEYS, apply, events_of, eventually, sample_totals, wait_event, wait_ready
 
 
@@ -67,3 +75,64 @@ async def test_failing_create_is_retried_and_reported(redis, daemon_factory):
     closed = await wait_event(redis, "sandbox.terminated", reason="create_failed")
     assert closed["sandbox"] == failed[0]["sandbox"]
     assert await redis.scard(KEYS.sandboxes) <= 1
+
+
+class _Counting(FastFakeProvider):
+    """The fast fake, remembering the most creates it saw running at once."""
+
+    def __init__(self, creator: "list[Creator]") -> None:
+        super().__init__()
+        self._creator = creator
+        self.peak = 0
+
+    async def create(self, sandbox_id, pool, *, revision=0):
+        self.peak = max(self.peak, len(self._creator[0].inflight))
+        await asyncio.sleep(0)  # others run meanwhile
+        return await super().create(sandbox_id, pool, revision=revision)
+
+
+def _creator(redis, config, provider) -> Creator:
+    events = EventPublisher(redis, KEYS, 10_000)
+    return Creator(
+        config=config,
+        store=SandboxStore(redis, KEYS),
+        events=events,
+        providers={"local": provider},
+        recoveries=Recoveries(events),
+        instance="test",
+        nudge=lambda pool: None,
+    )
+
+
+async def test_owed_creates_start_as_creates_end_without_a_pass(redis, tmp_path):
+    """What a pass's plan wanted beyond the global slots starts as soon as a slot frees:
+    no reconcile pass runs here at all, and never more than max_concurrent_creates at once."""
+    config = Config(max_concurrent_creates=2, local={"workspace_root": str(tmp_path)})
+    holder: list[Creator] = []
+    provider = _Counting(holder)
+    creator = _creator(redis, config, provider)
+    holder.append(creator)
+    spec = PoolSpec(name="p", min_ready=12, max_total=12)
+    creator.pace([spec])
+    async with asyncio.timeout(10), asyncio.TaskGroup() as work:
+        creator.work = work
+        creator.owe({"p": 10, "gone": 3}, {"p": spec}, revision=1)  # "gone": not in force
+        assert creator.owed == {"p": 10}
+        for _ in range(2):  # what the pass itself started
+            await creator.start(spec, 1, work)
+    assert await redis.llen(KEYS.pool_ready("p")) == 12
+    assert provider.peak <= 2 and not creator.owed and not creator.inflight
+
+
+async def test_no_owed_create_starts_while_a_pass_plans(redis, tmp_path):
+    config = Config(max_concurrent_creates=4, local={"workspace_root": str(tmp_path)})
+    creator = _creator(redis, config, FastFakeProvider())
+    spec = PoolSpec(name="p", min_ready=3)
+    creator.pace([spec])
+    async with asyncio.timeout(10), asyncio.TaskGroup() as work:
+        creator.work = work
+        creator.owe({"p": 2}, {"p": spec}, revision=1)
+        async with creator.planning:  # a pass between its read and its plan
+            assert await creator.refill() == 0
+        assert await creator.refill() == 1  # slow start: one at first, the next as it ends
+    assert await redis.llen(KEYS.pool_ready("p")) == 2 and not creator.owed

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from sandboxd.config import load_config
+from sandboxd.config import default_concurrent_creates, load_config
 
 
 def test_defaults_without_a_file(monkeypatch, tmp_path):
@@ -9,9 +9,16 @@ def test_defaults_without_a_file(monkeypatch, tmp_path):
     config = load_config()
     assert config.redis_url == "redis://127.0.0.1:6379/0"
     assert config.key_prefix == "sandboxd"
-    assert (config.reconcile_interval_s, config.max_concurrent_creates) == (5.0, 5)
+    assert config.reconcile_interval_s == 5.0
+    assert config.max_concurrent_creates == default_concurrent_creates()
     assert (config.event_stream_maxlen, config.on_shutdown) == (100_000, "terminate")
     assert "base" in config.local.all_templates()
+
+
+@pytest.mark.parametrize(("cpus", "creates"), [(None, 8), (1, 8), (2, 8), (4, 16), (64, 64)])
+def test_concurrent_creates_sized_to_the_host(monkeypatch, cpus, creates):
+    monkeypatch.setattr("sandboxd.config.os.cpu_count", lambda: cpus)
+    assert default_concurrent_creates() == creates
 
 
 def test_file_then_environment(monkeypatch, tmp_path):

@@ -50,7 +50,7 @@ class Creator:
         providers: dict[str, Provider],
         recoveries: Recoveries,
         instance: str,
-        nudge: Callable[[], None],
+        nudge: Callable[[str], None],
     ):
         self._config = config
         self._store = store
@@ -62,6 +62,17 @@ class Creator:
         self.pacing: dict[str, PoolPacing] = {}
         self.inflight: set[str] = set()  # ids of creates running in this process
         self._tasks: dict[str, tuple[asyncio.Task, SandboxRecord, float]] = {}
+        # Creates the last pass's plan wanted but could not start (global slots, slow
+        # start): started by `refill` as soon as a create ends, without waiting for the
+        # next pass. Replaced by every pass, so never older than the last snapshot.
+        self.owed: dict[str, int] = {}
+        self._owed_specs: dict[str, PoolSpec] = {}
+        self._owed_revision = 0
+        # Held by a pass from its read of the records until its creates are started, and
+        # by `refill` while it starts creates: a pass never plans from a snapshot that
+        # misses a create started meanwhile (that would overshoot `max_total`).
+        self.planning = asyncio.Lock()
+        self.work: asyncio.TaskGroup | None = None  # the reconciler's, while it runs
 
     def pace(self, pools: list[PoolSpec]) -> dict[str, PoolPacing]:
         """The pacing of every pool in the spec, created or reconfigured."""
@@ -116,6 +127,52 @@ class Creator:
         )
         self._tasks[record.id] = (task, record, time.monotonic())
 
+    def owe(
+        self,
+        owed: dict[str, int],
+        specs: dict[str, PoolSpec],
+        revision: int,
+        *,
+        only: set[str] | None = None,
+    ) -> None:
+        """What the pass's plan wanted beyond what it started, per pool (replacing what
+        the previous pass owed; `only`: for those pools, the others' debts stay)."""
+        if only is None:
+            self.owed, self._owed_specs = {}, {}
+        else:
+            for pool in only:
+                self.owed.pop(pool, None)
+                self._owed_specs.pop(pool, None)
+        for pool, n in owed.items():
+            if n > 0 and pool in specs:
+                self.owed[pool], self._owed_specs[pool] = n, specs[pool]
+        self._owed_revision = revision
+
+    async def refill(self) -> int:
+        """Start owed creates while global slots and the pools' pacing allow, round-robin
+        over the pools; skipped while a pass plans (it owes anew). Creates started."""
+        work = self.work
+        if work is None or not self.owed or self.planning.locked():
+            return 0
+        started = 0
+        async with self.planning:
+            progress = True
+            while progress and self.owed:
+                progress = False
+                for pool in list(self.owed):
+                    if len(self.inflight) >= self._config.max_concurrent_creates:
+                        return started
+                    pacing = self.pacing.get(pool)
+                    if pacing is None or pacing.limit(time.monotonic()) <= 0:
+                        continue
+                    self.owed[pool] -= 1
+                    if self.owed[pool] <= 0:
+                        del self.owed[pool]
+                    await self.start(self._owed_specs[pool], self._owed_revision, work)
+                    started += 1
+                    progress = True
+        return started
+
     async def cancel_stuck(self, grace_s: float) -> None:
         """Cancel creates running longer than `grace_s` (a provider that ignores its own
         timeouts); their records go, and the pool creates anew."""
@@ -156,6 +213,8 @@ class Creator:
         await self._breaker_event(record.pool, pacing, transition)
         if recovery:
             await self._end_recovery(recovery, record, ok, pacing.last_error)
+        if ok:  # its slot is free: the next owed create starts now, not at the next pass
+            await self.refill()
 
     async def _end_recovery(
         self, recovery: Pending, record: SandboxRecord, ok: bool, error: str
@@ -200,7 +259,7 @@ class Creator:
             "sandbox ready",
             extra={"sandbox": record.id, "pool": record.pool, "create_ms": create_ms},
         )
-        self._nudge()
+        self._nudge(record.pool)
         return True
 
     async def _create_with_retries(

@@ -22,13 +22,14 @@ from sandboxd.control.schedule import Change, PoolSchedules
 from sandboxd.control.specsource import SpecSource
 from sandboxd.control.terminator import Terminator
 from sandboxd.providers import CLOUD_PROVIDERS, Provider
-from sandboxd.providers.base import Capped
+from sandboxd.providers.base import Capped, Watched
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
 from sandboxd.store.fence import LeaseLost
 from sandboxd.store.loops import cancelling, survive, why
-from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, wrong_type
+from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, Scan, wrong_type
+from sandboxd.store.view import RecordView
 
 log = logging.getLogger(__name__)
 GONE_DETAIL = {
@@ -93,10 +94,23 @@ class Reconciler:
             instance=instance,
             nudge=self.nudge,
         )
+        # The records between passes: a pass reads what changed, not every record.
+        self.view = RecordView(store, resync_max_s=lambda: config.resync_interval_s)
+        self._view_scope: tuple[frozenset[str], int | None] = (frozenset(), None)
+        terminator.changed = self.view.touch
+        # Deaths told as they happen (`Watched` providers): checked at the next pass, which
+        # the death nudges, instead of at the next tick.
+        self._died: set[str] = set()
+        self._watching: dict[str, Watched] = {}
+        self._unwatchable: set[str] = set()
+        self._heal_due = 0.0  # healing the ready lists and member sets: on ticks, 1% at most
         self._healer = Healer(store.redis, store.keys, events)
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
         self._wake = asyncio.Event()
+        self._whole_pass = True  # a nudge without a pool, the tick, a new spec
+        self._dirty_pools: set[str] = set()
+        self._pool_names_in_force: frozenset[str] = frozenset()
         self._on_pass = on_pass
         self._on_pass_time = on_pass_time
         self.schedules = schedules or PoolSchedules()
@@ -112,15 +126,21 @@ class Reconciler:
         self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
 
-    def nudge(self) -> None:
-        """Reconcile now instead of at the next tick (spec applied, create finished…)."""
+    def nudge(self, pool: str | None = None) -> None:
+        """Reconcile now instead of at the next tick (spec applied, create finished…).
+        `pool`: only that pool changed (a claim, a release, a create done): unless something
+        else asks for a whole pass, the pass looks at the pools named so only."""
+        if pool is None or pool not in self._pool_names_in_force:
+            self._whole_pass = True
+        else:
+            self._dirty_pools.add(pool)
         self._wake.set()
 
     async def run(self) -> None:
         """Reconcile on every nudge and tick until cancelled; creates and recycling of
         released sandboxes run as tasks in this scope."""
         async with asyncio.TaskGroup() as work:
-            self._work = work
+            self._work = self.creator.work = work
             try:
                 while True:
                     cpu_before, began = time.thread_time(), time.perf_counter()
@@ -138,7 +158,8 @@ class Reconciler:
                     if cancelling():
                         raise asyncio.CancelledError
             finally:
-                self._work = None
+                self._work = self.creator.work = None
+                self._watch([])
 
     def stuck_for(self) -> float:
         """How long the pass under way has been running (0 between passes): the watchdog's
@@ -244,6 +265,8 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         self._wake.clear()
+        whole, dirty = self._whole_pass, self._dirty_pools
+        self._whole_pass, self._dirty_pools = False, set()
         if self._before_pass is not None:
             await self._before_pass()
         await self.write_late()
@@ -256,7 +279,10 @@ class Reconciler:
         # The pools this daemon manages: those of its providers (a cloud provider only while
         # this daemon leads the cloud pools; see daemon.py).
         pools = [p for p in every_pool if p.provider in self._providers]
+        if [p.name for p in pools] != [p.name for p in self.pools]:
+            whole = True
         self.pools = pools
+        self._pool_names_in_force = frozenset(p.name for p in pools)
         for change in changes:
             if change.pool in {p.name for p in pools}:
                 await self._announce(change)
@@ -264,35 +290,89 @@ class Reconciler:
         if tick:
             self._tick_due = time.monotonic() + self._config.reconcile_interval_s
         if tick or self._specs.revision != self._published_revision:
+            whole = True
             await self._claims.publish_pool_settings(every_pool)
             self._published_revision = self._specs.revision
         specs = {p.name: p for p in pools}
+        only = None if whole or changes or generation != self._view_scope[1] else dirty
+        async with self.creator.planning:  # no create starts between the read and the plan
+            await self._plan_and_act(pools, specs, tick=tick, generation=generation, only=only)
+        await self.creator.refill()  # slots freed while the pass planned
+        self.last_pass_at = time.time()
+
+    async def _plan_and_act(
+        self,
+        pools: list[PoolSpec],
+        specs: dict[str, PoolSpec],
+        *,
+        tick: bool,
+        generation: int | None,
+        only: set[str] | None = None,
+    ) -> None:
+        self.creator.owe({}, {}, 0, only=only)  # the last pass's debts are this one's now
+        try:
+            await self._pass_body(pools, specs, tick=tick, generation=generation, only=only)
+        except BaseException:
+            self.view.invalidate()  # a pass cut short (Redis away, cancelled): read it all
+            raise
+
+    async def _read_records(self, generation: int | None) -> Scan:
+        """The records, from the view: what changed since the last pass is read again,
+        everything when the owners' rule or Redis's data (a restore) changed."""
+        scope = (frozenset(self._providers), generation)
+        if scope != self._view_scope:
+            self._view_scope = scope
+            self.view.invalidate()
         if (
             self._restorer is not None
             and self._restorer.expects_records()
             and not await self._store.has_id_set()
         ):
             await self._healer.rebuild_ids()  # the id set alone was deleted: SCAN for records
-        scan = await self._store.scan()
+            self.view.invalidate()
+        scan = await self.view.refresh()
         if any(not c.sandbox_id for c in scan.corrupt):  # the id set itself: rebuilt, read again
             await self._healer.check_types(self._pool_names())
-            scan = await self._store.scan()
-        elif tick:  # pools with sandboxes every tick, idle pools a window at a time
+            scan = await self.view.full()
+        return scan
+
+    async def _pass_body(
+        self,
+        pools: list[PoolSpec],
+        specs: dict[str, PoolSpec],
+        *,
+        tick: bool,
+        generation: int | None,
+        only: set[str] | None = None,
+    ) -> None:
+        """A whole pass, or (`only`) one that looks at those pools only: the records are
+        read and remembered all the same (from the view: what changed), but reaping,
+        recycling, the plan and its actions, watching and the monitor's view are of those
+        pools' sandboxes alone; the tick's pass is always whole."""
+        scan = await self._read_records(generation)
+        if tick:  # pools with sandboxes every tick, idle pools a window at a time
             await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
-        self._record_pools = {r.pool for r in scan.records}
+        if only is None:
+            self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
             await self._restorer.remember(
                 scan.records, self._specs.in_force, save=tick, since=generation
             )
         if scan.corrupt:
+            self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))
             await self._quarantine.handle(scan.corrupt, self._providers)
-        records = await self._reap_dead(scan.records, check_liveness=tick)
+        mine = scan.records if only is None else [r for r in scan.records if r.pool in only]
+        planned = pools if only is None else [p for p in pools if p.name in only]
+        records = await self._reap_dead(mine, check_liveness=tick, whole=only is None)
         if tick:
-            await self._healer.heal(records, specs)
+            if time.monotonic() >= self._heal_due:  # at most 1% of the time (many records)
+                began = time.monotonic()
+                await self._healer.heal(records, specs)
+                self._heal_due = began + (time.monotonic() - began) * 100
             await self.creator.cancel_stuck(self._config.create_grace_s)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
-            [p.name for p in pools if p.on_empty == "create"]
+            [p.name for p in planned if p.on_empty == "create"]
         )
         now = time.monotonic()
         pacing = self.creator.pace(pools)
@@ -302,9 +382,9 @@ class Reconciler:
         observed = [
             Observed(r.id, r.pool, r.state, r.created_ts, r.health, r.build) for r in records
         ]
-        provider_slots = self._provider_slots(records)
+        provider_slots = self._provider_slots(records if only is None else scan.records)
         plans = plan(
-            pools,
+            planned,
             observed,
             create_slots=slots,
             now=time.time(),
@@ -326,9 +406,20 @@ class Reconciler:
                 )
             if pool_plan.changes:
                 await self._act(pool_plan, specs.get(pool_plan.pool), by_id)
-        if self._on_pass is not None:
+        self.creator.owe(
+            {
+                p.pool: p.wanted - p.create
+                for p in plans
+                if p.pool in specs
+                and not isinstance(self._providers.get(specs[p.pool].provider), Capped)
+            },
+            specs,
+            self._specs.revision,
+            only=only,
+        )
+        self._watch(records, prune=only is None)
+        if self._on_pass is not None and only is None:
             self._on_pass(records, specs)
-        self.last_pass_at = time.time()
 
     async def _announce(self, change: Change) -> None:
         await self._events.publish(
@@ -359,7 +450,7 @@ class Reconciler:
         return {name: pacing.status(now) for name, pacing in self.creator.pacing.items()}
 
     async def _reap_dead(
-        self, records: list[SandboxRecord], *, check_liveness: bool
+        self, records: list[SandboxRecord], *, check_liveness: bool, whole: bool = True
     ) -> list[SandboxRecord]:
         """Sandboxes whose process is gone: close the record (reason `died`), drop from view.
 
@@ -370,8 +461,13 @@ class Reconciler:
         """
         alive = []
         stuck: set[str] = set()
+        died, self._died = self._died, set()
         for record in records:
-            verdict = await self._verdict(record, stuck, check_liveness)
+            if not check_liveness and record.state in ("ready", "claimed", "released"):
+                if record.id not in died:  # the common case, without a coroutine each
+                    alive.append(record)
+                    continue
+            verdict = await self._verdict(record, stuck, check_liveness or record.id in died)
             if verdict is None:
                 alive.append(record)
             elif verdict[0] in GONE_DETAIL and record.state == "ready":
@@ -379,7 +475,7 @@ class Reconciler:
                     alive.append(record)
             elif not await self.terminate(record, *verdict):
                 alive.append(record)
-        self._stuck = stuck
+        self._stuck = stuck if whole else self._stuck | stuck
         return alive
 
     async def _verdict(
@@ -398,6 +494,32 @@ class Reconciler:
                 return (provider.gone_reason, "ready", "claimed", "released")
         return None
 
+    def _died_now(self, sandbox_id: str) -> None:
+        self._died.add(sandbox_id)
+        self.nudge()
+
+    def _watch(self, records: list[SandboxRecord], *, prune: bool = True) -> None:
+        """Have the death of every live sandbox of a `Watched` provider told as it happens;
+        stop watching those no longer live here. One that cannot be watched (a limit) is
+        not asked again while it lives: the tick's liveness check covers it."""
+        watchable = {n: p for n, p in self._providers.items() if isinstance(p, Watched)}
+        live: dict[str, Watched] = {}
+        if watchable:
+            for r in records:
+                if r.state in ("ready", "claimed", "released") and r.provider in watchable:
+                    live[r.id] = watchable[r.provider]
+        if prune:
+            for sandbox_id in self._watching.keys() - live.keys():
+                self._watching.pop(sandbox_id).unwatch(sandbox_id)
+            self._unwatchable &= live.keys()
+        for sandbox_id, provider in live.items():
+            if sandbox_id in self._watching or sandbox_id in self._unwatchable:
+                continue
+            if provider.watch(sandbox_id, self._died_now):
+                self._watching[sandbox_id] = provider
+            else:
+                self._unwatchable.add(sandbox_id)
+
     def _handling(self, sandbox_id: str) -> bool:
         return sandbox_id in self._terminator.running or sandbox_id in self._recycler.running
 
@@ -407,9 +529,14 @@ class Reconciler:
             if record.state == "released" and record.id not in self._recycler.running:
                 self._recycler.running.add(record.id)  # before the task runs: one per id
                 self._work.create_task(
-                    self._recycler.recycle(record, specs.get(record.pool)),
-                    name=f"recycle {record.id}",
+                    self._recycle(record, specs.get(record.pool)), name=f"recycle {record.id}"
                 )
+
+    async def _recycle(self, record: SandboxRecord, spec: PoolSpec | None) -> None:
+        try:
+            await self._recycler.recycle(record, spec)
+        finally:
+            self.view.touch(record.id)  # `resetting` or back to ready, or half-done
 
     async def _act(
         self, pool_plan: PoolPlan, spec: PoolSpec | None, by_id: dict[str, SandboxRecord]
@@ -452,7 +579,7 @@ class Reconciler:
             return False
         await self.recoveries.begin(record, reason, detail)
         await self._terminator.finish(record, reason, "ready", detail=detail)
-        self.nudge()  # the replacement is due now, whoever noticed the loss
+        self.nudge(record.pool)  # the replacement is due now, whoever noticed the loss
         return True
 
     async def terminate(

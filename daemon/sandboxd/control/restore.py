@@ -16,6 +16,7 @@ the janitor finds its sandbox without one, instead of reaping it.
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -49,6 +50,12 @@ return 1
 """
 
 
+# A change is written at once, unless the last write took SAVE_SLOW_S or more: then the
+# next one waits SAVE_GAP times as long (a journal of thousands of records).
+SAVE_SLOW_S = 0.01
+SAVE_GAP = 20
+
+
 class Restorer:
     def __init__(
         self,
@@ -73,6 +80,11 @@ class Restorer:
         self.restored = 0  # restores done, for tests and status
         self._lock = asyncio.Lock()
         self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
+        # Each record's hash, kept while the pass hands over the very same record object
+        # (the reconciler's view keeps unchanged records): not serialized again each pass.
+        self._hashes: dict[str, tuple[SandboxRecord, dict[str, str]]] = {}
+        self._unsaved = True  # the journal file may differ from what is remembered
+        self._next_save = 0.0
 
     @property
     def marker(self) -> str:
@@ -105,11 +117,31 @@ class Restorer:
         ):  # serialized once per revision: a spec of 20,000 pools is megabytes
             self._spec = (doc.revision, doc.model_dump_json())
             new_spec = True
-        self._records = {r.id: r.to_hash() for r in records}
+        hashes = {}
+        changed = len(records) != len(self._hashes)
+        for r in records:
+            known = self._hashes.get(r.id)
+            if known is None or known[0] is not r:
+                known, changed = (r, r.to_hash()), True
+            hashes[r.id] = known
+        self._hashes = hashes
+        self._records = {sandbox_id: fields for sandbox_id, (_, fields) in hashes.items()}
+        self._unsaved |= changed
         shape = frozenset((r.id, r.state, r.claim_id, r.lease_expires_ms) for r in records)
-        if save or new_spec or shape != self._saved_shape:
+        # Nothing changed since the last write: the file holds exactly this already (a
+        # tick of 10,000 unchanged records need not serialize them all to find that out).
+        # A change of state or claim is written at once, unless writing takes long (many
+        # records): then at most 5% of the time goes to it (what Redis would need put back
+        # is in memory meanwhile; the file is for a restart of the daemon too).
+        due = save or new_spec or time.monotonic() >= self._next_save
+        if (save or new_spec or shape != self._saved_shape) and (self._unsaved or new_spec):
+            if not due:
+                return
             self._saved_shape = shape
+            began = time.monotonic()
             await self.save()
+            took = time.monotonic() - began
+            self._next_save = 0.0 if took < SAVE_SLOW_S else time.monotonic() + took * SAVE_GAP
 
     def known(self) -> dict[str, dict[str, str]]:
         """The records of the last pass (or of the journal at start), by id."""
@@ -119,6 +151,8 @@ class Restorer:
         """A sandbox this daemon stopped while Redis could not be reached: nothing to put
         back, nothing to reap twice."""
         self._records.pop(sandbox_id, None)
+        self._hashes.pop(sandbox_id, None)
+        self._unsaved = True
 
     async def put_back(self, sandbox_id: str) -> bool:
         """Write back one record the journal has and Redis lost (a DEL, a partial loss that
@@ -140,6 +174,8 @@ class Restorer:
             await asyncio.to_thread(self._save, spec, records)
         except OSError as exc:
             log.warning("local state not saved: %s", exc)
+            return
+        self._unsaved = False
 
     def _save(self, spec: tuple[int, str] | None, records: dict[str, dict[str, str]]) -> None:
         if spec is not None:

@@ -1,6 +1,7 @@
 """Stopping a sandbox: take it out of circulation in Redis, stop it, close its record."""
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sandboxd.providers import Provider
@@ -16,6 +17,9 @@ class Terminator:
         self._providers = providers
         self._events = events
         self.running: set[str] = set()  # ids being stopped by this process right now
+        # Told of every record this changed or found changed (the reconciler's view reads
+        # it again: a half-done stop leaves a `terminating` record no event names).
+        self.changed: Callable[[str], None] = lambda sandbox_id: None
 
     @property
     def providers(self) -> dict[str, Provider]:
@@ -26,7 +30,10 @@ class Terminator:
     ) -> bool:
         """Stop the sandbox if it is still in one of `states` (else someone else has it);
         `data` goes into the `sandbox.terminated` event."""
-        previous = await self._store.begin_terminate(record, *states)
+        try:
+            previous = await self._store.begin_terminate(record, *states)
+        finally:
+            self.changed(record.id)
         if previous is None:
             return False
         await self.finish(record, reason, previous, **data)
@@ -50,6 +57,7 @@ class Terminator:
             return
         finally:
             self.running.discard(record.id)
+            self.changed(record.id)
         await self._events.publish(
             "sandbox.terminated",
             pool=record.pool,

@@ -156,4 +156,19 @@ class Described(Protocol):
     def security_summary(self) -> dict[str, Any]: ...
 
 
-CAPABILITIES: tuple[type, ...] = (Capped, Extendable, Metered, Described)
+@runtime_checkable
+class Watched(Protocol):
+    """A provider that tells of a sandbox's death when it happens (local: a pidfd of its
+    first process in the event loop), so the reconciler need not wait for its tick."""
+
+    def watch(self, sandbox_id: str, on_exit: Callable[[str], None]) -> bool:
+        """Call `on_exit(sandbox_id)` once, from the event loop, when the sandbox's first
+        process exits; False if it cannot be watched (gone already, no pidfd, too many)."""
+        ...
+
+    def unwatch(self, sandbox_id: str) -> None:
+        """Stop watching (the sandbox is being stopped, or is no longer this daemon's)."""
+        ...
+
+
+CAPABILITIES: tuple[type, ...] = (Capped, Extendable, Metered, Described, Watched)

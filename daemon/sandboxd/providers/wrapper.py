@@ -7,6 +7,7 @@ Extendable)` is true if and only if it is for `inner`. Every call that changes s
 (create, terminate, kill, reset, cleanup, extend) first runs `before_action()`.
 """
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sandboxd.providers.base import (
@@ -18,6 +19,7 @@ from sandboxd.providers.base import (
     Probe,
     Provider,
     ProviderSandbox,
+    Watched,
 )
 from sandboxd.spec import HealthSpec, PoolSpec
 
@@ -104,11 +106,22 @@ class _ForwardDescribed:
         return summary
 
 
+class _ForwardWatched:
+    inner: Any
+
+    def watch(self, sandbox_id: str, on_exit: Callable[[str], None]) -> bool:
+        return bool(self.inner.watch(sandbox_id, on_exit))
+
+    def unwatch(self, sandbox_id: str) -> None:
+        self.inner.unwatch(sandbox_id)
+
+
 _FORWARDERS: dict[type, type] = {
     Capped: _ForwardCapped,
     Extendable: _ForwardExtendable,
     Metered: _ForwardMetered,
     Described: _ForwardDescribed,
+    Watched: _ForwardWatched,
 }
 assert set(_FORWARDERS) == set(CAPABILITIES), "every optional capability is forwarded"
 

@@ -77,6 +77,25 @@ return out
 """
 READ_CHUNK = 256  # ids per script run: bounds how long one run holds Redis
 
+# The same for ids that may no longer be (or never were) sandboxes: an id not in the id
+# set reads as gone (an empty reply), as it would in a full read (SMEMBERS, then _READ).
+_READ_MEMBERS = """
+local out = {}
+local ids = ARGV[1] .. ':sandboxes'
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
+  local kind = redis.call('TYPE', key).ok
+  if redis.call('SISMEMBER', ids, ARGV[i]) == 0 then
+    out[i - 1] = {}
+  elseif kind == 'hash' or kind == 'none' then
+    out[i - 1] = redis.call('HGETALL', key)
+  else
+    out[i - 1] = kind
+  end
+end
+return out
+"""
+
 # KEYS: sandbox hash. ARGV: field, value... Only while the record exists and is live (a
 # late probe must not resurrect a closed record). Returns state, claimant, claim_id.
 _SET_HEALTH = """
@@ -105,9 +124,9 @@ return 1
 
 # KEYS: done marker, record, id set, pool members, ready list, leases, logs, events.
 # ARGV: marker ttl s, logs kept s, events maxlen (unused: retention trims), sandbox id
-# ('' = no record to close), event fields... A change made while Redis could not be reached,
-# written once (the marker), with its event, in one step: replaying it after a crash
-# duplicates nothing.
+# ('' = no record to close), event fields... A change made while Redis could not be
+# reached, written once (the marker), with its event, in one step: replaying it after a
+# crash duplicates nothing.
 _LATE = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 if ARGV[4] ~= '' then
@@ -275,6 +294,7 @@ class SandboxStore:
         self._mark_ready = redis.register_script(_MARK_READY)
         self._transition = redis.register_script(_TRANSITION)
         self._read = redis.register_script(_READ)
+        self._read_members = redis.register_script(_READ_MEMBERS)
         self._set_health = redis.register_script(_SET_HEALTH)
         self._agent_news = redis.register_script(_AGENT_NEWS)
         self._late = redis.register_script(_LATE)
@@ -309,6 +329,19 @@ class SandboxStore:
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
             replies = await self._read(args=[self._keys.prefix, *chunk])
+            for sandbox_id, flat in zip(chunk, replies, strict=True):
+                if flat:
+                    self._decode(sandbox_id, flat, result)
+        return result
+
+    async def read(self, ids: list[str]) -> Scan:
+        """Read these records only (what changed since a full read): those that are gone,
+        or not in the id set, are simply not in the result; damaged ones are in `corrupt`,
+        like `scan`. The id set of the wrong type is a WRONGTYPE error here."""
+        result = Scan()
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            replies = await self._read_members(args=[self._keys.prefix, *chunk])
             for sandbox_id, flat in zip(chunk, replies, strict=True):
                 if flat:
                     self._decode(sandbox_id, flat, result)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,10 @@ class LocalProvider:
         # Cleanups of failed or cancelled create attempts, by sandbox id: a retry (same id)
         # waits for its predecessor's, or that one's rmtree would pull the box from under it.
         self._cleanups: dict[str, asyncio.Task[None]] = {}
+        # Sandboxes whose death is told as it happens: a pidfd of the first process, read
+        # by the event loop (`watch`). Bounded by half the open-files limit.
+        self._watched: dict[str, tuple[int, Callable[[str], None]]] = {}
+        self._max_watched = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2 - 64)
         # The host's addresses each networked sandbox's egress filter holds, by sandbox id
         # (empty after a restart: every filter is then installed afresh at its first probe).
         self._filtered: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
@@ -510,6 +516,43 @@ class LocalProvider:
             await asyncio.sleep(0.005)
         raise CreateError(f"bubblewrap did not start the sandbox: {_tail(box / 'agent.log')}")
 
+    def watch(self, sandbox_id: str, on_exit: Callable[[str], None]) -> bool:
+        """`on_exit(sandbox_id)` from the event loop when the sandbox's first process (the
+        one its registry entry names, pid and start time) exits. False when it is gone
+        already, the kernel has no pidfd, or too many are watched (the tick still checks)."""
+        if sandbox_id in self._watched:
+            return True
+        pidfd_open = getattr(os, "pidfd_open", None)
+        entry = self._entry(sandbox_id)
+        if (
+            not self._config.watch_deaths
+            or pidfd_open is None
+            or entry is None
+            or len(self._watched) >= self._max_watched
+        ):
+            return False
+        try:
+            fd = pidfd_open(entry.get("pid"))
+        except (OSError, TypeError, ValueError):
+            return False
+        if _process(entry) is None:  # checked after opening: the pid was not reused since
+            os.close(fd)
+            return False
+        asyncio.get_running_loop().add_reader(fd, self._exited, sandbox_id)
+        self._watched[sandbox_id] = (fd, on_exit)
+        return True
+
+    def unwatch(self, sandbox_id: str) -> None:
+        watched = self._watched.pop(sandbox_id, None)
+        if watched is not None:
+            asyncio.get_running_loop().remove_reader(watched[0])
+            os.close(watched[0])
+
+    def _exited(self, sandbox_id: str) -> None:
+        on_exit = self._watched[sandbox_id][1]
+        self.unwatch(sandbox_id)
+        on_exit(sandbox_id)
+
     def _alive_entry(self, sandbox_id: str) -> dict[str, Any] | None:
         entry = self._entry(sandbox_id)
         if entry is None or _process(entry) is None:
@@ -546,6 +589,7 @@ class LocalProvider:
         psutil.wait_procs(procs, 5.0)
 
     async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        self.unwatch(sandbox_id)  # an end we make is no death to report
         box = self._box(sandbox_id)
         if box is None:
             log.warning(
