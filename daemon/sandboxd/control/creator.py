@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from redis.exceptions import RedisError
 from tenacity import (
@@ -24,7 +25,7 @@ from sandboxd.providers import CLOUD_PROVIDERS, Provider
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.loops import survive, why
-from sandboxd.store.records import SandboxRecord, SandboxStore
+from sandboxd.store.records import SECRETS, SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
 _backoff = wait_exponential_jitter(multiplier=0.2, max=10)
@@ -51,8 +52,10 @@ class Creator:
         recoveries: Recoveries,
         instance: str,
         nudge: Callable[[str], None],
+        on_ready: Callable[[SandboxRecord], None] | None = None,
     ):
         self._config = config
+        self._on_ready = on_ready  # told of each sandbox this daemon made ready (the journal)
         self._store = store
         self._events = events
         self._providers = providers
@@ -259,6 +262,12 @@ class Creator:
             "sandbox ready",
             extra={"sandbox": record.id, "pool": record.pool, "create_ms": create_ms},
         )
+        if self._on_ready is not None:
+            made: dict[str, Any] = {"state": "ready"}
+            made["handle"] = {k: v for k, v in handle.items() if k != SECRETS}
+            if isinstance(handle.get(SECRETS), dict):
+                made["secrets"] = handle[SECRETS]
+            self._on_ready(record.model_copy(update=made))
         self._nudge(record.pool)
         return True
 

@@ -93,6 +93,7 @@ class Reconciler:
             recoveries=self.recoveries,
             instance=instance,
             nudge=self.nudge,
+            on_ready=self._made_ready,
         )
         # The records between passes: a pass reads what changed, not every record.
         self.view = RecordView(store, resync_max_s=lambda: config.resync_interval_s)
@@ -125,6 +126,11 @@ class Reconciler:
         self.first_pass = asyncio.Event()
         self._work: asyncio.TaskGroup | None = None
         self.last_pass_at = 0.0
+
+    def _made_ready(self, record: SandboxRecord) -> None:
+        """A sandbox the creator made ready: into the journal now (see Restorer.learn)."""
+        if self._restorer is not None:
+            self._restorer.learn(record)
 
     def nudge(self, pool: str | None = None) -> None:
         """Reconcile now instead of at the next tick (spec applied, create finished…).

@@ -143,6 +143,14 @@ class Restorer:
             took = time.monotonic() - began
             self._next_save = 0.0 if took < SAVE_SLOW_S else time.monotonic() + took * SAVE_GAP
 
+    def learn(self, record: SandboxRecord) -> None:
+        """A record this daemon just wrote (a sandbox it made ready): known before the next
+        pass reads it, so Redis losing its data in between does not lose the sandbox (its
+        claim, if one came meanwhile, is the next pass's news, as any claim's)."""
+        self._hashes[record.id] = (record, record.to_hash())
+        self._records[record.id] = self._hashes[record.id][1]
+        self._unsaved = True
+
     def known(self) -> dict[str, dict[str, str]]:
         """The records of the last pass (or of the journal at start), by id."""
         return dict(self._records)
