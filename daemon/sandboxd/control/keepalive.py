@@ -8,14 +8,19 @@ runs out).
   client's sandbox also ends on the provider's side (shortly after its lease, even with the
   daemon down), and never before: the grace leaves the daemon's lease keeper the time to end
   it as `lease_expired` rather than find it lost.
-- A claim or a renew is followed at once: the loop reads the event stream and wakes on
-  `sandbox.claimed` and `sandbox.lease_renewed` (appended by the claim scripts themselves),
-  so the provider knows of a renew within milliseconds, not at the next round.
+- A claim or a renew is followed within FOLLOW_AFTER_S: the loop reads the event stream and
+  wakes on `sandbox.claimed` and `sandbox.lease_renewed` (appended by the claim scripts
+  themselves), so the provider knows of a renew within a fraction of a second, not at the
+  next round. Not at once: a claimed sandbox still has at least half its timeout, and the
+  provider call would share the host's CPUs with the claimant's first moments (its claim's
+  answer, its first command), which are what a warm pool is for; claims in that window are
+  followed together.
 
 Pools with `keepalive: recycle` are replaced by the planner instead, and paused sandboxes
 do not run out.
 """
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -34,6 +39,7 @@ MAX_INTERVAL_S = 5.0
 IDLE_TICK_S = 0.5
 MIN_WAIT_S = 0.05
 BLOCK_MS = 1000  # the longest single XREAD wait (the client's socket timeout is longer)
+FOLLOW_AFTER_S = 0.1  # a claim's or renew's provider call waits this long (see above)
 WAKE_ON = frozenset({"sandbox.claimed", "sandbox.lease_renewed"})
 COVERED_S = 0.5  # a timeout ending this close to the lease's end (and grace) covers it
 LEASE_GRACE_S = 5.0  # a claimed sandbox's timeout outlasts its lease by this much
@@ -124,6 +130,7 @@ class Keepalive:
                 if event is not None and event.type in WAKE_ON and event.sandbox:
                     wanted.add(event.sandbox)
             if wanted and self._providers:
+                await asyncio.sleep(FOLLOW_AFTER_S)  # off the claimant's first moments
                 await self.follow(wanted)
             if not entries and _order(newest := await stream_end(redis, stream)) < _order(
                 self._cursor
