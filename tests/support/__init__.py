@@ -20,7 +20,6 @@ from tests.support.waiting import (
     eventually,
     ready_ids,
     sample_totals,
-    until,
     wait_event,
     wait_ready,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "sample_totals",
     "sandbox_processes",
     "toml_config",
-    "until",
     "wait_event",
     "wait_ready",
 ]
