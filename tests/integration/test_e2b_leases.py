@@ -9,7 +9,7 @@ import time
 from sandboxd.client import Client
 from tests.support import E2B_TEST_KEY, apply, events_of, eventually, wait_event, wait_ready
 
-from .test_e2b import client_endpoints, e2b_pool, e2b_settings
+from .test_e2b import client_endpoints, e2b_pool, e2b_settings, stop_daemon
 
 CAP_S = 3
 
@@ -45,12 +45,7 @@ async def test_a_lease_longer_than_max_timeout_keeps_its_sandbox_for_the_whole_l
         assert e2b_id not in fake.ledger.expired  # E2B never killed it first
         timeouts = [t for sid, t in fake.ledger.set_timeouts if sid == e2b_id]
         assert len(timeouts) >= 3 and max(timeouts) <= CAP_S  # steps of at most the cap
-        daemon.stop.set()  # stop while this fake still answers
-        await eventually(lambda: _stopped(redis), what="the daemon stopped")
-
-
-async def _stopped(redis) -> bool:
-    return not await redis.exists("sandboxd:daemon")
+        await stop_daemon(daemon, redis)  # while this fake still answers
 
 
 async def test_a_renew_reaches_e2b_within_a_second(fake_e2b, redis, embedded_daemon):

@@ -11,7 +11,17 @@ from sandboxd.providers.base import CAPABILITIES, Capped, Extendable, Metered
 from sandboxd.providers.faults import FaultyProvider
 from sandboxd.providers.local.provider import LocalProvider
 from sandboxd.spec import PoolSpec
-from tests.support import E2B_TEST_KEY, apply, events_of, eventually, sandbox_processes, wait_ready
+from sandboxd.store.records import SandboxStore
+from tests.support import (
+    E2B_TEST_KEY,
+    KEYS,
+    apply,
+    events_of,
+    eventually,
+    sandbox_processes,
+    wait_event,
+    wait_ready,
+)
 
 POOL = PoolSpec(name="p")
 
@@ -139,3 +149,53 @@ async def test_faults_on_e2b_keep_its_concurrency_cap_and_its_keepalive(
     assert {sandbox_id for sandbox_id, _ in fake_e2b.ledger.set_timeouts} == {
         s.id for s in fake_e2b.ours()
     }
+
+
+@pytest.mark.parametrize("lost", ["record_reply", "creating_event"])
+async def test_a_create_cut_short_by_redis_is_closed_and_the_pool_refills(
+    redis, embedded_daemon, monkeypatch, lost
+):
+    """A failover can lose the reply to the `creating` record's write (the record is there,
+    the daemon thinks not), or fail the `sandbox.creating` event after it: no create runs
+    for that record, which must be closed (`interrupted`), never counted as in flight."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    # One create at a time: the second is started by the first one's end (`refill`), not
+    # by a pass (whose failure would make the next pass read everything anyway).
+    daemon = await embedded_daemon(max_concurrent_creates=1)
+    creator = daemon.wings.reconciler.creator
+    cut: list[str] = []
+    if lost == "record_reply":
+        store, add = creator._store, creator._store.add
+        added: list[str] = []
+
+        async def add_then_fail(record):
+            await add(record)
+            added.append(record.id)
+            if len(added) == 2:
+                cut.append(record.id)
+                raise RedisConnectionError("injected: the reply was lost")
+
+        monkeypatch.setattr(store, "add", add_then_fail)
+    else:
+        events, publish = creator._events, creator._events.publish
+
+        async def publish_or_fail(type_, **data):
+            if type_ == "sandbox.creating" and not cut:
+                cut.append(data["sandbox"])
+                raise RedisConnectionError("injected: the event was not written")
+            return await publish(type_, **data)
+
+        monkeypatch.setattr(events, "publish", publish_or_fail)
+
+    await apply(redis, [{"name": "p", "min_ready": 2, "max_total": 3}])
+    await wait_ready(redis, "p", 2)
+    closed = await wait_event(redis, "sandbox.terminated", sandbox=cut[0])
+    assert closed["data"]["reason"] == "interrupted" and closed["data"]["state"] == "creating"
+
+    async def nothing_creating():
+        records = await SandboxStore(redis, KEYS).records()
+        return all(r.state == "ready" for r in records) and len(records) == 2
+
+    await eventually(nothing_creating, what="only the 2 ready records")
+    assert creator.inflight == set()

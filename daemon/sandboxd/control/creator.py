@@ -76,6 +76,9 @@ class Creator:
         # misses a create started meanwhile (that would overshoot `max_total`).
         self.planning = asyncio.Lock()
         self.work: asyncio.TaskGroup | None = None  # the reconciler's, while it runs
+        # Told of a record whose state in Redis this process no longer knows (a write
+        # whose reply was lost): the reconciler's view reads it again.
+        self.changed: Callable[[str], None] = lambda sandbox_id: None
 
     def pace(self, pools: list[PoolSpec]) -> dict[str, PoolPacing]:
         """The pacing of every pool in the spec, created or reconfigured."""
@@ -112,19 +115,14 @@ class Creator:
         try:
             await self._store.add(record)
         except BaseException:
+            # Written or not (a reply lost in a failover): no create runs for it, so a
+            # record there is `creating` with nobody creating; the next pass reads it
+            # again and closes it (`interrupted`) instead of counting it forever.
             self.inflight.discard(record.id)
+            self.changed(record.id)
             raise
         pacing = self.pacing[spec.name]
         pacing.started()
-        await self._events.publish(
-            "sandbox.creating",
-            pool=spec.name,
-            sandbox=record.id,
-            template=spec.template,
-            provider=spec.provider,
-            spec_revision=revision,
-            replaces=record.replaces,
-        )
         task = work.create_task(
             self._run(record, spec, pacing, recovery), name=f"create {record.id}"
         )
@@ -194,6 +192,7 @@ class Creator:
         try:
             await self._create_paced(record, spec, pacing, recovery)
         except RedisError as exc:
+            self.changed(record.id)  # what Redis holds of it is read again by the next pass
             if not survive(exc):
                 raise
             log.warning(
@@ -230,6 +229,15 @@ class Creator:
     async def _create_and_publish(
         self, record: SandboxRecord, spec: PoolSpec, pacing: PoolPacing
     ) -> bool:
+        await self._events.publish(
+            "sandbox.creating",
+            pool=record.pool,
+            sandbox=record.id,
+            template=spec.template,
+            provider=spec.provider,
+            spec_revision=record.spec_revision,
+            replaces=record.replaces,
+        )
         started = time.perf_counter()
         try:
             handle = await self._create_with_retries(record, spec, pacing)

@@ -98,7 +98,7 @@ class Reconciler:
         # The records between passes: a pass reads what changed, not every record.
         self.view = RecordView(store, resync_max_s=lambda: config.resync_interval_s)
         self._view_scope: tuple[frozenset[str], int | None] = (frozenset(), None)
-        terminator.changed = self.view.touch
+        terminator.changed = self.creator.changed = self.view.touch
         # Deaths told as they happen (`Watched` providers): checked at the next pass, which
         # the death nudges, instead of at the next tick.
         self._died: set[str] = set()

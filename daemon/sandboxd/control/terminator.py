@@ -51,7 +51,8 @@ class Terminator:
             # A cloud API can fail: the record stays `terminating`, so the reconciler tries
             # again (and the janitor kills the sandbox should the record be lost).
             log.warning(
-                "terminate failed, will retry",
+                "terminate failed, will retry: %s",
+                exc,
                 extra={"sandbox": record.id, "pool": record.pool, "error": str(exc)},
             )
             return
