@@ -108,8 +108,12 @@ async def test_signed_in_order_retried_dead_lettered_redelivered_secret_kept(
             assert [i for i in order[pool] if i in produced] == produced
 
         # 3. one event the receiver answers with 500: dead-lettered after 3 attempts
-        poison = (await publisher.publish("pool.scaled", pool="p1", poison=True)).id
+        # The receiver knows it before it is sent: published first, it could be delivered
+        # (and accepted) before the receiver was told to refuse it.
+        event = publisher.build("pool.scaled", pool="p1", poison=True)
+        poison = event.id
         receiver.fail_ids.add(poison)
+        await redis.xadd(KEYS.events, event.to_fields())
         after = await produce(4, 200, pools=("p1",))  # the pool goes on after it
         await eventually(arrived([e["id"] for e in after]), timeout=15, what="after the 500s")
         dead = sandboxd(redis_server, "webhooks", "dead", "audit", "-o", "json")

@@ -355,6 +355,7 @@ class Reconciler:
         read and remembered all the same (from the view: what changed), but reaping,
         recycling, the plan and its actions, watching and the monitor's view are of those
         pools' sandboxes alone; the tick's pass is always whole."""
+        read_at = time.monotonic()
         scan = await self._read_records(generation)
         if tick:  # pools with sandboxes every tick, idle pools a window at a time
             await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
@@ -362,7 +363,7 @@ class Reconciler:
             self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
             await self._restorer.remember(
-                scan.records, self._specs.in_force, save=tick, since=generation
+                scan.records, self._specs.in_force, save=tick, since=generation, read_at=read_at
             )
         if scan.corrupt:
             self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))

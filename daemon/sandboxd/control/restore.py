@@ -83,6 +83,8 @@ class Restorer:
         # Each record's hash, kept while the pass hands over the very same record object
         # (the reconciler's view keeps unchanged records): not serialized again each pass.
         self._hashes: dict[str, tuple[SandboxRecord, dict[str, str]]] = {}
+        # Records `learn` was told of, and when (monotonic): newer than a pass's read.
+        self._learned: dict[str, tuple[SandboxRecord, float]] = {}
         self._unsaved = True  # the journal file may differ from what is remembered
         self._next_save = 0.0
 
@@ -99,6 +101,7 @@ class Restorer:
         *,
         save: bool,
         since: int | None = None,
+        read_at: float | None = None,
     ) -> None:
         """The spec in force and the records of a pass: what Redis holds now (this daemon's,
         all of them) — unless Redis lost its data since the pass began (the marker is gone
@@ -124,6 +127,15 @@ class Restorer:
             if known is None or known[0] is not r:
                 known, changed = (r, r.to_hash()), True
             hashes[r.id] = known
+        if read_at is not None:  # `records` were read at `read_at` (monotonic)
+            for sandbox_id, (learned, at) in list(self._learned.items()):
+                if at <= read_at:
+                    del self._learned[sandbox_id]  # the read saw it: it is in `records`
+                else:  # made ready after the read: what the read saw is older
+                    hashes[sandbox_id] = self._hashes.get(sandbox_id) or (
+                        learned,
+                        learned.to_hash(),
+                    )
         self._hashes = hashes
         self._records = {sandbox_id: fields for sandbox_id, (_, fields) in hashes.items()}
         self._unsaved |= changed
@@ -149,6 +161,7 @@ class Restorer:
         claim, if one came meanwhile, is the next pass's news, as any claim's)."""
         self._hashes[record.id] = (record, record.to_hash())
         self._records[record.id] = self._hashes[record.id][1]
+        self._learned[record.id] = (record, time.monotonic())
         self._unsaved = True
 
     def known(self) -> dict[str, dict[str, str]]:
@@ -160,6 +173,7 @@ class Restorer:
         back, nothing to reap twice."""
         self._records.pop(sandbox_id, None)
         self._hashes.pop(sandbox_id, None)
+        self._learned.pop(sandbox_id, None)
         self._unsaved = True
 
     async def put_back(self, sandbox_id: str) -> bool:
