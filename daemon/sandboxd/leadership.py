@@ -31,7 +31,7 @@ from sandboxd.outputs import sdnotify
 from sandboxd.outputs.heartbeat import beat_standby
 from sandboxd.store.fence import Fence, LeaseLapsed, LeaseLost
 from sandboxd.store.keys import Keys
-from sandboxd.store.loops import survive, why
+from sandboxd.store.loops import survive, wait_event, why
 from sandboxd.store.ownership import Holder, Lease, Seen
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,7 @@ class Leadership:
         ttl = self.node.ttl_s
         lapsed = False  # said once per outage
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retake.wait(), ttl / 3)
+            await wait_event(self._retake, ttl / 3)
             self._retake.clear()
             self._reached = True  # until a renewal of this round fails to reach Redis
             for lease in [self.node, *([self.leader] if self.leading else [])]:

@@ -27,7 +27,7 @@ from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
 from sandboxd.store.fence import LeaseLost
-from sandboxd.store.loops import cancelling, survive, why
+from sandboxd.store.loops import cancelling, survive, wait_event, why
 from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, Scan, wrong_type
 from sandboxd.store.view import RecordView
 
@@ -174,11 +174,7 @@ class Reconciler:
         return 0.0 if began is None else time.monotonic() - began
 
     async def _sleep_until_nudged(self) -> None:
-        try:
-            async with asyncio.timeout(self._config.reconcile_interval_s):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
+        await wait_event(self._wake, self._config.reconcile_interval_s)
 
     async def _pass_surviving_redis_errors(self) -> None:
         try:

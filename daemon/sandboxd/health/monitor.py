@@ -21,7 +21,7 @@ from sandboxd.providers import Provider
 from sandboxd.providers.base import Probe
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import EventPublisher, now_rfc3339
-from sandboxd.store.loops import survive, why
+from sandboxd.store.loops import survive, wait_event, why
 from sandboxd.store.records import SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,7 @@ class HealthMonitor:
     async def _sleep_until(self, report_due: float) -> None:
         due = min([report_due] + ([self._queue[0][0]] if self._queue else []))
         self._wake.clear()
-        try:
-            async with asyncio.timeout(max(0.0, due - time.monotonic())):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
+        await wait_event(self._wake, max(0.0, due - time.monotonic()))
 
     def _pop_due(self, now: float) -> list[str]:
         out = []

@@ -24,6 +24,21 @@ def cancelling() -> bool:
     return bool(task and task.cancelling())
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Until `event` is set or `timeout_s` passed (False): the pause of a loop. A cancel
+    already requested ends it here even if the loop's last round lost it on the way (seen
+    on Python 3.11 under load: the stop then waited on the lease loop's pause for good);
+    `asyncio.timeout`, not `asyncio.wait_for`, whose 3.11 version can lose one itself."""
+    if cancelling():
+        raise asyncio.CancelledError
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 def why(exc: BaseException) -> str:
     """How a loop that outlived `exc` names it: a key holding another type than a command
     wanted is bad data (repaired by the reconciler), not an outage."""

@@ -489,7 +489,8 @@ class LocalProvider:
         finally:
             os.close(write_fd)
         try:
-            ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_fd, 1), READY_TIMEOUT_S)
+            async with asyncio.timeout(READY_TIMEOUT_S):  # not wait_for: see loops.wait_event
+                ready = await asyncio.to_thread(os.read, read_fd, 1)
         except TimeoutError:
             ready = b""
         finally:
