@@ -6,8 +6,6 @@ a connect to another sandbox's command or without the claim's token)."""
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from e2b.exceptions import (
 from e2b.sandbox.commands.command_handle import CommandExitException, PtySize
 from e2b.sandbox.filesystem.watch_handle import FilesystemEvent, FilesystemEventType
 
-from tests.support import apply, wait_ready
+from tests.support import apply, until, wait_ready
 
 from .test_api import ApiServer, new_key
 
@@ -35,17 +33,6 @@ CREATE, WRITE, REMOVE = (
     FilesystemEventType.REMOVE,
 )
 RENAME, CHMOD = FilesystemEventType.RENAME, FilesystemEventType.CHMOD
-
-
-def until(check: Callable[[], Any], what: Any, within: float = 10.0) -> Any:
-    """Poll `check` until it returns something true; its value."""
-    deadline = time.monotonic() + within
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        time.sleep(0.02)
 
 
 def connect_stream(url: str, sandbox_id: str, secret: str, pid: int) -> bytes:

@@ -20,6 +20,7 @@ from tests.support.waiting import (
     eventually,
     ready_ids,
     sample_totals,
+    until,
     wait_event,
     wait_ready,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "sample_totals",
     "sandbox_processes",
     "toml_config",
+    "until",
     "wait_event",
     "wait_ready",
 ]

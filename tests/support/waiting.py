@@ -44,6 +44,16 @@ async def apply(redis: Redis, pools: list[dict]) -> int:
     return applied.document.revision
 
 
+def until(check: Callable[[], T], what: str = "condition", within: float = 10.0) -> T:
+    """The synchronous `eventually`, for tests driving a synchronous SDK: `check()`'s first
+    true value, polled until `within` seconds have passed (then fail with `what`)."""
+    deadline = time.monotonic() + within
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        time.sleep(0.02)
+    return found
+
+
 async def ready_ids(redis: Redis, pool: str) -> list[str]:
     return await redis.lrange(KEYS.pool_ready(pool), 0, -1)
 

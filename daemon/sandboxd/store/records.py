@@ -58,16 +58,27 @@ end
 return false
 """
 
+
 # ARGV: key prefix, ids... Returns each sandbox's HGETALL (empty if gone), or the key's
 # type when it is not a hash (someone wrote a string there). One script per chunk of ids
 # instead of one command each: a reconcile pass reads every record, and per-command client
 # overhead made that the daemon's main cost under claim load.
-_READ = """
-local out = {}
+def _read_script(members_only: bool) -> str:
+    # members_only: an id not in the id set reads as gone (an empty reply), as it would in
+    # a full read (SMEMBERS, then _READ): for ids that may no longer be (or never were)
+    # sandboxes.
+    gone = (
+        "if redis.call('SISMEMBER', ARGV[1] .. ':sandboxes', ARGV[i]) == 0 then\n"
+        "    out[i - 1] = {}\n  else"
+        if members_only
+        else ""
+    )
+    return f"""
+local out = {{}}
 for i = 2, #ARGV do
   local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
   local kind = redis.call('TYPE', key).ok
-  if kind == 'hash' or kind == 'none' then
+  {gone}if kind == 'hash' or kind == 'none' then
     out[i - 1] = redis.call('HGETALL', key)
   else
     out[i - 1] = kind
@@ -75,26 +86,12 @@ for i = 2, #ARGV do
 end
 return out
 """
+
+
+_READ = _read_script(members_only=False)
 READ_CHUNK = 256  # ids per script run: bounds how long one run holds Redis
 
-# The same for ids that may no longer be (or never were) sandboxes: an id not in the id
-# set reads as gone (an empty reply), as it would in a full read (SMEMBERS, then _READ).
-_READ_MEMBERS = """
-local out = {}
-local ids = ARGV[1] .. ':sandboxes'
-for i = 2, #ARGV do
-  local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
-  local kind = redis.call('TYPE', key).ok
-  if redis.call('SISMEMBER', ids, ARGV[i]) == 0 then
-    out[i - 1] = {}
-  elseif kind == 'hash' or kind == 'none' then
-    out[i - 1] = redis.call('HGETALL', key)
-  else
-    out[i - 1] = kind
-  end
-end
-return out
-"""
+_READ_MEMBERS = _read_script(members_only=True)
 
 # KEYS: sandbox hash. ARGV: field, value... Only while the record exists and is live (a
 # late probe must not resurrect a closed record). Returns state, claimant, claim_id.
