@@ -2,6 +2,7 @@
 the daemon's own overhead (the reconcile loop, the health monitor) is what gets measured.
 Wrapped in FaultyProvider to add probe latency. For benchmarks only."""
 
+from collections.abc import Callable
 from typing import Any
 
 from sandboxd.providers.base import Probe, ProviderSandbox
@@ -15,6 +16,24 @@ class FastFakeProvider:
 
     def __init__(self) -> None:
         self.sandboxes: dict[str, str] = {}  # id -> pool
+        self.watched: dict[str, Callable[[str], None]] = {}
+
+    def watch(self, sandbox_id: str, on_exit: Callable[[str], None]) -> bool:
+        """Deaths told as they happen, as the local provider's pidfds do (`Watched`)."""
+        if sandbox_id not in self.sandboxes:
+            return False
+        self.watched[sandbox_id] = on_exit
+        return True
+
+    def unwatch(self, sandbox_id: str) -> None:
+        self.watched.pop(sandbox_id, None)
+
+    def die(self, sandbox_id: str) -> None:
+        """The sandbox's processes are gone: its watcher is told."""
+        self.sandboxes.pop(sandbox_id, None)
+        on_exit = self.watched.pop(sandbox_id, None)
+        if on_exit is not None:
+            on_exit(sandbox_id)
 
     async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
         self.sandboxes[sandbox_id] = pool.name

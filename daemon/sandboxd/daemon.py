@@ -1,6 +1,7 @@
 """The daemon's lifecycle: connect, adopt, reconcile, serve until told to stop, shut down."""
 
 import asyncio
+import gc
 import logging
 import signal
 import uuid
@@ -310,6 +311,8 @@ class Daemon:
         await wings.outbox.flush()  # a stop during an outage: its records closed, not reaped
         await wings.restorer.check()  # Redis lost its data while we were away: put it back
         report = await adopt(wings.store, providers, wings.events)
+        if self._owns_process:
+            _tune_gc()
         try:
             await self._run_root_tasks(redis, wings, report)
         except TimeoutError:
@@ -728,6 +731,14 @@ async def _first_of(*coros: Coroutine[Any, Any, Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _tune_gc() -> None:
+    """What is made at start (modules, models, the adopted records) is kept out of the
+    collector's way for good, and young objects are collected less often: a daemon with
+    10,000 records paused 100-200 ms in a full collection every other tick otherwise."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -> None:

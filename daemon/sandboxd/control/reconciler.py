@@ -36,6 +36,9 @@ GONE_DETAIL = {
     "died": "the sandbox's processes are gone",
     "lost": "the provider no longer has the sandbox",
 }
+# A watched sandbox's death is told when it happens (`Watched`): the tick's liveness check
+# of those is a backstop, done for 1/WATCHED_SHARES of them each tick, in turn.
+WATCHED_SHARES = 8
 
 
 async def _idle_at_least(busy_s: float, *, since: float) -> None:
@@ -103,6 +106,8 @@ class Reconciler:
         # the death nudges, instead of at the next tick.
         self._died: set[str] = set()
         self._watching: dict[str, Watched] = {}
+        self._observations: dict[str, tuple[SandboxRecord, Observed]] = {}
+        self._liveness_round = 0
         self._unwatchable: set[str] = set()
         self._heal_due = 0.0  # healing the ready lists and member sets: on ticks, 1% at most
         self._healer = Healer(store.redis, store.keys, events)
@@ -368,10 +373,10 @@ class Reconciler:
         planned = pools if only is None else [p for p in pools if p.name in only]
         records = await self._reap_dead(mine, check_liveness=tick, whole=only is None)
         if tick:
-            if time.monotonic() >= self._heal_due:  # at most 1% of the time (many records)
+            if time.monotonic() >= self._heal_due:  # at most 0.2% of the time (many records)
                 began = time.monotonic()
                 await self._healer.heal(records, specs)
-                self._heal_due = began + (time.monotonic() - began) * 100
+                self._heal_due = began + (time.monotonic() - began) * 500
             await self.creator.cancel_stuck(self._config.create_grace_s)
         self._recycle_released(records, specs)
         waiting = await self._claims.count_waiters(
@@ -382,9 +387,9 @@ class Reconciler:
         self.recoveries.forget(set(specs))
         limits = {name: pace.limit(now) for name, pace in pacing.items()}
         slots = self._config.max_concurrent_creates - len(self.creator.inflight)
-        observed = [
-            Observed(r.id, r.pool, r.state, r.created_ts, r.health, r.build) for r in records
-        ]
+        observed = [self._observed(r) for r in records]
+        if only is None and len(self._observations) > len(records):  # forget the gone
+            self._observations = {o.id: self._observations[o.id] for o in observed}
         provider_slots = self._provider_slots(records if only is None else scan.records)
         plans = plan(
             planned,
@@ -438,6 +443,19 @@ class Reconciler:
             extra={"pool": change.pool, "window": change.window.label() if change.window else ""},
         )
 
+    def _observed(self, record: SandboxRecord) -> Observed:
+        """What the plan sees of a record: made once per record object (the view keeps an
+        unchanged record's object from pass to pass, so a tick of 10,000 unchanged records
+        parses no timestamps)."""
+        known = self._observations.get(record.id)
+        if known is not None and known[0] is record:
+            return known[1]
+        seen = Observed(
+            record.id, record.pool, record.state, record.created_ts, record.health, record.build
+        )
+        self._observations[record.id] = (record, seen)
+        return seen
+
     def _provider_slots(self, records: list[SandboxRecord]) -> dict[str, int]:
         """Sandboxes each capped provider (a cloud plan's concurrency) may still add."""
         slots = {}
@@ -465,12 +483,18 @@ class Reconciler:
         alive = []
         stuck: set[str] = set()
         died, self._died = self._died, set()
+        watching, share = self._watching, 0
+        if check_liveness:  # a watched sandbox's death is told: the tick checks 1/8 of them
+            self._liveness_round = share = (self._liveness_round + 1) % WATCHED_SHARES
         for record in records:
-            if not check_liveness and record.state in ("ready", "claimed", "released"):
-                if record.id not in died:  # the common case, without a coroutine each
-                    alive.append(record)
-                    continue
-            verdict = await self._verdict(record, stuck, check_liveness or record.id in died)
+            check = record.id in died or (
+                check_liveness
+                and (record.id not in watching or hash(record.id) % WATCHED_SHARES == share)
+            )
+            if not check and record.state in ("ready", "claimed", "released"):
+                alive.append(record)  # the common case, without a coroutine each
+                continue
+            verdict = await self._verdict(record, stuck, check)
             if verdict is None:
                 alive.append(record)
             elif verdict[0] in GONE_DETAIL and record.state == "ready":

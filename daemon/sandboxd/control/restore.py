@@ -51,9 +51,11 @@ return 1
 
 
 # A change is written at once, unless the last write took SAVE_SLOW_S or more: then the
-# next one waits SAVE_GAP times as long (a journal of thousands of records).
+# next one (a tick's too) waits SAVE_GAP times as long (a journal of thousands of records:
+# at most 2% of the time goes to writing it).
 SAVE_SLOW_S = 0.01
-SAVE_GAP = 20
+SAVE_GAP = 50
+TICK_SAVE_S = 60.0
 
 
 class Restorer:
@@ -80,6 +82,7 @@ class Restorer:
         self.restored = 0  # restores done, for tests and status
         self._lock = asyncio.Lock()
         self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
+        self._saved_at = -TICK_SAVE_S  # monotonic
         # Each record's hash, kept while the pass hands over the very same record object
         # (the reconciler's view keeps unchanged records): not serialized again each pass.
         self._hashes: dict[str, tuple[SandboxRecord, dict[str, str]]] = {}
@@ -136,24 +139,33 @@ class Restorer:
                         learned,
                         learned.to_hash(),
                     )
-        self._hashes = hashes
-        self._records = {sandbox_id: fields for sandbox_id, (_, fields) in hashes.items()}
+                    changed = True
+        if changed:  # else the very same records as before: nothing to rebuild
+            self._hashes = hashes
+            self._records = {sandbox_id: fields for sandbox_id, (_, fields) in hashes.items()}
         self._unsaved |= changed
+        if not (self._unsaved or new_spec):
+            return  # the file holds exactly this already
         shape = frozenset((r.id, r.state, r.claim_id, r.lease_expires_ms) for r in records)
-        # Nothing changed since the last write: the file holds exactly this already (a
-        # tick of 10,000 unchanged records need not serialize them all to find that out).
-        # A change of state or claim is written at once, unless writing takes long (many
-        # records): then at most 5% of the time goes to it (what Redis would need put back
-        # is in memory meanwhile; the file is for a restart of the daemon too).
-        due = save or new_spec or time.monotonic() >= self._next_save
-        if (save or new_spec or shape != self._saved_shape) and (self._unsaved or new_spec):
-            if not due:
-                return
-            self._saved_shape = shape
-            began = time.monotonic()
-            await self.save()
-            took = time.monotonic() - began
-            self._next_save = 0.0 if took < SAVE_SLOW_S else time.monotonic() + took * SAVE_GAP
+        # A change of state, claim or lease is written at once, unless writing takes long
+        # (many records): then at most 2% of the time goes to it (what Redis would need put
+        # back is in memory meanwhile; the file is for a restart of the daemon too). Other
+        # changes (health, a probe's time) are written by a tick, at most every
+        # TICK_SAVE_S: a restore that puts back an older health is probed again anyway.
+        now = time.monotonic()
+        if new_spec:
+            due = True
+        elif shape != self._saved_shape:
+            due = now >= self._next_save
+        else:
+            due = save and now >= max(self._next_save, self._saved_at + TICK_SAVE_S)
+        if not due:
+            return
+        self._saved_shape = shape
+        await self.save()
+        took = time.monotonic() - now
+        self._saved_at = now
+        self._next_save = 0.0 if took < SAVE_SLOW_S else time.monotonic() + took * SAVE_GAP
 
     def learn(self, record: SandboxRecord) -> None:
         """A record this daemon just wrote (a sandbox it made ready): known before the next

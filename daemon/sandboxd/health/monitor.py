@@ -26,6 +26,7 @@ from sandboxd.store.records import SandboxRecord, SandboxStore
 
 log = logging.getLogger(__name__)
 PROBED = ("ready", "claimed")
+WRITE_EVERY = 10  # a healthy sandbox's unchanged health is written every 10th probe
 STATS_KEPT = 500  # probe results per pool behind the error rate and latency percentiles
 
 
@@ -50,6 +51,7 @@ class HealthMonitor:
         self._health: dict[str, SandboxHealth] = {}
         self._cursor: dict[str, int] = {}  # program news seen, per sandbox
         self._next_check: dict[str, float] = {}  # when the next full probe is due
+        self._written: dict[str, float] = {}  # when its health was last written (monotonic)
         self._due: dict[str, float] = {}
         self._queue: list[tuple[float, str]] = []  # heap of (due, id); stale entries skipped
         self._running: set[str] = set()
@@ -70,7 +72,7 @@ class HealthMonitor:
             if record.id not in self._targets:
                 self._adopt(record, spec, now)
         for gone in self._targets.keys() - targets.keys():
-            for table in (self._health, self._cursor, self._next_check, self._due):
+            for table in (self._health, self._cursor, self._next_check, self._due, self._written):
                 table.pop(gone, None)
         self._targets = targets
         self._wake.set()
@@ -193,6 +195,16 @@ class HealthMonitor:
             changed = program_failed(health, failed_program) or before != health.state
         self._latency.setdefault(record.pool, deque(maxlen=STATS_KEPT)).append(probe.latency_ms)
         self._outcomes.setdefault(record.pool, deque(maxlen=STATS_KEPT)).append(probe.ok)
+        # A passing probe that changes nothing is written with a later one (every
+        # WRITE_EVERY probes: the record's recent checks stay fresh), not each time: the
+        # probes of 10,000 sandboxes would otherwise be hundreds of writes a second.
+        now = time.monotonic()
+        quiet = probe.ok and not changed and not failed_program
+        if quiet and now < self._written.get(record.id, 0.0) + spec.health.interval_s * (
+            WRITE_EVERY - 0.5
+        ):
+            return
+        self._written[record.id] = now
         fields: dict[str, Any] = {
             "health": health.state,
             "health_reason": health.reason,
