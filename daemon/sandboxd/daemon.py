@@ -692,7 +692,7 @@ class Daemon:
         try:
             async with asyncio.timeout(SHUTDOWN_REDIS_S):
                 records = await w.store.records()
-                await w.restorer.remember(records, w.specs.in_force, save=True)
+                await w.restorer.remember(records, w.specs.in_force, save=True, now=True)
             return len(records)
         except (RedisError, TimeoutError) as exc:  # kept all the same: the journal has them
             log.warning("Redis unreachable at stop (%s): the sandboxes are kept", exc)

@@ -58,6 +58,11 @@ SAVE_GAP = 50
 TICK_SAVE_S = 60.0
 
 
+def _shape(record: SandboxRecord) -> tuple[str, str, int]:
+    """What of a record is written to the journal at once when it changes."""
+    return record.state, record.claim_id, record.lease_expires_ms
+
+
 class Restorer:
     def __init__(
         self,
@@ -81,7 +86,7 @@ class Restorer:
         self._spec: tuple[int, str] | None = loaded
         self.restored = 0  # restores done, for tests and status
         self._lock = asyncio.Lock()
-        self._saved_shape: frozenset[tuple[str, str, str, int]] = frozenset()
+        self._reshaped = False  # a sandbox came, went, or changed state, claim or lease
         self._saved_at = -TICK_SAVE_S  # monotonic
         # Each record's hash, kept while the pass hands over the very same record object
         # (the reconciler's view keeps unchanged records): not serialized again each pass.
@@ -105,12 +110,14 @@ class Restorer:
         save: bool,
         since: int | None = None,
         read_at: float | None = None,
+        now: bool = False,
     ) -> None:
         """The spec in force and the records of a pass: what Redis holds now (this daemon's,
         all of them) — unless Redis lost its data since the pass began (the marker is gone
-        again): then the journal is kept for the next check to put back. `save`: also write
-        it to the state directory (it is also written whenever a sandbox came, went, or
-        changed state or claim)."""
+        again): then the journal is kept for the next check to put back. It is written to
+        the state directory when a sandbox came, went, or changed state, claim or lease;
+        `save` (a tick): other changes too, at most every TICK_SAVE_S; `now` (a stop):
+        whatever changed, at once."""
         if not await self._redis.exists(self.marker):
             return
         if since is not None and since != self.restored:
@@ -124,10 +131,11 @@ class Restorer:
             self._spec = (doc.revision, doc.model_dump_json())
             new_spec = True
         hashes = {}
-        changed = len(records) != len(self._hashes)
+        changed = reshaped = len(records) != len(self._hashes)  # came or went
         for r in records:
             known = self._hashes.get(r.id)
             if known is None or known[0] is not r:
+                reshaped = reshaped or known is None or _shape(known[0]) != _shape(r)
                 known, changed = (r, r.to_hash()), True
             hashes[r.id] = known
         if read_at is not None:  # `records` were read at `read_at` (monotonic)
@@ -139,32 +147,32 @@ class Restorer:
                         learned,
                         learned.to_hash(),
                     )
-                    changed = True
+                    changed = reshaped = True
         if changed:  # else the very same records as before: nothing to rebuild
             self._hashes = hashes
             self._records = {sandbox_id: fields for sandbox_id, (_, fields) in hashes.items()}
         self._unsaved |= changed
+        self._reshaped |= reshaped
         if not (self._unsaved or new_spec):
             return  # the file holds exactly this already
-        shape = frozenset((r.id, r.state, r.claim_id, r.lease_expires_ms) for r in records)
         # A change of state, claim or lease is written at once, unless writing takes long
         # (many records): then at most 2% of the time goes to it (what Redis would need put
         # back is in memory meanwhile; the file is for a restart of the daemon too). Other
         # changes (health, a probe's time) are written by a tick, at most every
         # TICK_SAVE_S: a restore that puts back an older health is probed again anyway.
-        now = time.monotonic()
-        if new_spec:
+        began = time.monotonic()
+        if new_spec or now:
             due = True
-        elif shape != self._saved_shape:
-            due = now >= self._next_save
+        elif self._reshaped:
+            due = began >= self._next_save
         else:
-            due = save and now >= max(self._next_save, self._saved_at + TICK_SAVE_S)
+            due = save and began >= max(self._next_save, self._saved_at + TICK_SAVE_S)
         if not due:
             return
-        self._saved_shape = shape
+        self._reshaped = False
         await self.save()
-        took = time.monotonic() - now
-        self._saved_at = now
+        took = time.monotonic() - began
+        self._saved_at = began
         self._next_save = 0.0 if took < SAVE_SLOW_S else time.monotonic() + took * SAVE_GAP
 
     def learn(self, record: SandboxRecord) -> None:

@@ -52,6 +52,8 @@ class HealthMonitor:
         self._cursor: dict[str, int] = {}  # program news seen, per sandbox
         self._next_check: dict[str, float] = {}  # when the next full probe is due
         self._written: dict[str, float] = {}  # when its health was last written (monotonic)
+        self._summary: dict[str, dict[str, Any]] = {}
+        self._summary_due = 0.0
         self._due: dict[str, float] = {}
         self._queue: list[tuple[float, str]] = []  # heap of (due, id); stale entries skipped
         self._running: set[str] = set()
@@ -247,7 +249,16 @@ class HealthMonitor:
             self._nudge()
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per pool: sandboxes by health, score, state, error rate, probe latency."""
+        """Per pool: sandboxes by health, score, state, error rate, probe latency. Counting
+        takes time with many sandboxes (16 ms for 10,000): an answer is reused for 200
+        times as long as it took (0.5% of the time at most; at once with few sandboxes)."""
+        now = time.monotonic()
+        if now >= self._summary_due:
+            self._summary = self._count()
+            self._summary_due = now + (time.monotonic() - now) * 200
+        return {pool: dict(facts) for pool, facts in self._summary.items()}
+
+    def _count(self) -> dict[str, dict[str, Any]]:
         pools: dict[str, dict[str, Any]] = {}
         for sandbox_id, (record, _) in self._targets.items():
             counts = pools.setdefault(

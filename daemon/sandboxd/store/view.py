@@ -45,7 +45,7 @@ class RecordView:
         store: SandboxStore,
         *,
         resync_max_s: Callable[[], float],
-        budget: float = 0.01,
+        budget: float = 0.003,
         resync_min_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
