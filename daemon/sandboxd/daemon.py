@@ -65,6 +65,7 @@ from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 5.0
 SHUTDOWN_TERMINATE_S = 3.0
+STOP_CONCURRENCY = 64  # sandboxes being terminated at once by a stop
 # At a stop, how long Redis may take to answer before the node's sandboxes are terminated
 # from its local registry instead (each sandbox's own stop is bounded by the provider).
 SHUTDOWN_REDIS_S = 2.0
@@ -636,10 +637,7 @@ class Daemon:
             async with asyncio.timeout(SHUTDOWN_REDIS_S):
                 records = await w.store.records()
             async with asyncio.timeout(SHUTDOWN_TERMINATE_S * 3):
-                results = await asyncio.gather(
-                    *(w.terminator.terminate(r, "shutdown", *STATES) for r in records)
-                )
-            terminated = sum(results)
+                terminated = await self._terminate_records(w, records)
         except (RedisError, TimeoutError) as exc:
             log.warning(
                 "Redis unreachable at stop (%s): terminating the node's sandboxes from its "
@@ -647,6 +645,25 @@ class Daemon:
                 exc,
             )
         return terminated + await self._terminate_registered(w)
+
+    async def _terminate_records(self, w: Wings, records: list[SandboxRecord]) -> int:
+        """Through their records, STOP_CONCURRENCY at a time (10,000 at once starved the
+        lease's renewal, and the lease was lost mid-stop); every outcome is collected, the
+        first Redis error (or a lost lease) raised after all have ended."""
+        slots = asyncio.Semaphore(STOP_CONCURRENCY)
+
+        async def one(record: SandboxRecord) -> bool:
+            async with slots:
+                return await w.terminator.terminate(record, "shutdown", *STATES)
+
+        results = await asyncio.gather(*(one(r) for r in records), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if isinstance(error, LeaseLost):
+                raise error
+        if errors:
+            raise errors[0]
+        return sum(1 for r in results if r is True)
 
     async def _terminate_registered(self, w: Wings) -> int:
         """What the node's local registries still hold: terminated, and kept in the outbox

@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pytest
 from bench.fastfake import FastFakeProvider
 
 from sandboxd.config import Config
@@ -136,3 +137,39 @@ async def test_no_owed_create_starts_while_a_pass_plans(redis, tmp_path):
             assert await creator.refill() == 0
         assert await creator.refill() == 1  # slow start: one at first, the next as it ends
     assert await redis.llen(KEYS.pool_ready("p")) == 2 and not creator.owed
+
+
+@pytest.mark.timeout(180)
+async def test_a_stop_of_ten_thousand_sandboxes_keeps_its_lease_and_ends_them_all(
+    redis, redis_server, tmp_path
+):
+    """10,000 terminations at once starved the lease's renewal: the lease was lost
+    mid-stop and the rest were left running. A stop now ends them a bounded number at a
+    time; every one is terminated, the lease held throughout, the exit 0."""
+    from sandboxd.daemon import Daemon
+    from sandboxd.spec import Spec
+    from sandboxd.store.specs import SpecStore
+
+    n, pools = 10_000, [f"p{i}" for i in range(10)]
+    provider = FastFakeProvider()
+    config = Config(redis_url=redis_server, local={"workspace_root": str(tmp_path)})
+    daemon = Daemon(config, providers={"local": provider})
+    task = asyncio.create_task(daemon.run(handle_signals=False))
+    try:
+        await daemon.started.wait()
+        spec = Spec(pools=[PoolSpec(name=p, min_ready=n // 10, max_total=n // 10) for p in pools])
+        await SpecStore(redis, KEYS).apply(spec)
+
+        async def filled():
+            async with redis.pipeline(transaction=False) as pipe:
+                for pool in pools:
+                    pipe.llen(KEYS.pool_ready(pool))
+                return sum(await pipe.execute()) == n
+
+        await eventually(filled, timeout=120, what=f"{n} ready")
+    finally:
+        daemon.stop.set()
+        code = await task
+    assert code == 0 and daemon.leadership is not None
+    assert daemon.leadership.fence.lost is None
+    assert provider.sandboxes == {} and await redis.scard(KEYS.sandboxes) == 0
