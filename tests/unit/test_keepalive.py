@@ -72,3 +72,39 @@ async def test_a_renew_is_followed_at_once_and_a_failed_extend_is_tried_again():
     assert k._lease_due(record, now) is None
     renewed = claimed(int((now + 300) * 1000))
     assert k._lease_due(renewed, now) is not None
+
+
+async def test_with_local_pools_only_nothing_reads_the_event_stream(monkeypatch):
+    """No pool of a provider with timeouts: a round reads no event (each would cost a busy
+    daemon's CPU for nothing) and waits; a pool of one is followed from then on."""
+    import fakeredis
+
+    from sandboxd.control import keepalive as module
+    from sandboxd.spec import PoolSpec, SpecDocument
+    from sandboxd.store.keys import Keys
+
+    redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+    store = SimpleNamespace(redis=redis, keys=Keys())
+    specs = SimpleNamespace(in_force=SpecDocument(revision=1, pools=[PoolSpec(name="p")]))
+    k = Keepalive(store=store, specs=specs, providers={"e2b": CappedProvider(cap=60)}, events=None)
+    reads: list[str] = []
+
+    async def read_after(redis, stream, cursor, *, block_ms):
+        reads.append(cursor)
+        return []
+
+    monkeypatch.setattr(module, "read_after", read_after)
+    monkeypatch.setattr(module, "IDLE_TICK_S", 0.0)
+    await k._serve()
+    assert reads == [] and k._cursor is None
+    specs.in_force = SpecDocument(
+        revision=2, pools=[PoolSpec(name="p"), PoolSpec(name="cloud", provider="e2b")]
+    )
+    monkeypatch.setattr(k, "once", lambda: _nothing())
+    monkeypatch.setattr(k, "interval_s", lambda: 0.01)
+    await k._serve()
+    assert reads and k._cursor is not None  # followed from the stream's end on
+
+
+async def _nothing() -> None:
+    return None

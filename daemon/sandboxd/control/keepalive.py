@@ -111,6 +111,15 @@ class Keepalive:
         """One round over every sandbox, then wait for the next one, following claims and
         renews as they come meanwhile."""
         redis, stream = self._store.redis, self._store.keys.events
+        self._pools()
+        if not self._providers or not self._relevant:
+            # No pool of a provider with timeouts (local pools only): nothing to follow,
+            # and reading every event would cost a busy daemon a tenth of its CPU. A pool
+            # that needs it is followed from the stream's end on (its first round covers
+            # what came before).
+            self._cursor = None
+            await asyncio.sleep(self.interval_s())
+            return
         if self._cursor is None:
             self._cursor = await stream_end(redis, stream)
         await self.once()

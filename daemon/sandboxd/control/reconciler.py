@@ -109,7 +109,7 @@ class Reconciler:
         self._observations: dict[str, tuple[SandboxRecord, Observed]] = {}
         self._liveness_round = 0
         self._unwatchable: set[str] = set()
-        self._heal_due = 0.0  # healing the ready lists and member sets: on ticks, 1% at most
+        self._heal_due = 0.0  # healing the ready lists and member sets: on ticks, 0.2% at most
         self._healer = Healer(store.redis, store.keys, events)
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
