@@ -142,7 +142,10 @@ class Restorer:
             for sandbox_id, (learned, at) in list(self._learned.items()):
                 if at <= read_at:
                     del self._learned[sandbox_id]  # the read saw it: it is in `records`
-                else:  # made ready after the read: what the read saw is older
+                else:  # made ready after the read began: what the read saw may be older
+                    seen = hashes.get(sandbox_id)
+                    if seen is not None and seen[0].state != "creating":
+                        continue  # read after it was made ready (claimed since, say): newer
                     hashes[sandbox_id] = self._hashes.get(sandbox_id) or (
                         learned,
                         learned.to_hash(),
