@@ -4,6 +4,7 @@ sandboxes as leaks, and the next daemon restart drained every pool)."""
 
 import asyncio
 import contextlib
+import json
 import subprocess
 
 import pytest
@@ -111,6 +112,18 @@ async def test_redis_restarted_without_persistence_under_a_running_daemon(tmp_pa
         await wait_ready(redis, "p", 1)
         client, held = await claimed_pair(redis)
         before = await live_pids(daemon.workspace)
+        # The daemon learns of a claim at its next pass (a claim a moment before the crash
+        # is not yet known to it): Redis goes once the claims are in its journal.
+        journal = daemon.workspace.parent / "state" / "records.json"
+
+        async def claims_known() -> bool:
+            try:
+                saved = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                return False
+            return all(saved.get(s.id, {}).get("state") == "claimed" for s in held)
+
+        await eventually(claims_known, what="the claims in the daemon's journal")
         with contextlib.suppress(Exception):
             await redis.shutdown(nosave=True)
         server.wait(10)
