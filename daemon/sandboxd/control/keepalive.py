@@ -111,8 +111,7 @@ class Keepalive:
         """One round over every sandbox, then wait for the next one, following claims and
         renews as they come meanwhile."""
         redis, stream = self._store.redis, self._store.keys.events
-        self._pools()
-        if not self._providers or not self._relevant:
+        if not self._needed():
             # No pool of a provider with timeouts (local pools only): nothing to follow,
             # and reading every event would cost a busy daemon a tenth of its CPU. A pool
             # that needs it is followed from the stream's end on (its first round covers
@@ -158,9 +157,14 @@ class Keepalive:
             if seconds is not None:
                 await self._extend(record, seconds)
 
+    def _needed(self) -> bool:
+        """Is any pool in force of a provider with timeouts?"""
+        self._pools()
+        return bool(self._providers) and self._relevant
+
     async def once(self) -> None:
         pools = self._pools()
-        if not self._providers or not self._relevant:
+        if not self._needed():
             return
         records = [r for r in await self._store.records() if r.provider in self._providers]
         for record in records:
