@@ -124,10 +124,11 @@ def _client_process(url: str, clients: int, connected, go, results) -> None:
 
 async def clients_in_processes(
     url: str, redis: Redis, size: int, rounds: int, clients: int, procs: int
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
     """The same clients spread over `procs` client programs, as agents on one host are."""
     ctx = multiprocessing.get_context("spawn")
     rates: list[float] = []
+    samples: list[float] = []
     releaser = Client(redis)
     for _ in range(rounds):
         connected, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
@@ -146,11 +147,12 @@ async def clients_in_processes(
         for w in workers:
             w.join()
         held = [pair for _, pairs, _ in done for pair in pairs]
+        samples += [ms for _, _, latencies in done for ms in latencies]
         rates.append(len(held) / (max(end for end, _, _ in done) - t0))
         for sandbox_id, token in held:
             await releaser.release(sandbox_id, token)
         await wait_ready(redis, "warm", size, timeout=600, interval=0.002)
-    return rates
+    return rates, samples
 
 
 async def replenish_delays(url: str, redis: Redis, n: int) -> list[float]:
@@ -177,17 +179,27 @@ async def replenish_delays(url: str, redis: Redis, n: int) -> list[float]:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pool", type=int, default=200, help="warm sandboxes (~13 MB each)")
+    parser.add_argument(
+        "--pool", type=int, default=None, help="warm sandboxes (default 200, ~13 MB each; 2000 fake)"
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--creates", type=int, default=30)
     parser.add_argument(
         "--procs", type=int, default=os.cpu_count(), help="client processes for the spread run"
     )
+    parser.add_argument(
+        "--fake",
+        action="store_true",
+        help="the fast fake provider instead of real local sandboxes (claims alone: no "
+        "sandbox resets between rounds, no probes of real sandboxes beside them)",
+    )
     args = parser.parse_args()
+    if args.pool is None:
+        args.pool = 2000 if args.fake else 200
     root = Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
     try:
-        async with running_daemon(root, max_concurrent_creates="10") as url:
+        async with running_daemon(root, fake=args.fake, max_concurrent_creates="10") as url:
             redis = Redis.from_url(url, decode_responses=True)
             spec = Spec(
                 pools=[
@@ -200,7 +212,7 @@ async def main() -> None:
             ping = await pings(redis, 2000)
             single = await single_client(url, redis, args.pool, args.rounds)
             many, rates = await concurrent_clients(url, redis, args.pool, args.rounds, args.clients)
-            spread = await clients_in_processes(
+            spread, spread_samples = await clients_in_processes(
                 url, redis, args.pool, args.rounds, args.clients, args.procs
             )
             replenish = await replenish_delays(url, redis, 20)
@@ -208,14 +220,18 @@ async def main() -> None:
         cold, isolation = await cold_creates(args.creates, root / "cold")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    report(args, isolation, ping, single, many, {1: rates, args.procs: spread}, replenish, cold)
+    if args.fake:
+        isolation += " (the claims' daemon: fast fake provider)"
+    rates_by_procs = {1: rates, args.procs: spread}
+    report(args, isolation, ping, single, many, spread_samples, rates_by_procs, replenish, cold)
 
 
-def report(args, isolation, ping, single, many, rates, replenish, cold) -> None:
+def report(args, isolation, ping, single, many, spread, rates, replenish, cold) -> None:
     print(f"local provider, isolation: {isolation}; {os.cpu_count()} CPUs; pool {args.pool}")
     print(line("baseline: Redis PING round trip", ping))
     print(line("warm claim, 1 client", single))
     print(line(f"warm claim, {args.clients} concurrent clients", many))
+    print(line(f"  the same over {args.procs} processes", spread))
     for procs, per_round in rates.items():
         name = f"claims/s, {args.clients} clients in {procs} process{'es' * (procs > 1)}"
         print(

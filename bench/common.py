@@ -46,9 +46,10 @@ async def cold_creates(n: int, root: Path, **config) -> tuple[list[float], str]:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(root: Path, **settings: str) -> AsyncIterator[str]:
+async def running_daemon(root: Path, *, fake: bool = False, **settings: str) -> AsyncIterator[str]:
     """A private redis-server and the real daemon (env SANDBOXD_<NAME>=value); yields the URL
-    once the daemon's heartbeat is there."""
+    once the daemon's heartbeat is there. `fake`: with the fast fake provider standing in
+    for the local one (bench/fastfake.py), so the daemon's sandboxes cost nothing."""
     port = free_port()
     redis_proc = start(find_redis_server(), port, root / "redis", daemonize=False)
     wait_until_answering("127.0.0.1", port)
@@ -60,8 +61,11 @@ async def running_daemon(root: Path, **settings: str) -> AsyncIterator[str]:
         "SANDBOXD_LOG_LEVEL": "WARNING",
         **{f"SANDBOXD_{k.upper()}": v for k, v in settings.items()},
     }
+    command = ["-m", "bench.scale", "--serve", url, "--root", str(root)] if fake else []
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "run"], env=env, stdout=subprocess.DEVNULL
+        [sys.executable, *(command or ["-m", "sandboxd", "run"])],
+        env=env,
+        stdout=subprocess.DEVNULL,
     )
     redis = Redis.from_url(url, decode_responses=True)
     try:

@@ -304,3 +304,23 @@ async def test_damaged_pool_settings_refuse_a_claim_before_any_write(redis, sett
     assert refused.value.reason == "corrupt"
     assert await redis.hgetall(KEYS.sandbox("sb-1")) == before
     assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == ["sb-1"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("handle", "{not json"), ("secrets", '{"token": 5}'), ("handle", "[]"), ("id", "sb-2"),
+     ("pool", b"p\xff"), ("id", "sb-1\x00")],
+)
+async def test_a_claimed_record_the_claimant_cannot_use_is_given_back(
+    redis, redis_server, field, value
+):
+    """The claim reply carries only the fields a claimant needs; one of them damaged (by
+    whoever may write records) is a clear `corrupt`, and the sandbox is released at once
+    rather than held by nobody until its lease ends."""
+    await seed(redis, "sb-1")
+    await redis.hset(KEYS.sandbox("sb-1"), field, value)
+    async with Client.from_url(redis_server, owner="someone") as client:
+        with pytest.raises(ClaimError) as refused:
+            await client.claim("p", timeout_s=0)
+    assert refused.value.reason == "corrupt" and field in str(refused.value)
+    assert await redis.hget(KEYS.sandbox("sb-1"), "state") == "released"

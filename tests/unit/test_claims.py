@@ -511,3 +511,11 @@ async def test_the_client_checks_before_sending(redis):
     assert refused.value.reason == "not_yours"
     with pytest.raises(ClaimError, match="no claim token given"):
         await claims.renew("sb-x", "", 10)
+
+
+def test_what_a_claim_returns_is_typed_as_the_record_is():
+    from sandboxd.store.records import CLAIMED_FIELDS, Claimed, SandboxRecord
+
+    assert CLAIMED_FIELDS and "claim_token_digest" not in CLAIMED_FIELDS
+    for name, field in Claimed.model_fields.items():
+        assert field.annotation == SandboxRecord.model_fields[name].annotation, name

@@ -36,7 +36,7 @@ from sandboxd.store.claims import (
 from sandboxd.store.connection import open_redis
 from sandboxd.store.events import Event
 from sandboxd.store.keys import Keys
-from sandboxd.store.records import SandboxRecord
+from sandboxd.store.records import Claimed, SandboxRecord
 
 DEFAULT_WAIT_S = 30.0
 # Pub/sub messages can be lost (reconnects), so a waiter also retries at this interval.
@@ -355,7 +355,7 @@ class Client:
             )
         return self._handle(record, attempt.token)
 
-    async def _claimed(self, attempt: "_Attempt") -> SandboxRecord:
+    async def _claimed(self, attempt: "_Attempt") -> Claimed:
         record = await attempt.once()
         if record is None and attempt.wait_s > 0:
             record = await self._wait(attempt)
@@ -379,7 +379,7 @@ class Client:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         return False
 
-    async def _wait(self, attempt: "_Attempt") -> SandboxRecord | None:
+    async def _wait(self, attempt: "_Attempt") -> Claimed | None:
         """Try again each time the pool announces a ready sandbox, until the deadline.
 
         The deadline only bounds the waiting, never a claim in flight: a claim cut off
@@ -401,7 +401,7 @@ class Client:
             if attempt.registered_wait:
                 await asyncio.shield(self._claims.cancel_wait(attempt.pool, attempt.claim_id))
 
-    def _handle(self, record: SandboxRecord, token: str) -> Sandbox:
+    def _handle(self, record: Claimed | SandboxRecord, token: str) -> Sandbox:
         return Sandbox(
             id=record.id,
             pool=record.pool,
@@ -441,7 +441,7 @@ class _Attempt:
         self.registered_wait = False
         self.deadline = asyncio.get_running_loop().time() + wait_s
 
-    async def once(self) -> SandboxRecord | None:
+    async def once(self) -> Claimed | None:
         """One claim script run. If we are cancelled meanwhile (Ctrl-C), the run is still
         awaited, and whatever it claimed is released before the cancellation goes on."""
         left_ms = int((self.deadline - asyncio.get_running_loop().time()) * 1000)

@@ -3,6 +3,7 @@ paused, priced per vCPU-second and GiB-second (E2B's pricing shape), kept in Red
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -19,13 +20,13 @@ Snapshot = Callable[[], PassSnapshot]
 USES = ("idle", "claimed", "paused")
 
 
-def use_of(record: SandboxRecord, spec: PoolSpec | None) -> str:
+def use_of(state: str, spec: PoolSpec | None) -> str:
     """claimed while held; paused for a ready E2B sandbox of an `idle: pause` pool (no
     compute billed); idle otherwise — warm, or on its way in or out of the pool."""
-    if record.state == "claimed":
+    if state == "claimed":
         return "claimed"
     pausing = spec is not None and spec.provider == "e2b" and spec.e2b_settings.idle == "pause"
-    return "paused" if pausing and record.state == "ready" else "idle"
+    return "paused" if pausing and state == "ready" else "idle"
 
 
 def price_per_s(spec: PoolSpec | None, config: Config, use: str) -> float:
@@ -38,14 +39,15 @@ def price_per_s(spec: PoolSpec | None, config: Config, use: str) -> float:
 def accrue(
     records: list[SandboxRecord], specs: dict[str, PoolSpec], config: Config, seconds: float
 ) -> dict[str, dict[str, float]]:
-    """Per pool, the sandbox-seconds and cost each use adds over `seconds`."""
+    """Per pool, the sandbox-seconds and cost each use adds over `seconds`. The records
+    are counted per pool and state first: a sample's cost follows the pools, not N."""
     added: dict[str, dict[str, float]] = {}
-    for record in records:
-        spec = specs.get(record.pool)
-        use = use_of(record, spec)
-        pool = added.setdefault(record.pool, {})
-        pool[f"{use}_s"] = pool.get(f"{use}_s", 0.0) + seconds
-        cost = seconds * price_per_s(spec, config, use)
+    for (pool_name, state), count in Counter((r.pool, r.state) for r in records).items():
+        spec = specs.get(pool_name)
+        use = use_of(state, spec)
+        pool = added.setdefault(pool_name, {})
+        pool[f"{use}_s"] = pool.get(f"{use}_s", 0.0) + seconds * count
+        cost = seconds * count * price_per_s(spec, config, use)
         pool[f"{use}_cost"] = pool.get(f"{use}_cost", 0.0) + cost
     return added
 

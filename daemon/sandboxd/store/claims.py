@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from sandboxd.spec import PoolSpec
 from sandboxd.store.events import now_rfc3339
 from sandboxd.store.keys import Keys
-from sandboxd.store.records import SandboxRecord
+from sandboxd.store.records import CLAIMED_FIELDS, Claimed, claimed_from_reply
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -90,6 +90,7 @@ end
 -- without control characters (C0, DEL, C1): it is shown in events and tables.
 local function text(s, max)
   if type(s) ~= 'string' or #s < 1 or #s > max then return false end
+  if not s:find('[^ -~]') then return true end  -- printable ASCII: no need to walk it
   local i, n = 1, #s
   while i <= n do
     local c = s:byte(i)
@@ -164,14 +165,18 @@ end
 # The daemon is nudged only when it has something to do: a replacement is due (ready below
 # min_ready) and allowed (members below max_total), or the pool is empty. Waking it for
 # every claim of a full pool cost more CPU than the claims themselves.
-# Returns {'ok', HGETALL of the record but claim_token_digest: its `secrets` (how to reach
-#       the sandbox, e.g. envd's token) for the claimant alone} | {'empty', on_empty}
+# Returns {'ok', HMGET of the record's CLAIMED_FIELDS: what the claimant needs, its
+#       `secrets` (how to reach the sandbox, e.g. envd's token) for it alone, the id taken}
+#       | {'empty', on_empty}
 #       | {'unknown_pool'}
 #       | {'lease_too_long', max_lease_s} | {'invalid_argument', why}.
 CLAIM = (
     _NOW_MS
     + _EVENT
     + _CHECKS
+    + "local CLAIMED_FIELDS = {"
+    + ", ".join(f"'{name}'" for name in CLAIMED_FIELDS)
+    + "}\n"
     + """
 local function check()
   if #KEYS ~= 4 or #ARGV ~= 12 then return 'expected 4 keys and 12 arguments' end
@@ -252,15 +257,7 @@ while true do
         and redis.call('SCARD', ARGV[1] .. ':pool:' .. ARGV[2] .. ':members') < pool.max_total then
       redis.call('PUBLISH', ARGV[10], ARGV[2])
     end
-    local record = redis.call('HGETALL', key)
-    for i = 1, #record, 2 do  -- the hash stays in Redis, out of replies
-      if record[i] == 'claim_token_digest' then
-        table.remove(record, i + 1)
-        table.remove(record, i)
-        break
-      end
-    end
-    return {'ok', record}
+    return {'ok', redis.call('HMGET', key, unpack(CLAIMED_FIELDS)), id}
   end
 end
 """
@@ -423,7 +420,7 @@ class ClaimError(RuntimeError):
 
 @dataclass(frozen=True)
 class ClaimOutcome:
-    record: SandboxRecord | None = None
+    record: Claimed | None = None
     on_empty: str = ""  # set when the pool had no ready sandbox
 
 
@@ -535,12 +532,12 @@ class ClaimStore:
         reply = await self._claim(keys=keys, args=args)
         status = _text(reply[0])
         if status == "ok":
+            sandbox_id = _text(reply[2])  # the ready list's entry: the record's key
             try:
-                return ClaimOutcome(record=SandboxRecord.from_hash(_pairs(reply[1])))
+                return ClaimOutcome(record=claimed_from_reply(reply[1], sandbox_id))
             except ValueError as exc:  # a damaged record (decode.BadValue, pydantic)
                 # Claimed, but unusable: give it back at once (the daemon quarantines it),
                 # so no sandbox stays claimed by nobody.
-                sandbox_id = _pairs(reply[1]).get("id", "")
                 with contextlib.suppress(ClaimError, ValueError):
                     await self.release(sandbox_id, token)
                 raise ClaimError(

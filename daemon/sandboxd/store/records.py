@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from redis.asyncio import Redis
@@ -218,24 +218,67 @@ class SandboxRecord(BaseModel):
         """The record from its hash, through the decoding layer: a field that is not valid
         UTF-8, too long, nested too deep or of the wrong type raises `decode.BadValue`
         naming the field and the reason (never UnicodeDecodeError or ValidationError)."""
-        clean: dict[str, Any] = dict(fields)
-        if not (decode.plain(list(fields), max_chars=200) and decode.plain(list(fields.values()))):
-            clean = {}
-            for key, value in fields.items():
-                name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
-                clean[name] = decode.text(value, field=name)
-        for name, empty in (("handle", "{}"), ("health_checks", "[]"), ("secrets", "{}")):
-            clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
-        try:
-            return cls.model_validate(clean)
-        except ValidationError as exc:
-            error = exc.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in error["loc"]) or "(record)"
-            raise decode.BadValue(error["msg"], where) from None
+        return _decoded(cls, fields, (("handle", "{}"), ("health_checks", "[]"), ("secrets", "{}")))
 
     @property
     def created_ts(self) -> float:
         return datetime.fromisoformat(self.created_at).timestamp()
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _decoded(
+    model: type[_Model], fields: dict[str, Any], json_fields: tuple[tuple[str, str], ...]
+) -> _Model:
+    """`model` from hash fields read from Redis, through the decoding layer (see
+    `SandboxRecord.from_hash`); `json_fields` are (name, value if absent or empty)."""
+    clean: dict[str, Any] = dict(fields)
+    if not (decode.plain(list(fields), max_chars=200) and decode.plain(list(fields.values()))):
+        clean = {}
+        for key, value in fields.items():
+            name = decode.text(key, max_chars=200, field=f"field {decode.printable(key)!r}")
+            clean[name] = decode.text(value, field=name)
+    for name, empty in json_fields:
+        clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
+    try:
+        return model.model_validate(clean)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(record)"
+        raise decode.BadValue(error["msg"], where) from None
+
+
+class Claimed(BaseModel):
+    """What the claim script hands the claimant: the fields of the record it claimed that
+    are needed to reach and hold the sandbox (the rest stays in Redis). Each is the
+    SandboxRecord field of the same name (a unit test holds them equal)."""
+
+    id: str
+    pool: str
+    provider: str
+    state: SandboxState
+    claimant: str = ""
+    claim_id: str = ""
+    lease_s: int = 0
+    lease_expires_ms: int = 0
+    handle: dict[str, Any] = Field(default_factory=dict)
+    secrets: dict[str, str] = Field(default_factory=dict, repr=False)
+
+
+CLAIMED_FIELDS = tuple(Claimed.model_fields)
+
+
+def claimed_from_reply(values: list[Any], sandbox_id: str) -> Claimed:
+    """The claim script's reply (HMGET of CLAIMED_FIELDS, in order) for the record of
+    `sandbox_id` as a `Claimed`; `decode.BadValue` for a damaged record."""
+    if len(values) != len(CLAIMED_FIELDS):
+        raise decode.BadValue(f"{len(values)} values for {len(CLAIMED_FIELDS)} fields", "(reply)")
+    fields = {n: v for n, v in zip(CLAIMED_FIELDS, values, strict=True) if v is not None}
+    claimed = _decoded(Claimed, fields, (("handle", "{}"), ("secrets", "{}")))
+    if claimed.id != sandbox_id:
+        raise decode.BadValue(f"names another sandbox ({decode.printable(claimed.id)!r})", "id")
+    return claimed
 
 
 @dataclass(frozen=True)
