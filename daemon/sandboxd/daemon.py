@@ -1,9 +1,13 @@
 """The daemon's lifecycle: connect, adopt, reconcile, serve until told to stop, shut down."""
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import gc
 import logging
 import signal
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -143,6 +147,7 @@ class Daemon:
         self.fatal: str | None = None  # why the daemon gave up, if it did
         self.hard_stop = HardStop()
         self._owns_process = False
+        self._trim_due = 0.0
         self._identity = identity(self.instance, config.local.workspace_root)
         # Active or standby: the leases, and the fence every write goes through (made with
         # the Redis client, at start).
@@ -487,6 +492,10 @@ class Daemon:
             consumers=w.retention.stats(),
             webhooks=w.webhooks.stats(),
         )
+        if self._owns_process and time.monotonic() >= self._trim_due:
+            began = time.monotonic()
+            _trim_heap()
+            self._trim_due = began + max(TRIM_EVERY_S, (time.monotonic() - began) * 1000)
 
     def _facts(self) -> dict[str, Any]:
         w = self.wings
@@ -748,6 +757,27 @@ async def _first_of(*coros: Coroutine[Any, Any, Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+TRIM_EVERY_S = 60.0
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's `malloc_trim`; nothing
+    elsewhere). A full read or a journal write of 10,000 records frees tens of MB that
+    glibc would otherwise keep: the daemon's RSS then follows what it holds, not its
+    peaks. At most 0.1% of the time (a trim of a 150 MB heap takes a few ms)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def _tune_gc() -> None:

@@ -19,7 +19,7 @@ FROM_STATES: dict[str, tuple[SandboxState, ...]] = {
 DEFAULT_FROM: tuple[SandboxState, ...] = ("ready",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observed:
     id: str
     pool: str

@@ -6,6 +6,7 @@ from a ready list and the daemon that terminates never see half a change.
 
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -241,12 +242,39 @@ def _decoded(
             clean[name] = decode.text(value, field=name)
     for name, empty in json_fields:
         clean[name] = decode.json_value(clean.get(name) or empty, max_depth=8, field=name)
+    for name in SHARED_VALUES.intersection(clean):
+        if type(clean[name]) is str and len(clean[name]) <= 100:
+            clean[name] = sys.intern(clean[name])
     try:
-        return model.model_validate(clean)
+        made = model.model_validate(clean)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in error["loc"]) or "(record)"
         raise decode.BadValue(error["msg"], where) from None
+    share_fields_set(made)
+    return made
+
+
+# Fields whose few distinct values recur in every record: one str object each, not one per
+# record (10,000 records kept in memory hold them ten times over otherwise).
+SHARED_VALUES = frozenset(
+    {"pool", "provider", "state", "template", "instance", "node", "build", "health",
+     "health_reason", "claim_via"}
+)  # fmt: skip
+_ALL_SET: dict[type[BaseModel], set[str]] = {}
+
+
+def share_fields_set(made: BaseModel) -> None:
+    """A model made with every field given shares one "fields set" with all such models of
+    its class (pydantic gives each its own: 2.3 KB for a record's 28 fields, 23 MB at 10,000
+    records). Safe: pydantic only ever adds field names to it (an assignment), and every
+    name is in it already; a copy (`model_copy`) gets its own."""
+    cls = type(made)
+    given = made.__pydantic_fields_set__
+    if len(given) == len(cls.model_fields):
+        shared = _ALL_SET.setdefault(cls, set(cls.model_fields))
+        if given is not shared:
+            object.__setattr__(made, "__pydantic_fields_set__", shared)
 
 
 class Claimed(BaseModel):
