@@ -107,6 +107,8 @@ class Reconciler:
         self._died: set[str] = set()
         self._watching: dict[str, Watched] = {}
         self._observations: dict[str, tuple[SandboxRecord, Observed]] = {}
+        self._last_seen: tuple[int, int, list[PoolSpec]] | None = None  # see _pass_body
+        self._last_observed: list[Observed] = []
         self._liveness_round = 0
         self._unwatchable: set[str] = set()
         self._heal_due = 0.0  # healing the ready lists and member sets: on ticks, 0.2% at most
@@ -387,7 +389,19 @@ class Reconciler:
         self.recoveries.forget(set(specs))
         limits = {name: pace.limit(now) for name, pace in pacing.items()}
         slots = self._config.max_concurrent_creates - len(self.creator.inflight)
-        observed = [self._observed(r) for r in records]
+        # A whole pass over the very records and pools of the last whole pass (a quiet
+        # tick): what is made of them alone (the plan's view, the watching, the monitor's
+        # targets) is as it was; only what depends on the time is looked at again.
+        seen = (self.view.version, len(records), list(specs.values()))
+        quiet = only is None and _same(seen, self._last_seen)
+        if only is None:
+            self._last_seen = seen
+        if quiet:
+            observed = self._last_observed
+        else:
+            observed = [self._observed(r) for r in records]
+            if only is None:
+                self._last_observed = observed
         if only is None and len(self._observations) > len(records):  # forget the gone
             self._observations = {o.id: self._observations[o.id] for o in observed}
         provider_slots = self._provider_slots(records if only is None else scan.records)
@@ -400,7 +414,7 @@ class Reconciler:
             limits=limits,
             provider_slots=provider_slots,
         )
-        by_id = {r.id: r for r in records}
+        by_id = {r.id: r for r in records} if any(p.terminate for p in plans) else {}
         for pool_plan in plans:
             if pool_plan.pool in pacing:
                 provider = specs[pool_plan.pool].provider
@@ -425,6 +439,8 @@ class Reconciler:
             self._specs.revision,
             only=only,
         )
+        if quiet:
+            return
         self._watch(records, prune=only is None)
         if self._on_pass is not None and only is None:
             self._on_pass(records, specs)
@@ -614,6 +630,18 @@ class Reconciler:
     ) -> bool:
         """Take the sandbox out of circulation (if still in `states`), stop it, close it."""
         return await self._terminator.terminate(record, reason, *states, **data)
+
+
+def _same(
+    seen: tuple[int, int, list[PoolSpec]], last: tuple[int, int, list[PoolSpec]] | None
+) -> bool:
+    """The same view version, number of records and pool objects (compared by identity)."""
+    return (
+        last is not None
+        and seen[:2] == last[:2]
+        and len(seen[2]) == len(last[2])
+        and all(a is b for a, b in zip(seen[2], last[2], strict=True))
+    )
 
 
 def _handle(fields: dict[str, str]) -> dict[str, Any]:

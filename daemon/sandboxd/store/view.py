@@ -63,6 +63,7 @@ class RecordView:
         self._full_due = 0.0
         self.full_reads = 0
         self.partial_reads = 0
+        self.version = 0  # goes up whenever `records` may have changed
 
     def invalidate(self) -> None:
         """Read everything at the next refresh (a reconnect, a restore, a new owner rule)."""
@@ -94,6 +95,7 @@ class RecordView:
         for record in partial.records:
             self.records[record.id] = record
         self.partial_reads += 1
+        self.version += bool(ids)
         return Scan(records=list(self.records.values()), corrupt=partial.corrupt)
 
     async def full(self) -> Scan:
@@ -105,6 +107,7 @@ class RecordView:
         scan = await self._store.scan()
         took = self._clock() - began
         self.records = {r.id: r for r in scan.records}
+        self.version += 1
         self._cursor, self._added = mark
         every = max(self._resync_min_s, took / self._budget)
         self._full_due = self._clock() + min(self._resync_max_s(), every)
