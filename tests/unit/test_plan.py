@@ -188,3 +188,62 @@ def test_limits_cap_creates_but_wanted_tells_the_need():
     assert (p.create, p.wanted) == (0, 5)
     (p,) = plan([PoolSpec(name="a", min_ready=5)], [], create_slots=9, now=NOW, limits={"a": 2})
     assert (p.create, p.wanted) == (2, 5)
+
+
+quiet_pool_specs = st.builds(
+    lambda name, lo, extra, reuse: PoolSpec(
+        name=name, min_ready=lo, max_total=max(1, lo + extra), reuse=reuse
+    ),
+    st.sampled_from(["a", "b", "c"]),
+    st.integers(0, 12),
+    st.integers(0, 6),
+    st.sampled_from(["never", "reset"]),
+)
+quiet_observed = st.lists(
+    st.builds(
+        lambda i, pool, state: Observed(f"s{i}", pool, state, NOW - 10),
+        st.integers(0, 10_000),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(["creating", "ready", "claimed", "released", "resetting", "terminating"]),
+    ),
+    max_size=40,
+    unique_by=lambda o: o.id,
+)
+
+
+@given(
+    st.lists(quiet_pool_specs, min_size=1, max_size=3, unique_by=lambda p: p.name),
+    quiet_observed,
+    st.integers(0, 10),
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 3)),
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.none() | st.integers(0, 4)),
+)
+def test_top_up_from_counts_creates_what_the_plan_creates(pools, obs, slots, waiting, limits):
+    """Where the plan has nothing to stop (the case a claim or a release makes), counting
+    the records by state gives the very creates of the plan over every record."""
+    from collections import Counter
+
+    from sandboxd.control.plan import top_up
+
+    planned = plan(pools, obs, create_slots=slots, now=NOW, waiting=waiting, limits=limits)
+    if any(p.terminate for p in planned):
+        return  # stopping is the whole passes' (top_up never stops anything)
+    counts: dict[str, Counter] = {}
+    for o in obs:
+        counts.setdefault(o.pool, Counter())[o.state] += 1
+    topped = top_up(pools, counts, create_slots=slots, waiting=waiting, limits=limits)
+    by_pool = {p.pool: p for p in planned}
+    assert [(p.pool, p.create, p.wanted) for p in topped] == [
+        (p.pool, by_pool[p.pool].create, by_pool[p.pool].wanted) for p in topped
+    ]
+
+
+def test_top_up_counts_creates_started_since_the_counts():
+    from sandboxd.control.plan import top_up
+
+    pool = PoolSpec(name="a", min_ready=5, max_total=6)
+    counts = {"a": {"ready": 2, "claimed": 1}}
+    assert top_up([pool], counts, create_slots=10)[0].create == 3
+    assert top_up([pool], counts, create_slots=10, unseen={"a": 2})[0].create == 1
+    assert top_up([pool], counts, create_slots=10, unseen={"a": 3})[0].create == 0
+    assert top_up([pool], {"a": {"ready": 2, "claimed": 4}}, create_slots=10)[0].create == 0

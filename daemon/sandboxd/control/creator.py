@@ -128,6 +128,13 @@ class Creator:
         )
         self._tasks[record.id] = (task, record, time.monotonic())
 
+    def running(self) -> dict[str, list[str]]:
+        """The ids of the creates running in this process, by pool."""
+        out: dict[str, list[str]] = {}
+        for sandbox_id, (_, record, _) in self._tasks.items():
+            out.setdefault(record.pool, []).append(sandbox_id)
+        return out
+
     def owe(
         self,
         owed: dict[str, int],

@@ -85,6 +85,40 @@ def plan(
     return plans
 
 
+def top_up(
+    pools: Sequence[PoolSpec],
+    counts: Mapping[str, Mapping[str, int]],
+    *,
+    create_slots: int,
+    unseen: Mapping[str, int] | None = None,
+    waiting: Mapping[str, int] | None = None,
+    limits: Mapping[str, int | None] | None = None,
+) -> list[PoolPlan]:
+    """The creates `pools` need, from their records counted by state alone: what a claim
+    or a release asks of a pool (a pass over pools whose records changed, not every
+    record of them). It only ever creates, as `plan` would for a pool with nothing to
+    stop (nothing past its lifetime, unhealthy, stale or surplus): those are `plan`'s,
+    in the whole passes. `unseen`: creates started since the counts were taken (each is a
+    member and on its way to ready). The same `max_total`, `limits` and round-robin
+    sharing of `create_slots` as `plan`."""
+    unseen, waiting, limits = unseen or {}, waiting or {}, limits or {}
+    plans = []
+    for spec in pools:
+        by_state = counts.get(spec.name, {})
+        coming = ("creating", "released", "resetting") if spec.reuse == "reset" else ("creating",)
+        new = unseen.get(spec.name, 0)
+        members = sum(by_state.values()) + new
+        pending = sum(by_state.get(state, 0) for state in coming) + new
+        target = min(spec.min_ready + waiting.get(spec.name, 0), spec.max_total)
+        missing = target - by_state.get("ready", 0) - pending
+        wanted = max(0, min(missing, spec.max_total - members))
+        limit = limits.get(spec.name)
+        create = wanted if limit is None else min(wanted, limit)
+        plans.append(PoolPlan(pool=spec.name, total=members, create=create, wanted=wanted))
+    _share_create_slots(plans, create_slots)
+    return plans
+
+
 def _pool_plan(
     spec: PoolSpec | None, name: str, members: list[Observed], now: float, waiting: int
 ) -> PoolPlan:

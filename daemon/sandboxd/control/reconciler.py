@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from sandboxd.config import Config
 from sandboxd.control.creator import Creator
 from sandboxd.control.outbox import Outbox
-from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan
+from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan, top_up
 from sandboxd.control.recycler import Recycler
 from sandboxd.control.repair import Healer, Quarantine
 from sandboxd.control.replacements import Recoveries
@@ -371,8 +371,11 @@ class Reconciler:
         if scan.corrupt:
             self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))
             await self._quarantine.handle(scan.corrupt, self._providers)
-        mine = scan.records if only is None else [r for r in scan.records if r.pool in only]
         planned = pools if only is None else [p for p in pools if p.name in only]
+        if only is not None and not tick and not self._died and self._countable(planned):
+            await self._top_up(pools, planned, specs, only)
+            return
+        mine = scan.records if only is None else [r for r in scan.records if r.pool in only]
         records = await self._reap_dead(mine, check_liveness=tick, whole=only is None)
         if tick:
             if time.monotonic() >= self._heal_due:  # at most 0.2% of the time (many records)
@@ -444,6 +447,60 @@ class Reconciler:
         self._watch(records, prune=only is None)
         if self._on_pass is not None and only is None:
             self._on_pass(records, specs)
+
+    def _countable(self, planned: list[PoolSpec]) -> bool:
+        """Pools whose creates follow from their records counted by state (`top_up`): not
+        those of a provider whose plan shares a concurrency cap (e2b), which the plan
+        counts record by record."""
+        return not any(isinstance(self._providers.get(p.provider), Capped) for p in planned)
+
+    async def _top_up(
+        self,
+        pools: list[PoolSpec],
+        planned: list[PoolSpec],
+        specs: dict[str, PoolSpec],
+        only: set[str],
+    ) -> None:
+        """A pass for pools that only a claim, a release or a finished create named: its
+        work follows what changed, not how many sandboxes the pools hold. The records the
+        view read again are looked at (a release to recycle, a sandbox to watch), and the
+        pools' creates come from their records counted by state (`top_up`); what takes a
+        look at every record (lifetimes, health, surplus, stale builds, liveness) is the
+        whole passes' (every tick, and whenever anything else asks)."""
+        view = self.view
+        # Taken before any await: creates started by now that the view has not read yet
+        # count as members on their way (none starts while the pass holds `planning`).
+        unseen = {
+            pool: sum(1 for sandbox_id in ids if sandbox_id not in view.records)
+            for pool, ids in self.creator.running().items()
+        }
+        counts = {p.name: dict(view.counts.get(p.name, {})) for p in planned}
+        changed = [view.records[i] for i in view.changed if i in view.records]
+        changed = [r for r in changed if r.pool in only]
+        self._recycle_released(changed, specs)
+        waiting = await self._claims.count_waiters(
+            [p.name for p in planned if p.on_empty == "create"]
+        )
+        now = time.monotonic()
+        pacing = self.creator.pace(pools)
+        limits = {p.name: pacing[p.name].limit(now) for p in planned}
+        slots = self._config.max_concurrent_creates - len(self.creator.inflight)
+        plans = top_up(
+            planned, counts, create_slots=slots, unseen=unseen, waiting=waiting, limits=limits
+        )
+        for pool_plan in plans:
+            pacing[pool_plan.pool].explain_shortfall(
+                pool_plan.wanted, pool_plan.create, limits[pool_plan.pool], now
+            )
+            if pool_plan.changes:
+                await self._act(pool_plan, specs[pool_plan.pool], {})
+        self.creator.owe(
+            {p.pool: p.wanted - p.create for p in plans},
+            specs,
+            self._specs.revision,
+            only=only,
+        )
+        self._watch(changed, prune=False)
 
     async def _announce(self, change: Change) -> None:
         await self._events.publish(

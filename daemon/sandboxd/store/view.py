@@ -17,6 +17,7 @@ untrusted input like every key: an entry only makes the view read an id again.
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,10 @@ class RecordView:
         self.full_reads = 0
         self.partial_reads = 0
         self.version = 0  # goes up whenever `records` may have changed
+        # Per pool, its records by state, kept with `records` (what a pass that looks at
+        # counts alone needs: work per change, not per record).
+        self.counts: dict[str, Counter[str]] = {}
+        self.changed: set[str] = set()  # the ids the last refresh read again (all: a full)
 
     def invalidate(self) -> None:
         """Read everything at the next refresh (a reconnect, a restore, a new owner rule)."""
@@ -91,11 +96,15 @@ class RecordView:
             raise
         self._cursor, self._added = cursor, added
         for sandbox_id in ids:
-            self.records.pop(sandbox_id, None)
+            gone = self.records.pop(sandbox_id, None)
+            if gone is not None:
+                self.counts[gone.pool][gone.state] -= 1
         for record in partial.records:
             self.records[record.id] = record
+            self.counts.setdefault(record.pool, Counter())[record.state] += 1
         self.partial_reads += 1
         self.version += bool(ids)
+        self.changed = ids
         return Scan(records=list(self.records.values()), corrupt=partial.corrupt)
 
     async def full(self) -> Scan:
@@ -107,7 +116,11 @@ class RecordView:
         scan = await self._store.scan()
         took = self._clock() - began
         self.records = {r.id: r for r in scan.records}
+        self.counts = {}
+        for (pool, state), n in Counter((r.pool, r.state) for r in scan.records).items():
+            self.counts.setdefault(pool, Counter())[state] = n
         self.version += 1
+        self.changed = set(self.records)
         self._cursor, self._added = mark
         every = max(self._resync_min_s, took / self._budget)
         self._full_due = self._clock() + min(self._resync_max_s(), every)
