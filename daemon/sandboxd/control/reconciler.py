@@ -283,6 +283,25 @@ class Reconciler:
         if self._restorer is not None:
             await self._restorer.check()
             generation = self._restorer.restored
+        if (
+            not whole
+            and dirty
+            and time.monotonic() < self._tick_due
+            and (frozenset(self._providers), generation) == self._view_scope
+            and self._specs.revision == self._published_revision
+        ):
+            # Only claims, releases or finished creates asked: the pools as in force (a
+            # spec change asks for a whole pass itself, a schedule's turn waits for the
+            # tick), no read of the spec document (megabytes with many pools).
+            specs = {p.name: p for p in self.pools}
+            only = {pool for pool in dirty if pool in specs}
+            async with self.creator.planning:
+                await self._plan_and_act(
+                    self.pools, specs, tick=False, generation=generation, only=only
+                )
+            await self.creator.refill()
+            self.last_pass_at = time.time()
+            return
         spec = await self._specs.refresh()
         every_pool, changes = self.schedules.apply(list(spec.pools) if spec else [])
         # The pools this daemon manages: those of its providers (a cloud provider only while
