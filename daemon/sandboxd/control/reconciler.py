@@ -385,7 +385,12 @@ class Reconciler:
             self._record_pools = {r.pool for r in scan.records}
         if self._restorer is not None:
             await self._restorer.remember(
-                scan.records, self._specs.in_force, save=tick, since=generation, read_at=read_at
+                scan.records,
+                self._specs.in_force,
+                save=tick,
+                since=generation,
+                read_at=read_at,
+                changed=(self.view.records, self.view.changed),
             )
         if scan.corrupt:
             self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from redis.asyncio import Redis
@@ -85,8 +86,7 @@ class Restorer:
         # Each record as the JSON of its hash's fields (what the journal file is made of):
         # one str per record rather than a dict of 28 (10,000 records: 7 MB, not 12).
         self._records: dict[str, str] = {
-            sandbox_id: fields_json(fields)
-            for sandbox_id, fields in journal.load_records().items()
+            sandbox_id: fields_json(fields) for sandbox_id, fields in journal.load_records().items()
         }
         self._parsed: dict[str, dict[str, str]] | None = None  # `known()`, while unchanged
         loaded = journal.load_spec()
@@ -101,6 +101,7 @@ class Restorer:
         # Records `learn` was told of, and when (monotonic): newer than a pass's read.
         self._learned: dict[str, tuple[SandboxRecord, float]] = {}
         self._unsaved = True  # the journal file may differ from what is remembered
+        self._whole = True  # the next `remember` looks at every record (not only `changed`)
         self._next_save = 0.0
 
     @property
@@ -118,16 +119,20 @@ class Restorer:
         since: int | None = None,
         read_at: float | None = None,
         now: bool = False,
+        changed: tuple[Mapping[str, SandboxRecord], Collection[str]] | None = None,
     ) -> None:
         """The spec in force and the records of a pass: what Redis holds now (this daemon's,
         all of them) — unless Redis lost its data since the pass began (the marker is gone
         again): then the journal is kept for the next check to put back. It is written to
         the state directory when a sandbox came, went, or changed state, claim or lease;
         `save` (a tick): other changes too, at most every TICK_SAVE_S; `now` (a stop):
-        whatever changed, at once."""
+        whatever changed, at once. `changed`: (every record by id, the ids read again since
+        the last call): only those are looked at (the records of a pass under claims)."""
         if not await self._redis.exists(self.marker):
+            self._whole = True  # what changed meanwhile is not remembered: all, next time
             return
         if since is not None and since != self.restored:
+            self._whole = True
             return  # a restore ran while these records were read: they may predate it
         new_spec = False
         if (
@@ -137,14 +142,36 @@ class Restorer:
         ):  # serialized once per revision: a spec of 20,000 pools is megabytes
             self._spec = (doc.revision, doc.model_dump_json())
             new_spec = True
-        hashes = {}
-        changed = reshaped = len(records) != len(self._hashes)  # came or went
-        for r in records:
-            known = self._hashes.get(r.id)
-            if known is None or known[0] is not r:
-                reshaped = reshaped or known is None or _shape(known[0]) != _shape(r)
-                known, changed = (r, fields_json(r.to_hash())), True
-            hashes[r.id] = known
+        if changed is not None and not self._whole:  # in place: only what was read again
+            hashes, records_json = self._hashes, self._records
+            any_change = reshaped = False
+            for sandbox_id in changed[1]:
+                r = changed[0].get(sandbox_id)
+                known = hashes.get(sandbox_id)
+                if r is None:
+                    if known is not None:
+                        del hashes[sandbox_id]
+                        records_json.pop(sandbox_id, None)
+                        any_change = reshaped = True
+                elif known is None or known[0] is not r:
+                    reshaped = reshaped or known is None or _shape(known[0]) != _shape(r)
+                    hashes[sandbox_id] = (r, fields_json(r.to_hash()))
+                    records_json[sandbox_id] = hashes[sandbox_id][1]
+                    any_change = True
+        else:
+            hashes, records_json = {}, {}
+            any_change = reshaped = len(records) != len(self._hashes)  # came or went
+            for r in records:
+                known = self._hashes.get(r.id)
+                if known is None or known[0] is not r:
+                    reshaped = reshaped or known is None or _shape(known[0]) != _shape(r)
+                    known, any_change = (r, fields_json(r.to_hash())), True
+                hashes[r.id] = known
+            if any_change:  # else the very same records as before: nothing to rebuild
+                records_json = {sandbox_id: text for sandbox_id, (_, text) in hashes.items()}
+            else:
+                hashes, records_json = self._hashes, self._records
+            self._whole = False
         if read_at is not None:  # `records` were read at `read_at` (monotonic)
             for sandbox_id, (learned, at) in list(self._learned.items()):
                 if at <= read_at:
@@ -153,16 +180,14 @@ class Restorer:
                     seen = hashes.get(sandbox_id)
                     if seen is not None and seen[0].state != "creating":
                         continue  # read after it was made ready (claimed since, say): newer
-                    hashes[sandbox_id] = self._hashes.get(sandbox_id) or (
-                        learned,
-                        fields_json(learned.to_hash()),
-                    )
-                    changed = reshaped = True
-        if changed:  # else the very same records as before: nothing to rebuild
-            self._hashes = hashes
-            self._records = {sandbox_id: text for sandbox_id, (_, text) in hashes.items()}
-            self._parsed = None
-        self._unsaved |= changed
+                    if seen is None or seen[0] is not learned:
+                        hashes[sandbox_id] = (learned, fields_json(learned.to_hash()))
+                        records_json[sandbox_id] = hashes[sandbox_id][1]
+                        any_change = reshaped = True
+        if any_change:
+            self._hashes, self._records, self._parsed = hashes, records_json, None
+        changed_any = any_change
+        self._unsaved |= changed_any
         self._reshaped |= reshaped
         if not (self._unsaved or new_spec):
             return  # the file holds exactly this already

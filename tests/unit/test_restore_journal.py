@@ -1,0 +1,66 @@
+"""The restore journal kept from what changed equals the journal kept from every record."""
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import fakeredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sandboxd.control.localstate import LocalState
+from sandboxd.control.restore import Restorer
+from sandboxd.store.events import EventPublisher
+from sandboxd.store.keys import Keys
+from sandboxd.store.records import SandboxRecord
+
+KEYS = Keys("t")
+IDS = [f"sb-{i}" for i in range(6)]
+STATES = ["creating", "ready", "claimed", "released"]
+
+# One step: for some ids, a new version of the record (a state), or its removal (None).
+steps = st.lists(
+    st.dictionaries(st.sampled_from(IDS), st.none() | st.sampled_from(STATES), max_size=4),
+    max_size=12,
+)
+
+
+def record(sandbox_id: str, state: str, version: int) -> SandboxRecord:
+    return SandboxRecord(
+        id=sandbox_id, pool="p", provider="local", state=state, template="base",
+        spec_revision=1, instance="i", claim_id=f"c{version}" if state == "claimed" else "",
+    )  # fmt: skip
+
+
+def restorer(redis, root: Path) -> Restorer:
+    return Restorer(
+        redis=redis,
+        keys=KEYS,
+        journal=LocalState(root),
+        events=EventPublisher(redis, KEYS, 1000),
+        providers={},
+        instance="i",
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps)
+def test_remembering_what_changed_keeps_what_remembering_everything_keeps(changes):
+    async def run() -> None:
+        redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            every, some = restorer(redis, Path(tmp) / "a"), restorer(redis, Path(tmp) / "b")
+            await every.mark()
+            view: dict[str, SandboxRecord] = {}
+            for n, step in enumerate(changes):
+                for sandbox_id, state in step.items():
+                    if state is None:
+                        view.pop(sandbox_id, None)
+                    else:
+                        view[sandbox_id] = record(sandbox_id, state, n)
+                records = list(view.values())
+                await every.remember(records, None, save=False)
+                await some.remember(records, None, save=False, changed=(view, set(step)))
+                assert some.known() == every.known()
+
+    asyncio.run(run())
