@@ -180,7 +180,7 @@ async def replenish_delays(url: str, redis: Redis, n: int) -> list[float]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--pool", type=int, default=None, help="warm sandboxes (default 200, ~13 MB each; 2000 fake)"
+        "--pool", type=int, default=None, help="warm sandboxes (200, ~13 MB each; 2000 fake)"
     )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=16)

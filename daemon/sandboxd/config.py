@@ -602,6 +602,15 @@ class Config(BaseSettings):
     health_concurrency: int = Field(
         default=32, ge=1, description="Health probes running at once, across all pools."
     )
+    health_max_probes_per_s: float = Field(
+        default=150.0,
+        gt=0,
+        description="The most health probes a second, across all pools: when the pools' "
+        "intervals ask for more (10,000 sandboxes at 30 s are 333 a second), every interval "
+        "is stretched by the same factor, so the daemon's cost of probing stays bounded "
+        "whatever the number of sandboxes (the factor is logged; a local sandbox's death is "
+        "still noticed at once).",
+    )
     health_report_interval_s: float = Field(
         default=60.0, gt=0, description="How often `health.report` is published."
     )

@@ -308,8 +308,14 @@ async def test_damaged_pool_settings_refuse_a_claim_before_any_write(redis, sett
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("handle", "{not json"), ("secrets", '{"token": 5}'), ("handle", "[]"), ("id", "sb-2"),
-     ("pool", b"p\xff"), ("id", "sb-1\x00")],
+    [
+        ("handle", "{not json"),
+        ("secrets", '{"token": 5}'),
+        ("handle", "[]"),
+        ("id", "sb-2"),
+        ("pool", b"p\xff"),
+        ("id", "sb-1\x00"),
+    ],
 )
 async def test_a_claimed_record_the_claimant_cannot_use_is_given_back(
     redis, redis_server, field, value

@@ -8,7 +8,7 @@ from sandboxd.control.localstate import LocalState, fields_json
 def test_records_written_from_parts_are_the_json_of_the_whole(tmp_path):
     records = {
         "sb-b": {"state": "ready", "pool": "p", "handle": '{"pid":1}'},
-        "sb-a": {"state": "claimed", "claimant": "ünïcode \"quoted\"", "pool": "p"},
+        "sb-a": {"state": "claimed", "claimant": 'ünïcode "quoted"', "pool": "p"},
     }
     state = LocalState(tmp_path / "state")
     assert state.save_records({k: fields_json(v) for k, v in records.items()})

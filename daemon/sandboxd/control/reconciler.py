@@ -293,11 +293,14 @@ class Reconciler:
             # Only claims, releases or finished creates asked: the pools as in force (a
             # spec change asks for a whole pass itself, a schedule's turn waits for the
             # tick), no read of the spec document (megabytes with many pools).
-            specs = {p.name: p for p in self.pools}
-            only = {pool for pool in dirty if pool in specs}
+            in_force = {p.name: p for p in self.pools}
             async with self.creator.planning:
                 await self._plan_and_act(
-                    self.pools, specs, tick=False, generation=generation, only=only
+                    self.pools,
+                    in_force,
+                    tick=False,
+                    generation=generation,
+                    only={pool for pool in dirty if pool in in_force},
                 )
             await self.creator.refill()
             self.last_pass_at = time.time()

@@ -27,8 +27,8 @@ from sandboxd.store.records import SandboxRecord, SandboxStore
 log = logging.getLogger(__name__)
 PROBED = ("ready", "claimed")
 WRITE_EVERY = 10  # a healthy sandbox's unchanged health is written every 10th probe
-STATS_KEPT = 500
-QUANTUM_S = 0.05  # probes due this close together start at one wake-up of the loop  # probe results per pool behind the error rate and latency percentiles
+STATS_KEPT = 500  # probe results per pool behind the error rate and latency percentiles
+QUANTUM_S = 0.05  # probes due this close together start at one wake-up of the loop
 
 
 class HealthMonitor:
@@ -63,6 +63,7 @@ class HealthMonitor:
         self._latency: dict[str, deque[float]] = {}
         self._outcomes: dict[str, deque[bool]] = {}
         self.probes = 0
+        self.stretch = 1.0  # intervals times this: the probes a second within the budget
 
     def observe(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
         """Called after every reconcile pass: what there is to probe now."""
@@ -70,10 +71,18 @@ class HealthMonitor:
         targets = {}
         for record in records:
             spec = specs.get(record.pool)
-            if spec is None or record.state not in PROBED:
-                continue
-            targets[record.id] = (record, spec)
-            if record.id not in self._targets:
+            if spec is not None and record.state in PROBED:
+                targets[record.id] = (record, spec)
+        wanted = sum(1 / self._period(spec, stretched=False) for _, spec in targets.values())
+        stretch = max(1.0, wanted / self._config.health_max_probes_per_s)
+        if abs(stretch - self.stretch) > 0.05 * self.stretch:
+            log.info(
+                "health probe intervals stretched",
+                extra={"factor": round(stretch, 2), "probes_per_s": round(wanted, 1)},
+            )
+            self.stretch = stretch
+        for sandbox_id, (record, spec) in targets.items():
+            if sandbox_id not in self._targets:
                 self._adopt(record, spec, now)
         for gone in self._targets.keys() - targets.keys():
             for table in (self._health, self._cursor, self._next_check, self._due, self._written):
@@ -88,13 +97,20 @@ class HealthMonitor:
         health.results.extend(record.health_checks)
         self._health[record.id] = health
         self._cursor[record.id] = record.agent_seq
-        self._next_check[record.id] = now + random.uniform(0, spec.health.interval_s)
+        self._next_check[record.id] = now + random.uniform(0, self._interval(spec))
         self._schedule(record.id, now + random.uniform(0, self._period(spec)))
 
-    def _period(self, spec: PoolSpec) -> float:
-        if spec.run is None:
-            return spec.health.interval_s
-        return min(spec.health.interval_s, self._config.agent_poll_interval_s)
+    def _interval(self, spec: PoolSpec) -> float:
+        """Between full probes of a sandbox of `spec`: its interval, stretched to the budget."""
+        return spec.health.interval_s * self.stretch
+
+    def _period(self, spec: PoolSpec, *, stretched: bool = True) -> float:
+        """Between wake-ups for a sandbox of `spec` (more often than full probes for a
+        `run:` program's news), stretched to `health_max_probes_per_s` unless told not."""
+        base = spec.health.interval_s
+        if spec.run is not None:
+            base = min(base, self._config.agent_poll_interval_s)
+        return base * self.stretch if stretched else base
 
     def _schedule(self, sandbox_id: str, due: float) -> None:
         self._due[sandbox_id] = due
@@ -166,7 +182,7 @@ class HealthMonitor:
         self.probes += 1
         failed_program = await self._program_news(record, probe)
         if full or not probe.alive or failed_program:
-            self._next_check[sandbox_id] = time.monotonic() + spec.health.interval_s
+            self._next_check[sandbox_id] = time.monotonic() + self._interval(spec)
             await self._assess(record, spec, probe, failed_program)
 
     async def _program_news(self, record: SandboxRecord, probe: Probe) -> str:
@@ -212,7 +228,7 @@ class HealthMonitor:
         # probes of 10,000 sandboxes would otherwise be hundreds of writes a second.
         now = time.monotonic()
         quiet = probe.ok and not changed and not failed_program
-        if quiet and now < self._written.get(record.id, 0.0) + spec.health.interval_s * (
+        if quiet and now < self._written.get(record.id, 0.0) + self._interval(spec) * (
             WRITE_EVERY - 0.5
         ):
             return
