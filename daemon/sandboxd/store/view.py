@@ -68,7 +68,9 @@ class RecordView:
         # Per pool, its records by state, kept with `records` (what a pass that looks at
         # counts alone needs: work per change, not per record).
         self.counts: dict[str, Counter[str]] = {}
-        self.changed: set[str] = set()  # the ids the last refresh read again (all: a full)
+        # The ids the last refresh read again; None after a full read (anything may have
+        # changed, records gone included).
+        self.changed: set[str] | None = None
 
     def invalidate(self) -> None:
         """Read everything at the next refresh (a reconnect, a restore, a new owner rule)."""
@@ -120,7 +122,7 @@ class RecordView:
         for (pool, state), n in Counter((r.pool, r.state) for r in scan.records).items():
             self.counts.setdefault(pool, Counter())[state] = n
         self.version += 1
-        self.changed = set(self.records)
+        self.changed = None
         self._cursor, self._added = mark
         every = max(self._resync_min_s, took / self._budget)
         self._full_due = self._clock() + min(self._resync_max_s(), every)
