@@ -69,3 +69,22 @@ def test_remembering_what_changed_keeps_what_remembering_everything_keeps(change
                 assert some.known() == every.known()
 
     asyncio.run(run())
+
+
+def test_what_the_journal_held_at_start_goes_once_a_pass_saw_other_records(tmp_path):
+    """A journal from the last run lists sandboxes since gone; the first pass (even one that
+    sees no record at all) replaces it, and later passes remember from their changes."""
+
+    async def run() -> None:
+        redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        old = restorer(redis, tmp_path)
+        await old.mark()
+        await old.remember([record("sb-0", "ready", 0)], None, save=False, now=True)
+        new = restorer(redis, tmp_path)  # a restart: the journal is read
+        assert set(new.known()) == {"sb-0"}
+        await new.remember([], None, save=False)
+        view = {"sb-1": record("sb-1", "creating", 1)}
+        await new.remember(list(view.values()), None, save=False, changed=(view, {"sb-1"}))
+        assert set(new.known()) == {"sb-1"}
+
+    asyncio.run(run())

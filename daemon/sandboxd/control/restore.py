@@ -160,7 +160,9 @@ class Restorer:
                     any_change = True
         else:
             hashes, records_json = {}, {}
-            any_change = reshaped = len(records) != len(self._hashes)  # came or went
+            # came or went; or the journal read at start still holds what no pass saw
+            stale = len(self._records) != len(self._hashes)  # the journal read at start
+            any_change = reshaped = stale or len(records) != len(self._hashes)
             for r in records:
                 known = self._hashes.get(r.id)
                 if known is None or known[0] is not r:
