@@ -1,5 +1,5 @@
 """What the tests share (fixtures are in tests/conftest.py): waiting on Redis with a
-deadline, the CLI, the real daemon as a process, a test's sandboxes, free ports."""
+deadline, the CLI, the real daemon as a process, a test's sandboxes, free ports, a record."""
 
 import os
 
@@ -11,6 +11,7 @@ from tests.support.processes import (
     sandbox_processes,
     toml_config,
 )
+from tests.support.records import a_record
 from tests.support.waiting import (
     KEYS,
     PREFIX,
@@ -35,6 +36,7 @@ __all__ = [
     "SOAK",
     "Broker",
     "DaemonProcess",
+    "a_record",
     "apply",
     "cli",
     "events_of",

@@ -372,6 +372,12 @@ def test_scripts_given_any_arguments_refuse_without_a_trace(sync_redis, args):
 
 @CHECKS
 @given(claimant=st.one_of(st.binary(max_size=210), st.text(max_size=210).map(str.encode)))
+# the edges of the script's printable-ASCII shortcut (` ` to `~` skip the walk, DEL must not)
+@example(claimant=b" ~ printable")
+@example(claimant=b"del\x7f")
+@example(claimant=b"tab\tx")
+@example(claimant=b"\x1f")
+@example(claimant=b"caf\xc3\xa9")
 def test_claim_script_takes_exactly_the_valid_claimants(sync_redis, claimant):
     """Bytes that are not UTF-8 text would break every reader of the record (the daemon
     decodes replies as UTF-8); the script's verdict must match Python's strict decoder."""

@@ -6,6 +6,7 @@ from sandboxd.config import Config
 from sandboxd.health.monitor import HealthMonitor
 from sandboxd.spec import PoolSpec
 from sandboxd.store.records import SandboxRecord
+from tests.support import a_record
 
 
 def monitor(max_rate: float) -> HealthMonitor:
@@ -14,18 +15,7 @@ def monitor(max_rate: float) -> HealthMonitor:
 
 
 def records(n: int) -> list[SandboxRecord]:
-    return [
-        SandboxRecord(
-            id=f"sb-{i}",
-            pool="p",
-            provider="local",
-            state="ready",
-            template="base",
-            spec_revision=1,
-            instance="i",
-        )
-        for i in range(n)
-    ]
+    return [a_record(f"sb-{i}") for i in range(n)]
 
 
 def test_intervals_stretch_to_the_budget_and_back():

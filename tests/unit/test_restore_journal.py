@@ -13,6 +13,7 @@ from sandboxd.control.restore import Restorer
 from sandboxd.store.events import EventPublisher
 from sandboxd.store.keys import Keys
 from sandboxd.store.records import SandboxRecord
+from tests.support import a_record
 
 KEYS = Keys("t")
 IDS = [f"sb-{i}" for i in range(6)]
@@ -30,10 +31,7 @@ steps = st.lists(
 
 
 def record(sandbox_id: str, state: str, version: int) -> SandboxRecord:
-    return SandboxRecord(
-        id=sandbox_id, pool="p", provider="local", state=state, template="base",
-        spec_revision=1, instance="i", claim_id=f"c{version}" if state == "claimed" else "",
-    )  # fmt: skip
+    return a_record(sandbox_id, state=state, claim_id=f"c{version}" if state == "claimed" else "")
 
 
 def restorer(redis, root: Path) -> Restorer:

@@ -393,9 +393,7 @@ class Reconciler:
                 save=tick,
                 since=generation,
                 read_at=read_at,
-                changed=None
-                if self.view.changed is None
-                else (self.view.records, self.view.changed),
+                changed=self.view.changes,
             )
         if scan.corrupt:
             self.view.touch(*(c.sandbox_id for c in scan.corrupt if c.sandbox_id))
@@ -504,11 +502,11 @@ class Reconciler:
             for pool, ids in self.creator.running().items()
         }
         counts = {p.name: dict(view.counts.get(p.name, {})) for p in planned}
-        if view.changed is None:  # a full read: any of them may have changed
-            changed = [r for r in view.records.values() if r.pool in only]
-        else:
-            changed = [view.records[i] for i in view.changed if i in view.records]
-            changed = [r for r in changed if r.pool in only]
+        # The records the read changed (all of them after a full read), of these pools.
+        read = (
+            view.records.values() if view.changed is None else map(view.records.get, view.changed)
+        )
+        changed = [r for r in read if r is not None and r.pool in only]
         self._recycle_released(changed, specs)
         waiting = await self._claims.count_waiters(
             [p.name for p in planned if p.on_empty == "create"]

@@ -161,7 +161,7 @@ class Restorer:
         else:
             hashes, records_json = {}, {}
             # came or went; or the journal read at start still holds what no pass saw
-            stale = len(self._records) != len(self._hashes)  # the journal read at start
+            stale = len(self._records) != len(self._hashes)
             any_change = reshaped = stale or len(records) != len(self._hashes)
             for r in records:
                 known = self._hashes.get(r.id)
@@ -188,8 +188,7 @@ class Restorer:
                         any_change = reshaped = True
         if any_change:
             self._hashes, self._records, self._parsed = hashes, records_json, None
-        changed_any = any_change
-        self._unsaved |= changed_any
+        self._unsaved |= any_change
         self._reshaped |= reshaped
         if not (self._unsaved or new_spec):
             return  # the file holds exactly this already

@@ -647,11 +647,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _pairs(flat: list[Any]) -> dict[str, str]:
-    items = [_text(x) for x in flat]
-    return dict(zip(items[::2], items[1::2], strict=True))
-
-
 def _refusal(status: str, reply: list[Any], what: str) -> ClaimError:
     detail = _text(reply[1]) if len(reply) > 1 else ""
     messages = {

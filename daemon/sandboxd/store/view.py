@@ -72,6 +72,12 @@ class RecordView:
         # changed, records gone included).
         self.changed: set[str] | None = None
 
+    @property
+    def changes(self) -> tuple[dict[str, SandboxRecord], set[str]] | None:
+        """(every record by id, the ids the last refresh read again); None after a full
+        read. What `Restorer.remember` looks at instead of every record."""
+        return None if self.changed is None else (self.records, self.changed)
+
     def invalidate(self) -> None:
         """Read everything at the next refresh (a reconnect, a restore, a new owner rule)."""
         self._cursor = None
