@@ -560,6 +560,15 @@ class Config(BaseSettings):
     reconcile_interval_s: float = Field(
         default=5.0, gt=0, description="Periodic reconcile; spec changes act at once."
     )
+    claim_coalesce_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="A pass asked for only by clients' claims and releases waits this long "
+        "for more of them: a burst makes one pass, and a claimant's first calls do not share "
+        "the CPU with the refill its claim starts. Deaths, finished creates and spec "
+        "changes are reconciled at once; 0: claims too.",
+    )
     resync_interval_s: float = Field(
         default=300.0,
         gt=0,

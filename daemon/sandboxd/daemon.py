@@ -789,6 +789,17 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+def _nudged_pool(data: object) -> tuple[str | None, bool]:
+    """The pool a nudge names, and whether its pass may wait for more (`coalesce`): a claim
+    or a release names its pool; a claim that found its pool empty says `empty:<pool>`
+    (someone waits: at once); anything else asks for a whole pass."""
+    if not isinstance(data, str):
+        return None, False
+    if data.startswith("empty:"):
+        return data.removeprefix("empty:"), False
+    return data, True
+
+
 async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -> None:
     """Wake the reconciler on every message on `<prefix>:nudge`; resubscribe after errors."""
     retrying = AsyncRetrying(
@@ -801,6 +812,6 @@ async def _listen_for_nudges(redis: Redis, keys: Keys, reconciler: Reconciler) -
                 await pubsub.subscribe(keys.nudge)
                 reconciler.nudge()  # whatever was sent while we were not listening
                 async for message in pubsub.listen():
-                    if message["type"] == "message":  # a claim names its pool
-                        data = message.get("data")
-                        reconciler.nudge(data if isinstance(data, str) else None)
+                    if message["type"] == "message":
+                        pool, coalesce = _nudged_pool(message.get("data"))
+                        reconciler.nudge(pool, coalesce=coalesce)

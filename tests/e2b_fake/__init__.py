@@ -96,7 +96,12 @@ class FakeE2B:
 
     def start(self) -> "FakeE2B":
         config = uvicorn.Config(
-            self._app(), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+            self._app(),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            loop="asyncio",  # its commands are subprocesses started from a thread
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="fake-e2b", daemon=True)

@@ -80,6 +80,10 @@ class ApiError(Exception):
         )
 
 
+def _unauthenticated() -> ApiError:
+    return ApiError(401, "Invalid API key (issued by `sandboxd apikey create`)")
+
+
 @dataclass
 class Settings:
     """What the app needs: Redis, the key prefix, how long a create may wait, the E2B
@@ -112,7 +116,7 @@ class Api:
     async def authenticate(self, request: Request) -> ApiKey:
         key = await self.apikeys.authenticate(request.headers.get("x-api-key"))
         if key is None:
-            raise ApiError(401, "Invalid API key (issued by `sandboxd apikey create`)")
+            raise _unauthenticated()
         return key
 
     async def pool(self, name: str) -> PoolSettings | None:
@@ -137,14 +141,32 @@ class Api:
 
     # -- create -------------------------------------------------------------------------
 
-    async def create(self, request: Request, key: ApiKey) -> Response:
-        body = await _json_object(request)
+    async def create(self, request: Request) -> Response:
+        """Authenticated here, not by `endpoint`: the key and the pool its body names are
+        read in one round trip. A bad body is said after the key is checked."""
+        try:
+            body, bad = await _json_object(request), None
+        except ApiError as exc:
+            body, bad = {}, exc
         template = body.get("templateID")
+        pool_field = (
+            (self.keys.pools, template)
+            if isinstance(template, str) and 0 < len(template) <= 100
+            else None
+        )
+        key, raw = await self.apikeys.authenticate_and_hget(
+            request.headers.get("x-api-key"), pool_field
+        )
+        if key is None:
+            raise _unauthenticated()
+        if bad is not None:
+            raise bad
         if not isinstance(template, str) or not template:
             raise ApiError(400, "templateID (a pool's name) is required")
         metadata = _metadata(body.get("metadata"))
         env_vars = body.get("envVars") or {}
-        found = await self.template(template)
+        named_pool = _settings(raw) if raw is not None else None
+        found = (template, named_pool) if named_pool else await self.template(template)
         if found is None:
             raise ApiError(
                 404, f"template '{template}' not found (no sandboxd pool of that name or alias)"
@@ -616,9 +638,13 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
         envd_routes = envd.routes(api.envd)
         rpc = envd.rpc_apps(api.envd)
 
-    def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(handler: Handler | None) -> Callable[[Request], Awaitable[Response]]:
+        """`handler` with the request's key; None: a create, which checks its key itself."""
+
         async def run(request: Request) -> Response:
             try:
+                if handler is None:
+                    return await api.create(request)
                 key = await api.authenticate(request)
                 return await handler(api, request, key)
             except (ApiError, limits.BodyTooLarge) as exc:
@@ -629,7 +655,7 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
 
         return run
 
-    def route(path: str, handler: Handler, method: str) -> Route:
+    def route(path: str, handler: Handler | None, method: str) -> Route:
         return Route(path, endpoint(handler), methods=[method])
 
     @asynccontextmanager
@@ -642,8 +668,8 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
 
     control = Starlette(
         routes=[
-            route("/sandboxes", Api.create, "POST"),
-            route("/v2/sandboxes", Api.create, "POST"),
+            route("/sandboxes", None, "POST"),  # a create: Api.create
+            route("/v2/sandboxes", None, "POST"),
             route("/sandboxes", Api.list_v1, "GET"),
             route("/v2/sandboxes", Api.list_v2, "GET"),
             route("/sandboxes/{id}", Api.detail, "GET"),

@@ -45,6 +45,20 @@ if #ARGV == 1 then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], A
 return 1
 """
 
+# KEYS: 1 an E2B id's mapping. ARGV: 1 the prefix of sandbox records (read only, not
+# declared, as in ADD). The mapping's fields, and the state, claim id and lease end of the
+# record it names (one round trip for every envd call and every call on a sandbox).
+LOAD = """
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] == 'sandbox' then
+    local record = ARGV[1] .. fields[i + 1]
+    return {fields, redis.call('HMGET', record, 'state', 'claim_id', 'lease_expires_ms')}
+  end
+end
+return {fields, {}}
+"""
+
 
 @dataclass
 class Entry:
@@ -119,6 +133,7 @@ class Registry:
         self._keys = keys
         self._if_claim = redis.register_script(IF_CLAIM)
         self._add = redis.register_script(ADD)
+        self._load_script = redis.register_script(LOAD)
 
     async def reserve(self, key: str, limit: int | None, hold_s: float) -> str | None:
         """Count a create in flight against the key's quota; None if that is over `limit`.
@@ -180,13 +195,14 @@ class Registry:
         """The entry under `e2b_id` (None if none or garbage), and whether its claim holds."""
         if not e2b_id or len(e2b_id) > 200:
             return None, False
-        fields = await self._redis.hgetall(self._keys.api_sandbox(e2b_id))
-        entry = Entry.from_hash(e2b_id, fields) if fields else None
-        if entry is None:
-            return None, False
-        state, claim_id, expires = await self._redis.hmget(
-            self._keys.sandbox(entry.sandbox), ["state", "claim_id", "lease_expires_ms"]
+        raw, record = await self._load_script(
+            keys=[self._keys.api_sandbox(e2b_id)], args=[self._keys.sandbox("")]
         )
+        fields = dict(zip(raw[::2], raw[1::2], strict=True))
+        entry = Entry.from_hash(e2b_id, fields) if fields else None
+        if entry is None or len(record) != 3:
+            return entry, False
+        state, claim_id, expires = record
         if state != "claimed" or claim_id != entry.claim_id:
             return entry, False
         entry.lease_expires_ms = int(expires) if (expires or "").isdigit() else 0

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from sandboxd.config import Config
 from sandboxd.control.creator import Creator
+from sandboxd.control.nudges import Nudges
 from sandboxd.control.outbox import Outbox
 from sandboxd.control.plan import DEFAULT_FROM, FROM_STATES, Observed, PoolPlan, plan, top_up
 from sandboxd.control.recycler import Recycler
@@ -27,7 +28,7 @@ from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
 from sandboxd.store.fence import LeaseLost
-from sandboxd.store.loops import cancelling, survive, wait_event, why
+from sandboxd.store.loops import cancelling, survive, why
 from sandboxd.store.records import SandboxRecord, SandboxState, SandboxStore, Scan, wrong_type
 from sandboxd.store.view import RecordView
 
@@ -115,10 +116,7 @@ class Reconciler:
         self._healer = Healer(store.redis, store.keys, events)
         self._quarantine = Quarantine(store.redis, store.keys, events)
         self._record_pools: set[str] = set()  # pools of the last pass's records
-        self._wake = asyncio.Event()
-        self._whole_pass = True  # a nudge without a pool, the tick, a new spec
-        self._dirty_pools: set[str] = set()
-        self._pool_names_in_force: frozenset[str] = frozenset()
+        self._nudges = Nudges(lambda: config.claim_coalesce_ms / 1000)
         self._on_pass = on_pass
         self._on_pass_time = on_pass_time
         self.schedules = schedules or PoolSchedules()
@@ -139,15 +137,10 @@ class Reconciler:
         if self._restorer is not None:
             self._restorer.learn(record)
 
-    def nudge(self, pool: str | None = None) -> None:
-        """Reconcile now instead of at the next tick (spec applied, create finished…).
-        `pool`: only that pool changed (a claim, a release, a create done): unless something
-        else asks for a whole pass, the pass looks at the pools named so only."""
-        if pool is None or pool not in self._pool_names_in_force:
-            self._whole_pass = True
-        else:
-            self._dirty_pools.add(pool)
-        self._wake.set()
+    def nudge(self, pool: str | None = None, *, coalesce: bool = False) -> None:
+        """Reconcile now instead of at the next tick (spec applied, create finished…);
+        `pool`: only that pool changed; `coalesce`: a client's claim or release (Nudges)."""
+        self._nudges.add(pool, coalesce=coalesce)
 
     async def run(self) -> None:
         """Reconcile on every nudge and tick until cancelled; creates and recycling of
@@ -181,7 +174,7 @@ class Reconciler:
         return 0.0 if began is None else time.monotonic() - began
 
     async def _sleep_until_nudged(self) -> None:
-        await wait_event(self._wake, self._config.reconcile_interval_s)
+        await self._nudges.wait(self._config.reconcile_interval_s)
 
     async def _pass_surviving_redis_errors(self) -> None:
         try:
@@ -273,9 +266,7 @@ class Reconciler:
         return sorted({p.name for p in self.pools} | self._record_pools)
 
     async def reconcile_once(self) -> None:
-        self._wake.clear()
-        whole, dirty = self._whole_pass, self._dirty_pools
-        self._whole_pass, self._dirty_pools = False, set()
+        whole, dirty = self._nudges.take()
         if self._before_pass is not None:
             await self._before_pass()
         await self.write_late()
@@ -313,7 +304,7 @@ class Reconciler:
         if [p.name for p in pools] != [p.name for p in self.pools]:
             whole = True
         self.pools = pools
-        self._pool_names_in_force = frozenset(p.name for p in pools)
+        self._nudges.pools_in_force = frozenset(p.name for p in pools)
         for change in changes:
             if change.pool in {p.name for p in pools}:
                 await self._announce(change)

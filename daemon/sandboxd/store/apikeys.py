@@ -163,15 +163,30 @@ class ApiKeyStore:
 
     async def authenticate(self, secret: str | None) -> ApiKey | None:
         """The key whose secret this is; None for anything else (no key, a revoked one)."""
+        key, _ = await self.authenticate_and_hget(secret, None)
+        return key
+
+    async def authenticate_and_hget(
+        self, secret: str | None, also: tuple[str, str] | None
+    ) -> tuple[ApiKey | None, str | None]:
+        """`authenticate`, and the field `also` = (hash, field) read in the same round trip
+        (what the caller needs next if the key holds: a create's pool). The field is
+        returned whatever the key; the caller shows it to no one the key does not open."""
         if not secret or len(secret) > 200:
-            return None
+            return None, None
         digest = secret_sha256(secret)
         hashes, keys = self._keys.apikey_hashes, self._keys.apikeys
-        raw = await self._lookup(keys=[], args=[hashes, keys, digest])
+        if also is None:
+            raw, field = await self._lookup(keys=[], args=[hashes, keys, digest]), None
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._lookup(keys=[], args=[hashes, keys, digest], client=pipe)
+                pipe.hget(*also)
+                raw, field = await pipe.execute()
         key = _parse(raw)
         if key is None or not hmac.compare_digest(key.sha256, digest):
-            return None
-        return key
+            return None, None
+        return key, field
 
 
 def _parse(raw: str | bytes | None) -> ApiKey | None:

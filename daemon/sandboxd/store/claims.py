@@ -163,8 +163,9 @@ end
 #       channel, 11 SHA-256 (hex) of the claim token, 12 how the claim is made ('' or e.g.
 #       'api': the record's claim_via, named in the claim's events).
 # The daemon is nudged only when it has something to do: a replacement is due (ready below
-# min_ready) and allowed (members below max_total), or the pool is empty. Waking it for
-# every claim of a full pool cost more CPU than the claims themselves.
+# min_ready) and allowed (members below max_total), or the pool is empty ('empty:<pool>':
+# a claimant waits, the daemon acts at once; a replacement may wait `claim_coalesce_ms`).
+# Waking it for every claim of a full pool cost more CPU than the claims themselves.
 # Returns {'ok', HMGET of the record's CLAIMED_FIELDS: what the claimant needs, its
 #       `secrets` (how to reach the sandbox, e.g. envd's token) for it alone, the id taken}
 #       | {'empty', on_empty}
@@ -236,7 +237,7 @@ while true do
     if pool.on_empty == 'create' and wait_ms > 0 then
       redis.call('ZADD', KEYS[4], now + wait_ms, ARGV[4])
     end
-    redis.call('PUBLISH', ARGV[10], ARGV[2])
+    redis.call('PUBLISH', ARGV[10], 'empty:' .. ARGV[2])
     return {'empty', pool.on_empty}
   end
   local key = ARGV[1] .. ':sandbox:' .. id
