@@ -53,6 +53,8 @@ def serve(config: Config) -> int:
             log_config=None,  # sandboxd's own JSON logging, secrets scrubbed
             access_log=True,
             lifespan="on",
+            loop="auto",  # uvloop and httptools (the api extra), else asyncio's and h11
+            http="auto",
             timeout_keep_alive=KEEP_ALIVE_S,
             limit_concurrency=MAX_CONNECTIONS,
             timeout_graceful_shutdown=GRACE_S,
