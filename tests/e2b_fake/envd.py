@@ -12,6 +12,7 @@ sandbox's env; no TMPDIR). The files API maps those two paths the same way and s
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -133,7 +134,29 @@ def routes(world: World) -> list[Route]:
                 written.append({"name": path.name, "type": "file", "path": str(path)})
         return JSONResponse(written)
 
+    async def init(request: Request) -> Response:
+        """envd's POST /init as E2B's envd answers it: the access token it already has must
+        come in the body (else 401, as for an unauthorised reset); `envVars` join the
+        environment of every command started after (sandboxd sets a claim's this way)."""
+        sandbox_id = request.headers.get("e2b-sandbox-id", "")
+        sandbox = world.sandboxes.get(sandbox_id)
+        if sandbox is None or sandbox.state != "running":
+            return not_found(sandbox_id)
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            return Response(status_code=400)
+        if not isinstance(body, dict) or body.get("accessToken") != sandbox.token:
+            return Response(b"access token validation failed", 401)
+        env = body.get("envVars") or {}
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            return Response(status_code=400)
+        sandbox.envs.update(env)
+        world.init_calls.append((sandbox_id, sorted(env)))
+        return Response(status_code=204)
+
     return [
+        Route("/init", init, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/files", read_file, methods=["GET"]),
         Route("/files", write_file, methods=["POST"]),

@@ -176,6 +176,7 @@ class World:
         self.faults = Faults()
         self.ledger = Ledger()
         self.root = Path(tempfile.mkdtemp(prefix="fake-e2b-"))
+        self.init_calls: list[tuple[str, list[str]]] = []  # envd /init: sandbox, env names
 
     def new_sandbox(self, template: str, timeout_s: int, metadata: dict, envs: dict) -> FakeSandbox:
         sandbox_id = "i" + secrets.token_hex(9)

@@ -93,7 +93,9 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
     # This API server cannot reach the local sandboxes' registry (another host, say): a
     # local pool is refused in one clear line (test_api_local.py serves one).
     no_registry = {"SANDBOXD_LOCAL__WORKSPACE_ROOT": str(tmp_path / "no-registry-here")}
-    with ApiServer(redis_server, tmp_path / "api.log", **no_registry) as api:
+    # Where E2B's envd is (its configuration, as the daemon's): a claim's envVars go there.
+    envd = {"SANDBOXD_E2B__SANDBOX_URL": fake_e2b.url}
+    with ApiServer(redis_server, tmp_path / "api.log", **no_registry, **envd) as api:
         # The program's whole environment: where sandboxd is, where envd is, sandboxd's key.
         monkeypatch.setenv("E2B_API_URL", api.url)
         monkeypatch.setenv("E2B_SANDBOX_URL", fake_e2b.url)
@@ -113,6 +115,17 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
             "120",
         )
         tokens = [mapping["claim_token"]]
+
+        # envs at create reach every command of the claim (set in the warm sandbox's envd),
+        # under a command's own; the sandbox is this claim's alone.
+        secret_env = "s3cr3t-value-of-the-claim"
+        with_env = Sandbox.create("cloud", envs={"API_TOKEN": secret_env, "GREETING": "hi"})
+        assert with_env.sandbox_id in warm
+        assert with_env.commands.run("echo $API_TOKEN $GREETING").stdout == f"{secret_env} hi\n"
+        assert with_env.commands.run("echo $GREETING", envs={"GREETING": "own"}).stdout == ("own\n")
+        assert fake_e2b.world.init_calls == [(with_env.sandbox_id, ["API_TOKEN", "GREETING"])]
+        tokens.append((await redis.hgetall(KEYS.api_sandbox(with_env.sandbox_id)))["claim_token"])
+        with_env.kill()
 
         sandbox.set_timeout(5000)  # renews, capped at the pool's max_lease_s
         await wait_event(redis, "sandbox.lease_renewed", sandbox=mapping["sandbox"])
@@ -190,6 +203,6 @@ async def test_the_e2b_sdk_gets_warm_sandboxes_of_an_e2b_pool_through_sandboxd_a
     }
     assert "POST /v2/sandboxes" in texts["api log"]
     for where, text in texts.items():
-        for secret in [*tokens, alice, bob]:
+        for secret in [*tokens, alice, bob, secret_env]:
             assert secret not in text, where
     assert not await redis.keys(KEYS.api_sandbox("*"))  # released: the tokens are gone

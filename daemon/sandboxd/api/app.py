@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import httpx
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -31,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandboxd.api import limits
+from sandboxd.api import e2binit, limits
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client import ClaimError, ClaimTimeout, Client
 from sandboxd.store.apikeys import ApiKey, ApiKeyStore
@@ -97,6 +98,7 @@ class Settings:
     domain: str | None = None
     client_kwargs: dict[str, Any] | None = None
     local_root: Path | None = None
+    e2b_sandbox_url: str | None = None  # E2B's envd, where a claim's envVars are set
 
 
 class Api:
@@ -107,11 +109,23 @@ class Api:
         self.apikeys = ApiKeyStore(self.redis, self.keys)
         self.registry = Registry(self.redis, self.keys)
         self.client = Client(self.redis, prefix=settings.prefix, **(settings.client_kwargs or {}))
+        self._http: httpx.AsyncClient | None = None  # to E2B sandboxes' envd: see http
         self.envd = (
             envd.Envd(self.registry, settings.local_root)
             if envd is not None and settings.local_root is not None
             else None
         )
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """A client for E2B sandboxes' envd (a claim's envVars), made when first needed."""
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
     async def authenticate(self, request: Request) -> ApiKey:
         key = await self.apikeys.authenticate(request.headers.get("x-api-key"))
@@ -195,12 +209,8 @@ class Api:
                 "serves e2b pools with reuse: never only",
                 retry=False,
             )
-        elif env_vars:
-            raise ApiError(
-                400,
-                "envVars at create are not applied to e2b pools' warm sandboxes yet: pass "
-                "envs to commands.run instead",
-            )
+        else:
+            env_vars = _env_vars(env_vars)
         lease_s = _lease(body.get("timeout"), settings)
         wait_s = await self.apikeys.take_create(key)
         if wait_s:
@@ -279,6 +289,22 @@ class Api:
             envd_token_sha256=token_digest(envd_token(sandbox.claim_token)) if local else "",
             env_vars=env_vars,
         )
+        if env_vars and not local:
+            try:
+                await e2binit.set_env_vars(
+                    self.http,
+                    e2b_id,
+                    str(sandbox.access_secrets().get("envd_access_token") or ""),
+                    env_vars,
+                    sandbox_url=self.settings.e2b_sandbox_url,
+                    domain=self.settings.domain,
+                )
+            except BaseException as exc:  # the sandbox goes back (reuse: never: it ends)
+                with contextlib.suppress(ClaimError, RedisError):
+                    await asyncio.shield(self.client.release(sandbox.id, sandbox.claim_token))
+                if isinstance(exc, e2binit.InitFailed):
+                    raise ApiError(502, f"envVars not set: {exc}", retry=True) from None
+                raise
         try:
             # Listed only if the key is still issued: a revoke while this create waited
             # found no claim of it to end (it ends the claims it finds after deleting the
@@ -663,6 +689,7 @@ def create_app(settings: Settings, *, close_redis: bool = False) -> ASGIApp:
         try:
             yield
         finally:
+            await api.close()
             if close_redis:
                 await settings.redis.aclose()
 

@@ -27,6 +27,7 @@ def app_for(config: Config) -> ASGIApp:
         redis=make_client(config, name="sandboxd-api"),
         prefix=config.key_prefix,
         domain=config.e2b.domain,
+        e2b_sandbox_url=config.e2b.sandbox_url,
         local_root=config.local.workspace_root,
         client_kwargs={
             "event_stream_maxlen": config.event_stream_maxlen,
