@@ -62,7 +62,7 @@ class Model:
         self.held: dict[int, tuple[str, str, str]] = {}  # client -> (sandbox, claim id, token)
         self.released: list[str] = []
         self.members: set[str] = set()  # every sandbox of the pool, any state
-        self.last_claim: bool | None = None  # whether the last claim had to nudge
+        self.last_claim: str | None = None  # what the last claim published ("": nothing)
 
 
 MIN_READY, MAX_TOTAL = 2, 4
@@ -97,7 +97,7 @@ async def check_nudges(redis: Redis, nudges, model: Model, op: str) -> None:
     while (message := await nudges.get_message(timeout=5)) and message["data"] != "marker":
         seen.append(message["data"])
     if op == "claim" and model.last_claim is not None:
-        assert seen == (["p"] if model.last_claim else [])
+        assert seen == ([model.last_claim] if model.last_claim else [])
         model.last_claim = None
 
 
@@ -128,7 +128,9 @@ async def step(op, client, model, store, claims, events, ids) -> None:
             model.held[client] = (outcome.record.id, outcome.record.claim_id, token)
         else:
             assert outcome.record is None and outcome.on_empty == "wait"
-        model.last_claim = was_empty or nudge_due(model)
+        # An empty pool says so (someone waits: the daemon acts at once); a replacement due
+        # and allowed names the pool; nothing else wakes the daemon.
+        model.last_claim = "empty:p" if was_empty else "p" if nudge_due(model) else ""
     elif op.startswith(("release", "renew")) and client in model.held:
         sandbox, _, token = model.held[client]
         if op in ("release_foreign", "release_empty", "renew_foreign"):
