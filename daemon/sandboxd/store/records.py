@@ -94,6 +94,22 @@ READ_CHUNK = 256  # ids per script run: bounds how long one run holds Redis
 
 _READ_MEMBERS = _read_script(members_only=True)
 
+# ARGV: 1 key prefix, then ids. Per id: {state, provider} as written, or {} when its key is
+# gone or is not a hash. What the janitor compares with the providers' listings, without
+# decoding every record.
+_PRESENCE = """
+local out = {}
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
+  if redis.call('TYPE', key).ok == 'hash' then
+    out[i - 1] = redis.call('HMGET', key, 'state', 'provider')
+  else
+    out[i - 1] = {}
+  end
+end
+return out
+"""
+
 # KEYS: sandbox hash. ARGV: field, value... Only while the record exists and is live (a
 # late probe must not resurrect a closed record). Returns state, claimant, claim_id.
 _SET_HEALTH = """
@@ -363,6 +379,7 @@ class SandboxStore:
         self._transition = redis.register_script(_TRANSITION)
         self._read = redis.register_script(_READ)
         self._read_members = redis.register_script(_READ_MEMBERS)
+        self._presence = redis.register_script(_PRESENCE)
         self._set_health = redis.register_script(_SET_HEALTH)
         self._agent_news = redis.register_script(_AGENT_NEWS)
         self._late = redis.register_script(_LATE)
@@ -401,6 +418,27 @@ class SandboxStore:
                 if flat:
                     self._decode(sandbox_id, flat, result)
         return result
+
+    async def presence(self) -> dict[str, tuple[str, str]]:
+        """Every recorded id with its state and provider as written (not decoded: a few
+        microseconds a record instead of a full read's tens). An id whose key is gone or
+        not a hash is left out, as a full read leaves it out; so is everything when the id
+        set holds another type."""
+        try:
+            ids = sorted(await self._redis.smembers(self._keys.sandboxes))
+        except ResponseError as exc:
+            if not wrong_type(exc):
+                raise
+            return {}
+        found: dict[str, tuple[str, str]] = {}
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            replies = await self._presence(args=[self._keys.prefix, *chunk])
+            for sandbox_id, reply in zip(chunk, replies, strict=True):
+                if isinstance(reply, list) and len(reply) == 2:
+                    state, provider = reply
+                    found[sandbox_id] = (str(state or ""), str(provider or ""))
+        return found
 
     async def read(self, ids: list[str]) -> Scan:
         """Read these records only (what changed since a full read): those that are gone,

@@ -1,0 +1,39 @@
+"""What the janitor reads of every record (state and provider, not the whole record) agrees
+with a full read: gone, emptied and wrong-typed records are left out as a full read leaves
+them out; anyone may write Redis, so nothing here may raise on what it finds."""
+
+import pytest
+
+from sandboxd.store.records import SandboxStore
+from tests.support import KEYS, a_record
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_presence_agrees_with_a_full_read(redis):
+    store = SandboxStore(redis, KEYS)
+    for i in range(600):  # more than one chunk of the script
+        await store.add(a_record(f"sb-{i}", state=("ready", "claimed", "released")[i % 3]))
+    await store.add(a_record("sb-cloud", provider="e2b"))
+    await redis.delete(KEYS.sandbox("sb-1"))  # the hash deleted, the id left in the set
+    await redis.delete(KEYS.sandbox("sb-2"))
+    await redis.set(KEYS.sandbox("sb-2"), "not a hash")
+    await redis.sadd(KEYS.sandboxes, "never-recorded")
+
+    present = await store.presence()
+    full = {r.id: r for r in await store.records()}
+    assert set(present) == set(full)
+    assert all(present[i] == (r.state, r.provider) for i, r in full.items())
+    assert present["sb-cloud"] == ("ready", "e2b")
+    assert not {"sb-1", "sb-2", "never-recorded"} & set(present)
+
+
+async def test_a_damaged_record_is_present_as_written_and_a_wrong_id_set_is_empty(redis):
+    store = SandboxStore(redis, KEYS)
+    await store.add(a_record("sb-x"))
+    await redis.hset(KEYS.sandbox("sb-x"), "state", "\xff weird")
+    await redis.hdel(KEYS.sandbox("sb-x"), "provider")
+    assert await store.presence() == {"sb-x": ("\xff weird", "")}
+    await redis.delete(KEYS.sandboxes)
+    await redis.set(KEYS.sandboxes, "a string")
+    assert await store.presence() == {}
