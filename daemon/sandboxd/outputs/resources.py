@@ -19,6 +19,10 @@ from sandboxd.store.records import PassSnapshot, SandboxRecord
 
 Snapshot = Callable[[], PassSnapshot]
 MIB = 1024 * 1024
+# Local sandboxes measured per sample (each a few cgroup or /proc reads): with more, each
+# sample measures the next this many in turn, so a sample's cost is bounded whatever N is
+# and every sandbox is measured every ceil(N / this) samples (its CPU % over that time).
+MEASURED_PER_SAMPLE = 1000
 
 
 def sample_host(disk_path: Path) -> dict[str, float]:
@@ -63,8 +67,9 @@ class _CpuMark:
 
 
 class ResourceSampler:
-    """Every `sample_interval_s`: host figures and each local sandbox's CPU and memory, for
-    metrics and `status`; `host.resource_alert` / `sandbox.resource_alert` on crossings."""
+    """Every `sample_interval_s`: host figures and local sandboxes' CPU and memory (up to
+    `MEASURED_PER_SAMPLE` of them, in turn), for metrics and `status`;
+    `host.resource_alert` / `sandbox.resource_alert` on crossings."""
 
     def __init__(
         self,
@@ -83,6 +88,8 @@ class ResourceSampler:
         self.host: dict[str, float] = {}
         self.sandboxes: dict[str, dict[str, Any]] = {}
         self.samples = 0
+        self._turn = 0  # where the next sample's share of the sandboxes begins
+        self.per_sample = MEASURED_PER_SAMPLE
 
     async def run(self) -> None:
         await every(lambda: self._config.sample_interval_s, self.sample, "resources not sampled")
@@ -92,9 +99,10 @@ class ResourceSampler:
         records, specs = last.records, last.specs
         local = self._providers.get("local")
         boxes = [r for r in records if r.provider == "local" and r.state != "creating"]
+        share = self._share(boxes)
         workspace = self._config.local.workspace_root
-        self.host, usage = await asyncio.to_thread(self._measure, local, boxes, workspace)
-        self.sandboxes = self._rates(boxes, usage, specs)
+        self.host, usage = await asyncio.to_thread(self._measure, local, share, workspace)
+        self.sandboxes = self._rates(boxes, share, usage, specs)
         await self._alert_host()
         await self._alert_sandboxes()
         self.samples += 1
@@ -108,19 +116,41 @@ class ResourceSampler:
             usage = {r.id: local.usage(r.handle) for r in boxes}
         return sample_host(workspace), usage
 
+    def _share(self, boxes: list[SandboxRecord]) -> list[SandboxRecord]:
+        """The sandboxes this sample measures: all of them, or the next `per_sample`."""
+        if len(boxes) <= self.per_sample:
+            self._turn = 0
+            return boxes
+        start = self._turn % len(boxes)
+        share = (boxes + boxes)[start : start + self.per_sample]
+        self._turn = start + self.per_sample
+        return share
+
     def _rates(
         self,
         boxes: list[SandboxRecord],
+        share: list[SandboxRecord],
         usage: dict[str, tuple[float, int] | None],
         specs: dict[str, PoolSpec],
     ) -> dict[str, dict[str, Any]]:
-        now, result, marks = time.monotonic(), {}, {}
-        for record in boxes:
+        """Every sandbox's last measure (the ones measured now updated), the ones gone
+        dropped. CPU % is over the time since that sandbox's previous measure."""
+        now = time.monotonic()
+        present = {r.id: r for r in boxes}
+        marks = {i: m for i, m in self._marks.items() if i in present}
+        result = {}
+        for sandbox_id, box in self.sandboxes.items():
+            if (record := present.get(sandbox_id)) is not None:
+                box["state"] = record.state  # a claim since it was measured
+                result[sandbox_id] = box
+        for record in share:
             measured = usage.get(record.id)
             if measured is None:
+                result.pop(record.id, None)
+                marks.pop(record.id, None)
                 continue
             cpu_s, rss = measured
-            mark = self._marks.get(record.id)
+            mark = marks.get(record.id)
             elapsed = now - mark.at if mark else 0.0
             percent = (cpu_s - mark.cpu_s) / elapsed * 100 if mark and elapsed > 0 else 0.0
             marks[record.id] = _CpuMark(cpu_s, now)
