@@ -1,6 +1,18 @@
-from sandboxd.health.rules import SandboxHealth, assess, pool_state, program_failed
+import json
+
+import pytest
+
+from sandboxd.decode import BadValue
+from sandboxd.health.rules import (
+    KEPT_RESULTS,
+    SandboxHealth,
+    assess,
+    pool_state,
+    program_failed,
+)
 from sandboxd.providers.base import Probe
 from sandboxd.spec import HealthSpec
+from sandboxd.store.records import HealthCheck, SandboxRecord
 
 SPEC = HealthSpec(command="true", failure_threshold=3, degraded_latency_ms=100)
 OK = Probe(ok=True, alive=True, latency_ms=5)
@@ -51,3 +63,47 @@ def test_pool_state_thresholds():
         "unhealthy",
         "unknown",
     ]
+
+
+def test_results_kept_are_the_last_five_written_as_the_record_has_them():
+    health, _ = run(FAIL, *[OK] * 6)
+    assert len(health.checks()) == KEPT_RESULTS
+    assert health.checks()[-1] == {"at": "t", "ok": True, "latency_ms": 5, "detail": ""}
+
+
+def test_a_records_checks_are_input_what_is_not_a_check_is_dropped():
+    """A record's `health_checks` come from Redis (anyone may write there): what is not
+    a check is left out when the record is read, never raised, and the rest is judged."""
+    damaged = [
+        {"at": "a", "ok": False, "latency_ms": 1.5, "detail": "x"},
+        "not a dict",
+        {"ok": True, "latency_ms": "NaN?"},
+        {"ok": "yes"},  # not true: a failure
+        None,
+        [1, 2],
+    ]
+    kept = [r for r in map(HealthCheck.of, damaged) if r is not None]
+    assert kept == [HealthCheck("a", False, 1.5, "x"), HealthCheck("", False, 0.0, "")]
+    health = SandboxHealth()
+    health.keep(*kept)
+    assess(health, OK, SPEC, at="t")
+    assert health.state == "degraded" and health.reason == "2 of the last 3 probes failed"
+
+
+def test_a_record_keeps_its_checks_as_tuples_and_writes_them_as_objects():
+    from tests.support import a_record
+
+    written = '[{"at":"a","ok":true,"latency_ms":2,"detail":""},"junk",{"ok":1}]'
+    fields = {k: str(v) for k, v in a_record("sb-1").to_hash().items()}
+    record = SandboxRecord.from_hash({**fields, "health_checks": written})
+    assert record.health_checks == [HealthCheck("a", True, 2.0, ""), HealthCheck()]
+    again = json.loads(record.to_hash()["health_checks"])
+    assert again[0] == {"at": "a", "ok": True, "latency_ms": 2.0, "detail": ""}
+    assert record.model_dump()["health_checks"][1] == {
+        "at": "",
+        "ok": False,
+        "latency_ms": 0.0,
+        "detail": "",
+    }
+    with pytest.raises(BadValue):  # not a list at all: the record is not valid
+        SandboxRecord.from_hash({**fields, "health_checks": '{"at": "a"}'})

@@ -94,7 +94,7 @@ class HealthMonitor:
         """A sandbox new to the monitor (or to this daemon): its first probe falls at a
         random point of its interval, so a pool filled at once is not probed at once."""
         health = SandboxHealth(state=record.health, reason=record.health_reason)
-        health.results.extend(record.health_checks)
+        health.keep(*record.health_checks)  # checks already (store.records.HealthCheck)
         self._health[record.id] = health
         self._cursor[record.id] = record.agent_seq
         self._next_check[record.id] = now + random.uniform(0, self._interval(spec))

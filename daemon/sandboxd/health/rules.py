@@ -2,33 +2,33 @@
 or unhealthy (failure_threshold consecutive failures, agent gone, `run:` program failed).
 Pure, so each rule is tested directly (tests/unit/test_health.py); monitor.py runs probes."""
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sandboxd.providers.base import Probe
 from sandboxd.spec import HealthSpec
-from sandboxd.store.records import HealthState
+from sandboxd.store.records import HealthCheck, HealthState
 
 KEPT_RESULTS = 5  # last probe results kept in the record; a failure among them: degraded
 
 
-@dataclass
+@dataclass(slots=True)
 class SandboxHealth:
     state: HealthState = "unknown"
     reason: str = ""
     consecutive_failures: int = 0
-    results: deque = field(default_factory=lambda: deque(maxlen=KEPT_RESULTS))
+    results: tuple[HealthCheck, ...] = ()  # the last KEPT_RESULTS, oldest first
+
+    def keep(self, *results: HealthCheck) -> None:
+        self.results = (*self.results, *results)[-KEPT_RESULTS:]
 
     def checks(self) -> list[dict[str, Any]]:
-        return list(self.results)
+        return [r._asdict() for r in self.results]
 
 
 def assess(health: SandboxHealth, probe: Probe, spec: HealthSpec, at: str) -> bool:
     """Fold one full probe into `health`; True if its state changed."""
-    health.results.append(
-        {"at": at, "ok": probe.ok, "latency_ms": probe.latency_ms, "detail": probe.detail}
-    )
+    health.keep(HealthCheck(at, probe.ok, probe.latency_ms, probe.detail))
     health.consecutive_failures = 0 if probe.ok else health.consecutive_failures + 1
     state, reason = _verdict(health, probe, spec)
     changed = state != health.state
@@ -52,7 +52,7 @@ def _verdict(health: SandboxHealth, probe: Probe, spec: HealthSpec) -> tuple[Hea
         return "degraded", f"failing: {probe.detail}"
     if probe.latency_ms > spec.degraded_latency_ms:
         return "degraded", f"slow: probe took {probe.latency_ms:.0f} ms"
-    failed = sum(1 for r in health.results if not r["ok"])
+    failed = sum(1 for r in health.results if not r.ok)
     if failed:
         return "degraded", f"{failed} of the last {len(health.results)} probes failed"
     return "healthy", ""

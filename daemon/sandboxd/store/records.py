@@ -10,9 +10,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+)
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -157,6 +164,46 @@ return 1
 LATE_DONE_S = 7 * 24 * 3600  # how long a late change's marker guards against a replay
 
 
+class HealthCheck(NamedTuple):
+    """One probe's result as a record keeps it: a tuple, not a dict (10,000 records keep
+    five each), written to Redis as the object `{"at", "ok", "latency_ms", "detail"}`."""
+
+    at: str = ""
+    ok: bool = False
+    latency_ms: float = 0.0
+    detail: str = ""
+
+    @classmethod
+    def of(cls, check: object) -> "HealthCheck | None":
+        """From a written check (Redis is input): None for what is not one."""
+        if isinstance(check, cls):
+            return check
+        if not isinstance(check, dict):
+            return None
+        latency = check.get("latency_ms") or 0.0
+        if not isinstance(latency, int | float) or isinstance(latency, bool):
+            return None
+        at, detail = check.get("at", ""), check.get("detail") or ""
+        if not isinstance(at, str) or not isinstance(detail, str):
+            return None
+        return cls(at, check.get("ok") is True, float(latency), detail)
+
+
+def _health_checks(value: object) -> list[HealthCheck]:
+    """A record's checks: a list (else the record is not valid); entries that are not
+    checks are left out (a probe's history is not worth quarantining a record for)."""
+    if not isinstance(value, list | tuple):
+        raise ValueError("health_checks must be a list")
+    return [c for c in map(HealthCheck.of, value) if c is not None]
+
+
+HealthChecks = Annotated[
+    list[HealthCheck],
+    BeforeValidator(_health_checks),
+    PlainSerializer(lambda checks: [c._asdict() for c in checks], return_type=list),
+]
+
+
 class SandboxRecord(BaseModel):
     """`<prefix>:sandbox:<id>` — what sandboxd knows about one sandbox."""
 
@@ -203,7 +250,7 @@ class SandboxRecord(BaseModel):
     health: HealthState = Field(default="unknown", description="Set by the health monitor.")
     health_reason: str = ""
     health_changed_at: str = ""
-    health_checks: list[dict[str, Any]] = Field(
+    health_checks: HealthChecks = Field(
         default_factory=list, description="The last probe results, newest last."
     )
     agent_seq: int = Field(default=0, description="`run:` program news copied up to here.")
@@ -226,7 +273,9 @@ class SandboxRecord(BaseModel):
         fields = self.model_dump()
         fields["handle"] = json.dumps(self.handle, separators=(",", ":"))
         fields["secrets"] = json.dumps(self.secrets, separators=(",", ":"))
-        fields["health_checks"] = json.dumps(self.health_checks, separators=(",", ":"))
+        fields["health_checks"] = json.dumps(
+            [c._asdict() for c in self.health_checks], separators=(",", ":")
+        )
         fields["spec_revision"] = str(self.spec_revision)
         return fields
 
