@@ -63,6 +63,15 @@ async def test_a_refusal_is_an_error_that_names_no_secret(status):
     assert "secret" not in str(failed.value)
 
 
+async def test_a_sandbox_without_a_token_is_sent_none():
+    """envd sets the token /init names: an empty one would lock the SDK out."""
+    http, seen = recording()
+    async with http:
+        await set_env_vars(http, "iabc", "", {"A": "1"}, sandbox_url=None, domain=None)
+    assert "x-access-token" not in seen[0].headers
+    assert json.loads(seen[0].content) == {"envVars": {"A": "1"}}
+
+
 async def test_an_unreachable_envd_is_an_error():
     def down(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)

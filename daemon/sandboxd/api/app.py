@@ -287,7 +287,7 @@ class Api:
             claim_token=sandbox.claim_token,
             provider=settings.provider,
             envd_token_sha256=token_digest(envd_token(sandbox.claim_token)) if local else "",
-            env_vars=env_vars,
+            env_vars=env_vars if local else {},  # an E2B sandbox's envd keeps its own
         )
         if env_vars and not local:
             try:

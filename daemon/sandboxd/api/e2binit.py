@@ -45,12 +45,11 @@ async def set_env_vars(
     """Raises InitFailed (its message safe to show: no token, no values) unless envd took
     them."""
     url = envd_url(e2b_id, sandbox_url=sandbox_url, domain=domain) + "/init"
-    headers = {
-        "E2b-Sandbox-Id": e2b_id,
-        "E2b-Sandbox-Port": str(ENVD_PORT),
-        "X-Access-Token": token,
-    }
-    body = {"envVars": env_vars, "accessToken": token}
+    headers = {"E2b-Sandbox-Id": e2b_id, "E2b-Sandbox-Port": str(ENVD_PORT)}
+    body: dict[str, object] = {"envVars": env_vars}
+    if token:  # the one it has (envd keeps it); none: envd has none, and keeps none
+        headers["X-Access-Token"] = token
+        body["accessToken"] = token
     try:
         answer = await http.post(url, json=body, headers=headers, timeout=TIMEOUT_S)
     except httpx.HTTPError as exc:
