@@ -6,19 +6,19 @@ import json
 import httpx
 import pytest
 
-from sandboxd.api.e2binit import InitFailed, envd_url, set_env_vars
+from sandboxd.api.e2binit import InitFailed, client, envd_url, set_env_vars
 
 pytestmark = pytest.mark.timeout(10)
 
 
-def recording(status: int = 204) -> tuple[httpx.AsyncClient, list[httpx.Request]]:
+def recording(status: int = 204, **answer_options) -> tuple[httpx.AsyncClient, list]:
     seen: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(status)
+        return httpx.Response(status, **answer_options)
 
-    return httpx.AsyncClient(transport=httpx.MockTransport(answer)), seen
+    return client(transport=httpx.MockTransport(answer)), seen
 
 
 async def test_env_vars_go_to_the_sandboxs_envd_init_with_its_token():
@@ -52,7 +52,9 @@ async def test_a_record_cannot_send_them_anywhere_else(forged):
 
 
 @pytest.mark.parametrize("status", [401, 404, 502])
-async def test_a_refusal_is_an_error_that_names_no_secret(status):
+async def test_a_refusal_is_an_error_that_names_no_secret_retryable_only_if_envd_was_busy(
+    status,
+):
     http, _ = recording(status)
     async with http:
         with pytest.raises(InitFailed) as failed:
@@ -61,6 +63,24 @@ async def test_a_refusal_is_an_error_that_names_no_secret(status):
             )
     assert str(status) in str(failed.value)
     assert "secret" not in str(failed.value)
+    assert failed.value.retryable == (status == 502)
+
+
+@pytest.mark.parametrize("token", ["t\u00e9", "t\r\nX-Evil: 1", "t" * 600])
+async def test_a_token_that_is_not_one_is_refused_before_any_request(token):
+    http, seen = recording()
+    async with http:
+        with pytest.raises(InitFailed, match="access token is not one") as failed:
+            await set_env_vars(http, "iabc", token, {}, sandbox_url=None, domain=None)
+    assert seen == [] and token not in str(failed.value)
+
+
+async def test_no_cookie_an_envd_sets_reaches_another():
+    http, seen = recording(headers={"set-cookie": "planted=1; Path=/"})
+    async with http:
+        await set_env_vars(http, "iaaa", "tok", {}, sandbox_url="http://127.0.0.1:9", domain=None)
+        await set_env_vars(http, "ibbb", "tok", {}, sandbox_url="http://127.0.0.1:9", domain=None)
+    assert "cookie" not in seen[1].headers
 
 
 async def test_a_sandbox_without_a_token_is_sent_none():

@@ -81,6 +81,9 @@ def test_a_records_checks_are_input_what_is_not_a_check_is_dropped():
         {"ok": "yes"},  # not true: a failure
         None,
         [1, 2],
+        {"ok": True, "latency_ms": 10**400},  # JSON allows it; a float does not
+        {"ok": True, "latency_ms": float("nan")},
+        {"ok": True, "latency_ms": float("inf")},
     ]
     kept = [r for r in map(HealthCheck.of, damaged) if r is not None]
     assert kept == [HealthCheck("a", False, 1.5, "x"), HealthCheck("", False, 0.0, "")]
@@ -93,7 +96,10 @@ def test_a_records_checks_are_input_what_is_not_a_check_is_dropped():
 def test_a_record_keeps_its_checks_as_tuples_and_writes_them_as_objects():
     from tests.support import a_record
 
-    written = '[{"at":"a","ok":true,"latency_ms":2,"detail":""},"junk",{"ok":1}]'
+    written = (
+        '[{"at":"a","ok":true,"latency_ms":2,"detail":""},"junk",{"ok":1},'
+        '{"latency_ms":1' + "0" * 400 + "}]"
+    )
     fields = {k: str(v) for k, v in a_record("sb-1").to_hash().items()}
     record = SandboxRecord.from_hash({**fields, "health_checks": written})
     assert record.health_checks == [HealthCheck("a", True, 2.0, ""), HealthCheck()]

@@ -120,7 +120,7 @@ class Api:
     def http(self) -> httpx.AsyncClient:
         """A client for E2B sandboxes' envd (a claim's envVars), made when first needed."""
         if self._http is None:
-            self._http = httpx.AsyncClient()
+            self._http = e2binit.client()
         return self._http
 
     async def close(self) -> None:
@@ -303,7 +303,7 @@ class Api:
                 with contextlib.suppress(ClaimError, RedisError):
                     await asyncio.shield(self.client.release(sandbox.id, sandbox.claim_token))
                 if isinstance(exc, e2binit.InitFailed):
-                    raise ApiError(502, f"envVars not set: {exc}", retry=True) from None
+                    raise ApiError(502, f"envVars not set: {exc}", retry=exc.retryable) from None
                 raise
         try:
             # Listed only if the key is still issued: a revoke while this create waited

@@ -11,7 +11,10 @@ the domain is this server's configuration, never a record's, so a damaged record
 send a claim's environment (or its token) anywhere else.
 """
 
+import asyncio
 import re
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
 
 import httpx
 
@@ -22,7 +25,16 @@ E2B_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
 
 class InitFailed(Exception):
-    pass
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable  # a retry may succeed (envd unreachable or busy)
+
+
+def client(**options: Any) -> httpx.AsyncClient:
+    """A client that keeps no cookies: one envd's answer must not reach another's."""
+    http = httpx.AsyncClient(follow_redirects=False, **options)
+    http.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    return http
 
 
 def envd_url(e2b_id: str, *, sandbox_url: str | None, domain: str | None) -> str:
@@ -43,16 +55,25 @@ async def set_env_vars(
     domain: str | None,
 ) -> None:
     """Raises InitFailed (its message safe to show: no token, no values) unless envd took
-    them."""
+    them, within TIMEOUT_S in all (its answer's body is never read)."""
     url = envd_url(e2b_id, sandbox_url=sandbox_url, domain=domain) + "/init"
+    if len(token) > 512 or not (token.isascii() and token.isprintable()):
+        raise InitFailed(f"sandbox {e2b_id}'s envd access token is not one")
     headers = {"E2b-Sandbox-Id": e2b_id, "E2b-Sandbox-Port": str(ENVD_PORT)}
     body: dict[str, object] = {"envVars": env_vars}
     if token:  # the one it has (envd keeps it); none: envd has none, and keeps none
         headers["X-Access-Token"] = token
         body["accessToken"] = token
     try:
-        answer = await http.post(url, json=body, headers=headers, timeout=TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise InitFailed(f"envd of sandbox {e2b_id} not reached: {type(exc).__name__}") from None
-    if answer.status_code // 100 != 2:
-        raise InitFailed(f"envd of sandbox {e2b_id} answered {answer.status_code}")
+        async with asyncio.timeout(TIMEOUT_S):
+            async with http.stream("POST", url, json=body, headers=headers) as answer:
+                status = answer.status_code
+    except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
+        raise InitFailed(
+            f"envd of sandbox {e2b_id} not reached: {type(exc).__name__}", retryable=True
+        ) from None
+    if status // 100 != 2:
+        raise InitFailed(
+            f"envd of sandbox {e2b_id} answered {status}",
+            retryable=status == 429 or status >= 500,
+        )

@@ -53,6 +53,7 @@ local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   if fields[i] == 'sandbox' then
     local record = ARGV[1] .. fields[i + 1]
+    if redis.call('TYPE', record).ok ~= 'hash' then return {fields, {}} end
     return {fields, redis.call('HMGET', record, 'state', 'claim_id', 'lease_expires_ms')}
   end
 end
@@ -205,7 +206,8 @@ class Registry:
         state, claim_id, expires = record
         if state != "claimed" or claim_id != entry.claim_id:
             return entry, False
-        entry.lease_expires_ms = int(expires) if (expires or "").isdigit() else 0
+        text = expires or ""
+        entry.lease_expires_ms = int(text) if text.isascii() and text.isdigit() else 0
         return entry, True
 
     async def remove(self, entry: Entry) -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from sandboxd.store.claims import ClaimError, ClaimStore
 from sandboxd.store.keys import Keys
@@ -179,10 +180,14 @@ class ApiKeyStore:
         if also is None:
             raw, field = await self._lookup(keys=[], args=[hashes, keys, digest]), None
         else:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._lookup(keys=[], args=[hashes, keys, digest], client=pipe)
-                pipe.hget(*also)
-                raw, field = await pipe.execute()
+            try:  # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS first
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(self._lookup.sha, 0, hashes, keys, digest)
+                    pipe.hget(*also)
+                    raw, field = await pipe.execute()
+            except NoScriptError:  # a Redis that forgot it: loaded by the Script's call
+                raw = await self._lookup(keys=[], args=[hashes, keys, digest])
+                field = await self._redis.hget(*also)
         key = _parse(raw)
         if key is None or not hmac.compare_digest(key.sha256, digest):
             return None, None

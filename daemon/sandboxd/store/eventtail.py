@@ -13,10 +13,11 @@ from sandboxd.store.loops import forever
 log = logging.getLogger(__name__)
 BATCH = 500
 BLOCK_MS = 1000
-# After a read that found events, the next waits this long: under a storm of claims
-# (thousands of events a second) the tail reads them in batches, a few reads a second,
-# instead of waking (and waking Redis to serve its blocked read) for every event; the first
-# event after a quiet spell is still read at once.
+# After a read that found events (fewer than a batch), the next waits this long: under a
+# storm of claims (thousands of events a second) the tail reads them in batches, a few
+# reads a second, instead of waking (and waking Redis to serve its blocked read) for every
+# event; the first event after a quiet spell is still read at once, and a full batch is
+# followed at once (a tail behind by more than a batch catches up at full speed).
 PACE_S = 0.05
 
 
@@ -79,7 +80,7 @@ class EventTail:
                 self._sink(event)
         if not entries and _id(await stream_end(self._redis, self._stream)) < _id(self._cursor):
             self._cursor = "0-0"  # the stream was deleted and started anew: read it all
-        if entries and self._pace_s > 0:
+        if 0 < len(entries) < BATCH and self._pace_s > 0:  # a full batch: more at once
             await asyncio.sleep(self._pace_s)
 
 

@@ -6,6 +6,7 @@ from a ready list and the daemon that terminates never see half a change.
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,10 +184,14 @@ class HealthCheck(NamedTuple):
         latency = check.get("latency_ms") or 0.0
         if not isinstance(latency, int | float) or isinstance(latency, bool):
             return None
-        at, detail = check.get("at", ""), check.get("detail") or ""
-        if not isinstance(at, str) or not isinstance(detail, str):
+        try:  # a JSON integer of 400 digits does not fit a float: not a check either
+            latency = float(latency)
+        except OverflowError:
             return None
-        return cls(at, check.get("ok") is True, float(latency), detail)
+        at, detail = check.get("at", ""), check.get("detail") or ""
+        if not math.isfinite(latency) or not isinstance(at, str) or not isinstance(detail, str):
+            return None
+        return cls(at, check.get("ok") is True, latency, detail)
 
 
 def _health_checks(value: object) -> list[HealthCheck]:
@@ -316,6 +321,8 @@ def _decoded(
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in error["loc"]) or "(record)"
         raise decode.BadValue(error["msg"], where) from None
+    except (ArithmeticError, TypeError, RecursionError) as exc:  # a validator met a value
+        raise decode.BadValue(type(exc).__name__, "(record)") from None  # it cannot hold
     share_fields_set(made)
     return made
 

@@ -1,6 +1,7 @@
-"""What the janitor reads of every record (state and provider, not the whole record) agrees
-with a full read: gone, emptied and wrong-typed records are left out as a full read leaves
-them out; anyone may write Redis, so nothing here may raise on what it finds."""
+"""Reads made lighter, held to what they replace: what the janitor reads of every record
+(state and provider, not the whole record) agrees with a full read — gone, emptied and
+wrong-typed records are left out as a full read leaves them out, and nothing raises on what
+anyone may write into Redis; a create reads its key and its pool in one round trip."""
 
 import pytest
 
@@ -37,3 +38,25 @@ async def test_a_damaged_record_is_present_as_written_and_a_wrong_id_set_is_empt
     await redis.delete(KEYS.sandboxes)
     await redis.set(KEYS.sandboxes, "a string")
     assert await store.presence() == {}
+
+
+async def test_a_create_reads_its_key_and_pool_in_one_round_trip_and_survives_a_script_flush(
+    redis,
+):
+    """The create's pipeline sends EVALSHA itself (a redis-py Script in a pipeline sends a
+    SCRIPT EXISTS first: a second round trip); a Redis that forgot the script still
+    answers (the Script's own call loads it)."""
+    from sandboxd.store.apikeys import ApiKeyStore
+
+    store = ApiKeyStore(redis, KEYS)
+    secret = await store.create("alice")
+    await redis.hset(KEYS.pools, "p", "settings")
+    await redis.script_flush()
+    key, field = await store.authenticate_and_hget(secret, (KEYS.pools, "p"))
+    assert key is not None and key.name == "alice" and field == "settings"
+    await redis.config_resetstat()
+    key, field = await store.authenticate_and_hget(secret, (KEYS.pools, "p"))
+    assert key is not None and field == "settings"
+    stats = await redis.info("commandstats")
+    assert "cmdstat_script|exists" not in stats and "cmdstat_evalsha" in stats
+    assert await store.authenticate_and_hget("sbk_wrong", (KEYS.pools, "p")) == (None, None)
