@@ -157,7 +157,11 @@ class Api:
 
     async def create(self, request: Request) -> Response:
         """Authenticated here, not by `endpoint`: the key and the pool its body names are
-        read in one round trip. A bad body is said after the key is checked."""
+        read in one round trip. A bad body is said after the key is checked; without a key
+        nothing of the body is read."""
+        secret = request.headers.get("x-api-key")
+        if not secret or len(secret) > 200:
+            raise _unauthenticated()
         try:
             body, bad = await _json_object(request), None
         except ApiError as exc:
@@ -168,9 +172,7 @@ class Api:
             if isinstance(template, str) and 0 < len(template) <= 100
             else None
         )
-        key, raw = await self.apikeys.authenticate_and_hget(
-            request.headers.get("x-api-key"), pool_field
-        )
+        key, raw = await self.apikeys.authenticate_and_hget(secret, pool_field)
         if key is None:
             raise _unauthenticated()
         if bad is not None:

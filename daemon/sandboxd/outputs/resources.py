@@ -104,7 +104,7 @@ class ResourceSampler:
         self.host, usage = await asyncio.to_thread(self._measure, local, share, workspace)
         self.sandboxes = self._rates(boxes, share, usage, specs)
         await self._alert_host()
-        await self._alert_sandboxes()
+        await self._alert_sandboxes({r.id for r in share})
         self.samples += 1
 
     @staticmethod
@@ -183,10 +183,11 @@ class ResourceSampler:
                     threshold=threshold,
                 )
 
-    async def _alert_sandboxes(self) -> None:
+    async def _alert_sandboxes(self, measured: set[str]) -> None:
+        """Crossings of the sandboxes measured now (a kept measure may predate a reset)."""
         alerts = self._config.alerts
         for sandbox_id, box in self.sandboxes.items():
-            if not box["memory_limit_bytes"]:
+            if sandbox_id not in measured or not box["memory_limit_bytes"]:
                 continue
             percent = round(box["rss_bytes"] / box["memory_limit_bytes"] * 100, 1)
             threshold = alerts.sandbox_memory_percent
