@@ -18,6 +18,7 @@ Providers import only the model (config, spec); never the store, the control loo
 client (import-linter checks it), so a provider can be read and tested on its own.
 """
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,15 +54,18 @@ def make_providers(config: Config, instance: str = "") -> dict[str, Provider]:
 
 
 def _e2b(config: Config, instance: str) -> Provider:
-    try:
-        from sandboxd.providers.e2b.provider import E2BProvider
-    except ImportError as exc:
+    """The e2b provider, its SDK loaded when first needed (providers/e2b/lazy.py)."""
+    missing = [m for m in ("e2b", "aiolimiter") if importlib.util.find_spec(m) is None]
+    if missing:
         from sandboxd.providers.unavailable import UnavailableProvider
 
         return UnavailableProvider(
-            "e2b", f"the e2b SDK is not installed ({exc}): pip install 'sandboxd[e2b]'"
+            "e2b",
+            f"the e2b SDK is not installed (no {', '.join(missing)}): pip install 'sandboxd[e2b]'",
         )
-    return E2BProvider(config.e2b, key_prefix=config.key_prefix, instance=instance)
+    from sandboxd.providers.e2b.lazy import LazyE2BProvider
+
+    return LazyE2BProvider(config.e2b, key_prefix=config.key_prefix, instance=instance)
 
 
 def security_summary(providers: dict[str, Provider]) -> dict[str, Any]:
