@@ -45,6 +45,7 @@ from sandboxd.store.localredis import find_redis_server, start, wait_until_answe
 from sandboxd.store.specs import SpecStore
 
 KEYS = Keys()
+STUCK_S = 60.0  # the load phase is given up this long after its last claim's hold
 PASSES = "bench:scale:passes"  # the daemon process pushes its pass durations (ms) here
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -162,18 +163,27 @@ class Load:
         self.replacement: list[float] = []
         self.missed = 0  # empty pool (ClaimTimeout)
         self.claimed: dict[str, deque[float]] = {p: deque() for p in pools}
+        self.waiting = {"claim": 0, "hold": 0, "release": 0}  # claims in each step now
 
     async def run(self, seconds: float, redis: Redis) -> None:
         cursor = (await redis.xrevrange(KEYS.events, count=1) or [("0-0", {})])[0][0]
         async with asyncio.TaskGroup() as group:
             tail = group.create_task(self._tail(redis, cursor))
-            async with asyncio.TaskGroup() as claims:
-                t0, i = time.perf_counter(), 0
-                while (due := t0 + i / self.rate) < t0 + seconds:
-                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                    client = self.clients[i % len(self.clients)]
-                    claims.create_task(self._claim(client, self.pools[i % len(self.pools)]))
-                    i += 1
+            try:  # a claim or release that never ends is said, not waited for forever
+                async with asyncio.timeout(seconds + self.hold + STUCK_S):
+                    async with asyncio.TaskGroup() as claims:
+                        t0, i = time.perf_counter(), 0
+                        while (due := t0 + i / self.rate) < t0 + seconds:
+                            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                            client = self.clients[i % len(self.clients)]
+                            pool = self.pools[i % len(self.pools)]
+                            claims.create_task(self._claim(client, pool))
+                            i += 1
+            except TimeoutError:
+                raise SystemExit(
+                    f"the load did not end {STUCK_S:g} s after its last claim: still in "
+                    f"{self.waiting} (claims made {len(self.latency)}, empty {self.missed})"
+                ) from None
             await asyncio.sleep(1.0)  # the last replacements
             tail.cancel()
         for client in self.clients:
@@ -181,15 +191,22 @@ class Load:
 
     async def _claim(self, client: Client, pool: str) -> None:
         t0 = time.perf_counter()
+        self.waiting["claim"] += 1
         try:
             sandbox: Sandbox = await client.claim(pool, timeout_s=0)
         except ClaimTimeout:
             self.missed += 1
             return
+        finally:
+            self.waiting["claim"] -= 1
         self.latency.append((time.perf_counter() - t0) * 1000)
         self.claimed[pool].append(t0)
+        self.waiting["hold"] += 1
         await asyncio.sleep(self.hold)
+        self.waiting["hold"] -= 1
+        self.waiting["release"] += 1
         await sandbox.release()
+        self.waiting["release"] -= 1
 
     async def _tail(self, redis: Redis, cursor: str) -> None:
         while True:
