@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-ENVD_PORT = 49983
+ENVD_PORT = 49983  # envd's, in every E2B sandbox (and sandboxd's envd for local ones)
 DEFAULT_DOMAIN = "e2b.app"
 TIMEOUT_S = 10.0
 E2B_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")

@@ -52,6 +52,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandboxd.api.e2binit import ENVD_PORT
 from sandboxd.api.limits import BodyTooLarge
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client.connections import UnreachableSandbox, trusted_socket
@@ -62,7 +63,6 @@ log = logging.getLogger("sandboxd.api")
 # The envd version the SDK is told: 0.4.0+ sends no default user; 0.5.2+ may close stdin;
 # below 0.5.7 uploads are multipart (no octet-stream, no gzip), below 0.6.2 no file metadata.
 ENVD_VERSION = "0.5.2"
-ENVD_PORT = 49983
 MAX_UPLOAD = 32 * 1024 * 1024  # one file: the agent's JSON line carries it in base64
 FILE_TRANSFERS = 4  # uploads and downloads in flight at once, per API server
 MAX_LIST_DEPTH = 64  # ListDir: the SDK asks for 1 or a few; a huge depth would busy the agent

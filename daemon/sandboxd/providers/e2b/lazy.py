@@ -9,8 +9,8 @@ capability checks, the plan's headroom, a listing with no key) is answered here.
 from typing import TYPE_CHECKING, Any
 
 from sandboxd.config import E2BProviderConfig
-from sandboxd.providers.base import Probe, ProviderSandbox
-from sandboxd.spec import HealthSpec, PoolSpec
+from sandboxd.providers.base import ProviderSandbox
+from sandboxd.providers.wrapper import Wrapper
 
 if TYPE_CHECKING:
     from sandboxd.providers.e2b.provider import E2BProvider
@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 _ABSENT = frozenset({"usage", "security_summary", "watch", "unwatch"})
 
 
-class LazyE2BProvider:
+class LazyE2BProvider(Wrapper):
+    """A `Wrapper` (every Provider call forwarded) whose `inner` is made on first use."""
+
     name = "e2b"
     gone_reason = "lost"  # as E2BProvider's
-    isolation = "vm"
+    isolation = "vm"  # Wrapper's asks inner: answered here
 
     def __init__(self, config: E2BProviderConfig, *, key_prefix: str, instance: str):
         self._config = config
@@ -32,7 +34,7 @@ class LazyE2BProvider:
         self._inner: E2BProvider | None = None
 
     @property
-    def inner(self) -> "E2BProvider":
+    def inner(self) -> "E2BProvider":  # type: ignore[override]  # made on first use
         if self._inner is None:
             from sandboxd.providers.e2b.provider import E2BProvider
 
@@ -64,26 +66,6 @@ class LazyE2BProvider:
 
     async def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> int:
         return await self.inner.extend(sandbox_id, handle, seconds)
-
-    async def create(self, sandbox_id: str, pool: PoolSpec, *, revision: int = 0) -> dict[str, Any]:
-        return await self.inner.create(sandbox_id, pool, revision=revision)
-
-    async def terminate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
-        await self.inner.terminate(sandbox_id, handle)
-
-    async def kill(self, sandbox_id: str, handle: dict[str, Any]) -> None:
-        await self.inner.kill(sandbox_id, handle)
-
-    async def reset(self, sandbox_id: str, handle: dict[str, Any], pool: PoolSpec) -> None:
-        await self.inner.reset(sandbox_id, handle, pool)
-
-    async def probe(
-        self, sandbox_id: str, handle: dict[str, Any], health: HealthSpec | None, since: int
-    ) -> Probe:
-        return await self.inner.probe(sandbox_id, handle, health, since)
-
-    async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
-        return await self.inner.is_alive(sandbox_id, handle)
 
     async def list_sandboxes(self) -> list[ProviderSandbox]:
         if not self.loaded and not self._configured():
