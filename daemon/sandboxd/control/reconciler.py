@@ -373,10 +373,14 @@ class Reconciler:
         pools' sandboxes alone; the tick's pass is always whole."""
         read_at = time.monotonic()
         scan = await self._read_records(generation)
+        # The view's counts are of these very records: their pools without a walk of them.
+        record_pools = {
+            pool for pool, n in self.view.counts.items() if any(v > 0 for v in n.values())
+        }
         if tick:  # pools with sandboxes every tick, idle pools a window at a time
-            await self._healer.check_types(self._pool_names(), busy={r.pool for r in scan.records})
+            await self._healer.check_types(self._pool_names(), busy=record_pools)
         if only is None:
-            self._record_pools = {r.pool for r in scan.records}
+            self._record_pools = record_pools
         if self._restorer is not None:
             await self._restorer.remember(
                 scan.records,
@@ -646,6 +650,8 @@ class Reconciler:
 
     def _recycle_released(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
         assert self._work is not None, "recycling only starts inside run()"
+        if not any(n["released"] > 0 for n in self.view.counts.values()):
+            return  # none released among the view's records (a quiet tick: no walk of them)
         for record in records:
             if record.state == "released" and record.id not in self._recycler.running:
                 self._recycler.running.add(record.id)  # before the task runs: one per id
