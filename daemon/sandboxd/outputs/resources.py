@@ -98,7 +98,11 @@ class ResourceSampler:
         last = self._snapshot()
         records, specs = last.records, last.specs
         local = self._providers.get("local")
-        boxes = [r for r in records if r.provider == "local" and r.state != "creating"]
+        boxes = (  # a provider that cannot measure its sandboxes: no walk of the records
+            [r for r in records if r.provider == "local" and r.state != "creating"]
+            if isinstance(local, Metered)
+            else []
+        )
         share = self._share(boxes)
         workspace = self._config.local.workspace_root
         self.host, usage = await asyncio.to_thread(self._measure, local, share, workspace)
