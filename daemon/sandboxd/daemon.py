@@ -402,6 +402,7 @@ class Daemon:
         last_pass = lambda: self.last_pass  # noqa: E731
         cost = CostMeter(redis=redis, keys=keys, config=config, events=events, snapshot=last_pass)
         bridge = MqttBridge(redis=redis, keys=keys, config=config, events=events)
+        metrics_server = MetricsServer(config, self.metrics)
         return Wings(
             events=events,
             store=store,
@@ -414,8 +415,10 @@ class Daemon:
             leases=leases,
             janitor=janitor,
             keepalive=keepalive,
-            metrics_server=MetricsServer(config, self.metrics),
-            tail=EventTail(redis, keys.events, self.metrics.observe),
+            metrics_server=metrics_server,
+            # The counters are read from the endpoint only: the stream is tailed for them
+            # while it is served (counting from then, as a restarted exporter would).
+            tail=EventTail(redis, keys.events, self.metrics.observe, wanted=metrics_server.serving),
             resources=ResourceSampler(
                 config=config, events=events, providers=providers, snapshot=last_pass
             ),

@@ -1,3 +1,4 @@
+import asyncio
 import json
 from datetime import datetime
 
@@ -71,3 +72,40 @@ def test_the_docs_event_table_lists_every_type():
     table = (Path(__file__).parents[2] / "docs" / "events.md").read_text()
     for type_, (meaning, fields) in EVENT_TYPES.items():
         assert f"| `{type_}` | {meaning} | {fields} |" in table
+
+
+async def test_the_tail_reads_the_stream_only_while_it_is_wanted(monkeypatch):
+    """The metrics' tail without their endpoint: no read of the stream at all (a storm of
+    claims is thousands of events a second); once served, it counts from then on."""
+    from sandboxd.store import eventtail
+
+    monkeypatch.setattr(eventtail, "BLOCK_MS", 1)  # an empty read returns, whatever the wait
+    redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+    publisher = EventPublisher(redis, Keys("t"), maxlen=1000)
+    reads = []
+    real_xread = redis.xread
+
+    async def counting_xread(*args, **kwargs):
+        reads.append(args)
+        return await real_xread(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "xread", counting_xread)
+    wanted, seen = asyncio.Event(), []
+    tail = eventtail.EventTail(redis, "t:events", seen.append, pace_s=0, wanted=wanted)
+    await publisher.publish("pool.scaled", pool="before")
+    step = asyncio.create_task(tail._step())
+    await publisher.publish("pool.scaled", pool="unwatched")
+    await asyncio.sleep(0)
+    assert not step.done() and reads == []  # waiting, not reading
+    wanted.set()
+    await step  # from the stream's end: nothing appended before counts
+    await publisher.publish("pool.scaled", pool="after")
+    await tail._step()
+    assert [e.pool for e in seen] == ["after"]
+    wanted.clear()
+    step = asyncio.create_task(tail._step())
+    await publisher.publish("pool.scaled", pool="off again")
+    await asyncio.sleep(0)
+    assert not step.done()
+    step.cancel()
+    assert [e.pool for e in seen] == ["after"]

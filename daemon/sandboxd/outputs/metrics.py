@@ -286,6 +286,7 @@ class MetricsServer:
         self._server: Any = None
         self._thread: Any = None
         self.listening: str | None = None
+        self.serving = asyncio.Event()  # set while the endpoint is served
 
     def reconfigure(self) -> None:
         self._changed.set()
@@ -313,10 +314,12 @@ class MetricsServer:
             log.error("metrics endpoint not served on %s: %s", listen, exc)
             return
         self.listening = listen
+        self.serving.set()
         log.info("metrics served", extra={"metrics_listen": listen})
 
     async def _close(self) -> None:
         server, self._server, self.listening = self._server, None, None
+        self.serving.clear()
         if server is not None:
             await asyncio.to_thread(server.shutdown)
             server.server_close()

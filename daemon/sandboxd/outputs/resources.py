@@ -98,7 +98,9 @@ class ResourceSampler:
         last = self._snapshot()
         records, specs = last.records, last.specs
         local = self._providers.get("local")
-        boxes = (  # a provider that cannot measure its sandboxes: no walk of the records
+        boxes: list[
+            SandboxRecord
+        ] = (  # a provider that cannot measure its sandboxes: no walk of the records
             [r for r in records if r.provider == "local" and r.state != "creating"]
             if isinstance(local, Metered)
             else []

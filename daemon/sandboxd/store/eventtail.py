@@ -56,21 +56,32 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> Event | None:
 
 
 class EventTail:
-    """Hands every event appended after the daemon started to `sink`, in stream order."""
+    """Hands every event appended after the daemon started to `sink`, in stream order;
+    with `wanted`, only while it is set (from the stream's end each time it is set again):
+    the stream is not read for a sink nobody reads (the metrics without their endpoint)."""
 
     def __init__(
-        self, redis: Redis, stream: str, sink: Callable[[Event], None], pace_s: float = PACE_S
+        self,
+        redis: Redis,
+        stream: str,
+        sink: Callable[[Event], None],
+        pace_s: float = PACE_S,
+        wanted: asyncio.Event | None = None,
     ):
         self._redis = redis
         self._stream = stream
         self._sink = sink
         self._pace_s = pace_s
+        self._wanted = wanted
         self._cursor: str | None = None
 
     async def run(self) -> None:
         await forever(self._step, "event stream not read")
 
     async def _step(self) -> None:
+        if self._wanted is not None and not self._wanted.is_set():
+            self._cursor = None  # what is appended meanwhile is for no one
+            await self._wanted.wait()
         if self._cursor is None:
             self._cursor = await stream_end(self._redis, self._stream)
         entries = await read_after(self._redis, self._stream, self._cursor, block_ms=BLOCK_MS)
