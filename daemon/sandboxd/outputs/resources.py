@@ -98,9 +98,8 @@ class ResourceSampler:
         last = self._snapshot()
         records, specs = last.records, last.specs
         local = self._providers.get("local")
-        boxes: list[
-            SandboxRecord
-        ] = (  # a provider that cannot measure its sandboxes: no walk of the records
+        # A provider that cannot measure its sandboxes (E2B only, a fake): no walk of them.
+        boxes: list[SandboxRecord] = (
             [r for r in records if r.provider == "local" and r.state != "creating"]
             if isinstance(local, Metered)
             else []
