@@ -86,3 +86,35 @@ def test_what_the_journal_held_at_start_goes_once_a_pass_saw_other_records(tmp_p
         assert set(new.known()) == {"sb-1"}
 
     asyncio.run(run())
+
+
+def test_a_record_is_serialized_once_between_saves_and_saved_as_it_last_was(tmp_path, monkeypatch):
+    """Claimed, released, reset between two saves (the passes of a claim storm): one JSON
+    of it, made when the journal is written, of the version it holds then."""
+    from sandboxd.control import restore
+
+    made = []
+
+    def counting(fields):
+        made.append(fields["id"])
+        return real(fields)
+
+    real = restore.fields_json
+    monkeypatch.setattr(restore, "fields_json", counting)
+
+    async def run() -> None:
+        redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        journal = restorer(redis, tmp_path)
+        await journal.mark()
+        journal._next_save = float("inf")  # the last write took long: the next one waits
+        view: dict[str, SandboxRecord] = {}
+        for version, state in enumerate(["ready", "claimed", "released", "ready"]):
+            view["sb-0"] = record("sb-0", state, version)
+            await journal.remember(list(view.values()), None, save=False, changed=(view, {"sb-0"}))
+        assert made == []  # nothing written yet: nothing serialized
+        await journal.remember(list(view.values()), None, save=False, now=True)
+        assert made == ["sb-0"]
+        saved = LocalState(tmp_path).load_records()
+        assert SandboxRecord.from_hash(saved["sb-0"]) == view["sb-0"]  # the last version
+
+    asyncio.run(run())

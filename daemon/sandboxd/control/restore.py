@@ -84,8 +84,10 @@ class Restorer:
         self._instance = instance
         self._put_back = redis.register_script(_PUT_BACK)
         # Each record as the JSON of its hash's fields (what the journal file is made of):
-        # one str per record rather than a dict of 28 (10,000 records: 7 MB, not 12).
-        self._records: dict[str, str] = {
+        # one str per record rather than a dict of 28 (10,000 records: 7 MB, not 12). None
+        # until needed (a save, a put back) for a record that changed: a record claimed,
+        # released and reset between two saves is serialized once, not three times.
+        self._records: dict[str, str | None] = {
             sandbox_id: fields_json(fields) for sandbox_id, fields in journal.load_records().items()
         }
         self._parsed: dict[str, dict[str, str]] | None = None  # `known()`, while unchanged
@@ -97,7 +99,7 @@ class Restorer:
         self._saved_at = -TICK_SAVE_S  # monotonic
         # Each record's hash, kept while the pass hands over the very same record object
         # (the reconciler's view keeps unchanged records): not serialized again each pass.
-        self._hashes: dict[str, tuple[SandboxRecord, str]] = {}
+        self._hashes: dict[str, tuple[SandboxRecord, str | None]] = {}
         # Records `learn` was told of, and when (monotonic): newer than a pass's read.
         self._learned: dict[str, tuple[SandboxRecord, float]] = {}
         self._unsaved = True  # the journal file may differ from what is remembered
@@ -155,8 +157,8 @@ class Restorer:
                         any_change = reshaped = True
                 elif known is None or known[0] is not r:
                     reshaped = reshaped or known is None or _shape(known[0]) != _shape(r)
-                    hashes[sandbox_id] = (r, fields_json(r.to_hash()))
-                    records_json[sandbox_id] = hashes[sandbox_id][1]
+                    hashes[sandbox_id] = (r, None)
+                    records_json[sandbox_id] = None
                     any_change = True
         else:
             hashes, records_json = {}, {}
@@ -167,7 +169,7 @@ class Restorer:
                 known = self._hashes.get(r.id)
                 if known is None or known[0] is not r:
                     reshaped = reshaped or known is None or _shape(known[0]) != _shape(r)
-                    known, any_change = (r, fields_json(r.to_hash())), True
+                    known, any_change = (r, None), True
                 hashes[r.id] = known
             if any_change:  # else the very same records as before: nothing to rebuild
                 records_json = {sandbox_id: text for sandbox_id, (_, text) in hashes.items()}
@@ -183,8 +185,8 @@ class Restorer:
                     if seen is not None and seen[0].state != "creating":
                         continue  # read after it was made ready (claimed since, say): newer
                     if seen is None or seen[0] is not learned:
-                        hashes[sandbox_id] = (learned, fields_json(learned.to_hash()))
-                        records_json[sandbox_id] = hashes[sandbox_id][1]
+                        hashes[sandbox_id] = (learned, None)
+                        records_json[sandbox_id] = None
                         any_change = reshaped = True
         if any_change:
             self._hashes, self._records, self._parsed = hashes, records_json, None
@@ -216,8 +218,8 @@ class Restorer:
         """A record this daemon just wrote (a sandbox it made ready): known before the next
         pass reads it, so Redis losing its data in between does not lose the sandbox (its
         claim, if one came meanwhile, is the next pass's news, as any claim's)."""
-        self._hashes[record.id] = (record, fields_json(record.to_hash()))
-        self._records[record.id] = self._hashes[record.id][1]
+        self._hashes[record.id] = (record, None)
+        self._records[record.id] = None
         self._parsed = None
         self._learned[record.id] = (record, time.monotonic())
         self._unsaved = True
@@ -228,7 +230,7 @@ class Restorer:
         asks each time)."""
         if self._parsed is None:
             self._parsed = {
-                sandbox_id: json.loads(text) for sandbox_id, text in self._records.items()
+                sandbox_id: json.loads(text) for sandbox_id, text in self._texts().items()
             }
         return dict(self._parsed)
 
@@ -244,9 +246,9 @@ class Restorer:
     async def put_back(self, sandbox_id: str) -> bool:
         """Write back one record the journal has and Redis lost (a DEL, a partial loss that
         left the marker), if its sandbox still runs. True if it did: not a leak then."""
-        text = self._records.get(sandbox_id)
-        if text is None:
+        if sandbox_id not in self._records:
             return False
+        text = self._texts()[sandbox_id]
         fields = json.loads(text)
         restored, claimed, ready = await self._put_back_records({sandbox_id: fields})
         if restored:
@@ -257,7 +259,7 @@ class Restorer:
 
     async def save(self) -> None:
         """Write the journal to the state directory (only what changed since the last write)."""
-        spec, records = self._spec, dict(self._records)
+        spec, records = self._spec, dict(self._texts())
         try:
             await asyncio.to_thread(self._save, spec, records)
         except OSError as exc:
@@ -269,6 +271,15 @@ class Restorer:
         if spec is not None:
             self._journal.save_spec(*spec)
         self._journal.save_records(records)
+
+    def _texts(self) -> dict[str, str]:
+        """Every record's JSON, the ones not serialized since they changed made now."""
+        for sandbox_id, text in self._records.items():
+            if text is None:
+                record = self._hashes[sandbox_id][0]
+                text = self._records[sandbox_id] = fields_json(record.to_hash())
+                self._hashes[sandbox_id] = (record, text)
+        return self._records  # type: ignore[return-value]  # every value is a str now
 
     def expects_records(self) -> bool:
         """Does the journal know of records (so an absent id set means it was lost)?"""
