@@ -37,9 +37,10 @@ class BadValue(ValueError):
 def plain(values: list[str], *, max_chars: int = MAX_FIELD_CHARS) -> bool:
     """The fast path for many values at once: all ASCII str, no NUL, none too long (what
     the daemon writes). False means: check each with `text` for the precise reason."""
-    if not all(type(v) is str for v in values):
+    try:
+        joined = "".join(values)  # a TypeError for anything not a str
+    except TypeError:
         return False
-    joined = "".join(values)
     return (
         joined.isascii() and "\x00" not in joined and max(map(len, values), default=0) <= max_chars
     )
