@@ -61,7 +61,7 @@ from sandboxd.store.eventtail import EventTail
 from sandboxd.store.fence import FencedRedis, LeaseLost
 from sandboxd.store.keys import Keys
 from sandboxd.store.loops import every, survive, why
-from sandboxd.store.records import STATES, PassSnapshot, SandboxRecord, SandboxStore
+from sandboxd.store.records import STATES, Owned, PassSnapshot, SandboxRecord, SandboxStore
 from sandboxd.store.retention import Retention
 from sandboxd.store.specs import SpecStore
 from sandboxd.supervision import MAX_FAILURES, HardStop, supervise
@@ -455,12 +455,12 @@ class Daemon:
             ),
         )
 
-    def _owns(self, providers: dict[str, Provider]) -> Callable[[SandboxRecord], bool]:
+    def _owns(self, providers: dict[str, Provider]) -> Callable[[Owned], bool]:
         """The records this daemon manages: its node's sandboxes (and those recorded before
         nodes), and the cloud ones while it leads them (`providers` grows when it does)."""
         node = self.config.node
 
-        def owns(record: SandboxRecord) -> bool:
+        def owns(record: Owned) -> bool:
             if record.provider not in providers:
                 return False
             return record.provider in CLOUD_PROVIDERS or record.node in ("", node)

@@ -5,6 +5,7 @@ anyone may write into Redis; a create reads its key and its pool in one round tr
 
 import pytest
 
+from sandboxd.control.janitor import Janitor
 from sandboxd.store.records import SandboxStore
 from tests.support import KEYS, a_record
 
@@ -24,8 +25,8 @@ async def test_presence_agrees_with_a_full_read(redis):
     present = await store.presence()
     full = {r.id: r for r in await store.records()}
     assert set(present) == set(full)
-    assert all(present[i] == (r.state, r.provider) for i, r in full.items())
-    assert present["sb-cloud"] == ("ready", "e2b")
+    assert all(present[i] == (r.state, r.provider, r.node) for i, r in full.items())
+    assert present["sb-cloud"] == ("ready", "e2b", "")
     assert not {"sb-1", "sb-2", "never-recorded"} & set(present)
 
 
@@ -34,7 +35,7 @@ async def test_a_damaged_record_is_present_as_written_and_a_wrong_id_set_is_empt
     await store.add(a_record("sb-x"))
     await redis.hset(KEYS.sandbox("sb-x"), "state", "\xff weird")
     await redis.hdel(KEYS.sandbox("sb-x"), "provider")
-    assert await store.presence() == {"sb-x": ("\xff weird", "")}
+    assert await store.presence() == {"sb-x": ("\xff weird", "", "")}
     await redis.delete(KEYS.sandboxes)
     await redis.set(KEYS.sandboxes, "a string")
     assert await store.presence() == {}
@@ -60,3 +61,41 @@ async def test_a_create_reads_its_key_and_pool_in_one_round_trip_and_survives_a_
     stats = await redis.info("commandstats")
     assert "cmdstat_script|exists" not in stats and "cmdstat_evalsha" in stats
     assert await store.authenticate_and_hget("sbk_wrong", (KEYS.pools, "p")) == (None, None)
+
+
+async def test_the_janitor_reads_in_full_only_records_of_its_own(redis):
+    """Another node's records (a daemon per host, one Redis) are not this janitor's to judge:
+    it does not read them in full either (it did, one round trip each, every sweep)."""
+
+    class Listing:
+        name = "local"
+
+        async def list_sandboxes(self):
+            return []  # none of the recorded sandboxes is listed here: each a candidate
+
+        async def is_alive(self, sandbox_id, handle):
+            return True  # a listing that lagged: not lost
+
+    store = SandboxStore(redis, KEYS, owns=lambda r: r.node in ("", "n1"))
+    for i in range(5):
+        await store.add(a_record(f"mine-{i}", node="n1"))
+        await store.add(a_record(f"theirs-{i}", node="n2"))
+    read = []
+    real_get = store.get
+
+    async def counting_get(sandbox_id):
+        read.append(sandbox_id)
+        return await real_get(sandbox_id)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    janitor = Janitor(
+        store=store,
+        providers={"local": Listing()},  # type: ignore[dict-item]
+        events=None,  # type: ignore[arg-type]
+        terminator=None,  # type: ignore[arg-type]
+        replace=None,  # type: ignore[arg-type]
+        interval_s=lambda: 60.0,
+    )
+    swept = await janitor.sweep()
+    assert sorted(read) == [f"mine-{i}" for i in range(5)]
+    assert swept.lost == [] and swept.leaked == []

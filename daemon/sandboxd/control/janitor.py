@@ -72,8 +72,13 @@ class Janitor:
         for sandbox_id, (provider, sandbox) in listed.items():
             if sandbox_id not in present and await _tried(self._leaked(provider, sandbox)):
                 result.leaked.append(sandbox_id)
-        for sandbox_id, (state, provider_name) in present.items():
-            if state not in CHECKED or sandbox_id in listed or provider_name in listing.failed:
+        for sandbox_id, seen in present.items():
+            if (
+                seen.state not in CHECKED
+                or sandbox_id in listed
+                or seen.provider in listing.failed
+                or not self._store.owns(seen)  # another node's: not read in full either
+            ):
                 continue
             record = await self._store.get(sandbox_id)  # in full: one it may act on
             if (

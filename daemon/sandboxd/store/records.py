@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -110,7 +110,7 @@ local out = {}
 for i = 2, #ARGV do
   local key = ARGV[1] .. ':sandbox:' .. ARGV[i]
   if redis.call('TYPE', key).ok == 'hash' then
-    out[i - 1] = redis.call('HMGET', key, 'state', 'provider')
+    out[i - 1] = redis.call('HMGET', key, 'state', 'provider', 'node')
   else
     out[i - 1] = {}
   end
@@ -417,6 +417,25 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
 
 
+class Presence(NamedTuple):
+    """What `SandboxStore.presence` reads of a record: enough to say whose it is and whether
+    to look closer, as written (not decoded)."""
+
+    state: str
+    provider: str
+    node: str
+
+
+class Owned(Protocol):
+    """What says whose a record is (a record, or what `presence` read of it)."""
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def node(self) -> str: ...
+
+
 class SandboxStore:
     """Sandbox records. `owns`: which records this reader manages (a daemon sees only its
     node's and, as the cloud leader, the cloud ones; the CLI sees all): the others are left
@@ -426,7 +445,7 @@ class SandboxStore:
         self,
         redis: Redis,
         keys: Keys,
-        owns: Callable[[SandboxRecord], bool] | None = None,
+        owns: Callable[[Owned], bool] | None = None,
     ):
         self._redis = redis
         self._keys = keys
@@ -475,25 +494,24 @@ class SandboxStore:
                     self._decode(sandbox_id, flat, result)
         return result
 
-    async def presence(self) -> dict[str, tuple[str, str]]:
-        """Every recorded id with its state and provider as written (not decoded: a few
-        microseconds a record instead of a full read's tens). An id whose key is gone or
-        not a hash is left out, as a full read leaves it out; so is everything when the id
-        set holds another type."""
+    async def presence(self) -> dict[str, Presence]:
+        """Every recorded id with its state, provider and node as written (not decoded: a
+        few microseconds a record instead of a full read's tens), whoever owns it. An id
+        whose key is gone or not a hash is left out, as a full read leaves it out; so is
+        everything when the id set holds another type."""
         try:
             ids = sorted(await self._redis.smembers(self._keys.sandboxes))
         except ResponseError as exc:
             if not wrong_type(exc):
                 raise
             return {}
-        found: dict[str, tuple[str, str]] = {}
+        found: dict[str, Presence] = {}
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
             replies = await self._presence(args=[self._keys.prefix, *chunk])
             for sandbox_id, reply in zip(chunk, replies, strict=True):
-                if isinstance(reply, list) and len(reply) == 2:
-                    state, provider = reply
-                    found[sandbox_id] = (str(state or ""), str(provider or ""))
+                if isinstance(reply, list) and len(reply) == 3:
+                    found[sandbox_id] = Presence(*(str(part or "") for part in reply))
         return found
 
     async def read(self, ids: list[str]) -> Scan:
@@ -544,6 +562,10 @@ class SandboxStore:
                 pipe.sadd(members, *ids)
                 pipe.sinterstore(members, [members, self._keys.sandboxes])
             await pipe.execute()
+
+    def owns(self, record: Owned) -> bool:
+        """Is this record (or what `presence` read of it) one this reader manages?"""
+        return self._owns is None or self._owns(record)
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None:
         """The record, or None if it is gone or cannot be used (the reconciler's next scan
