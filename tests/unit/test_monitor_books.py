@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sandboxd.config import Config
@@ -57,6 +57,7 @@ def recount(m: HealthMonitor) -> dict[str, dict[str, int]]:
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("observe"), st.sets(st.integers(0, len(RECORDS) - 1))),
+        st.tuples(st.just("repool"), st.integers(0, len(RECORDS) - 1), st.sampled_from("abc")),
         st.tuples(
             st.just("probe"),
             st.integers(0, len(RECORDS) - 1),
@@ -69,6 +70,15 @@ operations = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(operations)
+@example(  # a kept sandbox whose record moved to another pool, probed, then gone
+    [
+        ("observe", {0}),
+        ("repool", 0, "b"),
+        ("observe", {0}),
+        ("probe", 0, (False, True, 1.0)),
+        ("observe", set()),
+    ]
+)
 def test_the_counts_kept_equal_a_count_of_every_sandbox(ops):
     provider = Provider()
     m = HealthMonitor(
@@ -79,15 +89,22 @@ def test_the_counts_kept_equal_a_count_of_every_sandbox(ops):
         nudge=lambda: None,
     )
 
+    records = list(RECORDS)
+
     async def run() -> None:
+        probes = 0
         for op in ops:
             if op[0] == "observe":
-                m.observe([RECORDS[i] for i in sorted(op[1])], POOLS)
+                m.observe([records[i] for i in sorted(op[1])], POOLS)
+            elif op[0] == "repool":  # the record rewritten (by anyone): another pool
+                records[op[1]] = a_record(RECORDS[op[1]].id, pool=op[2])
             else:
                 _, i, (ok, alive, latency) = op
                 provider.next = Probe(ok=ok, alive=alive, latency_ms=latency, detail="x")
                 m._next_check[RECORDS[i].id] = 0.0  # a full probe
                 await m._probe_one(RECORDS[i].id)  # nothing if it is not a target
+                assert m.probes == probes + (RECORDS[i].id in m._targets)
+                probes = m.probes
             counted = {p: {s: c[s] for s in STATES} for p, c in m._count().items()}
             assert counted == recount(m)
 
@@ -132,3 +149,17 @@ def test_a_sandbox_that_left_is_not_probed():
     m.observe([RECORDS[0]], POOLS)
     m.observe([], POOLS)
     assert m._pop_due(math.ldexp(1, 40)) == []
+
+
+def test_a_budget_of_almost_nothing_stretches_intervals_without_end():
+    """A probe budget of 1e-320 a second (the setting accepts any positive number): the
+    intervals are stretched a million times, not to infinity (which broke the pass)."""
+    m = HealthMonitor(
+        config=Config(health_max_probes_per_s=1e-320),
+        store=None,  # type: ignore[arg-type]
+        events=None,  # type: ignore[arg-type]
+        providers={},
+        nudge=lambda: None,
+    )
+    m.observe(RECORDS[:3], POOLS)
+    assert m.stretch == 1e6 and all(math.isfinite(due) for due in m._due.values())

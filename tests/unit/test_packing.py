@@ -15,7 +15,9 @@ OPTIONS = {"decode_responses": True, "encoding_errors": "surrogateescape"}
 PACKED = hiredis_packing(Connection)(**OPTIONS)
 REFERENCE = Connection(**OPTIONS)
 
-names = st.sampled_from(["EVALSHA", "HSET", "XADD", "CONFIG GET", "client setname", "PING"])
+names = st.sampled_from(
+    ["EVALSHA", "HSET", "XADD", "CONFIG GET", "client setname", "PING", "CONFIG\tGET", "GET\n", ""]
+)
 arguments = st.one_of(
     st.text(),  # any code point, lone surrogates included
     st.binary(),
@@ -43,10 +45,23 @@ def test_the_same_bytes_as_redis_py(name, args):
         ("SET", "k", 1.5),
         ("SET", b"k", "v"),
         ("CONFIG GET", "maxmemory"),
+        ("CONFIG\tGET", "maxmemory"),  # redis-py splits on any whitespace
+        ("GET\r\n", "k"),
+        ("", "k"),  # redis-py drops an empty name
+        ("SET", "k", 2**64),
+        ("SET", "k", -(2**63) - 1),
     ],
 )
 def test_what_hiredis_would_pack_differently_goes_to_redis_py(args):
     assert b"".join(PACKED.pack_command(*args)) == b"".join(REFERENCE.pack_command(*args))
+
+
+def test_an_int_of_thousands_of_digits_is_refused_as_redis_py_refuses_it():
+    """hiredis's packer crashes the process on one (SIGSEGV); redis-py raises."""
+    with pytest.raises(ValueError):
+        REFERENCE.pack_command("WAIT", 1, 10**5000)
+    with pytest.raises(ValueError):
+        PACKED.pack_command("WAIT", 1, 10**5000)
 
 
 def test_a_bool_is_refused_as_redis_py_refuses_it():

@@ -30,6 +30,7 @@ PROBED = ("ready", "claimed")
 WRITE_EVERY = 10  # a healthy sandbox's unchanged health is written every 10th probe
 STATS_KEPT = 500  # probe results per pool behind the error rate and latency percentiles
 QUANTUM_S = 0.05  # probes due this close together start at one wake-up of the loop
+MAX_STRETCH = 1e6  # intervals are stretched at most this much (to the probe budget)
 
 
 class HealthMonitor:
@@ -59,6 +60,7 @@ class HealthMonitor:
         # Per pool, its sandboxes by health state, kept as states change (the summary
         # counts pools, not sandboxes).
         self._tally: dict[str, Counter[str]] = {}
+        self._counted: dict[str, str] = {}  # the pool each sandbox is counted under
         self._due: dict[str, float] = {}
         # Probes by the quantum they are due in (`_slot`), and a heap of those quanta: a
         # probe is scheduled and started without a heap operation of its own.
@@ -81,7 +83,8 @@ class HealthMonitor:
             if spec is not None and record.state in PROBED:
                 targets[record.id] = (record, spec)
         wanted = sum(1 / self._period(spec, stretched=False) for _, spec in targets.values())
-        stretch = max(1.0, wanted / self._config.health_max_probes_per_s)
+        # (bounded: a budget of almost nothing must not stretch intervals to infinity)
+        stretch = min(MAX_STRETCH, max(1.0, wanted / self._config.health_max_probes_per_s))
         if abs(stretch - self.stretch) > 0.05 * self.stretch:
             log.info(
                 "health probe intervals stretched",
@@ -91,10 +94,15 @@ class HealthMonitor:
         for sandbox_id, (record, spec) in targets.items():
             if sandbox_id not in self._targets:
                 self._adopt(record, spec, now)
+            elif record.pool != self._counted[sandbox_id]:  # a record rewritten: its count moves
+                state = self._health[sandbox_id].state
+                self._tally[self._counted[sandbox_id]][state] -= 1
+                self._tally.setdefault(record.pool, Counter())[state] += 1
+                self._counted[sandbox_id] = record.pool
         for gone in self._targets.keys() - targets.keys():
-            health = self._health.get(gone)
-            if health is not None:
-                self._tally[self._targets[gone][0].pool][health.state] -= 1
+            health, pool = self._health.get(gone), self._counted.pop(gone, None)
+            if health is not None and pool is not None:
+                self._tally[pool][health.state] -= 1
             for table in (self._health, self._cursor, self._next_check, self._due, self._written):
                 table.pop(gone, None)
         self._targets = targets
@@ -107,6 +115,7 @@ class HealthMonitor:
         health.keep(*record.health_checks)  # checks already (store.records.HealthCheck)
         self._health[record.id] = health
         self._tally.setdefault(record.pool, Counter())[health.state] += 1
+        self._counted[record.id] = record.pool
         self._cursor[record.id] = record.agent_seq
         self._next_check[record.id] = now + random.uniform(0, self._interval(spec))
         self._schedule(record.id, now + random.uniform(0, self._period(spec)))
@@ -243,8 +252,9 @@ class HealthMonitor:
         changed = assess(health, probe, spec.health, now_rfc3339())
         if failed_program:
             changed = program_failed(health, failed_program) or before != health.state
-        if health.state != before:
-            tally = self._tally[record.pool]
+        pool = self._counted.get(record.id)
+        if health.state != before and pool is not None:
+            tally = self._tally[pool]
             tally[before] -= 1
             tally[health.state] += 1
         self._latency.setdefault(record.pool, deque(maxlen=STATS_KEPT)).append(probe.latency_ms)

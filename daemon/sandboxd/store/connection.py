@@ -43,23 +43,31 @@ class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionP
     """Connections to whatever the Sentinels name as primary, queueing like the others."""
 
 
-_PACKED_BY_HIREDIS = frozenset({str, bytes, int})
+# Ints hiredis is given: well inside what it writes as redis-py does (one with thousands
+# of digits crashes hiredis's packer, where redis-py raises ValueError).
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _hiredis_packs_as_redis_py(arg: Any) -> bool:
+    kind = type(arg)
+    return kind is str or kind is bytes or (kind is int and arg in _INT_RANGE)
 
 
 class _HiredisPacking:
     """Commands packed by hiredis's C packer: redis-py packs in Python on its asyncio
     connections (its sync ones use hiredis), ~10 µs of a claim's 16 arguments. What hiredis
     would pack differently from redis-py goes to redis-py's own packer: a bool, float,
-    memoryview or str subclass, a command name with a space in it ("CONFIG GET"), and text
-    that is not valid UTF-8 (the lone surrogates `surrogateescape` decodes bytes into)."""
+    memoryview, subclass or huge int, a command name that redis-py splits or drops (any
+    whitespace in it: "CONFIG GET"; empty), and text that is not valid UTF-8 (the lone
+    surrogates `surrogateescape` decodes bytes into)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         first = args[0] if args else None
         if (
             type(first) is str
-            and " " not in first
+            and first.split() == [first]
             and self.encoder.encoding == "utf-8"  # type: ignore[attr-defined]
-            and all(type(arg) in _PACKED_BY_HIREDIS for arg in args)
+            and all(map(_hiredis_packs_as_redis_py, args))
         ):
             try:
                 return [hiredis.pack_command(args)]
