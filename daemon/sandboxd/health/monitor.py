@@ -206,7 +206,9 @@ class HealthMonitor:
         if target is None or provider is None:
             return
         record, spec = target
-        full = time.monotonic() >= self._next_check.get(sandbox_id, 0)
+        # Started at the beginning of its quantum: up to QUANTUM_S before it was due. A
+        # full check due by the end of it is made now (else it would wait a whole period).
+        full = time.monotonic() + QUANTUM_S >= self._next_check.get(sandbox_id, 0)
         probe = await provider.probe(
             sandbox_id, record.handle, spec.health if full else None, self._cursor[sandbox_id]
         )
