@@ -575,7 +575,7 @@ class Config(BaseSettings):
         description="Longest time between two full reads of the records. A pass reads only "
         "the records the event stream (or the daemon itself) says changed; a full read also "
         "comes after a Redis error and when unread events were trimmed, and as often as "
-        "every pass (at least a second apart) while full reads take under 0.3% of the time.",
+        "every pass (at least a second apart) while full reads take under 0.1% of the time.",
     )
     heartbeat_interval_s: float = Field(
         default=2.0, gt=0, description="Heartbeat refresh; the key expires after 3 missed beats."

@@ -57,7 +57,10 @@ return 1
 # at most 2% of the time goes to writing it).
 SAVE_SLOW_S = 0.01
 SAVE_GAP = 50
-TICK_SAVE_S = 60.0
+# Other changes (health, a probe's time, an agent's news) are written at most this often: at
+# 10,000 sandboxes some of them change every minute, and a restore that puts back an older
+# health is probed again anyway.
+TICK_SAVE_S = 300.0
 
 
 def _shape(record: SandboxRecord) -> tuple[str, str, int]:

@@ -46,7 +46,7 @@ class RecordView:
         store: SandboxStore,
         *,
         resync_max_s: Callable[[], float],
-        budget: float = 0.003,
+        budget: float = 0.001,
         resync_min_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
