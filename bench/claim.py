@@ -15,6 +15,7 @@ pool of real local sandboxes (so rounds can repeat without cold creates):
 
 import argparse
 import asyncio
+import gc
 import multiprocessing
 import os
 import shutil
@@ -102,13 +103,18 @@ async def concurrent_clients(
     return samples, rates
 
 
-def _client_process(url: str, clients: int, connected, go, results) -> None:
-    """One client program: connect, wait for the start, drain with `clients` clients."""
+def _client_process(url: str, clients: int, connected, go, results, freeze_gc: bool) -> None:
+    """One client program: connect, wait for the start, drain with `clients` clients.
+    `freeze_gc`: what a long-running client program may do once started (the daemon does):
+    `gc.freeze()`, so that a full collection does not walk every object of its imports."""
 
     async def run() -> None:
         pool = [Client.from_url(url) for _ in range(clients)]
         for c in pool:
             await c._redis.ping()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         connected.release()
         await asyncio.to_thread(go.wait)
         samples: list[float] = []
@@ -123,7 +129,7 @@ def _client_process(url: str, clients: int, connected, go, results) -> None:
 
 
 async def clients_in_processes(
-    url: str, redis: Redis, size: int, rounds: int, clients: int, procs: int
+    url: str, redis: Redis, size: int, rounds: int, clients: int, procs: int, freeze_gc: bool
 ) -> tuple[list[float], list[float]]:
     """The same clients spread over `procs` client programs, as agents on one host are."""
     ctx = multiprocessing.get_context("spawn")
@@ -134,7 +140,7 @@ async def clients_in_processes(
         connected, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         shares = [clients // procs + (i < clients % procs) for i in range(procs)]
         workers = [
-            ctx.Process(target=_client_process, args=(url, n, connected, go, results))
+            ctx.Process(target=_client_process, args=(url, n, connected, go, results, freeze_gc))
             for n in shares
         ]
         for w in workers:
@@ -194,6 +200,11 @@ async def main() -> None:
         help="the fast fake provider instead of real local sandboxes (claims alone: no "
         "sandbox resets between rounds, no probes of real sandboxes beside them)",
     )
+    parser.add_argument(
+        "--freeze-gc",
+        action="store_true",
+        help="the client processes call gc.freeze() once connected (see docs/claims.md)",
+    )
     args = parser.parse_args()
     if args.pool is None:
         args.pool = 2000 if args.fake else 200
@@ -213,7 +224,7 @@ async def main() -> None:
             single = await single_client(url, redis, args.pool, args.rounds)
             many, rates = await concurrent_clients(url, redis, args.pool, args.rounds, args.clients)
             spread, spread_samples = await clients_in_processes(
-                url, redis, args.pool, args.rounds, args.clients, args.procs
+                url, redis, args.pool, args.rounds, args.clients, args.procs, args.freeze_gc
             )
             replenish = await replenish_delays(url, redis, 20)
             await redis.aclose()
@@ -231,7 +242,8 @@ def report(args, isolation, ping, single, many, spread, rates, replenish, cold) 
     print(line("baseline: Redis PING round trip", ping))
     print(line("warm claim, 1 client", single))
     print(line(f"warm claim, {args.clients} concurrent clients", many))
-    print(line(f"  the same over {args.procs} processes", spread))
+    frozen = " (their gc frozen)" if args.freeze_gc else ""
+    print(line(f"  the same over {args.procs} processes{frozen}", spread))
     for procs, per_round in rates.items():
         name = f"claims/s, {args.clients} clients in {procs} process{'es' * (procs > 1)}"
         print(
