@@ -4,6 +4,7 @@ import logging
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 REDACTED = "***"
@@ -52,6 +53,8 @@ def setup_logging(level: str = "INFO") -> None:
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             datefmt="%Y-%m-%dT%H:%M:%S%z",
+            # uvicorn's terminal copy of its message (ANSI colour codes): not a key of ours
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],
         )
     )
     root = logging.getLogger()

@@ -28,3 +28,19 @@ def test_logs_are_json_and_never_show_secrets(monkeypatch, capsys):
     assert "***" in records[0]["message"]
     del client
     logging.getLogger().handlers[:] = [logging.StreamHandler(io.StringIO())]
+
+
+def test_uvicorns_coloured_copy_of_a_message_is_not_logged(capsys):
+    """uvicorn passes `color_message` (its message with ANSI codes) as an extra: the JSON
+    line keeps the plain message and no terminal escapes."""
+    setup_logging("INFO")
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]",
+        7,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    record = json.loads(line)
+    assert record["message"] == "Started server process [7]"
+    assert "color_message" not in record and "\\u001b" not in line
+    logging.getLogger().handlers[:] = [logging.StreamHandler(io.StringIO())]
