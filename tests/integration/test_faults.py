@@ -3,6 +3,7 @@
 import asyncio
 import time
 
+import psutil
 import pytest
 
 from sandboxd.config import Config, Faults, LocalProviderConfig
@@ -18,7 +19,6 @@ from tests.support import (
     apply,
     events_of,
     eventually,
-    sandbox_processes,
     wait_event,
     wait_ready,
 )
@@ -88,15 +88,21 @@ async def test_a_sandbox_known_only_by_its_directory_is_still_stopped(tmp_path):
     """A daemon killed between starting a sandbox and writing its meta.json left only the
     directory: the next daemon's cleanup must find the processes all the same."""
     provider = LocalProvider(LocalProviderConfig(workspace_root=tmp_path / "boxes"))
+    if provider._cgroups is None:
+        pytest.skip("no cgroups here: a sandbox without its registry entry cannot be found")
+    running = []
     for name in ("sb-1", "sb-2"):
         handle = await provider.create(name, POOL)
+        running.append(psutil.Process(handle["pid"]))  # its agent, while it is known
         (tmp_path / "boxes" / name / "meta.json").unlink()
+    assert all(p.is_running() for p in running)
     assert await provider.list_sandboxes() == []
     await provider.terminate("sb-1", {})  # a `creating` record: no handle yet
     assert await provider.cleanup_leftovers(keep=set()) == ["sb-2"]
     assert not any((tmp_path / "boxes").iterdir())
     assert not await provider.is_alive("sb-2", handle)
-    assert not sandbox_processes(tmp_path / "boxes")
+    # the processes too, not only the files (a dead one may wait as a zombie to be reaped)
+    assert not [p for p in running if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_the_wrapper_has_exactly_the_capabilities_of_what_it_wraps(tmp_path):

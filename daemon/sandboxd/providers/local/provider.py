@@ -569,7 +569,15 @@ class LocalProvider:
 
     def _kill_all(self, sandbox_id: str) -> None:
         entry = self._entry(sandbox_id)
-        if entry is None:  # not ours: no process, no cgroup of it is touched
+        if entry is None:
+            # No registry entry (its meta.json lost) but its directory in this registry
+            # (made before anything is started): no pid of it is trusted, but the sandbox's
+            # own cgroup, named by the id in this registry's group, holds every process of
+            # it. Without that directory the id is not ours, whatever runs by that name.
+            box = self._box(sandbox_id)
+            if box is not None and self._cgroups and _real_dir(box):
+                if self._cgroups.exists(sandbox_id):
+                    self._cgroups.kill(sandbox_id)
             return
         if self._cgroups and entry.get("cgroup") and self._cgroups.exists(sandbox_id):
             self._cgroups.kill(sandbox_id)
@@ -602,7 +610,9 @@ class LocalProvider:
         await self.kill(sandbox_id, handle)
         self._filtered.pop(sandbox_id, None)
         entry = self._entry(sandbox_id)
-        if self._cgroups and (entry or {}).get("cgroup"):
+        if self._cgroups and (
+            (entry or {}).get("cgroup") or (_real_dir(box) and self._cgroups.exists(sandbox_id))
+        ):
             self._cgroups.remove(sandbox_id)
         await asyncio.to_thread(_remove_box, self.root, box)
 
@@ -717,6 +727,11 @@ class LocalProvider:
                 await self.terminate(box.name, {})
                 removed.append(box.name)
         return removed
+
+
+def _real_dir(path: Path) -> bool:
+    """A directory, not a symlink to one."""
+    return path.is_dir() and not path.is_symlink()
 
 
 class _Fds:
