@@ -34,7 +34,8 @@ def test_uvicorns_coloured_copy_of_a_message_is_not_logged(capsys):
     """uvicorn passes `color_message` (its message with ANSI codes) as an extra: the JSON
     line keeps the plain message and no terminal escapes."""
     setup_logging("INFO")
-    logging.getLogger("uvicorn.error").info(
+    # (as uvicorn.error logs it; a logger of its own: the suite's servers configure uvicorn's)
+    logging.getLogger("sandboxd.test.uvicorn").info(
         "Started server process [%d]",
         7,
         extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
