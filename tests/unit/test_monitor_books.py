@@ -47,6 +47,17 @@ class Provider:
         return self.next
 
 
+def monitor(provider: Provider | None = None, **config: Any) -> HealthMonitor:
+    """A monitor of `provider` (none: probes find no provider) writing to the fakes above."""
+    return HealthMonitor(
+        config=Config(**config),
+        store=Store(),  # type: ignore[arg-type]
+        events=Events(),  # type: ignore[arg-type]
+        providers={"local": provider} if provider else {},  # type: ignore[dict-item]
+        nudge=lambda: None,
+    )
+
+
 def recount(m: HealthMonitor) -> dict[str, dict[str, int]]:
     """The summary's counts as the monitor counted them before: every sandbox."""
     pools: dict[str, Counter[str]] = {}
@@ -82,13 +93,7 @@ operations = st.lists(
 )
 def test_the_counts_kept_equal_a_count_of_every_sandbox(ops):
     provider = Provider()
-    m = HealthMonitor(
-        config=Config(),
-        store=Store(),  # type: ignore[arg-type]
-        events=Events(),  # type: ignore[arg-type]
-        providers={"local": provider},  # type: ignore[dict-item]
-        nudge=lambda: None,
-    )
+    m = monitor(provider)
 
     records = list(RECORDS)
 
@@ -110,10 +115,6 @@ def test_the_counts_kept_equal_a_count_of_every_sandbox(ops):
             assert counted == recount(m)
 
     asyncio.run(run())
-
-
-def monitor() -> HealthMonitor:
-    return HealthMonitor(config=Config(), store=None, events=None, providers={}, nudge=lambda: None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -155,13 +156,7 @@ def test_a_sandbox_that_left_is_not_probed():
 def test_a_budget_of_almost_nothing_stretches_intervals_without_end():
     """A probe budget of 1e-320 a second (the setting accepts any positive number): the
     intervals are stretched a million times, not to infinity (which broke the pass)."""
-    m = HealthMonitor(
-        config=Config(health_max_probes_per_s=1e-320),
-        store=None,  # type: ignore[arg-type]
-        events=None,  # type: ignore[arg-type]
-        providers={},
-        nudge=lambda: None,
-    )
+    m = monitor(health_max_probes_per_s=1e-320)
     m.observe(RECORDS[:3], POOLS)
     assert m.stretch == 1e6 and all(math.isfinite(due) for due in m._due.values())
 
@@ -172,13 +167,7 @@ async def test_a_probe_started_early_in_its_quantum_is_the_full_check_due():
     took 4.7 s instead of 2.8 at a 1 s interval)."""
     provider = Provider()
     provider.next = Probe(ok=False, alive=True, detail="x")
-    m = HealthMonitor(
-        config=Config(),
-        store=Store(),  # type: ignore[arg-type]
-        events=Events(),  # type: ignore[arg-type]
-        providers={"local": provider},  # type: ignore[dict-item]
-        nudge=lambda: None,
-    )
+    m = monitor(provider)
     m.observe([RECORDS[0]], POOLS)
     sandbox_id = RECORDS[0].id
     m._next_check[sandbox_id] = time.monotonic() + QUANTUM_S * 0.9  # due within the quantum

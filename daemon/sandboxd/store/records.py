@@ -545,7 +545,7 @@ class SandboxStore:
             corrupt = Corrupt(key, exc.reason, exc.field, sandbox_id=sandbox_id, fields=fields)
             result.corrupt.append(corrupt)
             return
-        if self._owns is not None and not self._owns(record):
+        if not self.owns(record):
             result.others += 1
             return
         result.records.append(record)
@@ -573,7 +573,7 @@ class SandboxStore:
         try:
             fields = await self._redis.hgetall(self._keys.sandbox(sandbox_id))
             record = SandboxRecord.from_hash(fields) if fields else None
-            if record is not None and self._owns is not None and not self._owns(record):
+            if record is not None and not self.owns(record):
                 return None
             return record
         except decode.BadValue:
