@@ -38,12 +38,14 @@ mine = [d for d in lines if d["pid"] == pid and time.time() - d["heartbeat_at"] 
 print(json.dumps(mine[0] if pid and mine else {}))
 EOF
 }
-daemons() {  # every fresh line of <prefix>:daemons
+daemons() {  # every fresh line of <prefix>:daemons of a daemon still running (a SIGKILLed
+  # one cannot take its line away: it stays fresh for a while, racing the restart)
   "$PY" - "$REDIS_URL" <<'EOF'
-import json, sys, time
+import json, os, sys, time
 import redis
 lines = [json.loads(v) for v in redis.Redis.from_url(sys.argv[1]).hvals("sandboxd:daemons")]
-print(json.dumps(sorted((d for d in lines if time.time() - d["heartbeat_at"] < 3), key=lambda d: d["role"])))
+live = (d for d in lines if time.time() - d["heartbeat_at"] < 3 and os.path.exists(f"/proc/{d['pid']}"))
+print(json.dumps(sorted(live, key=lambda d: d["role"])))
 EOF
 }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin).get('$1', ''))"; }
