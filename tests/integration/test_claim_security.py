@@ -307,6 +307,56 @@ async def test_damaged_pool_settings_refuse_a_claim_before_any_write(redis, sett
 
 
 @pytest.mark.parametrize(
+    "name",
+    ["ready", "leases", "events", "waiters", "members", "pools"],
+)
+async def test_a_wrong_typed_key_refuses_a_claim_before_any_write(redis, name):
+    """Every key the claim script reads or writes, holding another type (anyone with write
+    access may put anything there): a clear `corrupt` naming the key, nothing changed."""
+    await seed(redis, "sb-1")
+    key = {
+        "ready": KEYS.pool_ready("p"),
+        "leases": KEYS.leases,
+        "events": KEYS.events,
+        "waiters": KEYS.pool_waiters("p"),
+        "members": KEYS.pool_members("p"),
+        "pools": KEYS.pools,
+    }[name]
+    await redis.delete(key)
+    await redis.set(key, "not what it should be")
+    before = {k: await redis.type(k) for k in await redis.keys("*")}
+    record = await redis.hgetall(KEYS.sandbox("sb-1"))
+    async with Client(redis, owner="someone") as client:
+        with pytest.raises(ClaimError) as refused:
+            await client.claim("p", timeout_s=0)
+    assert refused.value.reason == "corrupt" and f"{key} holds a string" in str(refused.value)
+    assert await redis.hgetall(KEYS.sandbox("sb-1")) == record
+    assert {k: await redis.type(k) for k in await redis.keys("*")} == before
+    if name != "ready":
+        assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == ["sb-1"]
+
+
+async def test_a_ready_id_whose_record_is_not_a_hash_is_skipped(redis):
+    """A ready entry naming a key of another type (or none) is stale: dropped, and the next
+    ready sandbox claimed, with every field the claimant needs."""
+    await seed(redis, "sb-1", "sb-2")
+    await redis.delete(KEYS.sandbox("sb-1"))
+    await redis.set(KEYS.sandbox("sb-1"), "junk")
+    await redis.lpush(KEYS.pool_ready("p"), "sb-gone")
+    async with Client(redis, owner="someone") as client:
+        sandbox = await client.claim("p", timeout_s=0, lease_s=30)
+    assert (sandbox.id, sandbox.pool, sandbox.provider, sandbox.claimant) == (
+        "sb-2", "p", "local", "someone",
+    )  # fmt: skip
+    record = await redis.hgetall(KEYS.sandbox("sb-2"))
+    assert record["state"] == "claimed" and record["uses"] == "1"
+    assert sandbox.lease_s == 30 and sandbox.lease_expires_ms == int(record["lease_expires_ms"])
+    assert sandbox.claim_id == record["claim_id"]
+    assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == []
+    assert await redis.get(KEYS.sandbox("sb-1")) == "junk"
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("handle", "{not json"),

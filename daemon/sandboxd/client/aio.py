@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import getpass
 import os
+import secrets
 import socket
-import uuid
 from collections.abc import AsyncGenerator, Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -436,7 +436,7 @@ class _Attempt:
         self.owner = owner
         self.lease_s = lease_s
         self.wait_s = wait_s
-        self.claim_id = uuid.uuid4().hex
+        self.claim_id = secrets.token_hex(16)
         self.token = new_claim_token()
         self.registered_wait = False
         self.deadline = asyncio.get_running_loop().time() + wait_s

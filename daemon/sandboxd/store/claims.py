@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import hmac
 import secrets
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -166,18 +165,25 @@ end
 # min_ready) and allowed (members below max_total), or the pool is empty ('empty:<pool>':
 # a claimant waits, the daemon acts at once; a replacement may wait `claim_coalesce_ms`).
 # Waking it for every claim of a full pool cost more CPU than the claims themselves.
-# Returns {'ok', HMGET of the record's CLAIMED_FIELDS: what the claimant needs, its
-#       `secrets` (how to reach the sandbox, e.g. envd's token) for it alone, the id taken}
+# Returns {'ok', the record's CLAIMED_FIELDS in order (as HMGET would give them after the
+#       claim): what the claimant needs, its `secrets` (how to reach the sandbox, e.g.
+#       envd's token) for it alone; the id taken}
 #       | {'empty', on_empty}
 #       | {'unknown_pool'}
 #       | {'lease_too_long', max_lease_s} | {'invalid_argument', why}.
+# The claimed fields the claim writes (their values in Lua), and those it reads of the record.
+_CLAIM_WRITES = {
+    "state": "'claimed'",
+    "claimant": "ARGV[3]",
+    "claim_id": "ARGV[4]",
+    "lease_s": "tostring(lease_s)",
+    "lease_expires_ms": "tostring(expires)",
+}
+_CLAIM_READS = [name for name in CLAIMED_FIELDS if name not in _CLAIM_WRITES]
 CLAIM = (
     _NOW_MS
     + _EVENT
     + _CHECKS
-    + "local CLAIMED_FIELDS = {"
-    + ", ".join(f"'{name}'" for name in CLAIMED_FIELDS)
-    + "}\n"
     + """
 local function check()
   if #KEYS ~= 4 or #ARGV ~= 12 then return 'expected 4 keys and 12 arguments' end
@@ -212,12 +218,16 @@ local why = check()
 if why then return bad(why) end
 -- Every key the claim writes must be of its type (or absent) before the first write: Lua
 -- does not roll back, and a WRONGTYPE half-way would leave a sandbox claimed by nobody.
-local members = ARGV[1] .. ':pool:' .. ARGV[2] .. ':members'
-local wanted = {[KEYS[1]] = 'list', [KEYS[2]] = 'zset', [KEYS[3]] = 'stream',
-  [KEYS[4]] = 'zset', [members] = 'set', [ARGV[1] .. ':pools'] = 'hash'}
-local damaged = wrong_type(wanted)
+-- The keys it reads, and the ready list (its LPOP is the first write), are read with pcall
+-- instead: a wrong type shows as an error there, before anything was written.
+local damaged = wrong_type({[KEYS[2]] = 'zset', [KEYS[3]] = 'stream', [KEYS[4]] = 'zset'})
 if damaged then return {'corrupt', damaged} end
-local raw = redis.call('HGET', ARGV[1] .. ':pools', ARGV[2])
+local function holds(key) return {'corrupt', key .. ' holds a ' .. redis.call('TYPE', key).ok} end
+local pools, members = ARGV[1] .. ':pools', ARGV[1] .. ':pool:' .. ARGV[2] .. ':members'
+local raw = redis.pcall('HGET', pools, ARGV[2])
+if type(raw) == 'table' then return holds(pools) end
+local size = redis.pcall('SCARD', members)  -- the claim changes no member
+if type(size) == 'table' then return holds(members) end
 if not raw then return {'unknown_pool'} end
 local ok_json, pool = pcall(cjson.decode, raw)
 local function count(x)  -- a finite, whole, non-negative number
@@ -226,13 +236,14 @@ end
 if not ok_json or type(pool) ~= 'table' or not count(pool.lease_s)
     or not count(pool.max_lease_s) or not count(pool.min_ready)
     or not count(pool.max_total) or type(pool.on_empty) ~= 'string' then
-  return {'corrupt', ARGV[1] .. ':pools ' .. ARGV[2] .. ' is not pool settings'}
+  return {'corrupt', pools .. ' ' .. ARGV[2] .. ' is not pool settings'}
 end
 local lease_s = lease_arg(ARGV[5]) or pool.lease_s
 if lease_s > pool.max_lease_s then return {'lease_too_long', pool.max_lease_s} end
 local wait_ms = tonumber(ARGV[9])
 while true do
-  local id = redis.call('LPOP', KEYS[1])
+  local id = redis.pcall('LPOP', KEYS[1])
+  if type(id) == 'table' then return holds(KEYS[1]) end  -- only the first LPOP can fail
   if not id then
     if pool.on_empty == 'create' and wait_ms > 0 then
       redis.call('ZADD', KEYS[4], now + wait_ms, ARGV[4])
@@ -241,27 +252,33 @@ while true do
     return {'empty', pool.on_empty}
   end
   local key = ARGV[1] .. ':sandbox:' .. id
-  -- an id whose record is no longer ready (or not a hash) is stale: drop it, take the next
-  local is_hash = redis.call('TYPE', key).ok == 'hash'
-  if is_hash and redis.call('HGET', key, 'state') == 'ready' then
+  -- One read of what the claim checks and returns. An id whose record is no longer ready
+  -- (gone, or not a hash: an error table) is stale: drop it, take the next.
+  local r = redis.pcall('HMGET', key, 'state', 'uses', READ_FIELDS)
+  if r.err == nil and r[1] == 'ready' then
     local expires = now + lease_s * 1000
     redis.call('HSET', key, 'state', 'claimed', 'claimant', ARGV[3], 'claim_id', ARGV[4],
       'claim_token_digest', redis.sha1hex(ARGV[11]), 'claimed_at_ms', now, 'lease_s', lease_s,
-      'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires, 'claim_via', ARGV[12])
-    redis.call('HSET', key, 'uses', (tonumber(redis.call('HGET', key, 'uses')) or 0) + 1)
+      'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires, 'claim_via', ARGV[12],
+      'uses', (tonumber(r[2]) or 0) + 1)
     redis.call('ZADD', KEYS[2], expires, id)
     redis.call('ZREM', KEYS[4], ARGV[4])
     event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
       {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires,
        via = ARGV[12] ~= '' and ARGV[12] or nil})
-    if redis.call('LLEN', KEYS[1]) < pool.min_ready
-        and redis.call('SCARD', ARGV[1] .. ':pool:' .. ARGV[2] .. ':members') < pool.max_total then
+    if size < pool.max_total and redis.call('LLEN', KEYS[1]) < pool.min_ready then
       redis.call('PUBLISH', ARGV[10], ARGV[2])
     end
-    return {'ok', redis.call('HMGET', key, unpack(CLAIMED_FIELDS)), id}
+    return {'ok', {REPLY}, id}
   end
 end
-"""
+""".replace("READ_FIELDS", ", ".join(f"'{name}'" for name in _CLAIM_READS)).replace(
+        "REPLY",
+        ", ".join(
+            _CLAIM_WRITES.get(name) or f"r[{_CLAIM_READS.index(name) + 3}]"
+            for name in CLAIMED_FIELDS
+        ),
+    )
 )
 
 # KEYS: 1 sandbox hash, 2 leases, 3 events (all of one prefix).
@@ -637,7 +654,7 @@ class ClaimStore:
         return cached[1]
 
     def _event_args(self) -> list[Any]:
-        return [uuid.uuid4().hex, now_rfc3339(), self._maxlen]
+        return [secrets.token_hex(16), now_rfc3339(), self._maxlen]  # uuid4().hex: 4x the time
 
 
 def _opt(value: int | None) -> str:
