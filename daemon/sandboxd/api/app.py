@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,8 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sandboxd.api import e2binit, limits
 from sandboxd.api.registry import Entry, Registry
 from sandboxd.client import ClaimError, ClaimTimeout, Client
-from sandboxd.store.apikeys import ApiKey, ApiKeyStore
-from sandboxd.store.claims import PoolSettings
+from sandboxd.store.apikeys import ApiKey, ApiKeyStore, secret_sha256
+from sandboxd.store.claims import ClaimStore, PoolSettings, new_claim_token
 from sandboxd.store.keys import Keys
 
 try:  # envd for local sandboxes needs the e2b package's envd messages (connect-python)
@@ -56,6 +58,7 @@ MAX_METADATA_BYTES = 8192
 MAX_ENV_VARS = 256
 MAX_ENV_BYTES = 64 * 1024
 CLIENT_ID = "sandboxd"
+MAX_DECIDED = 1024  # (key, template) pairs whose next create may take the fast path
 
 
 class ApiError(Exception):
@@ -101,6 +104,19 @@ class Settings:
     e2b_sandbox_url: str | None = None  # E2B's envd, where a claim's envVars are set
 
 
+@dataclass(frozen=True)
+class Decided:
+    """What a create of a local pool's sandbox was decided with: the key (and its JSON as
+    Redis held it), the pool and its settings' JSON. The next create with the same key and
+    template sends them along and its one script checks they are still exactly what Redis
+    holds before it claims (`Registry.claim_local`)."""
+
+    key: ApiKey
+    pool: str
+    settings: PoolSettings
+    settings_json: str
+
+
 class Api:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -109,6 +125,13 @@ class Api:
         self.apikeys = ApiKeyStore(self.redis, self.keys)
         self.registry = Registry(self.redis, self.keys)
         self.client = Client(self.redis, prefix=settings.prefix, **(settings.client_kwargs or {}))
+        self.claims = ClaimStore(
+            self.redis,
+            self.keys,
+            maxlen=(settings.client_kwargs or {}).get("event_stream_maxlen", 100_000),
+        )
+        # secret digest and template -> what the last create with them decided (LRU)
+        self._decided: OrderedDict[tuple[str, str], Decided] = OrderedDict()
         self._http: httpx.AsyncClient | None = None  # to E2B sandboxes' envd: see http
         self.envd = (
             envd.Envd(self.registry, settings.local_root)
@@ -167,6 +190,12 @@ class Api:
         except ApiError as exc:
             body, bad = {}, exc
         template = body.get("templateID")
+        digest = secret_sha256(secret)
+        decided = None
+        if bad is None and isinstance(template, str):
+            decided = self._decided.get((digest, template))
+        if decided is not None and (made := await self._create_decided(decided, digest, body)):
+            return made
         pool_field = (
             (self.keys.pools, template)
             if isinstance(template, str) and 0 < len(template) <= 100
@@ -233,12 +262,86 @@ class Api:
                 retry=False,
             )
         try:
-            return await self._claim(
+            made = await self._claim(
                 key, pool, template, settings, lease_s, metadata, reservation, env_vars
             )
         except BaseException:
             await asyncio.shield(self.registry.unreserve(key.name, reservation))
             raise
+        if (
+            settings.provider == "local"
+            and template == pool
+            and raw is not None
+            and key.max_sandboxes is None
+            and key.creates_per_s is None
+            and key.stored
+            and self.client.claim_durability == "acknowledged"
+        ):
+            self._decided[(digest, template)] = Decided(key, pool, settings, raw)
+            self._decided.move_to_end((digest, template))
+            while len(self._decided) > MAX_DECIDED:
+                self._decided.popitem(last=False)
+        return made
+
+    async def _create_decided(
+        self, decided: Decided, digest: str, body: dict[str, Any]
+    ) -> Response | None:
+        """A create in one round trip (key, settings, claim and mapping in one script), for
+        a key and template a create was decided with before. None where the full path must
+        decide: anything in the body it would refuse (said after the key's check), the key
+        or the pool changed since (`stale`), nothing ready (the full path waits)."""
+        try:
+            metadata = _metadata(body.get("metadata"))
+            env_vars = _env_vars(body.get("envVars") or {})
+            lease_s = _lease(body.get("timeout"), decided.settings)
+        except ApiError:
+            return None
+        if not self._serves_local():
+            return None
+        token = new_claim_token()
+        entry = Entry(
+            e2b_id="",
+            sandbox="",
+            claim_id=secrets.token_hex(16),
+            key=decided.key.name,
+            pool=decided.pool,
+            template=decided.pool,
+            started_at=_iso(time.time()),
+            envd_version=ENVD_VERSION,
+            domain=self._domain(None),
+            metadata=metadata,
+            claim_token=token,
+            provider="local",
+            envd_token_sha256=token_digest(envd_token(token)),
+            env_vars=env_vars,
+        )
+        call = asyncio.ensure_future(
+            self.registry.claim_local(
+                self.claims, entry, lease_s, digest, decided.settings_json, decided.key.stored
+            )
+        )
+        try:
+            claimed = await asyncio.shield(call)
+        except asyncio.CancelledError:  # the claim still ends, and goes back
+            with contextlib.suppress(Exception):
+                if await call is not None:
+                    await self._give_back(entry)
+            raise
+        except ClaimError as exc:
+            if exc.reason != "stale":
+                raise _claim_refusal(exc) from None
+            self._decided.pop((digest, decided.pool), None)
+            return None
+        if claimed is None:
+            return None
+        log.info(
+            "claimed %s of pool %s for key %s",
+            entry.sandbox,
+            entry.pool,
+            entry.key,
+            extra={"sandbox": entry.sandbox, "pool": entry.pool, "api_key": entry.key},
+        )
+        return JSONResponse(self._answer(entry, {}), 201)
 
     async def _claim(
         self,

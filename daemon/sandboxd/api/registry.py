@@ -16,7 +16,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from sandboxd.store.claims import ClaimStore, claim_script
 from sandboxd.store.keys import Keys
+from sandboxd.store.records import Claimed
 
 GRACE_S = 60
 
@@ -59,6 +61,49 @@ for i = 1, #fields, 2 do
 end
 return {fields, {}}
 """
+
+# What `Entry.to_hash` writes, in its order: a mapping is always all of these.
+ENTRY_FIELDS = (
+    "sandbox", "claim_id", "key", "pool", "template", "started_at", "envd_version", "domain",
+    "metadata", "claim_token", "provider", "envd_token_sha256", "env_vars", "paused",
+)  # fmt: skip
+
+# A create of a local pool's sandbox in one round trip, for a key and pool the API server
+# has decided a create with before (its fast path): the key and the pool's settings must
+# still be exactly what it decided with (else 'stale': it decides again, the full way), then
+# the claim (store/claims.py), then the mapping as ADD writes it, under the claimed
+# sandbox's id (a local sandbox's E2B id is its own), counted for the key. The key, the
+# settings and every key it writes are checked before the claim's first write.
+# KEYS: the claim's 4, then 5 the key's sandboxes. ARGV: the claim's 12, then 13 the
+# digest -> name hash, 14 the name -> key hash (both read only, not declared, as in ADD),
+# 15 the secret's digest, 16 the key's JSON and 17 the pool's settings JSON as decided
+# with, 18 the prefix of mappings, 19 the mapping's TTL, then its fields and values but
+# `sandbox` (ENTRY_FIELDS' order).
+CREATE_LOCAL = claim_script(
+    keys=5,
+    args=19 + 2 * (len(ENTRY_FIELDS) - 1),
+    then="""
+local function same(hash, field, want)
+  local got = redis.pcall('HGET', hash, field)
+  return type(got) == 'string' and got == want
+end
+local name = redis.pcall('HGET', ARGV[13], ARGV[15])
+if type(name) ~= 'string' or not same(ARGV[14], name, ARGV[16])
+    or not same(ARGV[1] .. ':pools', ARGV[2], ARGV[17]) then
+  return {'stale'}
+end
+local held = redis.call('TYPE', KEYS[5]).ok
+if held ~= 'none' and held ~= 'zset' then return {'corrupt', KEYS[5] .. ' holds a ' .. held} end
+local reply = claim()
+if reply[1] ~= 'ok' then return reply end
+local mapping = ARGV[18] .. reply[3]
+redis.call('DEL', mapping)
+redis.call('HSET', mapping, 'sandbox', reply[3], unpack(ARGV, 20))
+redis.call('EXPIRE', mapping, ARGV[19])
+redis.call('ZADD', KEYS[5], 0, reply[3])
+return reply
+""",
+)
 
 
 @dataclass
@@ -135,6 +180,7 @@ class Registry:
         self._if_claim = redis.register_script(IF_CLAIM)
         self._add = redis.register_script(ADD)
         self._load_script = redis.register_script(LOAD)
+        self._create_local = redis.register_script(CREATE_LOCAL)
 
     async def reserve(self, key: str, limit: int | None, hold_s: float) -> str | None:
         """Count a create in flight against the key's quota; None if that is over `limit`.
@@ -176,6 +222,39 @@ class Registry:
             ],
         )
         return bool(added)
+
+    async def claim_local(
+        self, claims: ClaimStore, entry: Entry, lease_s: int, digest: str, settings: str, key: str
+    ) -> Claimed | None:
+        """Claim a sandbox of `entry.pool` for `entry` and record it, in one round trip, if
+        the key of secret digest `digest` is still stored as `key` and the pool's settings
+        as `settings` (their JSON): None if the pool has nothing ready; ClaimError `stale`
+        if either changed, else the claim's refusals. `entry` gets the sandbox's ids."""
+        fields = entry.to_hash()
+        del fields["sandbox"]
+        outcome = await claims.try_claim(
+            entry.pool,
+            claimant=entry.key,
+            claim_id=entry.claim_id,
+            token=entry.claim_token,
+            lease_s=lease_s,
+            via="api",
+            script=self._create_local,
+            extra_keys=[self._keys.api_key_sandboxes(entry.key)],
+            extra_args=[
+                self._keys.apikey_hashes,
+                self._keys.apikeys,
+                digest,
+                key,
+                settings,
+                self._keys.api_sandbox(""),
+                lease_s + GRACE_S,
+                *[x for pair in fields.items() for x in pair],
+            ],
+        )
+        if outcome.record is not None:
+            entry.sandbox = entry.e2b_id = outcome.record.id
+        return outcome.record
 
     async def set_paused(self, entry: Entry, paused: bool) -> None:
         """Mark the claim paused or not: its mapping only, never the next claim's."""

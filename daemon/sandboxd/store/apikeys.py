@@ -16,7 +16,7 @@ import re
 import secrets
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
@@ -69,6 +69,14 @@ class ApiKey(BaseModel):
     max_sandboxes: int | None = Field(default=None, ge=0)
     creates_per_s: float | None = Field(default=None, gt=0, le=MAX_CREATES_PER_S)
     created_at: str = ""
+
+    # The JSON this key was read from, as Redis holds it ('' for a key made here): what a
+    # later check compares to see that the key is still the same (sandboxd api's creates).
+    _stored: str = PrivateAttr(default="")
+
+    @property
+    def stored(self) -> str:
+        return self._stored
 
     def may_use(self, pool: str) -> bool:
         return not self.pools or pool in self.pools
@@ -199,6 +207,8 @@ def _parse(raw: str | bytes | None) -> ApiKey | None:
     if raw is None:
         return None
     try:
-        return ApiKey.model_validate(json.loads(raw))
+        key = ApiKey.model_validate(json.loads(raw))
     except (ValueError, TypeError, ValidationError):
         return None
+    key._stored = raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape")
+    return key

@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -180,13 +180,13 @@ _CLAIM_WRITES = {
     "lease_expires_ms": "tostring(expires)",
 }
 _CLAIM_READS = [name for name in CLAIMED_FIELDS if name not in _CLAIM_WRITES]
-CLAIM = (
-    _NOW_MS
-    + _EVENT
-    + _CHECKS
-    + """
+_CLAIM_FUNCTION = """
+-- The claim, as a function: `claim_script` composes it with what runs before and after.
+local function claim()
 local function check()
-  if #KEYS ~= 4 or #ARGV ~= 12 then return 'expected 4 keys and 12 arguments' end
+  if #KEYS ~= CLAIM_KEYS or #ARGV ~= CLAIM_ARGS then
+    return 'expected ' .. CLAIM_KEYS .. ' keys and ' .. CLAIM_ARGS .. ' arguments'
+  end
   local p, pool = ARGV[1], ARGV[2]
   if not ident(p, 200) then return 'key prefix must be 1-200 characters of [A-Za-z0-9_.:-]' end
   if not ident(pool, 100) then return 'pool must be 1-100 characters of [A-Za-z0-9_.:-]' end
@@ -272,14 +272,30 @@ while true do
     return {'ok', {REPLY}, id}
   end
 end
+end
 """.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in _CLAIM_READS)).replace(
-        "REPLY",
-        ", ".join(
-            _CLAIM_WRITES.get(name) or f"r[{_CLAIM_READS.index(name) + 3}]"
-            for name in CLAIMED_FIELDS
-        ),
-    )
+    "REPLY",
+    ", ".join(
+        _CLAIM_WRITES.get(name) or f"r[{_CLAIM_READS.index(name) + 3}]" for name in CLAIMED_FIELDS
+    ),
 )
+
+
+def claim_script(*, keys: int = 4, args: int = 12, then: str = "return claim()\n") -> str:
+    """The claim script, or a script that runs it as `claim()` within `then` (Lua): with
+    `keys` KEYS and `args` ARGV in all, the claim's 4 and 12 first. `sandboxd api`'s create
+    records its mapping in the same script (api/registry.py)."""
+    return (
+        _NOW_MS
+        + _EVENT
+        + _CHECKS
+        + f"local CLAIM_KEYS, CLAIM_ARGS = {int(keys)}, {int(args)}\n"
+        + _CLAIM_FUNCTION
+        + then
+    )
+
+
+CLAIM = claim_script()
 
 # KEYS: 1 sandbox hash, 2 leases, 3 events (all of one prefix).
 # ARGV: 1 id, 2 SHA-256 (hex) of the claim token, 3 lease_s ('' = the claim's), 4 event id,
@@ -532,9 +548,15 @@ class ClaimStore:
         lease_s: int | None = None,
         wait_ms: int = 0,
         via: str = "",
+        script: Any = None,
+        extra_keys: Sequence[str] = (),
+        extra_args: Sequence[Any] = (),
     ) -> ClaimOutcome:
         """One atomic attempt; `wait_ms` > 0 registers a waiter if the pool is empty.
-        `token` is the claim's secret (see `new_claim_token`); only its hash is sent."""
+        `token` is the claim's secret (see `new_claim_token`); only its hash is sent.
+        `script`: a registered `claim_script(...)` to run instead of the claim alone, given
+        `extra_keys` and `extra_args` after the claim's (a refusal of its own is a
+        ClaimError of that reason)."""
         check_lease(lease_s)
         check_claimant(claimant)
         _need_token(token, f"claim of pool {pool!r}")
@@ -547,7 +569,10 @@ class ClaimStore:
         wait_ms = min(max(0, int(wait_ms)), MAX_WAIT_MS)
         args: list[Any] = [self._keys.prefix, pool, claimant, claim_id, _opt(lease_s)]
         args += [*self._event_args(), wait_ms, self._keys.nudge, token_sha256(token), via]
-        reply = await self._claim(keys=keys, args=args)
+        if script is None:
+            reply = await self._claim(keys=keys, args=args)
+        else:
+            reply = await script(keys=[*keys, *extra_keys], args=[*args, *extra_args])
         status = _text(reply[0])
         if status == "ok":
             sandbox_id = _text(reply[2])  # the ready list's entry: the record's key
