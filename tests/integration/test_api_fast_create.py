@@ -12,6 +12,7 @@ import pytest
 
 from sandboxd.api.app import Settings, create_app
 from sandboxd.api.envd import envd_token, token_digest
+from sandboxd.api.registry import ENTRY_FIELDS, Entry
 from sandboxd.store.apikeys import ApiKeyStore
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.records import SandboxRecord
@@ -184,3 +185,9 @@ async def test_a_wrong_typed_key_set_refuses_before_the_claim(redis, tmp_path):
         done = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
         assert done.status_code == 500 and "holds a string" in done.json()["message"]
     assert await redis.lrange(KEYS.pool_ready("default"), 0, -1) == ["sb-2"]
+
+
+def test_the_script_is_sized_for_every_field_of_a_mapping():
+    """CREATE_LOCAL's argument count comes from ENTRY_FIELDS: they must be to_hash's."""
+    entry = Entry("sb", "sb", "claim", "key", "pool", "pool", "now", "0.5.2", "")
+    assert tuple(entry.to_hash()) == ENTRY_FIELDS
