@@ -191,3 +191,70 @@ def test_the_script_is_sized_for_every_field_of_a_mapping():
     """CREATE_LOCAL's argument count comes from ENTRY_FIELDS: they must be to_hash's."""
     entry = Entry("sb", "sb", "claim", "key", "pool", "pool", "now", "0.5.2", "")
     assert tuple(entry.to_hash()) == ENTRY_FIELDS
+
+
+async def test_a_damaged_record_taken_on_the_fast_path_leaves_no_mapping(redis, tmp_path):
+    """Found from outside: the script records the mapping before the record's fields are
+    checked; a damaged one is given back, and now its mapping goes with it (as on the full
+    path, which records nothing for it)."""
+    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
+    await ready_local(redis, "sb-1", "sb-2")
+    await redis.hset(KEYS.sandbox("sb-2"), "handle", "not json")
+    secret = await ApiKeyStore(redis, KEYS).create("erin")
+    async with api(redis, tmp_path) as http:
+        headers = {"X-API-KEY": secret}
+        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        assert made.status_code == 201
+        damaged = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        assert damaged.status_code == 500 and "damaged record" in damaged.json()["message"]
+    assert (await redis.hgetall(KEYS.sandbox("sb-2")))["state"] == "released"
+    assert not await redis.exists(KEYS.api_sandbox("sb-2"))
+    assert await redis.zrange(KEYS.api_key_sandboxes("erin"), 0, -1) == ["sb-1"]
+
+
+async def test_a_keys_json_moved_under_another_name_is_decided_again(redis, tmp_path):
+    """Found from outside: the script compared the JSON found under whatever name the
+    digest now names; the same bytes under another name passed, and the claim was recorded
+    for a key that no longer exists (a revoke of the new name then ended nothing)."""
+    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
+    await ready_local(redis, "sb-1", "sb-2")
+    store = ApiKeyStore(redis, KEYS)
+    secret = await store.create("alice")
+    async with api(redis, tmp_path) as http:
+        headers = {"X-API-KEY": secret}
+        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        assert made.status_code == 201
+        raw = await redis.hget(KEYS.apikeys, "alice")
+        await store.revoke("alice", ClaimStore(redis, KEYS))
+        await redis.hset(KEYS.apikeys, "bob", raw)
+        await redis.hset(KEYS.apikey_hashes, json.loads(raw)["sha256"], "bob")
+        again = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        assert again.status_code == 401
+    assert await redis.lrange(KEYS.pool_ready("default"), 0, -1) == ["sb-2"]
+
+
+async def test_a_wrong_typed_key_set_on_the_full_path_is_a_clear_error(redis, tmp_path):
+    """Found from outside: the full path answered 'cannot reach Redis'; now it says which
+    key is damaged, and the sandbox it took goes back."""
+    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
+    await ready_local(redis, "sb-1")
+    secret = await ApiKeyStore(redis, KEYS).create("frank")
+    await redis.set(KEYS.api_key_sandboxes("frank"), "junk")
+    async with api(redis, tmp_path) as http:
+        headers = {"X-API-KEY": secret}
+        done = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+    assert done.status_code == 500 and "holds a string" in done.json()["message"]
+    assert (await redis.hgetall(KEYS.sandbox("sb-1")))["state"] == "released"
+    assert not await redis.exists(KEYS.api_sandbox("sb-1"))
+
+
+async def test_a_template_redis_cannot_take_is_a_404(redis, tmp_path):
+    """Found from outside: a lone surrogate in `templateID` (valid JSON) made the Redis
+    client raise, a 500 with a traceback."""
+    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
+    secret = await ApiKeyStore(redis, KEYS).create("gina")
+    async with api(redis, tmp_path) as http:
+        headers = {"X-API-KEY": secret, "content-type": "application/json"}
+        body = b'{"templateID": "\\ud800"}'
+        done = await http.post("/v2/sandboxes", content=body, headers=headers)
+    assert done.status_code == 404 and "not found" in done.json()["message"]

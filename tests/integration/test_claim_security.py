@@ -380,3 +380,19 @@ async def test_a_claimed_record_the_claimant_cannot_use_is_given_back(
             await client.claim("p", timeout_s=0)
     assert refused.value.reason == "corrupt" and field in str(refused.value)
     assert await redis.hget(KEYS.sandbox("sb-1"), "state") == "released"
+
+
+async def test_an_events_stream_that_takes_no_entry_refuses_the_claim_unchanged(redis):
+    """Found from outside: a stream whose last id is the largest there is refuses every
+    XADD; the claim wrote its record and lease first, then failed, and the sandbox stayed
+    claimed by nobody. The event is now written first: refused, nothing changes."""
+    await seed(redis, "sb-1")
+    await redis.xadd(KEYS.events, {"a": "b"}, id="18446744073709551615-18446744073709551615")
+    record = await redis.hgetall(KEYS.sandbox("sb-1"))
+    async with Client(redis, owner="someone") as client:
+        with pytest.raises(ClaimError) as refused:
+            await client.claim("p", timeout_s=0)
+    assert refused.value.reason == "corrupt" and KEYS.events in str(refused.value)
+    assert await redis.hgetall(KEYS.sandbox("sb-1")) == record
+    assert await redis.lrange(KEYS.pool_ready("p"), 0, -1) == ["sb-1"]
+    assert await redis.zcard(KEYS.leases) == 0

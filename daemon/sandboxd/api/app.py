@@ -194,13 +194,13 @@ class Api:
         decided = None
         if bad is None and isinstance(template, str):
             decided = self._decided.get((digest, template))
+            if decided is not None:
+                self._decided.move_to_end((digest, template))
         if decided is not None and (made := await self._create_decided(decided, digest, body)):
             return made
-        pool_field = (
-            (self.keys.pools, template)
-            if isinstance(template, str) and 0 < len(template) <= 100
-            else None
-        )
+        # a name a pool could have: JSON may carry lone surrogates, which Redis cannot take
+        named = isinstance(template, str) and 0 < len(template) <= 100 and _utf8(template)
+        pool_field = (self.keys.pools, str(template)) if named else None
         key, raw = await self.apikeys.authenticate_and_hget(secret, pool_field)
         if key is None:
             raise _unauthenticated()
@@ -211,10 +211,13 @@ class Api:
         metadata = _metadata(body.get("metadata"))
         env_vars = body.get("envVars") or {}
         named_pool = _settings(raw) if raw is not None else None
-        found = (template, named_pool) if named_pool else await self.template(template)
+        found = (template, named_pool) if named_pool else None
+        if found is None and named:
+            found = await self.template(template)
         if found is None:
+            shown = template.encode("utf-8", "replace").decode()
             raise ApiError(
-                404, f"template '{template}' not found (no sandboxd pool of that name or alias)"
+                404, f"template '{shown}' not found (no sandboxd pool of that name or alias)"
             )
         pool, settings = found
         if not key.may_use(pool):
@@ -322,15 +325,14 @@ class Api:
         )
         try:
             claimed = await asyncio.shield(call)
-        except asyncio.CancelledError:  # the claim still ends, and goes back
-            with contextlib.suppress(Exception):
-                if await call is not None:
-                    await self._give_back(entry)
+        except asyncio.CancelledError:  # the claim still ends, and goes back, whatever comes
+            await asyncio.shield(self._give_back_when_done(call, entry))
             raise
         except ClaimError as exc:
             if exc.reason != "stale":
                 raise _claim_refusal(exc) from None
-            self._decided.pop((digest, decided.pool), None)
+            if self._decided.get((digest, decided.pool)) is decided:
+                del self._decided[(digest, decided.pool)]
             return None
         if claimed is None:
             return None
@@ -416,8 +418,10 @@ class Api:
             # key), so the claim goes back instead.
             if not await self.registry.add(entry, sandbox.lease_s, reservation, key.sha256):
                 raise ApiError(401, "Invalid API key (revoked while the create waited)")
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(self._give_back(entry))
+            if isinstance(exc, ClaimError):
+                raise _claim_refusal(exc) from None
             raise
         log.info(
             "claimed %s (%s) of pool %s for key %s",
@@ -428,6 +432,12 @@ class Api:
             extra={"sandbox": sandbox.id, "pool": pool, "api_key": key.name},
         )
         return JSONResponse(self._answer(entry, sandbox.access_secrets()), 201)
+
+    async def _give_back_when_done(self, call: "asyncio.Future[Any]", entry: Entry) -> None:
+        """Give back what `call` (a claim) took, once it is done."""
+        with contextlib.suppress(Exception):
+            if await call is not None:
+                await self._give_back(entry)
 
     async def _give_back(self, entry: Entry) -> None:
         with contextlib.suppress(ClaimError, RedisError):
@@ -647,6 +657,14 @@ def _listed(entry: Entry) -> dict[str, Any]:
         "envdVersion": entry.envd_version,
         "metadata": entry.metadata,
     }
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _iso(ts: float) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from sandboxd.store.claims import ClaimStore, claim_script
+from sandboxd.store.claims import ClaimError, ClaimOutcome, ClaimStore, claim_script
 from sandboxd.store.keys import Keys
 from sandboxd.store.records import Claimed
 
@@ -25,8 +25,11 @@ GRACE_S = 60
 # KEYS: 1 an E2B id's mapping, 2 its key's sandboxes. ARGV: 1 the API keys hash (read only,
 # so not declared: the ACL wants write access to declared keys), 2 the key's name, 3 the
 # SHA-256 its secret must still have, 4 the mapping's TTL, 5 the E2B id, 6 the reservation
-# to drop ('' = none), then the mapping's fields and values.
+# to drop ('' = none), then the mapping's fields and values. 1 if added, 0 if the key is
+# no longer the one issued, what is damaged if the key's set is not a sorted set.
 ADD = """
+local held = redis.call('TYPE', KEYS[2]).ok
+if held ~= 'none' and held ~= 'zset' then return KEYS[2] .. ' holds a ' .. held end
 local raw = redis.call('HGET', ARGV[1], ARGV[2])
 local ok, key = pcall(cjson.decode, raw or '')
 if not ok or type(key) ~= 'table' or key.sha256 ~= ARGV[3] then return 0 end
@@ -76,30 +79,29 @@ ENTRY_FIELDS = (
 # settings and every key it writes are checked before the claim's first write.
 # KEYS: the claim's 4, then 5 the key's sandboxes. ARGV: the claim's 12, then 13 the
 # digest -> name hash, 14 the name -> key hash (both read only, not declared, as in ADD),
-# 15 the secret's digest, 16 the key's JSON and 17 the pool's settings JSON as decided
-# with, 18 the prefix of mappings, 19 the mapping's TTL, then its fields and values but
-# `sandbox` (ENTRY_FIELDS' order).
+# 15 the secret's digest, 16 the key's name, 17 the key's JSON and 18 the pool's settings
+# JSON as decided with, 19 the prefix of mappings, 20 the mapping's TTL, then its fields
+# and values but `sandbox` (ENTRY_FIELDS' order).
 CREATE_LOCAL = claim_script(
     keys=5,
-    args=19 + 2 * (len(ENTRY_FIELDS) - 1),
+    args=20 + 2 * (len(ENTRY_FIELDS) - 1),
     then="""
 local function same(hash, field, want)
   local got = redis.pcall('HGET', hash, field)
   return type(got) == 'string' and got == want
 end
-local name = redis.pcall('HGET', ARGV[13], ARGV[15])
-if type(name) ~= 'string' or not same(ARGV[14], name, ARGV[16])
-    or not same(ARGV[1] .. ':pools', ARGV[2], ARGV[17]) then
+if not same(ARGV[13], ARGV[15], ARGV[16]) or not same(ARGV[14], ARGV[16], ARGV[17])
+    or not same(ARGV[1] .. ':pools', ARGV[2], ARGV[18]) then
   return {'stale'}
 end
 local held = redis.call('TYPE', KEYS[5]).ok
 if held ~= 'none' and held ~= 'zset' then return {'corrupt', KEYS[5] .. ' holds a ' .. held} end
 local reply = claim()
 if reply[1] ~= 'ok' then return reply end
-local mapping = ARGV[18] .. reply[3]
+local mapping = ARGV[19] .. reply[3]
 redis.call('DEL', mapping)
-redis.call('HSET', mapping, 'sandbox', reply[3], unpack(ARGV, 20))
-redis.call('EXPIRE', mapping, ARGV[19])
+redis.call('HSET', mapping, 'sandbox', reply[3], unpack(ARGV, 21))
+redis.call('EXPIRE', mapping, ARGV[20])
 redis.call('ZADD', KEYS[5], 0, reply[3])
 return reply
 """,
@@ -221,6 +223,10 @@ class Registry:
                 *fields,
             ],
         )
+        if isinstance(added, str):  # nothing written: the create gives its claim back
+            raise ClaimError(
+                "corrupt", f"Redis holds a damaged key ({added}); the sandbox was given back"
+            )
         return bool(added)
 
     async def claim_local(
@@ -232,7 +238,28 @@ class Registry:
         if either changed, else the claim's refusals. `entry` gets the sandbox's ids."""
         fields = entry.to_hash()
         del fields["sandbox"]
-        outcome = await claims.try_claim(
+        try:
+            outcome = await self._claim_local(claims, entry, lease_s, digest, settings, key, fields)
+        except ClaimError as exc:
+            if exc.sandbox_id:  # claimed and recorded, then found damaged (and given back)
+                entry.sandbox = entry.e2b_id = exc.sandbox_id
+                await self.remove(entry)
+            raise
+        if outcome.record is not None:
+            entry.sandbox = entry.e2b_id = outcome.record.id
+        return outcome.record
+
+    async def _claim_local(
+        self,
+        claims: ClaimStore,
+        entry: Entry,
+        lease_s: int,
+        digest: str,
+        settings: str,
+        key: str,
+        fields: dict[str, str],
+    ) -> ClaimOutcome:
+        return await claims.try_claim(
             entry.pool,
             claimant=entry.key,
             claim_id=entry.claim_id,
@@ -245,6 +272,7 @@ class Registry:
                 self._keys.apikey_hashes,
                 self._keys.apikeys,
                 digest,
+                entry.key,
                 key,
                 settings,
                 self._keys.api_sandbox(""),
@@ -252,9 +280,6 @@ class Registry:
                 *[x for pair in fields.items() for x in pair],
             ],
         )
-        if outcome.record is not None:
-            entry.sandbox = entry.e2b_id = outcome.record.id
-        return outcome.record
 
     async def set_paused(self, entry: Entry, paused: bool) -> None:
         """Mark the claim paused or not: its mapping only, never the next claim's."""

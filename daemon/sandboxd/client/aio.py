@@ -27,6 +27,7 @@ from sandboxd.client.consume import read_group
 from sandboxd.providers.base import ExecResult, OutputCallback
 from sandboxd.store.claims import (
     ClaimError,
+    ClaimOutcome,
     ClaimStore,
     check_claimant,
     check_lease,
@@ -458,11 +459,15 @@ class _Attempt:
         )
         try:
             outcome = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            outcome = await call
-            if outcome.record is not None:
-                await self._claims.release(outcome.record.id, self.token)
+        except asyncio.CancelledError:  # given back even if cancelled again meanwhile
+            await asyncio.shield(self._give_back_when_done(call))
             raise
         if outcome.on_empty == "create" and left_ms > 0:
             self.registered_wait = True
         return outcome.record
+
+    async def _give_back_when_done(self, call: "asyncio.Future[ClaimOutcome]") -> None:
+        with contextlib.suppress(Exception):  # nothing claimed, or Redis gone: lease ends it
+            outcome = await call
+            if outcome.record is not None:
+                await self._claims.release(outcome.record.id, self.token)

@@ -29,13 +29,13 @@ SECRET_PREFIX = "sbk_"
 MAX_CREATES_PER_S = 100_000.0
 
 # ARGV: 1 the digest -> name hash, 2 the name -> key hash, 3 the SHA-256 of a secret. The
-# key's JSON, or nil: one round trip for every authenticated call. The hashes are not
+# key's name and JSON, or nil: one round trip for every authenticated call. The hashes are not
 # declared as KEYS: Redis's ACL wants write access to a script's declared keys, and the API
 # server may only read these (config/redis-acl.conf); each HGET is checked as a read.
 LOOKUP = """
 local name = redis.call('HGET', ARGV[1], ARGV[3])
 if not name then return false end
-return redis.call('HGET', ARGV[2], name)
+return {name, redis.call('HGET', ARGV[2], name)}
 """
 
 # KEYS: 1 the key's bucket. ARGV: 1 creates per second, 2 burst. Takes one create: '0', or
@@ -196,8 +196,11 @@ class ApiKeyStore:
             except NoScriptError:  # a Redis that forgot it: loaded by the Script's call
                 raw = await self._lookup(keys=[], args=[hashes, keys, digest])
                 field = await self._redis.hget(*also)
-        key = _parse(raw)
-        if key is None or not hmac.compare_digest(key.sha256, digest):
+        # the key stored under the name its digest names, and naming itself so (anyone who
+        # may write these hashes could move a key's JSON under another name)
+        name, stored = raw if isinstance(raw, list) and len(raw) == 2 else (None, None)
+        key = _parse(stored)
+        if key is None or key.name != name or not hmac.compare_digest(key.sha256, digest):
             return None, None
         return key, field
 

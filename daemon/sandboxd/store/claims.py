@@ -44,7 +44,14 @@ _EVENT = """
 -- `maxlen` is checked but unused: the daemon trims the stream (store/retention.py), never
 -- past what a registered consumer group still needs.
 local function event(stream, maxlen, id, type, time, pool, sandbox, data)
-  redis.call('XADD', stream, '*', 'id', id, 'type', type,
+  return redis.call('XADD', stream, '*', 'id', id, 'type', type,
+    'time', time, 'pool', pool, 'sandbox', sandbox, 'data', cjson.encode(data))
+end
+-- `event`, but a stream that refuses the entry (one whose last id is the largest there is)
+-- is an error table returned instead of raised: a script writes its event first, before
+-- anything it could not take back.
+local function try_event(stream, maxlen, id, type, time, pool, sandbox, data)
+  return redis.pcall('XADD', stream, '*', 'id', id, 'type', type,
     'time', time, 'pool', pool, 'sandbox', sandbox, 'data', cjson.encode(data))
 end
 """
@@ -257,15 +264,20 @@ while true do
   local r = redis.pcall('HMGET', key, 'state', 'uses', READ_FIELDS)
   if r.err == nil and r[1] == 'ready' then
     local expires = now + lease_s * 1000
+    -- the event first: if the stream refuses it, the id goes back and nothing else changed
+    local added = try_event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
+      {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires,
+       via = ARGV[12] ~= '' and ARGV[12] or nil})
+    if type(added) == 'table' and added.err then
+      redis.call('LPUSH', KEYS[1], id)
+      return {'corrupt', KEYS[3] .. ' takes no entry: ' .. tostring(added.err)}
+    end
     redis.call('HSET', key, 'state', 'claimed', 'claimant', ARGV[3], 'claim_id', ARGV[4],
       'claim_token_digest', redis.sha1hex(ARGV[11]), 'claimed_at_ms', now, 'lease_s', lease_s,
       'max_lease_s', pool.max_lease_s, 'lease_expires_ms', expires, 'claim_via', ARGV[12],
       'uses', (tonumber(r[2]) or 0) + 1)
     redis.call('ZADD', KEYS[2], expires, id)
     redis.call('ZREM', KEYS[4], ARGV[4])
-    event(KEYS[3], ARGV[8], ARGV[6], 'sandbox.claimed', ARGV[7], ARGV[2], id,
-      {claimant = ARGV[3], claim_id = ARGV[4], lease_s = lease_s, lease_expires_ms = expires,
-       via = ARGV[12] ~= '' and ARGV[12] or nil})
     if size < pool.max_total and redis.call('LLEN', KEYS[1]) < pool.min_ready then
       redis.call('PUBLISH', ARGV[10], ARGV[2])
     end
@@ -445,11 +457,13 @@ class PoolSettings(BaseModel):
 
 
 class ClaimError(RuntimeError):
-    """A claim, renew or release was refused; `reason` is machine-readable."""
+    """A claim, renew or release was refused; `reason` is machine-readable. `sandbox_id`:
+    the sandbox a claim took and gave back at once (its record damaged), else ''."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, sandbox_id: str = ""):
         super().__init__(message)
         self.reason = reason
+        self.sandbox_id = sandbox_id
 
 
 @dataclass(frozen=True)
@@ -584,7 +598,9 @@ class ClaimStore:
                 with contextlib.suppress(ClaimError, ValueError):
                     await self.release(sandbox_id, token)
                 raise ClaimError(
-                    "corrupt", f"pool {pool!r}: the sandbox taken has a damaged record ({exc})"
+                    "corrupt",
+                    f"pool {pool!r}: the sandbox taken has a damaged record ({exc})",
+                    sandbox_id,
                 ) from None
         if status == "empty":
             return ClaimOutcome(on_empty=_text(reply[1]))
