@@ -564,12 +564,10 @@ class Config(BaseSettings):
         default=20.0,
         ge=0,
         le=1000,
-        description="A pass asked for only by clients' claims and releases, or by creates "
-        "that finished, waits this long for more of them: a burst makes one pass, and a "
-        "claimant's first calls do not share the CPU with the refill its claim starts or "
-        "with the pass its sandbox's replacement asks for (the next owed create starts when "
-        "a create ends, whatever this). Deaths and spec changes are reconciled at once; "
-        "0: all at once.",
+        description="A pass asked for only by clients' claims and releases waits this long "
+        "for more of them: a burst makes one pass, and a claimant's first calls do not share "
+        "the CPU with the refill its claim starts. Deaths, finished creates and spec "
+        "changes are reconciled at once; 0: claims too.",
     )
     resync_interval_s: float = Field(
         default=300.0,

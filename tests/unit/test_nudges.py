@@ -1,6 +1,6 @@
-"""When the reconciler's next pass starts: a client's claims and releases, and finished
-creates, are coalesced for `claim_coalesce_ms`; anything else (a death, a spec, a claimant
-waiting on an empty pool) starts it at once. Time is the event loop's: no sleeps to synchronise."""
+"""When the reconciler's next pass starts: a client's claims and releases are coalesced
+for `claim_coalesce_ms`; anything else (a death, a create done, a spec, a claimant waiting
+on an empty pool) starts it at once. Time is the event loop's: no sleeps to synchronise."""
 
 import asyncio
 

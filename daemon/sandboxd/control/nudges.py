@@ -3,10 +3,10 @@
 A nudge names the pool that changed (a claim, a release, a create done, a death), or none
 (a new spec, the tick, a repair): the next pass looks at the named pools alone unless a
 nudge without a pool asked for the whole. A pass asked for only by clients' claims and
-releases and by finished creates (`coalesce`) waits `coalesce_s` more: a burst of them makes
-one pass, and a claimant's first calls do not share the CPU with the refill its claim starts
-(on a small host that refill, a sandbox's start, takes a core for tens of milliseconds) or
-with the pass a sandbox made ready asks for. Any other nudge cuts that wait short.
+releases (`coalesce`) waits `coalesce_s` more: a burst of them makes one pass, and a
+claimant's first calls do not share the CPU with the refill its claim starts (on a small
+host that refill, a sandbox's start, takes a core for tens of milliseconds). Any other
+nudge cuts that wait short.
 """
 
 import asyncio

@@ -96,7 +96,7 @@ class Reconciler:
             providers=providers,
             recoveries=self.recoveries,
             instance=instance,
-            nudge=self._create_done,
+            nudge=self.nudge,
             on_ready=self._made_ready,
         )
         # The records between passes: a pass reads what changed, not every record.
@@ -136,13 +136,6 @@ class Reconciler:
         """A sandbox the creator made ready: into the journal now (see Restorer.learn)."""
         if self._restorer is not None:
             self._restorer.learn(record)
-
-    def _create_done(self, pool: str) -> None:
-        """A create finished: the pass it asks for may wait like a claim's (the owed creates
-        it would start already start from `creator.refill` as its slot frees). At once, that
-        pass ran just as a claimant of the pool's ready sandboxes was served: on 2 CPUs a
-        create through `sandboxd api` took ~0.8 ms more in the first ~5 ms after a refill."""
-        self.nudge(pool, coalesce=True)
 
     def nudge(self, pool: str | None = None, *, coalesce: bool = False) -> None:
         """Reconcile now instead of at the next tick (spec applied, create finished…);
