@@ -126,3 +126,50 @@ async def test_the_e2b_js_sdk_gets_a_warm_sandbox_of_an_e2b_pool_through_sandbox
     await wait_ready(redis, "cloud", 2)
     assert key not in cli(redis_server, "events", "-n", "1000", "-o", "json").stdout
     assert key not in (tmp_path / "api.log").read_text()
+
+
+async def test_the_e2b_js_sdk_runs_commands_and_files_in_a_warm_local_sandbox(
+    node, redis, redis_server, daemon_factory, tmp_path
+):
+    """The same program against a local pool: sandboxd serves the sandbox's envd too
+    (`E2B_SANDBOX_URL` at sandboxd), carried to the local sandbox's agent."""
+    daemon = daemon_factory().start()
+    await apply(redis, [{"name": "default", "min_ready": 2, "max_total": 3}])
+    warm = set(await wait_ready(redis, "default", 2))
+    key = new_key(redis_server, "js")
+    env = {"SANDBOXD_LOCAL__WORKSPACE_ROOT": str(daemon.workspace)}
+    with ApiServer(redis_server, tmp_path / "api.log", **env) as api:
+        done = subprocess.run(
+            [node, "e2b_client.mjs", "default"],
+            cwd=JS,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "HOME": str(tmp_path),
+                "E2B_API_URL": api.url,
+                "E2B_SANDBOX_URL": api.url,
+                "E2B_API_KEY": key,
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr + done.stdout
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    sandbox = seen["sandboxId"]
+    assert sandbox in warm  # a warm one, made before the program ran
+    assert seen["run"] == {
+        "stdout": f"hi from {sandbox}\n",
+        "stderr": "oops\n",
+        "exitCode": 0,
+        "streamed": f"hi from {sandbox}\n",
+    }
+    assert seen["exit"] == {"thrown": True, "exitCode": 3}
+    assert seen["read"] == seen["catOfFile"] == "written by the JS SDK"
+    assert seen["listed"] == [{"sandboxId": sandbox, "metadata": {"job": "js"}}]
+    assert seen["unknownTemplate"]["thrown"] and seen["unknownTemplate"]["statusCode"] == 404
+    assert seen["badKey"] == {"thrown": True}
+    assert seen["afterKill"] == [] and seen["killAgain"] is False
+    claimed = await wait_event(redis, "sandbox.claimed", sandbox=sandbox)
+    assert (claimed["data"]["claimant"], claimed["data"]["via"]) == ("js", "api")
+    await wait_event(redis, "sandbox.released", sandbox=sandbox)
+    assert key not in (tmp_path / "api.log").read_text()

@@ -83,6 +83,9 @@ async def test_the_e2b_sdk_runs_commands_and_files_in_a_warm_local_sandbox(
         )
         assert "".join(chunks) == done.stdout == "line 1\nline 2\nline 3\n"
         assert sandbox.commands.run("echo $GREETING").stdout == "hello from the claim\n"
+        # E2B's own variables, as in an E2B sandbox
+        own = sandbox.commands.run("echo $E2B_SANDBOX $E2B_SANDBOX_ID $E2B_TEMPLATE_ID").stdout
+        assert own == f"true {sandbox.sandbox_id} default\n"
         assert sandbox.commands.run("echo $X", envs={"X": "per command"}).stdout == (
             "per command\n"
         )

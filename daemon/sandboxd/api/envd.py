@@ -219,8 +219,15 @@ class ProcessService(Process):
         if request.pty is not None:
             size = request.pty.size or process_pb.PTY.Size()
             pty = {"rows": size.rows, "cols": size.cols}
-        # The claim's envVars (late binding: the warm sandbox stays warm), then the call's.
-        env = {**target.entry.env_vars, **dict(config.envs)}
+        # E2B's own (a program may ask whether and where it runs in a sandbox), the claim's
+        # envVars (late binding: the warm sandbox stays warm), then the call's.
+        env = {
+            "E2B_SANDBOX": "true",
+            "E2B_SANDBOX_ID": target.entry.e2b_id,
+            "E2B_TEMPLATE_ID": target.entry.template,
+            **target.entry.env_vars,
+            **dict(config.envs),
+        }
         timeout_ms = ctx.timeout_ms
         events = target.agent.start(
             [config.cmd, *config.args],
