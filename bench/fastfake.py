@@ -2,7 +2,7 @@
 the daemon's own overhead (the reconcile loop, the health monitor) is what gets measured.
 Wrapped in FaultyProvider to add probe latency. For benchmarks only."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from sandboxd.providers.base import Probe, ProviderSandbox
@@ -55,6 +55,10 @@ class FastFakeProvider:
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return sandbox_id in self.sandboxes
+
+    async def gone_among(self, sandbox_ids: Collection[str]) -> set[str]:
+        """As E2B's: which are gone, known from one listing."""
+        return {i for i in sandbox_ids if i not in self.sandboxes}
 
     async def list_sandboxes(self) -> list[ProviderSandbox]:
         return [ProviderSandbox(i, pool, {"fake": True}) for i, pool in self.sandboxes.items()]

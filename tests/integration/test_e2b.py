@@ -420,3 +420,41 @@ async def test_get_sandboxes_shows_the_e2b_id_and_started_counts_orphans_apart(
     for sandbox_id in ids:
         line = next(line for line in table if line.startswith(sandbox_id))
         assert e2b_ids[sandbox_id] in line.split()
+
+
+async def test_the_tick_asks_e2b_once_for_every_sandbox_and_still_finds_the_lost(
+    fake_e2b, redis, embedded_daemon
+):
+    """E2B says which sandboxes live from one listing (`Listed`): the tick's liveness check
+    asks it once for all of them, not once per sandbox (10,000 awaits every tick at scale),
+    and asks one by one only what the listing says is gone."""
+    daemon = await embedded_daemon(e2b=e2b_settings(fake_e2b, api_key=E2B_TEST_KEY))
+    await apply(redis, [e2b_pool(min_ready=3, max_total=3)])
+    ids = await wait_ready(redis, "cloud", 3)
+    provider = daemon.wings.reconciler._providers["e2b"]
+    one_by_one: list[str] = []
+    batches: list[set[str]] = []
+    is_alive, gone_among = provider.is_alive, provider.gone_among
+
+    async def counting_is_alive(sandbox_id, handle):
+        one_by_one.append(sandbox_id)
+        return await is_alive(sandbox_id, handle)
+
+    async def counting_gone_among(sandbox_ids):
+        batches.append(set(sandbox_ids))
+        return await gone_among(sandbox_ids)
+
+    provider.is_alive, provider.gone_among = counting_is_alive, counting_gone_among
+    await eventually(lambda: _at_least(batches, 3), what="three ticks' liveness checks")
+    assert one_by_one == [] and set(ids) in batches
+
+    victim = await SandboxStore(redis, KEYS).get(ids[0])
+    fake_e2b.vanish(victim.handle["e2b_id"])
+    lost = await wait_event(redis, "sandbox.terminated", sandbox=victim.id)
+    assert lost["data"]["reason"] == "lost"
+    assert set(one_by_one) == {victim.id}  # confirmed one by one, the others not asked
+    await wait_ready(redis, "cloud", 3)
+
+
+async def _at_least(items: list, n: int) -> bool:
+    return len(items) >= n

@@ -23,7 +23,7 @@ from sandboxd.control.schedule import Change, PoolSchedules
 from sandboxd.control.specsource import SpecSource
 from sandboxd.control.terminator import Terminator
 from sandboxd.providers import CLOUD_PROVIDERS, Provider
-from sandboxd.providers.base import Capped, Watched
+from sandboxd.providers.base import Capped, Listed, Watched
 from sandboxd.spec import PoolSpec
 from sandboxd.store.claims import ClaimStore
 from sandboxd.store.events import Event, EventPublisher
@@ -584,12 +584,18 @@ class Reconciler:
         watching, share = self._watching, 0
         if check_liveness:  # a watched sandbox's death is told: the tick checks 1/8 of them
             self._liveness_round = share = (self._liveness_round + 1) % WATCHED_SHARES
-        for record in records:
-            check = record.id in died or (
+        checked = [
+            record.id in died
+            or (
                 check_liveness
                 and (record.id not in watching or hash(record.id) % WATCHED_SHARES == share)
             )
-            if not check and record.state in ("ready", "claimed", "released"):
+            for record in records
+        ]
+        listed_alive = await self._alive_by_listing(records, checked, died)
+        for record, check in zip(records, checked, strict=True):
+            live = record.state in ("ready", "claimed", "released")
+            if live and (not check or record.id in listed_alive):
                 alive.append(record)  # the common case, without a coroutine each
                 continue
             verdict = await self._verdict(record, stuck, check)
@@ -601,6 +607,26 @@ class Reconciler:
             elif not await self.terminate(record, *verdict):
                 alive.append(record)
         self._stuck = stuck if whole else self._stuck | stuck
+        return alive
+
+    async def _alive_by_listing(
+        self, records: list[SandboxRecord], checked: list[bool], died: set[str]
+    ) -> set[str]:
+        """The live sandboxes to check that their provider, knowing from one listing
+        (`Listed`), says still live: one call a provider, not one a sandbox. The others (gone
+        by the listing, other providers', a death a watch told) are asked one by one."""
+        listed = {n: p for n, p in self._providers.items() if isinstance(p, Listed)}
+        if not listed:
+            return set()
+        asked: dict[str, list[str]] = {name: [] for name in listed}
+        for record, check in zip(records, checked, strict=True):
+            if check and record.provider in listed and record.id not in died:
+                if record.state in ("ready", "claimed", "released"):
+                    asked[record.provider].append(record.id)
+        alive: set[str] = set()
+        for name, ids in asked.items():
+            if ids:
+                alive.update(set(ids) - await listed[name].gone_among(ids))
         return alive
 
     async def _verdict(

@@ -1,12 +1,13 @@
 """What every provider offers the reconciler, and what some offer besides.
 
 `Provider` is what every provider must do. The optional capabilities are Protocols of their
-own (`Capped`, `Extendable`, `Metered`, `Described`); a caller asks with `isinstance`, and a
-wrapper (`providers/faults.py`) has exactly the capabilities of what it wraps. Nothing asks
+own (`Capped`, `Extendable`, `Metered`, `Described`, `Watched`, `Listed`); a caller asks
+with `isinstance`, and a wrapper (`providers/faults.py`) has exactly the capabilities of
+what it wraps. Nothing asks
 with `getattr`/`hasattr`: a capability is found by its declared type or not at all.
 """
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -171,4 +172,15 @@ class Watched(Protocol):
         ...
 
 
-CAPABILITIES: tuple[type, ...] = (Capped, Extendable, Metered, Described, Watched)
+@runtime_checkable
+class Listed(Protocol):
+    """A provider that knows which of its sandboxes live from one listing (E2B: its metadata
+    listing), so the reconciler's liveness check asks it once for all of them instead of
+    once per sandbox (10,000 awaits every tick)."""
+
+    async def gone_among(self, sandbox_ids: Collection[str]) -> set[str]:
+        """Those of `sandbox_ids` that `is_alive` would say are gone."""
+        ...
+
+
+CAPABILITIES: tuple[type, ...] = (Capped, Extendable, Metered, Described, Watched, Listed)

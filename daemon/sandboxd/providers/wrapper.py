@@ -7,7 +7,7 @@ Extendable)` is true if and only if it is for `inner`. Every call that changes s
 (create, terminate, kill, reset, cleanup, extend) first runs `before_action()`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from sandboxd.providers.base import (
@@ -15,6 +15,7 @@ from sandboxd.providers.base import (
     Capped,
     Described,
     Extendable,
+    Listed,
     Metered,
     Probe,
     Provider,
@@ -116,12 +117,20 @@ class _ForwardWatched:
         self.inner.unwatch(sandbox_id)
 
 
+class _ForwardListed:
+    inner: Any
+
+    async def gone_among(self, sandbox_ids: Collection[str]) -> set[str]:
+        return set(await self.inner.gone_among(sandbox_ids))
+
+
 _FORWARDERS: dict[type, type] = {
     Capped: _ForwardCapped,
     Extendable: _ForwardExtendable,
     Metered: _ForwardMetered,
     Described: _ForwardDescribed,
     Watched: _ForwardWatched,
+    Listed: _ForwardListed,
 }
 assert set(_FORWARDERS) == set(CAPABILITIES), "every optional capability is forwarded"
 

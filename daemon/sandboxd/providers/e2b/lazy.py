@@ -6,6 +6,7 @@ daemon with local pools only and no key never loads it.
 What the daemon asks of every provider without meaning E2B (its name, isolation, the
 capability checks, the plan's headroom, a listing with no key) is answered here."""
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from sandboxd.config import E2BProviderConfig
@@ -66,6 +67,11 @@ class LazyE2BProvider(Wrapper):
 
     async def extend(self, sandbox_id: str, handle: dict[str, Any], seconds: float) -> int:
         return await self.inner.extend(sandbox_id, handle, seconds)
+
+    async def gone_among(self, sandbox_ids: Collection[str]) -> set[str]:
+        if not sandbox_ids:
+            return set()  # nothing of E2B's to ask about: nothing loaded for it
+        return await self.inner.gone_among(sandbox_ids)
 
     async def list_sandboxes(self) -> list[ProviderSandbox]:
         if not self.loaded and not self._configured():

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Collection
 from typing import Any
 
 from e2b import AsyncSandbox, CommandExitException, SandboxQuery, SandboxState
@@ -310,14 +311,20 @@ class E2BProvider:
 
     async def is_alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         """From the metadata listing, at most `list_interval_s` old: one API call for all."""
+        return not await self.gone_among((sandbox_id,))
+
+    async def gone_among(self, sandbox_ids: Collection[str]) -> set[str]:
+        """Those not in the metadata listing (at most `list_interval_s` old) and not made
+        since it was taken; none while the listing fails (an API outage is not the loss of
+        every sandbox)."""
         if time.monotonic() - self._listed_at > self._config.list_interval_s:
             try:
                 await self.list_sandboxes()
-            except Exception as exc:  # an API outage is not the loss of every sandbox
+            except Exception as exc:
                 log.warning("e2b listing failed: %s", self._describe(exc))
-                return True
-        born = self._born.get(sandbox_id)
-        return sandbox_id in self._live or (born is not None and born > self._listed_at)
+                return set()
+        live, born, listed_at = self._live, self._born, self._listed_at
+        return {i for i in sandbox_ids if i not in live and not born.get(i, listed_at) > listed_at}
 
     def configured(self) -> bool:
         """A key is set (not necessarily valid); without one nothing can be ours."""
