@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -468,9 +469,13 @@ class Daemon:
         return owns
 
     def _observe_pass(self, records: list[SandboxRecord], specs: dict[str, PoolSpec]) -> None:
-        self.last_pass = PassSnapshot(records, specs)
-        if self.wings is not None:
-            self.wings.monitor.observe(records, specs)
+        if self.wings is None:
+            self.last_pass = PassSnapshot(records, specs)
+            return
+        view = self.wings.reconciler.view.counts
+        counts = {pool: Counter(states) for pool, states in view.items()}  # O(pools)
+        self.last_pass = PassSnapshot(records, specs, counts)
+        self.wings.monitor.observe(records, specs)
 
     async def _sample(self, w: Wings) -> None:
         await w.resources.sample()

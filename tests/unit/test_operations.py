@@ -1,6 +1,7 @@
 """Reload rules, credentials, alert crossings, cost arithmetic, metric counting."""
 
 import logging
+from collections import Counter
 
 from sandboxd.config import Config
 from sandboxd.outputs.cost import accrue, summarize
@@ -73,6 +74,9 @@ def test_cost_prices_idle_and_claimed_time_and_paused_is_free():
     assert added["p"] == {"paused_s": 10, "paused_cost": 0.0}
     summary = summarize(added["a"])
     assert summary["idle_share"] == 0.5 and summary["cost"] == round(20 * per_s, 9)
+    # From the view's counts per pool and state: the same, without walking the records.
+    counts = {"a": Counter(ready=1, claimed=1, released=0), "p": Counter(ready=1)}
+    assert accrue([], specs, config, seconds=10, counts=counts) == added
     assert summarize({})["idle_share"] is None
 
 

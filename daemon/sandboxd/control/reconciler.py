@@ -39,6 +39,7 @@ GONE_DETAIL = {
 }
 # A watched sandbox's death is told when it happens (`Watched`): the tick's liveness check
 # of those is a backstop, done for 1/WATCHED_SHARES of them each tick, in turn.
+LIVE = frozenset({"ready", "claimed", "released"})  # states a sandbox runs in
 WATCHED_SHARES = 8
 
 
@@ -578,56 +579,42 @@ class Reconciler:
         `terminating` or `resetting` one that nobody here has been handling for two passes.
         A record whose state moved on since the snapshot is not stopped, and still counts.
         """
-        alive = []
         stuck: set[str] = set()
         died, self._died = self._died, set()
         watching, share = self._watching, 0
         if check_liveness:  # a watched sandbox's death is told: the tick checks 1/8 of them
             self._liveness_round = share = (self._liveness_round + 1) % WATCHED_SHARES
-        checked = [
-            record.id in died
-            or (
-                check_liveness
-                and (record.id not in watching or hash(record.id) % WATCHED_SHARES == share)
-            )
-            for record in records
-        ]
-        listed_alive = await self._alive_by_listing(records, checked, died)
-        for record, check in zip(records, checked, strict=True):
-            live = record.state in ("ready", "claimed", "released")
-            if live and (not check or record.id in listed_alive):
-                alive.append(record)  # the common case, without a coroutine each
+        listed = {n: p for n, p in self._providers.items() if isinstance(p, Listed)}
+        # One walk sorts the records: most are live and need nothing (not to be checked this
+        # time, or left to their provider's one listing); the rest are looked at one by one.
+        one_by_one: list[tuple[SandboxRecord, bool]] = []
+        by_listing: dict[str, list[SandboxRecord]] = {}
+        for record in records:
+            if record.state not in LIVE or record.id in died:
+                one_by_one.append((record, record.id in died or check_liveness))
+            elif not check_liveness or (
+                record.id in watching and hash(record.id) % WATCHED_SHARES != share
+            ):
                 continue
+            elif record.provider in listed:
+                by_listing.setdefault(record.provider, []).append(record)
+            else:
+                one_by_one.append((record, True))
+        for name, group in by_listing.items():  # one call a provider, not one a sandbox
+            gone = await listed[name].gone_among([r.id for r in group])
+            one_by_one += [(r, True) for r in group if r.id in gone]
+        closed: set[str] = set()
+        for record, check in one_by_one:
             verdict = await self._verdict(record, stuck, check)
             if verdict is None:
-                alive.append(record)
-            elif verdict[0] in GONE_DETAIL and record.state == "ready":
-                if not await self.replace(record, verdict[0], GONE_DETAIL[verdict[0]]):
-                    alive.append(record)
-            elif not await self.terminate(record, *verdict):
-                alive.append(record)
+                continue
+            if verdict[0] in GONE_DETAIL and record.state == "ready":
+                if await self.replace(record, verdict[0], GONE_DETAIL[verdict[0]]):
+                    closed.add(record.id)
+            elif await self.terminate(record, *verdict):
+                closed.add(record.id)
         self._stuck = stuck if whole else self._stuck | stuck
-        return alive
-
-    async def _alive_by_listing(
-        self, records: list[SandboxRecord], checked: list[bool], died: set[str]
-    ) -> set[str]:
-        """The live sandboxes to check that their provider, knowing from one listing
-        (`Listed`), says still live: one call a provider, not one a sandbox. The others (gone
-        by the listing, other providers', a death a watch told) are asked one by one."""
-        listed = {n: p for n, p in self._providers.items() if isinstance(p, Listed)}
-        if not listed:
-            return set()
-        asked: dict[str, list[str]] = {name: [] for name in listed}
-        for record, check in zip(records, checked, strict=True):
-            if check and record.provider in listed and record.id not in died:
-                if record.state in ("ready", "claimed", "released"):
-                    asked[record.provider].append(record.id)
-        alive: set[str] = set()
-        for name, ids in asked.items():
-            if ids:
-                alive.update(set(ids) - await listed[name].gone_among(ids))
-        return alive
+        return [r for r in records if r.id not in closed] if closed else list(records)
 
     async def _verdict(
         self, record: SandboxRecord, stuck: set[str], check_liveness: bool

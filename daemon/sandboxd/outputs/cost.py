@@ -37,12 +37,22 @@ def price_per_s(spec: PoolSpec | None, config: Config, use: str) -> float:
 
 
 def accrue(
-    records: list[SandboxRecord], specs: dict[str, PoolSpec], config: Config, seconds: float
+    records: list[SandboxRecord],
+    specs: dict[str, PoolSpec],
+    config: Config,
+    seconds: float,
+    counts: dict[str, Counter[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per pool, the sandbox-seconds and cost each use adds over `seconds`. The records
-    are counted per pool and state first: a sample's cost follows the pools, not N."""
+    """Per pool, the sandbox-seconds and cost each use adds over `seconds`. From the
+    records per pool and state (`counts`, else counted here): a sample's cost follows the
+    pools, not N."""
     added: dict[str, dict[str, float]] = {}
-    for (pool_name, state), count in Counter((r.pool, r.state) for r in records).items():
+    by_state: Counter[tuple[str, str]]
+    if counts is None:
+        by_state = Counter((r.pool, r.state) for r in records)
+    else:
+        by_state = Counter({(p, st): n for p, c in counts.items() for st, n in c.items() if n > 0})
+    for (pool_name, state), count in by_state.items():
         spec = specs.get(pool_name)
         use = use_of(state, spec)
         pool = added.setdefault(pool_name, {})
@@ -91,7 +101,7 @@ class CostMeter:
         self._last = now
         last = self._snapshot()
         records, specs = last.records, last.specs
-        added = accrue(records, specs, self._config, seconds)
+        added = accrue(records, specs, self._config, seconds, last.counts)
         # Read back the pools that accrued, and pools new to us; the others' totals cannot
         # have changed (only the daemon writes them), so idle pools cost nothing here.
         reread = [p for p in specs if p in added or p not in self.totals]

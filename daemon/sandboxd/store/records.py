@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -384,10 +385,13 @@ def claimed_from_reply(values: list[Any], sandbox_id: str) -> Claimed:
 @dataclass(frozen=True)
 class PassSnapshot:
     """What the last reconcile pass saw: the sandbox records and the pools in force. The
-    daemon hands it to the loops that sample between passes (resources, cost, metrics)."""
+    daemon hands it to the loops that sample between passes (resources, cost, metrics).
+    `counts`: records per pool and state, kept as they change (the reconciler's view), so
+    a sampler that needs no more than that walks no record; None: count `records`."""
 
     records: list[SandboxRecord] = field(default_factory=list)
     specs: dict[str, PoolSpec] = field(default_factory=dict)
+    counts: dict[str, Counter[str]] | None = None
 
 
 @dataclass(frozen=True)
