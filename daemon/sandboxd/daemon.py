@@ -474,7 +474,10 @@ class Daemon:
             return
         view = self.wings.reconciler.view.counts
         counts = {pool: Counter(states) for pool, states in view.items()}  # O(pools)
-        self.last_pass = PassSnapshot(records, specs, counts)
+        # The view was read as the pass began: the same records unless the pass closed some
+        # (then they are counted from `records` this once, not priced for another tick).
+        same = sum(c.total() for c in counts.values()) == len(records)
+        self.last_pass = PassSnapshot(records, specs, counts if same else None)
         self.wings.monitor.observe(records, specs)
 
     async def _sample(self, w: Wings) -> None:

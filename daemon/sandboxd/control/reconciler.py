@@ -589,9 +589,13 @@ class Reconciler:
         # time, or left to their provider's one listing); the rest are looked at one by one.
         one_by_one: list[tuple[SandboxRecord, bool]] = []
         by_listing: dict[str, list[SandboxRecord]] = {}
+        told: set[str] = set()  # the deaths told of these records
         for record in records:
-            if record.state not in LIVE or record.id in died:
-                one_by_one.append((record, record.id in died or check_liveness))
+            if record.id in died:
+                told.add(record.id)
+                one_by_one.append((record, True))
+            elif record.state not in LIVE:
+                one_by_one.append((record, check_liveness))
             elif not check_liveness or (
                 record.id in watching and hash(record.id) % WATCHED_SHARES != share
             ):
@@ -614,6 +618,8 @@ class Reconciler:
             elif await self.terminate(record, *verdict):
                 closed.add(record.id)
         self._stuck = stuck if whole else self._stuck | stuck
+        if not whole:  # a death told of a pool this pass did not look at: the next one's
+            self._died |= died - told
         return [r for r in records if r.id not in closed] if closed else list(records)
 
     async def _verdict(
