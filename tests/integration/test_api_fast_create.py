@@ -43,6 +43,16 @@ async def ready_local(redis, *ids: str, pool: str = "default") -> None:
         await redis.rpush(KEYS.pool_ready(pool), sandbox_id)
 
 
+async def seeded(redis, key: str, *ready: str) -> str:
+    """The local pool `default` with `ready` sandboxes, and a key named `key`: its secret."""
+    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
+    await ready_local(redis, *ready)
+    return await ApiKeyStore(redis, KEYS).create(key)
+
+
+DEFAULT = {"templateID": "default"}
+
+
 async def round_trips(redis, monkeypatch, call):
     """`call`'s result and what it sent Redis, one entry per round trip (a command, or a
     pipeline's commands together)."""
@@ -67,9 +77,7 @@ def api(redis, tmp_path: Path, **settings) -> httpx.AsyncClient:
 
 
 async def test_the_next_create_is_one_round_trip_and_records_the_same(redis, tmp_path, monkeypatch):
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1", "sb-2", "sb-3", "sb-4")
-    secret = await ApiKeyStore(redis, KEYS).create("alice")
+    secret = await seeded(redis, "alice", "sb-1", "sb-2", "sb-3", "sb-4")
     body = {"templateID": "default", "metadata": {"team": "a"}, "envVars": {"X": "1"}}
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
@@ -114,16 +122,14 @@ async def test_the_next_create_is_one_round_trip_and_records_the_same(redis, tmp
 
 
 async def test_a_key_revoked_after_its_first_create_gets_nothing_at_once(redis, tmp_path):
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1", "sb-2", "sb-3")
+    secret = await seeded(redis, "mallory", "sb-1", "sb-2", "sb-3")
     store = ApiKeyStore(redis, KEYS)
-    secret = await store.create("mallory")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
-        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        made = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert made.status_code == 201
         assert await store.revoke("mallory", ClaimStore(redis, KEYS)) == 1
-        again = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        again = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert again.status_code == 401
         # a body the full path refuses still says the key first
         bad = {"templateID": "default", "timeout": "soon"}
@@ -135,11 +141,8 @@ async def test_a_key_revoked_after_its_first_create_gets_nothing_at_once(redis, 
 async def test_a_key_or_pool_changed_since_is_decided_again(redis, tmp_path):
     """The script compares the key's and the pool's JSON with what the create was decided
     with: an operator's edit of either sends the create the full way, which applies it."""
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
     await redis.hset(KEYS.pools, "other", json.dumps(POOL))
-    await ready_local(redis, "sb-1", "sb-2", "sb-3")
-    store = ApiKeyStore(redis, KEYS)
-    secret = await store.create("bob")
+    secret = await seeded(redis, "bob", "sb-1", "sb-2", "sb-3")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
         create = {"templateID": "default", "timeout": 500}
@@ -158,14 +161,12 @@ async def test_a_key_or_pool_changed_since_is_decided_again(redis, tmp_path):
 
 
 async def test_an_empty_pool_on_the_fast_path_is_the_full_paths_bounded_wait(redis, tmp_path):
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1")
-    secret = await ApiKeyStore(redis, KEYS).create("carol")
+    secret = await seeded(redis, "carol", "sb-1")
     async with api(redis, tmp_path, wait_s=0.3) as http:
         headers = {"X-API-KEY": secret}
-        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        made = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert made.status_code == 201
-        empty = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        empty = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert empty.status_code == 503 and "within 0.3s" in empty.json()["message"]
     assert await redis.zrange(KEYS.api_key_sandboxes("carol"), 0, -1) == ["sb-1"]
 
@@ -173,16 +174,14 @@ async def test_an_empty_pool_on_the_fast_path_is_the_full_paths_bounded_wait(red
 async def test_a_wrong_typed_key_set_refuses_before_the_claim(redis, tmp_path):
     """The key's set of sandboxes (written after the claim) holding another type: a clear
     error and nothing claimed, as every key the script writes is checked first."""
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1", "sb-2")
-    secret = await ApiKeyStore(redis, KEYS).create("dave")
+    secret = await seeded(redis, "dave", "sb-1", "sb-2")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
-        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        made = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert made.status_code == 201
         await redis.delete(KEYS.api_key_sandboxes("dave"))
         await redis.set(KEYS.api_key_sandboxes("dave"), "junk")
-        done = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        done = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert done.status_code == 500 and "holds a string" in done.json()["message"]
     assert await redis.lrange(KEYS.pool_ready("default"), 0, -1) == ["sb-2"]
 
@@ -197,15 +196,13 @@ async def test_a_damaged_record_taken_on_the_fast_path_leaves_no_mapping(redis, 
     """Found from outside: the script records the mapping before the record's fields are
     checked; a damaged one is given back, and now its mapping goes with it (as on the full
     path, which records nothing for it)."""
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1", "sb-2")
+    secret = await seeded(redis, "erin", "sb-1", "sb-2")
     await redis.hset(KEYS.sandbox("sb-2"), "handle", "not json")
-    secret = await ApiKeyStore(redis, KEYS).create("erin")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
-        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        made = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert made.status_code == 201
-        damaged = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        damaged = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert damaged.status_code == 500 and "damaged record" in damaged.json()["message"]
     assert (await redis.hgetall(KEYS.sandbox("sb-2")))["state"] == "released"
     assert not await redis.exists(KEYS.api_sandbox("sb-2"))
@@ -216,19 +213,17 @@ async def test_a_keys_json_moved_under_another_name_is_decided_again(redis, tmp_
     """Found from outside: the script compared the JSON found under whatever name the
     digest now names; the same bytes under another name passed, and the claim was recorded
     for a key that no longer exists (a revoke of the new name then ended nothing)."""
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1", "sb-2")
+    secret = await seeded(redis, "alice", "sb-1", "sb-2")
     store = ApiKeyStore(redis, KEYS)
-    secret = await store.create("alice")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
-        made = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        made = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert made.status_code == 201
         raw = await redis.hget(KEYS.apikeys, "alice")
         await store.revoke("alice", ClaimStore(redis, KEYS))
         await redis.hset(KEYS.apikeys, "bob", raw)
         await redis.hset(KEYS.apikey_hashes, json.loads(raw)["sha256"], "bob")
-        again = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        again = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
         assert again.status_code == 401
     assert await redis.lrange(KEYS.pool_ready("default"), 0, -1) == ["sb-2"]
 
@@ -236,13 +231,11 @@ async def test_a_keys_json_moved_under_another_name_is_decided_again(redis, tmp_
 async def test_a_wrong_typed_key_set_on_the_full_path_is_a_clear_error(redis, tmp_path):
     """Found from outside: the full path answered 'cannot reach Redis'; now it says which
     key is damaged, and the sandbox it took goes back."""
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    await ready_local(redis, "sb-1")
-    secret = await ApiKeyStore(redis, KEYS).create("frank")
+    secret = await seeded(redis, "frank", "sb-1")
     await redis.set(KEYS.api_key_sandboxes("frank"), "junk")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret}
-        done = await http.post("/v2/sandboxes", json={"templateID": "default"}, headers=headers)
+        done = await http.post("/v2/sandboxes", json=DEFAULT, headers=headers)
     assert done.status_code == 500 and "holds a string" in done.json()["message"]
     assert (await redis.hgetall(KEYS.sandbox("sb-1")))["state"] == "released"
     assert not await redis.exists(KEYS.api_sandbox("sb-1"))
@@ -251,8 +244,7 @@ async def test_a_wrong_typed_key_set_on_the_full_path_is_a_clear_error(redis, tm
 async def test_a_template_redis_cannot_take_is_a_404(redis, tmp_path):
     """Found from outside: a lone surrogate in `templateID` (valid JSON) made the Redis
     client raise, a 500 with a traceback."""
-    await redis.hset(KEYS.pools, "default", json.dumps(POOL))
-    secret = await ApiKeyStore(redis, KEYS).create("gina")
+    secret = await seeded(redis, "gina")
     async with api(redis, tmp_path) as http:
         headers = {"X-API-KEY": secret, "content-type": "application/json"}
         body = b'{"templateID": "\\ud800"}'

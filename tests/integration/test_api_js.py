@@ -70,6 +70,44 @@ def node() -> str:
     return node
 
 
+def run_program(node: str, template: str, api_url: str, sandbox_url: str, key: str, home) -> dict:
+    """tests/js/e2b_client.mjs with the program's whole environment: sandboxd's URLs and
+    key, no E2B account key, no E2B_DOMAIN, no debug mode. What it saw."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "E2B_API_URL": api_url,
+        "E2B_SANDBOX_URL": sandbox_url,
+        "E2B_API_KEY": key,
+    }
+    done = subprocess.run(
+        [node, "e2b_client.mjs", template],
+        cwd=JS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def saw_the_program_run(seen: dict, sandbox_id: str) -> None:
+    """What e2b_client.mjs saw, whichever pool served it."""
+    assert seen["run"] == {
+        "stdout": f"hi from {sandbox_id}\n",
+        "stderr": "oops\n",
+        "exitCode": 0,
+        "streamed": f"hi from {sandbox_id}\n",
+    }
+    assert seen["exit"] == {"thrown": True, "exitCode": 3}
+    assert seen["read"] == seen["catOfFile"] == "written by the JS SDK"
+    assert seen["listed"] == [{"sandboxId": sandbox_id, "metadata": {"job": "js"}}]
+    assert seen["unknownTemplate"]["thrown"] and seen["unknownTemplate"]["statusCode"] == 404
+    assert seen["badKey"] == {"thrown": True}
+    assert seen["afterKill"] == [] and seen["killAgain"] is False
+
+
 async def test_the_e2b_js_sdk_gets_a_warm_sandbox_of_an_e2b_pool_through_sandboxd_api(
     node, fake_e2b, redis, redis_server, daemon_factory, tmp_path
 ):
@@ -82,40 +120,12 @@ async def test_the_e2b_js_sdk_gets_a_warm_sandbox_of_an_e2b_pool_through_sandbox
     warm = {s.id: s.metadata["sandboxd-id"] for s in fake_e2b.ours()}  # E2B id -> sandboxd's
 
     with ApiServer(redis_server, tmp_path / "api.log") as api:
-        # The program's whole environment: no E2B account key, no E2B_DOMAIN, no debug mode.
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(tmp_path),
-            "E2B_API_URL": api.url,
-            "E2B_SANDBOX_URL": fake_e2b.url,
-            "E2B_API_KEY": key,
-        }
-        done = subprocess.run(
-            [node, "e2b_client.mjs", "cloud"],
-            cwd=JS,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr + done.stdout
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+        seen = run_program(node, "cloud", api.url, fake_e2b.url, key, tmp_path)
 
     e2b_id = seen["sandboxId"]
     assert e2b_id in warm  # a warm one: the fake E2B's own sandbox, made before the program ran
-    assert seen["run"] == {
-        "stdout": f"hi from {e2b_id}\n",
-        "stderr": "oops\n",
-        "exitCode": 0,
-        "streamed": f"hi from {e2b_id}\n",
-    }
-    assert seen["exit"] == {"thrown": True, "exitCode": 3}
-    assert seen["read"] == seen["catOfFile"] == "written by the JS SDK"
-    assert seen["listed"] == [{"sandboxId": e2b_id, "metadata": {"job": "js"}}]
-    assert seen["unknownTemplate"]["thrown"] and seen["unknownTemplate"]["statusCode"] == 404
+    saw_the_program_run(seen, e2b_id)
     assert "template 'nope' not found" in seen["unknownTemplate"]["message"]
-    assert seen["badKey"] == {"thrown": True}
-    assert seen["afterKill"] == [] and seen["killAgain"] is False
 
     # An ordinary claim, owned by the key's name, ended by the kill; the pool refills.
     sandbox = warm[e2b_id]
@@ -139,36 +149,10 @@ async def test_the_e2b_js_sdk_runs_commands_and_files_in_a_warm_local_sandbox(
     key = new_key(redis_server, "js")
     env = {"SANDBOXD_LOCAL__WORKSPACE_ROOT": str(daemon.workspace)}
     with ApiServer(redis_server, tmp_path / "api.log", **env) as api:
-        done = subprocess.run(
-            [node, "e2b_client.mjs", "default"],
-            cwd=JS,
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "HOME": str(tmp_path),
-                "E2B_API_URL": api.url,
-                "E2B_SANDBOX_URL": api.url,
-                "E2B_API_KEY": key,
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr + done.stdout
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+        seen = run_program(node, "default", api.url, api.url, key, tmp_path)
     sandbox = seen["sandboxId"]
     assert sandbox in warm  # a warm one, made before the program ran
-    assert seen["run"] == {
-        "stdout": f"hi from {sandbox}\n",
-        "stderr": "oops\n",
-        "exitCode": 0,
-        "streamed": f"hi from {sandbox}\n",
-    }
-    assert seen["exit"] == {"thrown": True, "exitCode": 3}
-    assert seen["read"] == seen["catOfFile"] == "written by the JS SDK"
-    assert seen["listed"] == [{"sandboxId": sandbox, "metadata": {"job": "js"}}]
-    assert seen["unknownTemplate"]["thrown"] and seen["unknownTemplate"]["statusCode"] == 404
-    assert seen["badKey"] == {"thrown": True}
-    assert seen["afterKill"] == [] and seen["killAgain"] is False
+    saw_the_program_run(seen, sandbox)
     claimed = await wait_event(redis, "sandbox.claimed", sandbox=sandbox)
     assert (claimed["data"]["claimant"], claimed["data"]["via"]) == ("js", "api")
     await wait_event(redis, "sandbox.released", sandbox=sandbox)

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from sandboxd.store.claims import ClaimError, ClaimOutcome, ClaimStore, claim_script
+from sandboxd.store.claims import ClaimError, ClaimStore, claim_script
 from sandboxd.store.keys import Keys
 from sandboxd.store.records import Claimed
 
@@ -64,48 +64,6 @@ for i = 1, #fields, 2 do
 end
 return {fields, {}}
 """
-
-# What `Entry.to_hash` writes, in its order: a mapping is always all of these.
-ENTRY_FIELDS = (
-    "sandbox", "claim_id", "key", "pool", "template", "started_at", "envd_version", "domain",
-    "metadata", "claim_token", "provider", "envd_token_sha256", "env_vars", "paused",
-)  # fmt: skip
-
-# A create of a local pool's sandbox in one round trip, for a key and pool the API server
-# has decided a create with before (its fast path): the key and the pool's settings must
-# still be exactly what it decided with (else 'stale': it decides again, the full way), then
-# the claim (store/claims.py), then the mapping as ADD writes it, under the claimed
-# sandbox's id (a local sandbox's E2B id is its own), counted for the key. The key, the
-# settings and every key it writes are checked before the claim's first write.
-# KEYS: the claim's 4, then 5 the key's sandboxes. ARGV: the claim's 12, then 13 the
-# digest -> name hash, 14 the name -> key hash (both read only, not declared, as in ADD),
-# 15 the secret's digest, 16 the key's name, 17 the key's JSON and 18 the pool's settings
-# JSON as decided with, 19 the prefix of mappings, 20 the mapping's TTL, then its fields
-# and values but `sandbox` (ENTRY_FIELDS' order).
-CREATE_LOCAL = claim_script(
-    keys=5,
-    args=20 + 2 * (len(ENTRY_FIELDS) - 1),
-    then="""
-local function same(hash, field, want)
-  local got = redis.pcall('HGET', hash, field)
-  return type(got) == 'string' and got == want
-end
-if not same(ARGV[13], ARGV[15], ARGV[16]) or not same(ARGV[14], ARGV[16], ARGV[17])
-    or not same(ARGV[1] .. ':pools', ARGV[2], ARGV[18]) then
-  return {'stale'}
-end
-local held = redis.call('TYPE', KEYS[5]).ok
-if held ~= 'none' and held ~= 'zset' then return {'corrupt', KEYS[5] .. ' holds a ' .. held} end
-local reply = claim()
-if reply[1] ~= 'ok' then return reply end
-local mapping = ARGV[19] .. reply[3]
-redis.call('DEL', mapping)
-redis.call('HSET', mapping, 'sandbox', reply[3], unpack(ARGV, 21))
-redis.call('EXPIRE', mapping, ARGV[20])
-redis.call('ZADD', KEYS[5], 0, reply[3])
-return reply
-""",
-)
 
 
 @dataclass
@@ -175,6 +133,46 @@ class Entry:
             return None
 
 
+# What `Entry.to_hash` writes, in its order: a mapping is always all of these.
+ENTRY_FIELDS = tuple(Entry("", "", "", "", "", "", "", "", "").to_hash())
+
+# A create of a local pool's sandbox in one round trip, for a key and pool the API server
+# has decided a create with before (its fast path): the key and the pool's settings must
+# still be exactly what it decided with (else 'stale': it decides again, the full way), then
+# the claim (store/claims.py), then the mapping as ADD writes it, under the claimed
+# sandbox's id (a local sandbox's E2B id is its own), counted for the key. The key, the
+# settings and every key it writes are checked before the claim's first write.
+# KEYS: the claim's 4, then 5 the key's sandboxes. ARGV: the claim's 12, then 13 the
+# digest -> name hash, 14 the name -> key hash (both read only, not declared, as in ADD),
+# 15 the secret's digest, 16 the key's name, 17 the key's JSON and 18 the pool's settings
+# JSON as decided with, 19 the prefix of mappings, 20 the mapping's TTL, then its fields
+# and values but `sandbox` (ENTRY_FIELDS' order).
+CREATE_LOCAL = claim_script(
+    keys=5,
+    args=20 + 2 * (len(ENTRY_FIELDS) - 1),
+    then="""
+local function same(hash, field, want)
+  local got = redis.pcall('HGET', hash, field)
+  return type(got) == 'string' and got == want
+end
+if not same(ARGV[13], ARGV[15], ARGV[16]) or not same(ARGV[14], ARGV[16], ARGV[17])
+    or not same(ARGV[1] .. ':pools', ARGV[2], ARGV[18]) then
+  return {'stale'}
+end
+local held = redis.call('TYPE', KEYS[5]).ok
+if held ~= 'none' and held ~= 'zset' then return {'corrupt', KEYS[5] .. ' holds a ' .. held} end
+local reply = claim()
+if reply[1] ~= 'ok' then return reply end
+local mapping = ARGV[19] .. reply[3]
+redis.call('DEL', mapping)
+redis.call('HSET', mapping, 'sandbox', reply[3], unpack(ARGV, 21))
+redis.call('EXPIRE', mapping, ARGV[20])
+redis.call('ZADD', KEYS[5], 0, reply[3])
+return reply
+""",
+)
+
+
 class Registry:
     def __init__(self, redis: Redis, keys: Keys):
         self._redis = redis
@@ -239,7 +237,27 @@ class Registry:
         fields = entry.to_hash()
         del fields["sandbox"]
         try:
-            outcome = await self._claim_local(claims, entry, lease_s, digest, settings, key, fields)
+            outcome = await claims.try_claim(
+                entry.pool,
+                claimant=entry.key,
+                claim_id=entry.claim_id,
+                token=entry.claim_token,
+                lease_s=lease_s,
+                via="api",
+                script=self._create_local,
+                extra_keys=[self._keys.api_key_sandboxes(entry.key)],
+                extra_args=[
+                    self._keys.apikey_hashes,
+                    self._keys.apikeys,
+                    digest,
+                    entry.key,
+                    key,
+                    settings,
+                    self._keys.api_sandbox(""),
+                    lease_s + GRACE_S,
+                    *[x for pair in fields.items() for x in pair],
+                ],
+            )
         except ClaimError as exc:
             if exc.sandbox_id:  # claimed and recorded, then found damaged (and given back)
                 entry.sandbox = entry.e2b_id = exc.sandbox_id
@@ -248,38 +266,6 @@ class Registry:
         if outcome.record is not None:
             entry.sandbox = entry.e2b_id = outcome.record.id
         return outcome.record
-
-    async def _claim_local(
-        self,
-        claims: ClaimStore,
-        entry: Entry,
-        lease_s: int,
-        digest: str,
-        settings: str,
-        key: str,
-        fields: dict[str, str],
-    ) -> ClaimOutcome:
-        return await claims.try_claim(
-            entry.pool,
-            claimant=entry.key,
-            claim_id=entry.claim_id,
-            token=entry.claim_token,
-            lease_s=lease_s,
-            via="api",
-            script=self._create_local,
-            extra_keys=[self._keys.api_key_sandboxes(entry.key)],
-            extra_args=[
-                self._keys.apikey_hashes,
-                self._keys.apikeys,
-                digest,
-                entry.key,
-                key,
-                settings,
-                self._keys.api_sandbox(""),
-                lease_s + GRACE_S,
-                *[x for pair in fields.items() for x in pair],
-            ],
-        )
 
     async def set_paused(self, entry: Entry, paused: bool) -> None:
         """Mark the claim paused or not: its mapping only, never the next claim's."""
